@@ -1,0 +1,1 @@
+"""Modules: parameters plus calls into fastattnreg.ops, no kernel logic of their own."""

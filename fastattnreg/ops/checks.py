@@ -1,0 +1,66 @@
+"""Input checks shared by every op and backend: one place, one wording.
+
+Each error names the argument, the value it had and the limit it broke.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Head-dim and dtype limits per backend. The reference takes anything PyTorch can multiply.
+HEAD_DIM_LIMITS = {"cpp": (1, 256), "triton": (16, 128), "reference": (1, None)}
+DTYPES = {
+    "cpp": (torch.float32, torch.float64, torch.bfloat16),
+    "triton": (torch.float16, torch.bfloat16, torch.float32),
+    "reference": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+}
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}; got {value!r}")
+
+
+def check_scale(name: str, scale) -> None:
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"{name} must be None or a finite number; got {scale!r}")
+
+
+def check_qkv(q, k, v, backend: str, names=("q", "k", "v")) -> None:
+    """q, k, v: (B, H, N, D) tensors of one shape, dtype and device, valid for `backend`."""
+    for name, t in zip(names, (q, k, v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must be 4-D (B, H, N, D); got {t.dim()}-D with shape {tuple(t.shape)}"
+            )
+    qn, kn, vn = names
+    for name, t in ((kn, k), (vn, v)):
+        if t.shape != q.shape:
+            raise ValueError(
+                f"{name} must have the shape of {qn} {tuple(q.shape)}; got {tuple(t.shape)}"
+            )
+        if t.dtype != q.dtype:
+            raise ValueError(f"{qn}, {kn}, {vn} must share one dtype; got {q.dtype} and {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(
+                f"{qn}, {kn}, {vn} must be on one device; got {q.device} and {t.device}"
+            )
+    allowed = DTYPES[backend]
+    if q.dtype not in allowed:
+        raise ValueError(
+            f"{qn} dtype must be one of {[str(d) for d in allowed]} for backend '{backend}'; "
+            f"got {q.dtype}"
+        )
+    B, H, N, D = q.shape
+    for axis, size in (("batch B", B), ("heads H", H), ("tokens N", N)):
+        if size < 1:
+            raise ValueError(f"{qn} {axis} must be at least 1; got shape {tuple(q.shape)}")
+    lo, hi = HEAD_DIM_LIMITS[backend]
+    if D < lo or (hi is not None and D > hi):
+        limit = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"head dim D must be in {limit} for backend '{backend}'; got {D}")

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Creates or reuses .venv, installs torch==2.14.1 and the project's test/bench dependencies, and
+# builds the C++ extension (pip install --no-build-isolation -e .). Safe to run again: each step
+# is skipped when what it makes is already there and up to date.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+# pip prints one warning per missing local index folder; they are noise, not errors.
+quiet_pip() { "$@" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || return "${PIPESTATUS[0]}"; }
+
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $PY"
+  "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+
+if ! "$VPY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.14.1')" 2>/dev/null; then
+  echo "[setup] installing build tools and torch==2.14.1 (about two minutes)"
+  quiet_pip "$VPY" -m pip install -q "setuptools>=70.1" wheel ninja
+  quiet_pip "$VPY" -m pip install -q torch==2.14.1
+fi
+
+if ! "$VPY" -c "import timm, pytest, expecttest, matplotlib, numpy" 2>/dev/null; then
+  echo "[setup] installing test and benchmark dependencies"
+  quiet_pip "$VPY" -m pip install -q timm pytest expecttest matplotlib numpy
+fi
+
+# Rebuild the extension only when its sources or build files changed since the last build.
+stamp=$(cat setup.py pyproject.toml $(find csrc -name '*.cpp' -o -name '*.h' | sort) | sha256sum | cut -c1-16)
+if [ "$(cat .venv/.fastattnreg-build 2>/dev/null)" != "$stamp" ] || \
+   ! "$VPY" -c "import fastattnreg._C" 2>/dev/null; then
+  echo "[setup] building the C++ extension"
+  CFLAGS="-g0" quiet_pip "$VPY" -m pip install -q --no-build-isolation -e .
+  echo "$stamp" > .venv/.fastattnreg-build
+fi
+"$VPY" -c "import fastattnreg, torch; print('[setup] ready: torch', torch.__version__, '| C++ kernels:', fastattnreg.cpp_available())"

@@ -1,0 +1,53 @@
+"""Builds fastattnreg._C, the C++ CPU kernels, with torch.utils.cpp_extension and ninja.
+
+Install with `pip install --no-build-isolation -e .` once torch is in the environment: with build
+isolation pip would fetch a second torch into a throw-away build env.
+"""
+import glob
+import os
+import platform
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+
+def kernel_flags():
+    """Compile flags shared by setup.py and the CMake build (csrc/tests): -O3, OpenMP, BLAS, SIMD."""
+    cflags = ["-O3", "-fopenmp", "-DNDEBUG"]
+    # x86-64 torch wheels carry MKL inside libtorch_cpu and export its sgemm_/dgemm_ (blas.h).
+    if torch.backends.mkl.is_available():
+        cflags.append("-DFASTATTNREG_MKL_BLAS")
+    # at::vec's AVX2 paths (exp, reductions) for the row passes; the build targets this machine.
+    if platform.machine() in ("x86_64", "AMD64") and _cpu_has("avx2", "fma"):
+        cflags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return cflags
+
+
+def _cpu_has(*flags):
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read().split()
+    except OSError:
+        return False
+    return all(flag in info for flag in flags)
+
+
+if os.environ.get("FASTATTNREG_PRINT_FLAGS"):
+    print(" ".join(kernel_flags()))
+    raise SystemExit(0)
+
+sources = ["csrc/registration.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+
+setup(
+    ext_modules=[
+        CppExtension(
+            "fastattnreg._C",
+            sources,
+            extra_compile_args=kernel_flags(),
+            extra_link_args=["-fopenmp"],
+            py_limited_api=False,
+        )
+    ],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
