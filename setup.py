@@ -18,8 +18,15 @@ def kernel_flags():
     # x86-64 torch wheels carry MKL inside libtorch_cpu and export its sgemm_/dgemm_ (blas.h).
     if torch.backends.mkl.is_available():
         cflags.append("-DFASTATTNREG_MKL_BLAS")
-    # at::vec's AVX2 paths (exp, reductions) for the row passes; the build targets this machine.
-    if platform.machine() in ("x86_64", "AMD64") and _cpu_has("avx2", "fma"):
+    # at::vec's SIMD paths (exp, reductions) for the row passes, for the CPU this build runs on
+    # (an editable install is built where it runs): AVX-512 where present, else AVX2.
+    # FASTATTNREG_SIMD=avx2|default caps it, e.g. to build for an older machine.
+    simd = os.environ.get("FASTATTNREG_SIMD", "auto")
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    if x86 and simd == "auto" and _cpu_has("avx512f", "avx512bw", "avx512vl", "avx512dq"):
+        cflags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                   "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+    elif x86 and simd in ("auto", "avx2") and _cpu_has("avx2", "fma"):
         cflags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     return cflags
 

@@ -28,7 +28,7 @@ if ! "$VPY" -c "import timm, pytest, expecttest, matplotlib, numpy" 2>/dev/null;
 fi
 
 # Rebuild the extension only when its sources or build files changed since the last build.
-stamp=$(cat setup.py pyproject.toml $(find csrc -name '*.cpp' -o -name '*.h' | sort) | sha256sum | cut -c1-16)
+stamp=$(cat setup.py pyproject.toml $(find csrc -path csrc/tests -prune -o \( -name '*.cpp' -o -name '*.h' \) -print | sort) | sha256sum | cut -c1-16)
 if [ "$(cat .venv/.fastattnreg-build 2>/dev/null)" != "$stamp" ] || \
    ! "$VPY" -c "import fastattnreg._C" 2>/dev/null; then
   echo "[setup] building the C++ extension"
