@@ -1,0 +1,72 @@
+"""Smoke test of the benchmark harness, bench_attention and plot.py on a tiny shape.
+
+It checks plumbing only (CSV columns, one row per provider x mode, memory column, PNG written);
+speed and memory are never asserted (DESIGN.md). Everything is written under tmp_path, never
+into benchmarks/results/.
+"""
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+
+import fastattnreg
+
+# `benchmarks` is a repo-root folder, not an installed package: make it importable under a bare
+# `pytest` too (python -m pytest already puts the current directory first).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import bench_attention, harness  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not fastattnreg.cpp_available(),
+                                reason="fastattnreg._C is not built")
+
+
+def test_bench_attention_writes_csv_and_plot(tmp_path, capsys):
+    csv_path = tmp_path / "a.csv"
+    bench_attention.main([
+        "--shapes", "1x2x17x16", "--repeats", "2", "--warmup", "1",
+        "--memory-providers", "sdpa", "--csv", str(csv_path),
+    ])
+    printed = capsys.readouterr().out
+    assert "median ms" in printed and "targets 1x2x17x16" in printed
+
+    with csv_path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == harness.CSV_COLUMNS
+    providers = list(bench_attention.PROVIDERS)
+    got = sorted((r["provider"], r["mode"]) for r in rows)
+    assert got == sorted((p, m) for p in providers for m in harness.MODES)
+    for r in rows:
+        assert r["op"] == "attention" and r["shape"] == "1x2x17x16" and r["dtype"] == "float32"
+        assert 0 < float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
+        measured = r["provider"] == "sdpa" and r["mode"] == "fwd+bwd"
+        assert (r["peak_extra_mb"] != "") == measured
+    float(next(r for r in rows if r["peak_extra_mb"])["peak_extra_mb"])  # a number
+
+    pytest.importorskip("matplotlib")  # the optional "bench" dependency
+    from benchmarks import plot
+
+    png = tmp_path / "a.png"
+    plot.main(["--csv", str(csv_path), "--out", str(png)])
+    assert png.stat().st_size > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_memory_subprocess_sees_allocations_despite_a_big_parent():
+    """The child must report its own peak even when this process is much bigger than it.
+
+    (Linux copies a parent's peak RSS into a forked child's ru_maxrss, which once made every
+    measurement +0 MB.) Naive attention at (8, 6, 197, 64) keeps several 7.4 MB (B,H,N,N)
+    tensors alive at once, so anything below one of them means the measurement is broken.
+    """
+    import torch
+
+    ballast = torch.ones(128 * 2**20)  # 512 MB resident in the parent while the child runs
+    ballast.add_(1)
+    mb, error = harness.measure_peak_extra_mb(
+        "benchmarks.bench_attention", "naive", (8, 6, 197, 64), (1, 6, 17, 64),
+        torch.float32, torch.device("cpu"), threads=torch.get_num_threads())
+    del ballast
+    assert error == ""
+    assert mb > 7.4
