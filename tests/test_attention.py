@@ -160,3 +160,24 @@ def test_auto_backend_and_env_override(monkeypatch):
     assert torch.equal(out_auto, attention(q, k, v, backend="cpp"))
     monkeypatch.setenv("FASTATTNREG_BACKEND", "reference")
     assert torch.equal(attention(q, k, v), attention_ref(q, k, v))
+
+
+@pytest.mark.parametrize("used", ["out", "maps", "lse"])
+def test_unused_outputs_send_no_gradient_to_the_kernel(used, monkeypatch):
+    """Autograd must hand the kernel None, not a zero tensor, for outputs that are not used:
+    a zero (B, H, N, N) map gradient would cost the memory the fused kernel exists to avoid."""
+    q, k, v = _inputs((1, 2, 17, 16), torch.float32)
+    out, maps, lse = attention(q, k, v, export="full", return_lse=True, backend="cpp")
+    real_bwd = torch.ops.fastattnreg.attention_bwd
+    seen = {}
+
+    def spy(dout, q, k, v, o, lse_, dlse, dmaps, scale, export):
+        seen.update(dout=dout is not None, dlse=dlse is not None, dmaps=dmaps is not None)
+        return real_bwd(dout, q, k, v, o, lse_, dlse, dmaps, scale, export)
+
+    class Ops:
+        attention_bwd = staticmethod(spy)
+
+    monkeypatch.setattr(torch.ops, "fastattnreg", Ops)
+    {"out": out, "maps": maps, "lse": lse}[used].sum().backward()
+    assert seen == {"dout": used == "out", "dlse": used == "lse", "dmaps": used == "maps"}

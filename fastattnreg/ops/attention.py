@@ -3,6 +3,8 @@
 Layers: the C++ kernels (csrc/cpu/attention.cpp) are registered as
 torch.ops.fastattnreg.attention_fwd / attention_bwd; this file adds their fake (meta) kernels and
 the autograd rule, the plain-PyTorch reference `attention_ref`, and the public `attention()`.
+The Triton kernels (fastattnreg/triton/attention.py) are registered, with their own autograd
+rule, as torch.ops.fastattnreg.triton_attention_fwd / _bwd by ops/triton_attention.py.
 Shapes: q, k, v (B, H, N, D); maps "full" (B, H, N, N), "head_mean" (B, N, N), "cls" (B, H, N).
 """
 from __future__ import annotations
@@ -72,6 +74,9 @@ if _backend.cpp_available():
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale = scale
         ctx.export = export
+        # Unused outputs get None, not zeros: a zero (B, H, N, N) map gradient would cost the
+        # very memory the kernel avoids, and the kernel skips a None gradient outright.
+        ctx.set_materialize_grads(False)
 
     def _attention_backward(ctx, dout, dlse, dmaps):
         q, k, v, out, lse = ctx.saved_tensors
@@ -87,6 +92,10 @@ if _backend.cpp_available():
     )
 
 
+if _backend.triton_installed():
+    from . import triton_attention as _triton_attention  # noqa: F401  (registers the ops)
+
+
 def attention(q, k, v, *, scale=None, export=None, return_lse=False, backend="auto"):
     """Attention softmax(scale * q k^T) v that can also return its maps and log-sum-exp.
 
@@ -98,7 +107,8 @@ def attention(q, k, v, *, scale=None, export=None, return_lse=False, backend="au
             gradients back into q and k.
         return_lse: also return the log-sum-exp of the scaled logits (B, H, N), natural log,
             float32 (float64 for float64 inputs); differentiable.
-        backend: "auto" | "cpp" | "triton" | "reference" (see fastattnreg.backend).
+        backend: "auto" | "cpp" | "triton" | "reference" (see fastattnreg.backend). "auto"
+            runs the Triton kernels on CUDA tensors (float16, bfloat16, float32; D 16..128).
 
     Returns:
         out (B, H, N, D), then maps if `export` is set, then lse if `return_lse`.
@@ -114,7 +124,9 @@ def attention(q, k, v, *, scale=None, export=None, return_lse=False, backend="au
         return attention_ref(q, k, v, scale=scale, export=export, return_lse=return_lse)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     export_name = "none" if export is None else export
-    out, lse, maps = torch.ops.fastattnreg.attention_fwd(q, k, v, scale, export_name)
+    ops = torch.ops.fastattnreg
+    fwd = ops.triton_attention_fwd if impl == "triton" else ops.attention_fwd
+    out, lse, maps = fwd(q, k, v, scale, export_name)
     result = [out]
     if export is not None:
         result.append(maps)
