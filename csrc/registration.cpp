@@ -11,4 +11,16 @@ TORCH_LIBRARY(fastattnreg, m) {
   m.def(
       "attention_bwd(Tensor? dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
       "Tensor? dmaps, float scale, str export) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // Student attention plus its divergence from a teacher's attention, per matched row:
+  // out (B,H,N,D), lse (B,H,N), teacher_lse (B,H,R), row_loss (B,H,R); R = N ("all") or 1 ("cls").
+  m.def(
+      "attention_match_fwd(Tensor q, Tensor k, Tensor v, Tensor teacher_q, Tensor teacher_k, "
+      "float scale, float teacher_scale, str kind, str rows) "
+      "-> (Tensor out, Tensor lse, Tensor teacher_lse, Tensor row_loss)");
+  // dq, dk, dv from the gradients of out, lse and the per-row losses; the teacher gets none
+  // (teacher_lse depends on the teacher alone, so its gradient has nowhere to go).
+  m.def(
+      "attention_match_bwd(Tensor? dout, Tensor? dlse, Tensor? drow_loss, Tensor q, Tensor k, Tensor v, "
+      "Tensor out, Tensor lse, Tensor teacher_q, Tensor teacher_k, Tensor teacher_lse, "
+      "float scale, float teacher_scale, str kind, str rows) -> (Tensor dq, Tensor dk, Tensor dv)");
 }

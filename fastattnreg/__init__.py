@@ -1,14 +1,18 @@
 """fastattnreg: fused attention kernels that also export exact, differentiable attention maps.
 
-Public API (see DESIGN.md): attention, attention_ref, FusedAttention.
+Public API (see DESIGN.md): attention, attention_match (and their *_ref references),
+FusedAttention.
 """
 from .backend import cpp_available, triton_available
 from .nn.attention import FusedAttention
 from .ops.attention import attention, attention_ref
+from .ops.match import attention_match, attention_match_ref
 
 __all__ = [
     "attention",
     "attention_ref",
+    "attention_match",
+    "attention_match_ref",
     "FusedAttention",
     "cpp_available",
     "triton_available",

@@ -1,0 +1,374 @@
+// The CPU attention kernels shared by every op that runs attention: plain attention with map
+// export (attention.cpp) and attention with the fused matching loss (match.cpp).
+//
+// Work split: a forward task is one query block of one head (or of every head, for "head_mean",
+// so the head average is summed in a fixed order without atomics). A query block holds up to
+// kTileElems / N rows, so its score tile S (rows x N) stays in L2 and the softmax is exact over
+// the whole key range: no online rescaling is needed on the CPU. The GEMMs on the tiles go to
+// BLAS (blas.h); the row passes (softmax, exp, softmax backward) are vectorised (rowops.h).
+// Backward tasks are whole heads, so dK and dV accumulate over query blocks without races and
+// every rerun sums in the same order (bitwise repeatable).
+//
+// A Teacher (match.cpp) adds, for the matched rows of each block, the teacher's logits from its
+// own q, k (one more GEMM) and the divergence between the two rows (match_rows.h): its value in
+// the forward, its gradient with respect to the student's logits folded into dS in the backward.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <type_traits>
+
+#include "../checks.h"
+#include "blas.h"
+#include "match_rows.h"
+#include "rowops.h"
+
+namespace fastattnreg::cpu::kernels {
+
+
+// Score-tile budget in elements (320 KiB of float): tile and its gradient fit the 2 MiB L2.
+constexpr int64_t kTileElems = 80 * 1024;
+
+// Rows per query block: as many as the budget allows, then balanced so no block is a sliver.
+inline int64_t query_block_rows(int64_t n) {
+  const int64_t cap = std::max<int64_t>(16, kTileElems / n);
+  const int64_t blocks = (n + cap - 1) / cap;
+  return (n + blocks - 1) / blocks;
+}
+
+template <typename T>
+at::Tensor scratch(int64_t n) {
+  // at::empty is 64-byte aligned, so BLAS takes the same code path on every rerun.
+  return at::empty({std::max<int64_t>(n, 1)}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+// A read-only tile in the accumulation type: the input itself when types match, else a copy.
+template <typename acc_t, typename scalar_t>
+const acc_t* tile_as_acc(const scalar_t* src, int64_t n, acc_t* buf) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    return src;
+  } else {
+    convert_row(buf, src, n);
+    return buf;
+  }
+}
+
+// A writable tile: the destination itself when types match, else the buffer (stored later).
+template <typename acc_t, typename scalar_t>
+acc_t* out_tile(scalar_t* dst, acc_t* buf) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    return dst;
+  } else {
+    return buf;
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+void store_tile(scalar_t* dst, const acc_t* src, int64_t n) {
+  if constexpr (!std::is_same_v<acc_t, scalar_t>) convert_row(dst, src, n);
+}
+
+// dst (cols x rows) = src (rows x cols)^T, converting the element type if needed. Used to hand
+// K^T and V^T to BLAS as plain row-major operands: MKL runs Q K^T as a "no-transpose" product
+// markedly faster than with a transposed operand on ViT tiles (perf at N = 65: the transposed
+// kernel took 2.5x the time of the plain one for the same FLOPs).
+template <typename Src, typename Dst>
+void transpose(const Src* src, int64_t rows, int64_t cols, Dst* dst) {
+  if constexpr (std::is_same_v<Src, float> && std::is_same_v<Dst, float>) {
+    // ATen's register-blocked 16 x 16 transpose on AVX-512 (a plain loop elsewhere); the scalar
+    // loop below took ~10% of the forward at N = 65 with its strided stores.
+    at::vec::transpose_mxn<float>(src, cols, dst, rows, static_cast<int>(rows),
+                                  static_cast<int>(cols));
+  } else {
+    constexpr int64_t kB = 16;  // 16 x 16 blocks keep both sides within a few cache lines
+    for (int64_t r0 = 0; r0 < rows; r0 += kB) {
+      const int64_t r1 = std::min(rows, r0 + kB);
+      for (int64_t c0 = 0; c0 < cols; c0 += kB) {
+        const int64_t c1 = std::min(cols, c0 + kB);
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t c = c0; c < c1; ++c) dst[c * rows + r] = static_cast<Dst>(src[r * cols + c]);
+      }
+    }
+  }
+}
+
+// Hands out task indices one at a time from a shared counter to torch's intra-op threads. ViT
+// heads are short (tens of microseconds) and the two threads of this kind of machine do not run
+// at equal speed, so a static split left one spinning at the barrier (libgomp ~10% in perf).
+// Each task writes only its own outputs, so results do not depend on which thread ran it.
+class TaskQueue {
+ public:
+  explicit TaskQueue(int64_t tasks) : tasks_(tasks) {}
+  // How many workers to start: one per thread, never more than there are tasks.
+  int64_t workers() const {
+    return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks_));
+  }
+  bool next(int64_t* task) {
+    *task = next_.fetch_add(1, std::memory_order_relaxed);
+    return *task < tasks_;
+  }
+
+ private:
+  const int64_t tasks_;
+  std::atomic<int64_t> next_{0};
+};
+
+struct Dims {
+  int64_t B, H, N, D;
+};
+
+// The teacher side of attention_match: its q, k (B, H, N, Dt) and what the kernels produce or
+// consume per matched row. Matched rows are every query row (R = N), or with cls_rows only query
+// 0 over keys 1..N-1, both softmaxes renormalised over those keys (R = 1).
+template <typename scalar_t, typename acc_t>
+struct Teacher {
+  const scalar_t* q;
+  const scalar_t* k;
+  int64_t Dt;
+  acc_t scale;
+  MatchKind kind;
+  bool cls_rows;
+  acc_t* lse;               // (B, H, R): written by the forward, read by the backward
+  acc_t* row_loss;          // (B, H, R): forward output, one divergence per matched row
+  const acc_t* drow_loss;   // (B, H, R): backward input, the gradient of each row's loss
+
+  // Rows of the query block [i0, i0 + m) that are matched, and the (B, H, R) index of its first.
+  int64_t rows_in_block(int64_t i0, int64_t m) const { return cls_rows ? (i0 == 0 ? 1 : 0) : m; }
+  int64_t row_index(int64_t bh, int64_t n, int64_t i0) const { return cls_rows ? bh : bh * n + i0; }
+  // The keys a matched row is compared over: all n, or 1..n-1 for the CLS row.
+  int64_t key0() const { return cls_rows ? 1 : 0; }
+};
+
+// St (mr x N) = scale_t * TQ TK^T for the first mr rows of the query block at i0 of head bh.
+// tk_t holds the head's K^T (Dt x N), tq_buf room for mr x Dt query rows in acc_t.
+template <typename scalar_t, typename acc_t>
+void teacher_logits(const Teacher<scalar_t, acc_t>& t, int64_t bh, int64_t N, int64_t i0,
+                    int64_t mr, const acc_t* tk_t, acc_t* tq_buf, acc_t* st) {
+  const int64_t hdt = N * t.Dt;
+  const acc_t* TQ = tile_as_acc(t.q + bh * hdt + i0 * t.Dt, mr * t.Dt, tq_buf);
+  gemm_rm<acc_t>(false, false, mr, N, t.Dt, t.scale, TQ, t.Dt, tk_t, N, acc_t(0), st, N);
+}
+
+// The student's logits of the matched rows, into sl (mr x N). For every row they are the score
+// tile S itself (copied: the softmax overwrites S). For the CLS row they are recomputed by a
+// one-row GEMM of the same shape as the teacher's, so a teacher that is a copy of the student
+// gives bitwise-equal logits and a loss of exactly 0 (BLAS may round a 1-row product
+// differently from the same row inside an m-row product).
+template <typename scalar_t, typename acc_t>
+void student_match_logits(const Teacher<scalar_t, acc_t>& t, const acc_t* S, const acc_t* Q,
+                          const acc_t* Kt, int64_t mr, int64_t N, int64_t D, acc_t scale,
+                          acc_t* sl) {
+  if (t.cls_rows) {
+    gemm_rm<acc_t>(false, false, 1, N, D, scale, Q, D, Kt, N, acc_t(0), sl, N);
+  } else {
+    std::copy(S, S + mr * N, sl);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* out,
+                  acc_t* lse, scalar_t* maps, Dims d, acc_t scale, ExportKind kind,
+                  const Teacher<scalar_t, acc_t>* teacher = nullptr) {
+  const int64_t B = d.B, H = d.H, N = d.N, D = d.D, hd = N * D;
+  const int64_t bq = query_block_rows(N);
+  const int64_t nqb = (N + bq - 1) / bq;
+  const bool all_heads = kind == ExportKind::HeadMean;
+  const int64_t tasks = all_heads ? B * nqb : B * H * nqb;
+  constexpr bool kConvert = !std::is_same_v<acc_t, scalar_t>;
+
+  TaskQueue queue(tasks);
+  at::parallel_for(0, queue.workers(), 1, [&](int64_t, int64_t) {
+    SingleThreadedBlas blas_guard;
+    at::Tensor s_buf = scratch<acc_t>(bq * N + bq);
+    at::Tensor mean_buf = scratch<acc_t>(all_heads ? bq * N : 0);
+    // K^T of the head (D x N), and for bf16 V, the query block and its output in float.
+    at::Tensor cvt_buf = scratch<acc_t>(2 * hd + 2 * bq * D);
+    acc_t* S = s_buf.data_ptr<acc_t>();
+    acc_t* inv_sum = S + bq * N;  // 1 / row sum of exp, per query row of the block
+    acc_t* M = mean_buf.data_ptr<acc_t>();
+    acc_t* cvt = cvt_buf.data_ptr<acc_t>();
+    // Teacher: its K^T (Dt x N), query rows, logits St and a copy of the student's logits SL.
+    const int64_t Dt = teacher ? teacher->Dt : 0;
+    at::Tensor t_buf = scratch<acc_t>(teacher ? Dt * N + bq * Dt + 2 * bq * N : 0);
+    acc_t* TKt = t_buf.data_ptr<acc_t>();
+    acc_t* TQ = TKt + Dt * N;
+    acc_t* St = TQ + bq * Dt;
+    acc_t* SL = St + bq * N;
+    for (int64_t t; queue.next(&t);) {
+      const int64_t qb = t % nqb, i0 = qb * bq, m = std::min(bq, N - i0);
+      const int64_t b = all_heads ? t / nqb : t / nqb / H;
+      const int64_t h_begin = all_heads ? 0 : (t / nqb) % H;
+      const int64_t h_end = all_heads ? H : h_begin + 1;
+      for (int64_t h = h_begin; h < h_end; ++h) {
+        const int64_t bh = b * H + h;
+        acc_t* Kt = cvt;
+        transpose(k + bh * hd, N, D, Kt);
+        const acc_t* V = tile_as_acc(v + bh * hd, hd, cvt + hd);
+        const acc_t* Q = tile_as_acc(q + bh * hd + i0 * D, m * D, cvt + 2 * hd);
+        acc_t* O = out_tile(out + bh * hd + i0 * D, cvt + 2 * hd + bq * D);
+        // S = scale * Q K^T (m x N); rows become exp(S - rowmax), unnormalised.
+        gemm_rm<acc_t>(false, false, m, N, D, scale, Q, D, Kt, N, acc_t(0), S, N);
+        const int64_t mr = teacher ? teacher->rows_in_block(i0, m) : 0;
+        if (mr > 0) {
+          transpose(teacher->k + bh * N * Dt, N, Dt, TKt);
+          teacher_logits(*teacher, bh, N, i0, mr, TKt, TQ, St);
+          student_match_logits(*teacher, S, Q, Kt, mr, N, D, scale, SL);
+        }
+        for (int64_t i = 0; i < m; ++i) {
+          acc_t mx;
+          const acc_t sum = exp_row(S + i * N, N, &mx);
+          lse[bh * N + i0 + i] = mx + std::log(sum);
+          inv_sum[i] = acc_t(1) / sum;
+        }
+        for (int64_t r = 0; r < mr; ++r) {
+          const int64_t j0 = teacher->key0(), n = N - j0, ri = teacher->row_index(bh, N, i0) + r;
+          const acc_t* ss = SL + r * N + j0;
+          const acc_t* st = St + r * N + j0;
+          const acc_t slse = j0 == 0 ? lse[bh * N + i0 + r] : logsumexp_row(ss, n);
+          const acc_t tlse = logsumexp_row(st, n);
+          teacher->lse[ri] = tlse;
+          teacher->row_loss[ri] = match_loss_row(teacher->kind, ss, slse, st, tlse, n);
+        }
+        // O = diag(1/sum) E V  (m x D): normalising the D-wide output, not the N-wide row.
+        gemm_rm<acc_t>(false, false, m, D, N, acc_t(1), S, N, V, D, acc_t(0), O, D);
+        for (int64_t i = 0; i < m; ++i) scale_row(O + i * D, O + i * D, D, inv_sum[i]);
+        store_tile(out + bh * hd + i0 * D, O, m * D);
+
+        if (kind == ExportKind::Full) {
+          for (int64_t i = 0; i < m; ++i)
+            scale_row(maps + (bh * N + i0 + i) * N, S + i * N, N, inv_sum[i]);
+        } else if (kind == ExportKind::Cls && i0 == 0) {
+          scale_row(maps + bh * N, S, N, inv_sum[0]);
+        } else if (all_heads) {
+          // Sum of P over heads in head order; divided by H once below.
+          for (int64_t i = 0; i < m; ++i) {
+            if (h == 0) {
+              scale_row(M + i * N, S + i * N, N, inv_sum[i]);
+            } else {
+              axpy_row(M + i * N, S + i * N, N, inv_sum[i]);
+            }
+          }
+        }
+      }
+      if (all_heads) scale_row(maps + (b * N + i0) * N, M, m * N, acc_t(1) / acc_t(H));
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
+                   const scalar_t* v, const scalar_t* out, const acc_t* lse, const acc_t* dlse,
+                   const scalar_t* dmaps, scalar_t* dq, scalar_t* dk, scalar_t* dv, Dims d,
+                   acc_t scale, ExportKind kind,
+                   const Teacher<scalar_t, acc_t>* teacher = nullptr) {
+  const int64_t H = d.H, N = d.N, D = d.D, hd = N * D;
+  const int64_t bq = query_block_rows(N);
+  const int64_t nqb = (N + bq - 1) / bq;
+  constexpr bool kConvert = !std::is_same_v<acc_t, scalar_t>;
+
+  TaskQueue queue(d.B * H);
+  at::parallel_for(0, queue.workers(), 1, [&](int64_t, int64_t) {
+    SingleThreadedBlas blas_guard;
+    at::Tensor s_buf = scratch<acc_t>(2 * bq * N + N);
+    // K^T, V^T of the head (D x N) for the score GEMMs (see transpose()); for bf16 also K, dK,
+    // dV of the head and Q, dO, O, dQ of the block, in float.
+    at::Tensor cvt_buf = scratch<acc_t>(2 * hd + (kConvert ? 3 * hd + 4 * bq * D : 0));
+    acc_t* P = s_buf.data_ptr<acc_t>();
+    acc_t* dP = P + bq * N;
+    acc_t* g_row = dP + bq * N;  // one row of the map gradient in acc_t
+    acc_t* cvt = cvt_buf.data_ptr<acc_t>();
+    // Teacher (only when its loss has a gradient): K^T, query rows, and its logits St, which
+    // match_grad_row turns in place into the loss gradient with respect to the student's logits.
+    const bool match = teacher && teacher->drow_loss;
+    const int64_t Dt = match ? teacher->Dt : 0;
+    at::Tensor t_buf = scratch<acc_t>(match ? Dt * N + bq * Dt + bq * N + N : 0);
+    acc_t* TKt = t_buf.data_ptr<acc_t>();
+    acc_t* TQ = TKt + Dt * N;
+    acc_t* St = TQ + bq * Dt;
+    acc_t* SL = St + bq * N;  // the student's CLS-row logits (see student_match_logits)
+    for (int64_t bh; queue.next(&bh);) {
+      const int64_t b = bh / H;
+      acc_t* Kt = cvt;
+      acc_t* Vt = cvt + hd;
+      transpose(k + bh * hd, N, D, Kt);
+      transpose(v + bh * hd, N, D, Vt);
+      const acc_t* K = tile_as_acc(k + bh * hd, hd, cvt + 2 * hd);
+      acc_t* dK = out_tile(dk + bh * hd, cvt + 3 * hd);
+      acc_t* dV = out_tile(dv + bh * hd, cvt + 4 * hd);
+      acc_t* blk = cvt + 5 * hd;
+      if (match) transpose(teacher->k + bh * N * Dt, N, Dt, TKt);
+      for (int64_t qb = 0; qb < nqb; ++qb) {
+        const int64_t i0 = qb * bq, m = std::min(bq, N - i0), row0 = bh * N + i0;
+        const acc_t beta = qb == 0 ? acc_t(0) : acc_t(1);  // first block overwrites dK, dV
+        const acc_t* Q = tile_as_acc(q + bh * hd + i0 * D, m * D, blk);
+        const acc_t* dO = dout ? tile_as_acc(dout + bh * hd + i0 * D, m * D, blk + bq * D) : nullptr;
+        const acc_t* O = dout ? tile_as_acc(out + bh * hd + i0 * D, m * D, blk + 2 * bq * D) : nullptr;
+        acc_t* dQ = out_tile(dq + bh * hd + i0 * D, blk + 3 * bq * D);
+
+        // P holds the scaled logits, dP = dO V^T; each row pass then makes P and dS from them.
+        gemm_rm<acc_t>(false, false, m, N, D, scale, Q, D, Kt, N, acc_t(0), P, N);
+        const int64_t mr = match ? teacher->rows_in_block(i0, m) : 0;
+        if (mr > 0) {
+          // Loss gradient w.r.t. the student's logits, from the logits still in P.
+          teacher_logits(*teacher, bh, N, i0, mr, TKt, TQ, St);
+          const acc_t* student = P;
+          if (teacher->cls_rows) {
+            student_match_logits(*teacher, P, Q, Kt, mr, N, D, scale, SL);
+            student = SL;
+          }
+          for (int64_t r = 0; r < mr; ++r) {
+            const int64_t j0 = teacher->key0(), n = N - j0, ri = teacher->row_index(bh, N, i0) + r;
+            const acc_t* ss = student + r * N + j0;
+            const acc_t slse = j0 == 0 ? lse[row0 + r] : logsumexp_row(ss, n);
+            match_grad_row(teacher->kind, ss, slse, St + r * N + j0, teacher->lse[ri], n,
+                           teacher->drow_loss[ri]);
+            if (j0 == 1) St[r * N] = acc_t(0);  // the CLS row's own key is not matched
+          }
+        }
+        if (dO) {
+          gemm_rm<acc_t>(false, false, m, N, D, acc_t(1), dO, D, Vt, N, acc_t(0), dP, N);
+        } else {
+          std::fill(dP, dP + m * N, acc_t(0));
+        }
+        for (int64_t i = 0; i < m; ++i) {
+          // delta_i = sum_j P_ij dP_ij = dO_i . O_i (+ the map's share), minus the LSE gradient.
+          acc_t delta = (dO ? dot_row(dO + i * D, O + i * D, D) : acc_t(0)) -
+                        (dlse ? dlse[row0 + i] : acc_t(0));
+          const scalar_t* g = nullptr;
+          acc_t g_scale = 1;
+          if (dmaps && kind == ExportKind::Full) {
+            g = dmaps + (row0 + i) * N;
+          } else if (dmaps && kind == ExportKind::HeadMean) {
+            g = dmaps + (b * N + i0 + i) * N;
+            g_scale = acc_t(1) / acc_t(H);
+          } else if (dmaps && kind == ExportKind::Cls && i0 + i == 0) {
+            g = dmaps + bh * N;
+          }
+          acc_t* Pi = P + i * N;
+          acc_t* dPi = dP + i * N;
+          if (g) {
+            delta += exp_add_grad_row(Pi, dPi, tile_as_acc(g, N, g_row), N, lse[row0 + i], g_scale);
+            softmax_grad_from_p_row(Pi, dPi, N, delta, scale);
+          } else {
+            softmax_grad_row(Pi, dPi, N, lse[row0 + i], delta, scale);
+          }
+        }
+        // dS += scale * (the matching loss's logit gradient), for the matched rows.
+        for (int64_t r = 0; r < mr; ++r) axpy_row(dP + r * N, St + r * N, N, scale);
+        if (dO) gemm_rm<acc_t>(true, false, N, D, m, acc_t(1), P, N, dO, D, beta, dV, D);
+        gemm_rm<acc_t>(false, false, m, D, N, acc_t(1), dP, N, K, D, acc_t(0), dQ, D);
+        gemm_rm<acc_t>(true, false, N, D, m, acc_t(1), dP, N, Q, D, beta, dK, D);
+        store_tile(dq + bh * hd + i0 * D, dQ, m * D);
+      }
+      if (!dout) std::fill(dV, dV + hd, acc_t(0));
+      store_tile(dk + bh * hd, dK, hd);
+      store_tile(dv + bh * hd, dV, hd);
+    }
+  });
+}
+
+}  // namespace fastattnreg::cpu::kernels

@@ -1,0 +1,96 @@
+// Row math of the fused attention-matching loss: for one matched query row, the divergence between
+// the student's and the teacher's attention and its gradient with respect to the student's scaled
+// logits. Rows are given as scaled logits (ss: student, st: teacher, length n) plus each one's
+// log-sum-exp over the same n keys, so probabilities are exp(s - lse) and log-probabilities
+// s - lse: no log of a probability is ever taken. Vectorised like rowops.h.
+#pragma once
+
+#include <cmath>
+#include <limits>
+
+#include "rowops.h"
+
+namespace fastattnreg::cpu {
+
+enum class MatchKind { KL, MseProbs, MseLogits };
+
+// log sum_j exp(s[j]), j < n
+template <typename T>
+T logsumexp_row(const T* s, int64_t n) {
+  using V = Vectorized<T>;
+  const V neg_inf(-std::numeric_limits<T>::infinity());
+  V vmax = neg_inf;
+  for_each_vec<T>(n, [&](int64_t j, int64_t c) {
+    vmax = at::vec::maximum(vmax, V::set(neg_inf, V::loadu(s + j, c), c));
+  });
+  const T mx = at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, vmax);
+  const V vm(mx);
+  V vsum(T(0));
+  for_each_vec<T>(n, [&](int64_t j, int64_t c) {
+    vsum = vsum + V::set(V(T(0)), vexp(V::loadu(s + j, c) - vm), c);
+  });
+  return mx + std::log(hsum(vsum));
+}
+
+// The row's divergence:
+//   KL          sum_j pt_j (log pt_j - log ps_j)          KL(teacher || student)
+//   MseProbs    sum_j (ps_j - pt_j)^2
+//   MseLogits   sum_j (ss_j - st_j)^2                      (GTA's form)
+template <typename T>
+T match_loss_row(MatchKind kind, const T* ss, T slse, const T* st, T tlse, int64_t n) {
+  using V = Vectorized<T>;
+  const V vs(slse), vt(tlse), zero(T(0));
+  V acc = zero;
+  for_each_vec<T>(n, [&](int64_t j, int64_t c) {
+    const V a = V::loadu(ss + j, c), b = V::loadu(st + j, c);
+    V term;
+    if (kind == MatchKind::KL) {
+      const V log_pt = b - vt;
+      term = vexp(log_pt) * (log_pt - (a - vs));
+    } else if (kind == MatchKind::MseProbs) {
+      const V diff = vexp(a - vs) - vexp(b - vt);
+      term = diff * diff;
+    } else {
+      const V diff = a - b;
+      term = diff * diff;
+    }
+    acc = acc + V::set(zero, term, c);  // tail lanes hold exp(0 - lse) garbage: drop them
+  });
+  return hsum(acc);
+}
+
+// In place: st <- g * d(loss row)/d(ss), the gradient with respect to the student's scaled logits
+// (the teacher's logits are consumed). g is the upstream gradient of this row's loss.
+//   KL          g (ps - pt)
+//   MseProbs    softmax backward of G = 2 g (ps - pt):  ps (G - sum_k ps_k G_k)
+//   MseLogits   2 g (ss - st)
+template <typename T>
+void match_grad_row(MatchKind kind, const T* ss, T slse, T* st, T tlse, int64_t n, T g) {
+  using V = Vectorized<T>;
+  const V vs(slse), vt(tlse), vg(g), two_g(T(2) * g), zero(T(0));
+  if (kind == MatchKind::KL) {
+    for_each_vec<T>(n, [&](int64_t j, int64_t c) {
+      const V d = vexp(V::loadu(ss + j, c) - vs) - vexp(V::loadu(st + j, c) - vt);
+      (vg * d).store(st + j, c);
+    });
+  } else if (kind == MatchKind::MseLogits) {
+    for_each_vec<T>(n, [&](int64_t j, int64_t c) {
+      (two_g * (V::loadu(ss + j, c) - V::loadu(st + j, c))).store(st + j, c);
+    });
+  } else {
+    V vc = zero;  // sum_k ps_k G_k
+    for_each_vec<T>(n, [&](int64_t j, int64_t c) {
+      const V ps = vexp(V::loadu(ss + j, c) - vs);
+      const V G = two_g * (ps - vexp(V::loadu(st + j, c) - vt));
+      G.store(st + j, c);
+      vc = vc + V::set(zero, ps * G, c);
+    });
+    const V cc(hsum(vc));
+    for_each_vec<T>(n, [&](int64_t j, int64_t c) {
+      const V ps = vexp(V::loadu(ss + j, c) - vs);
+      (ps * (V::loadu(st + j, c) - cc)).store(st + j, c);
+    });
+  }
+}
+
+}  // namespace fastattnreg::cpu

@@ -1,0 +1,137 @@
+"""attention_match(): a student's attention and its divergence from a teacher's, fused.
+
+The C++ kernels (csrc/cpu/match.cpp) compute, per matched query row, the student's and the
+teacher's attention from their q, k and reduce the divergence in the same pass, so neither
+model's (B, H, N, N) maps is ever stored; the backward folds the loss gradient into the
+attention backward. This file adds the fake kernels and autograd of
+torch.ops.fastattnreg.attention_match_fwd / _bwd, the reference `attention_match_ref` and the
+public `attention_match()`.
+
+Shapes: q, k, v (B, H, N, D); teacher_q, teacher_k (B, H, N, Dt), Dt may differ from D.
+Matched rows: rows="all", every query row over every key (R = N); rows="cls", query 0 over keys
+1..N-1 (GTA's form, R = 1) with both softmaxes renormalised over those keys (our choice: it
+keeps KL a divergence, zero exactly when the two CLS->patch distributions agree).
+The loss is the mean over batch, heads and matched rows of the per-row divergence:
+  kind="kl"          KL(teacher || student) = sum_j pt_j (log pt_j - log ps_j)
+  kind="mse_probs"   sum_j (ps_j - pt_j)^2
+  kind="mse_logits"  sum_j (ss_j - st_j)^2, the scaled pre-softmax logits (GTA's form)
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import backend as _backend
+from .checks import check_choice, check_qkv, check_scale
+
+KINDS = ("kl", "mse_probs", "mse_logits")
+ROWS = ("all", "cls")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def attention_match_ref(q, k, v, teacher_q, teacher_k, *, kind="kl", rows="all", scale=None,
+                        teacher_scale=None):
+    """Plain PyTorch with materialised maps: (out, loss), loss in float32 (float64 for float64)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    teacher_scale = teacher_q.shape[-1] ** -0.5 if teacher_scale is None else teacher_scale
+    acc = _acc_dtype(q.dtype)
+    s_logits = (q.to(acc) @ k.to(acc).transpose(-2, -1)) * scale  # (B, H, N, N)
+    out = (s_logits.softmax(-1) @ v.to(acc)).to(q.dtype)
+    with torch.no_grad():  # the teacher gets no gradient
+        t_logits = (teacher_q.to(acc) @ teacher_k.to(acc).transpose(-2, -1)) * teacher_scale
+    if rows == "cls":
+        s_logits, t_logits = s_logits[:, :, :1, 1:], t_logits[:, :, :1, 1:]
+    if kind == "mse_logits":
+        per_row = (s_logits - t_logits).square().sum(-1)
+    else:
+        log_ps, log_pt = s_logits.log_softmax(-1), t_logits.log_softmax(-1)
+        if kind == "kl":
+            per_row = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+        else:
+            per_row = (log_ps.exp() - log_pt.exp()).square().sum(-1)
+    return out, per_row.mean()
+
+
+if _backend.cpp_available():
+
+    @torch.library.register_fake("fastattnreg::attention_match_fwd")
+    def _match_fwd_fake(q, k, v, teacher_q, teacher_k, scale, teacher_scale, kind, rows):
+        B, H, N, _ = q.shape
+        R = 1 if rows == "cls" else N
+        acc = _acc_dtype(q.dtype)
+        return (
+            torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty((B, H, N), dtype=acc),
+            q.new_empty((B, H, R), dtype=acc),
+            q.new_empty((B, H, R), dtype=acc),
+        )
+
+    @torch.library.register_fake("fastattnreg::attention_match_bwd")
+    def _match_bwd_fake(dout, dlse, drow_loss, q, k, v, out, lse, teacher_q, teacher_k, teacher_lse,
+                        scale, teacher_scale, kind, rows):
+        return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+    def _setup_context(ctx, inputs, output):
+        q, k, v, teacher_q, teacher_k, scale, teacher_scale, kind, rows = inputs
+        out, lse, teacher_lse, _ = output
+        # O(B*H*N) beyond the inputs: out, the student's LSE and the teacher's row LSEs.
+        ctx.save_for_backward(q, k, v, out, lse, teacher_q, teacher_k, teacher_lse)
+        ctx.args = (scale, teacher_scale, kind, rows)
+        ctx.set_materialize_grads(False)
+
+    def _match_backward(ctx, dout, dlse, dteacher_lse, drow_loss):
+        q, k, v, out, lse, teacher_q, teacher_k, teacher_lse = ctx.saved_tensors
+        # dteacher_lse is dropped: the teacher's LSE does not depend on the student.
+        dq, dk, dv = torch.ops.fastattnreg.attention_match_bwd(
+            dout, dlse, drow_loss, q, k, v, out, lse, teacher_q, teacher_k, teacher_lse, *ctx.args
+        )
+        return dq, dk, dv, None, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "fastattnreg::attention_match_fwd", _match_backward, setup_context=_setup_context
+    )
+
+
+def attention_match(q, k, v, teacher_q, teacher_k, *, kind="kl", rows="all", scale=None,
+                    teacher_scale=None, backend="auto"):
+    """The student's attention output and its mean per-row divergence from the teacher's.
+
+    Returns (out, loss): out (B, H, N, D) like `attention(q, k, v)`, loss a scalar (float32, or
+    float64 for float64 inputs). Gradients reach q, k, v through both; the teacher gets none.
+    See the module docstring for `kind` and `rows`.
+    """
+    check_choice("kind", kind, KINDS)
+    check_choice("rows", rows, ROWS)
+    check_choice("backend", backend, _backend.BACKENDS)
+    check_scale("scale", scale)
+    check_scale("teacher_scale", teacher_scale)
+    if not isinstance(q, torch.Tensor):
+        raise ValueError(f"q must be a torch.Tensor; got {type(q).__name__}")
+    impl = _backend.resolve(backend, q.device)
+    if impl == "triton":
+        raise RuntimeError("attention_match has no Triton kernel yet; use backend='cpp' or 'reference'")
+    check_qkv(q, k, v, impl)
+    check_qkv(teacher_q, teacher_k, teacher_k, impl, names=("teacher_q", "teacher_k", "teacher_k"))
+    if teacher_q.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            "teacher_q must match the student's (B, H, N) = "
+            f"{tuple(q.shape[:3])}; got {tuple(teacher_q.shape[:3])}"
+        )
+    if teacher_q.dtype != q.dtype or teacher_q.device != q.device:
+        raise ValueError(
+            f"teacher_q must have the student's dtype and device ({q.dtype}, {q.device}); "
+            f"got ({teacher_q.dtype}, {teacher_q.device})"
+        )
+    if rows == "cls" and q.shape[2] < 2:
+        raise ValueError(f"rows='cls' matches query 0 over keys 1..N-1 and needs N >= 2; got N = {q.shape[2]}")
+    if impl == "reference":
+        return attention_match_ref(q, k, v, teacher_q.detach(), teacher_k.detach(), kind=kind,
+                                   rows=rows, scale=scale, teacher_scale=teacher_scale)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    teacher_scale = float(teacher_q.shape[-1] ** -0.5 if teacher_scale is None else teacher_scale)
+    out, _, _, row_loss = torch.ops.fastattnreg.attention_match_fwd(
+        q, k, v, teacher_q.detach(), teacher_k.detach(), scale, teacher_scale, kind, rows
+    )
+    return out, row_loss.mean()
