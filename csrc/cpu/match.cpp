@@ -11,6 +11,7 @@
 
 #include "../checks.h"
 #include "attention_kernels.h"
+#include "match.h"
 
 namespace fastattnreg::cpu {
 namespace {
