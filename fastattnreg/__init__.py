@@ -5,6 +5,7 @@ FusedAttention.
 """
 from .backend import cpp_available, triton_available
 from .nn.attention import FusedAttention
+from .nn.regularizers import AttentionLink, GTALoss
 from .ops.attention import attention, attention_ref
 from .ops.match import attention_match, attention_match_ref
 
@@ -14,6 +15,8 @@ __all__ = [
     "attention_match",
     "attention_match_ref",
     "FusedAttention",
+    "GTALoss",
+    "AttentionLink",
     "cpp_available",
     "triton_available",
 ]

@@ -4,6 +4,15 @@ Same constructor keywords and parameter names as timm's Attention (`qkv`, `q_nor
 `norm`, `gate`, `proj`), so `timm.models.VisionTransformer(attn_layer=FusedAttention)` builds and
 timm state dicts load with strict=True. With `export` set, the maps of the last forward stay on
 `module.maps` with their autograd graph, for a regulariser to use.
+
+Two slots let a regulariser (nn/regularizers.py: GTALoss) drive a layer without hooks; both are
+off by default and the owner clears them after each step so that no tensor outlives it:
+  capture_qk = True   each forward stores (q.detach(), k.detach()) (B, H, N, D), after q_norm /
+                      k_norm, on `module.captured_qk`: a teacher's queries and keys.
+  match_teacher = (teacher_q, teacher_k, kind, rows, teacher_scale)
+                      forward calls `attention_match` against that teacher instead of
+                      `attention` (same `out`) and stores the scalar loss, with its graph, on
+                      `module.match_loss`.
 """
 from __future__ import annotations
 
@@ -14,6 +23,7 @@ from torch import nn
 
 from ..ops.attention import EXPORTS, attention
 from ..ops.checks import check_choice
+from ..ops.match import attention_match
 
 
 class FusedAttention(nn.Module):
@@ -54,6 +64,11 @@ class FusedAttention(nn.Module):
         self.export = export
         self.backend = backend
         self.maps: Optional[torch.Tensor] = None
+        self.capture_qk = False
+        self.captured_qk: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        # (teacher_q, teacher_k, kind, rows, teacher_scale): see the module docstring.
+        self.match_teacher: Optional[tuple] = None
+        self.match_loss: Optional[torch.Tensor] = None
 
         self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias, **dd)
         self.q_norm = norm_layer(attn_head_dim, **dd) if qk_norm else nn.Identity()
@@ -85,7 +100,20 @@ class FusedAttention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.export is None:
+        if self.capture_qk:
+            self.captured_qk = (q.detach(), k.detach())
+        if self.match_teacher is not None:
+            if self.export is not None:
+                raise RuntimeError(
+                    f"FusedAttention: export={self.export!r} cannot be combined with a match "
+                    "teacher (attention_match returns no maps); set export=None"
+                )
+            teacher_q, teacher_k, kind, rows, teacher_scale = self.match_teacher
+            out, self.match_loss = attention_match(
+                q, k, v, teacher_q, teacher_k, kind=kind, rows=rows, scale=self.scale,
+                teacher_scale=teacher_scale, backend=self.backend,
+            )
+        elif self.export is None:
             out = attention(q, k, v, scale=self.scale, backend=self.backend)
         else:
             out, self.maps = attention(
