@@ -132,7 +132,8 @@ struct Teacher {
   acc_t scale;
   MatchKind kind;
   bool cls_rows;
-  acc_t* lse;               // (B, H, R): written by the forward, read by the backward
+  acc_t* lse;               // (B, H, R): written by the forward (0 for MseLogits, which needs
+                            // none), read by the backward
   acc_t* row_loss;          // (B, H, R): forward output, one divergence per matched row
   const acc_t* drow_loss;   // (B, H, R): backward input, the gradient of each row's loss
 
@@ -213,10 +214,22 @@ void forward_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
         // S = scale * Q K^T (m x N); rows become exp(S - rowmax), unnormalised.
         gemm_rm<acc_t>(false, false, m, N, D, scale, Q, D, Kt, N, acc_t(0), S, N);
         const int64_t mr = teacher ? teacher->rows_in_block(i0, m) : 0;
+        const bool logits_only = teacher && teacher->kind == MatchKind::MseLogits;
+        const bool logits_on_s = logits_only && !teacher->cls_rows;
         if (mr > 0) {
           transpose(teacher->k + bh * N * Dt, N, Dt, TKt);
           teacher_logits(*teacher, bh, N, i0, mr, TKt, TQ, St);
-          student_match_logits(*teacher, S, Q, Kt, mr, N, D, scale, SL);
+          if (logits_on_s) {
+            // The logit MSE needs no LSE: reduce it from S now, before the softmax overwrites S.
+            for (int64_t r = 0; r < mr; ++r) {
+              const int64_t ri = teacher->row_index(bh, N, i0) + r;
+              teacher->lse[ri] = acc_t(0);
+              teacher->row_loss[ri] = match_loss_row(teacher->kind, S + r * N, acc_t(0), St + r * N,
+                                                     acc_t(0), N);
+            }
+          } else {
+            student_match_logits(*teacher, S, Q, Kt, mr, N, D, scale, SL);
+          }
         }
         for (int64_t i = 0; i < m; ++i) {
           acc_t mx;
@@ -224,12 +237,14 @@ void forward_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
           lse[bh * N + i0 + i] = mx + std::log(sum);
           inv_sum[i] = acc_t(1) / sum;
         }
-        for (int64_t r = 0; r < mr; ++r) {
+        for (int64_t r = 0; r < (logits_on_s ? 0 : mr); ++r) {
           const int64_t j0 = teacher->key0(), n = N - j0, ri = teacher->row_index(bh, N, i0) + r;
           const acc_t* ss = SL + r * N + j0;
           const acc_t* st = St + r * N + j0;
-          const acc_t slse = j0 == 0 ? lse[bh * N + i0 + r] : logsumexp_row(ss, n);
-          const acc_t tlse = logsumexp_row(st, n);
+          const acc_t slse = logits_only ? acc_t(0)
+                             : j0 == 0   ? lse[bh * N + i0 + r]
+                                         : logsumexp_row(ss, n);
+          const acc_t tlse = logits_only ? acc_t(0) : logsumexp_row(st, n);
           teacher->lse[ri] = tlse;
           teacher->row_loss[ri] = match_loss_row(teacher->kind, ss, slse, st, tlse, n);
         }
@@ -323,7 +338,9 @@ void backward_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
           for (int64_t r = 0; r < mr; ++r) {
             const int64_t j0 = teacher->key0(), n = N - j0, ri = teacher->row_index(bh, N, i0) + r;
             const acc_t* ss = student + r * N + j0;
-            const acc_t slse = j0 == 0 ? lse[row0 + r] : logsumexp_row(ss, n);
+            const acc_t slse = teacher->kind == MatchKind::MseLogits ? acc_t(0)
+                               : j0 == 0                             ? lse[row0 + r]
+                                                                     : logsumexp_row(ss, n);
             match_grad_row(teacher->kind, ss, slse, St + r * N + j0, teacher->lse[ri], n,
                            teacher->drow_loss[ri]);
             if (j0 == 1) St[r * N] = acc_t(0);  // the CLS row's own key is not matched
@@ -353,12 +370,14 @@ void backward_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
           if (g) {
             delta += exp_add_grad_row(Pi, dPi, tile_as_acc(g, N, g_row), N, lse[row0 + i], g_scale);
             softmax_grad_from_p_row(Pi, dPi, N, delta, scale);
+            if (i < mr) axpy_row(dPi, St + i * N, N, scale);
+          } else if (i < mr) {
+            // Matched row: dS = scale (P (dP - delta) + the matching loss's logit gradient).
+            softmax_grad_row(Pi, dPi, N, lse[row0 + i], delta, scale, St + i * N);
           } else {
             softmax_grad_row(Pi, dPi, N, lse[row0 + i], delta, scale);
           }
         }
-        // dS += scale * (the matching loss's logit gradient), for the matched rows.
-        for (int64_t r = 0; r < mr; ++r) axpy_row(dP + r * N, St + r * N, N, scale);
         if (dO) gemm_rm<acc_t>(true, false, N, D, m, acc_t(1), P, N, dO, D, beta, dV, D);
         gemm_rm<acc_t>(false, false, m, D, N, acc_t(1), dP, N, K, D, acc_t(0), dQ, D);
         gemm_rm<acc_t>(true, false, N, D, m, acc_t(1), dP, N, Q, D, beta, dK, D);

@@ -11,7 +11,8 @@ namespace fastattnreg::cpu {
 
 // q, k, v (B,H,N,D); teacher_q, teacher_k (B,H,N,Dt). kind: "kl" | "mse_probs" | "mse_logits";
 // rows: "all" (R = N) | "cls" (R = 1: query 0 over keys 1..N-1, softmaxes renormalised there).
-// Returns out (B,H,N,D), lse (B,H,N), teacher_lse (B,H,R), row_loss (B,H,R).
+// Returns out (B,H,N,D), lse (B,H,N), teacher_lse (B,H,R; zeros for "mse_logits", which needs
+// none), row_loss (B,H,R).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_match_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& teacher_q,
     const at::Tensor& teacher_k, double scale, double teacher_scale, c10::string_view kind,

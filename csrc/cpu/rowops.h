@@ -85,11 +85,20 @@ T dot_row(const T* a, const T* b, int64_t n) {
 
 // One backward pass over a row: s holds scaled logits, dp the gradient of P. In place:
 //   s  <- p = exp(s - lse)
-//   dp <- scale * p * (dp - delta)      (the softmax backward, dS)
+//   dp <- scale * (p * (dp - delta) + extra)   (the softmax backward, dS; `extra`, if given, is a
+//                                               gradient arriving directly at the logits)
 template <typename T>
-void softmax_grad_row(T* s, T* dp, int64_t n, T lse, T delta, T scale) {
+void softmax_grad_row(T* s, T* dp, int64_t n, T lse, T delta, T scale, const T* extra = nullptr) {
   using V = Vectorized<T>;
   const V vl(lse), vd(delta), vs(scale);
+  if (extra) {
+    for_each_vec<T>(n, [&](int64_t j, int64_t c) {
+      const V p = vexp(V::loadu(s + j, c) - vl);
+      p.store(s + j, c);
+      (vs * at::vec::fmadd(p, V::loadu(dp + j, c) - vd, V::loadu(extra + j, c))).store(dp + j, c);
+    });
+    return;
+  }
   for_each_vec<T>(n, [&](int64_t j, int64_t c) {
     const V p = vexp(V::loadu(s + j, c) - vl);
     p.store(s + j, c);
