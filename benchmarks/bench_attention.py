@@ -1,16 +1,24 @@
 """Benchmark of fastattnreg.attention against the two things users run today.
 
 Providers, all at (B, H, N, D) with q, k, v requiring grad and random upstream gradients:
-  fastattnreg            fused C++ kernel, no maps                 (compare with sdpa)
-  fastattnreg_head_mean  fused C++ kernel + head-mean maps (B,N,N) (compare with naive)
+  fastattnreg            fused C++ kernel, no maps                 (compare with sdpa)   CPU
+  fastattnreg_head_mean  fused C++ kernel + head-mean maps (B,N,N) (compare with naive)  CPU
+  triton                 fused Triton kernels, no maps              (compare with sdpa)   CUDA
+  triton_head_mean       fused Triton kernels + head-mean maps      (compare with naive)  CUDA
+  flash_attn             FlashAttention-2 (flash_attn_func), no maps, when installed    CUDA
   naive                  eager PyTorch keeping the maps, the way ViT regulariser code does it
   sdpa                   torch's scaled_dot_product_attention, no maps: the speed ceiling
+By default only the providers for --device run; one asked for on the wrong device is skipped
+with a note. Under each table: TFLOP/s per provider and mode, counting 4*B*H*N^2*D for the
+forward and 2.5x that for the backward (the FlashAttention convention; maps not counted).
 
-Run from the repo root: `python -m benchmarks.bench_attention` (the project's main job).
+Run from the repo root: `python -m benchmarks.bench_attention` (the project's main job);
+on a GPU e.g. `python -m benchmarks.bench_attention --device cuda --dtype bfloat16`.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from typing import Sequence
 
 import torch
@@ -69,6 +77,44 @@ def make_fastattnreg_head_mean(shape, dtype, device):
         (q, k, v), (dout, dmaps))
 
 
+def _require_cuda(name: str, device: torch.device) -> None:
+    if device.type != "cuda":
+        raise RuntimeError(f"the {name} provider runs on CUDA only; got device {device}")
+
+
+def make_triton(shape, dtype, device):
+    import fastattnreg
+
+    _require_cuda("triton", device)
+    q, k, v = _qkv(shape, dtype, device)
+    dout = torch.randn(shape, dtype=dtype, device=device)
+    return autograd_case(lambda q, k, v: fastattnreg.attention(q, k, v, backend="triton"),
+                         (q, k, v), (dout,))
+
+
+def make_triton_head_mean(shape, dtype, device):
+    import fastattnreg
+
+    _require_cuda("triton_head_mean", device)
+    q, k, v = _qkv(shape, dtype, device)
+    dout = torch.randn(shape, dtype=dtype, device=device)
+    dmaps = _maps_grad(shape, dtype, device)
+    return autograd_case(
+        lambda q, k, v: fastattnreg.attention(q, k, v, export="head_mean", backend="triton"),
+        (q, k, v), (dout, dmaps))
+
+
+def make_flash_attn(shape, dtype, device):
+    from flash_attn import flash_attn_func  # optional; fp16/bf16 on CUDA only
+
+    _require_cuda("flash_attn", device)
+    B, H, N, D = shape
+    # flash_attn takes (B, N, H, D): allocate in its own layout, as a model using it would.
+    q, k, v = _qkv((B, N, H, D), dtype, device)
+    dout = torch.randn((B, N, H, D), dtype=dtype, device=device)
+    return autograd_case(flash_attn_func, (q, k, v), (dout,))
+
+
 def make_naive(shape, dtype, device):
     q, k, v = _qkv(shape, dtype, device)
     dout = torch.randn(shape, dtype=dtype, device=device)
@@ -85,9 +131,27 @@ def make_sdpa(shape, dtype, device):
 PROVIDERS = {p.name: p for p in (
     Provider("fastattnreg", make_fastattnreg),
     Provider("fastattnreg_head_mean", make_fastattnreg_head_mean),
+    Provider("triton", make_triton),
+    Provider("triton_head_mean", make_triton_head_mean),
+    Provider("flash_attn", make_flash_attn),
     Provider("naive", make_naive),
     Provider("sdpa", make_sdpa),
 )}
+CPU_ONLY = ("fastattnreg", "fastattnreg_head_mean")
+CUDA_ONLY = ("triton", "triton_head_mean", "flash_attn")
+# The forward's FLOPs are 4*B*H*N^2*D (two GEMMs); the backward's 2.5x (five GEMMs, one of them
+# recomputing S): the convention of FlashAttention's and Triton's benchmarks.
+FLOPS_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+
+
+def default_providers(device: torch.device) -> list[str]:
+    """The providers that run on `device` (flash_attn only where it is installed)."""
+    if device.type == "cuda":
+        names = [n for n in PROVIDERS if n not in CPU_ONLY]
+        if importlib.util.find_spec("flash_attn") is None:
+            names.remove("flash_attn")
+        return names
+    return [n for n in PROVIDERS if n not in CUDA_ONLY]
 
 
 def memory_warmup_shape(shape: Shape) -> Shape:
@@ -115,6 +179,31 @@ def print_targets(shape: Shape, results: Sequence[Result]) -> None:
         print(f"targets {harness.format_shape(shape)} fwd+bwd: " + "; ".join(parts), flush=True)
 
 
+def print_tflops(shape: Shape, results: Sequence[Result]) -> None:
+    """TFLOP/s per provider (rows) and mode (columns) from the median times."""
+    B, H, N, D = shape
+    fwd_flops = 4 * B * H * N * N * D
+    by_name: dict[str, dict[str, float]] = {}
+    for r in results:
+        if r.median_ms > 0:
+            tflops = fwd_flops * FLOPS_FACTOR[r.mode] / (r.median_ms * 1e-3) / 1e12
+            by_name.setdefault(r.provider, {})[r.mode] = tflops
+    if not by_name:
+        return
+    modes = [m for m in harness.MODES if any(m in v for v in by_name.values())]
+    width = max(len(n) for n in (*by_name, "provider"))
+    print(f"TFLOP/s {harness.format_shape(shape)} (fwd 4*B*H*N^2*D, bwd 2.5x):", flush=True)
+    print("  " + "provider".ljust(width) + "".join(m.rjust(10) for m in modes))
+    for name, values in by_name.items():
+        cells = "".join((f"{values[m]:.3g}" if m in values else "-").rjust(10) for m in modes)
+        print("  " + name.ljust(width) + cells, flush=True)
+
+
+def after_shape(shape: Shape, results: Sequence[Result]) -> None:
+    print_tflops(shape, results)
+    print_targets(shape, results)
+
+
 def _check_shape(shape: Shape) -> Shape:
     if len(shape) != 4:
         raise ValueError(f"attention shapes are BxHxNxD (4 numbers); got {harness.format_shape(shape)}")
@@ -127,7 +216,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     harness.add_common_args(parser, default_shapes=DEFAULT_SHAPES, provider_names=list(PROVIDERS),
                             default_csv=DEFAULT_CSV)
+    parser.set_defaults(providers=None)  # None: the providers that run on --device
     args = parser.parse_args(argv)
+    if args.providers is None:
+        device = torch.device(args.device)
+        args.providers = ",".join(default_providers(device))
+        if device.type != "cuda":
+            print(f"note: {', '.join(CUDA_ONLY)} run on CUDA only; not run on {device}",
+                  flush=True)
+        elif "flash_attn" not in args.providers:
+            print("note: flash_attn is not installed; not run", flush=True)
     try:
         opts = harness.resolve_common_args(args, list(PROVIDERS))
         shapes = [_check_shape(s) for s in opts.pop("shapes")]
@@ -135,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parser.error(str(exc))
     providers = [PROVIDERS[name] for name in opts.pop("provider_names")]
     return harness.run_benchmark(OP, providers, shapes, registry="benchmarks.bench_attention",
-                                 warmup_shape=memory_warmup_shape, after_shape=print_targets,
+                                 warmup_shape=memory_warmup_shape, after_shape=after_shape,
                                  **opts)
 
 

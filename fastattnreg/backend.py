@@ -1,8 +1,11 @@
 """Which implementation runs an op: "auto" | "cpp" | "triton" | "reference".
 
 "auto" picks the C++ kernels for CPU tensors when the extension is built, the Triton kernels for
-CUDA tensors when they exist, else the plain-PyTorch reference. The environment variable
+CUDA tensors when Triton is installed, else the plain-PyTorch reference. The environment variable
 FASTATTNREG_BACKEND overrides "auto" (e.g. FASTATTNREG_BACKEND=reference to compare runs).
+"triton" also runs CPU tensors when TRITON_INTERPRET=1 was set before fastattnreg was imported
+(Triton's interpreter: slow, for tests); the variable is read once, as Triton itself reads it
+when the kernels are defined.
 """
 from __future__ import annotations
 
@@ -30,14 +33,30 @@ except ImportError as exc:  # not built, or built against another torch
     )
 
 
+# Whether the Triton kernels are defined at all (fastattnreg.ops imports them only if so) and
+# whether they were defined for Triton's CPU interpreter.
+try:
+    importlib.import_module("triton")
+    _triton_installed = True
+except ImportError:  # not installed (CPU-only environments): the other backends still work
+    _triton_installed = False
+_triton_interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def cpp_available() -> bool:
     """True when the C++ CPU kernels are built and registered in torch.ops.fastattnreg."""
     return _cpp_loaded
 
 
+def triton_installed() -> bool:
+    """True when Triton can be imported, so the triton_attention_* ops are registered."""
+    return _triton_installed
+
+
 def triton_available() -> bool:
-    """True when the Triton kernels can run (they are not part of this build yet)."""
-    return False
+    """True when the Triton kernels can run here: Triton is installed and either a CUDA device
+    is present or TRITON_INTERPRET=1 was set before fastattnreg was imported."""
+    return _triton_installed and (_triton_interpret or torch.cuda.is_available())
 
 
 def check_backend_name(backend: str) -> None:
@@ -70,9 +89,18 @@ def resolve(backend: str, device: torch.device) -> str:
             )
         if device.type != "cpu":
             raise RuntimeError(f"backend='cpp' runs on CPU tensors only; got tensors on {device}")
-    if backend == "triton" and not triton_available():
-        raise RuntimeError(
-            "backend='triton' is not available in this build: the Triton kernels are not "
-            "implemented yet; use backend='cpp' (CPU) or 'reference'"
-        )
+    if backend == "triton":
+        if not triton_available():
+            why = ("Triton is not installed" if not _triton_installed else
+                   "no CUDA device is present and TRITON_INTERPRET=1 was not set before "
+                   "importing fastattnreg")
+            raise RuntimeError(
+                f"backend='triton' is not available: {why}; use backend='cpp' (CPU) or "
+                "'reference'"
+            )
+        if device.type != "cuda" and not _triton_interpret:
+            raise RuntimeError(
+                f"backend='triton' runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1); "
+                f"got tensors on {device}"
+            )
     return backend

@@ -5,17 +5,19 @@ speed and memory are never asserted (DESIGN.md). Everything is written under tmp
 into benchmarks/results/.
 """
 import csv
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import fastattnreg
 
 # `benchmarks` is a repo-root folder, not an installed package: make it importable under a bare
 # `pytest` too (python -m pytest already puts the current directory first).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import bench_attention, harness  # noqa: E402
+from benchmarks import bench_attention, bench_match, harness  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not fastattnreg.cpp_available(),
                                 reason="fastattnreg._C is not built")
@@ -29,12 +31,13 @@ def test_bench_attention_writes_csv_and_plot(tmp_path, capsys):
     ])
     printed = capsys.readouterr().out
     assert "median ms" in printed and "targets 1x2x17x16" in printed
+    assert "TFLOP/s 1x2x17x16" in printed and "run on CUDA only" in printed
 
     with csv_path.open(newline="") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
     assert tuple(reader.fieldnames) == harness.CSV_COLUMNS
-    providers = list(bench_attention.PROVIDERS)
+    providers = bench_attention.default_providers(torch.device("cpu"))  # not CUDA-only ones
     got = sorted((r["provider"], r["mode"]) for r in rows)
     assert got == sorted((p, m) for p in providers for m in harness.MODES)
     for r in rows:
@@ -51,6 +54,31 @@ def test_bench_attention_writes_csv_and_plot(tmp_path, capsys):
     plot.main(["--csv", str(csv_path), "--out", str(png)])
     assert png.stat().st_size > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_match_writes_csv_and_prints_targets(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(bench_match.ENV_VAR, raising=False)
+    csv_path = tmp_path / "m.csv"
+    bench_match.main([
+        "--shapes", "1x2x17x16", "--repeats", "2", "--warmup", "1", "--kinds", "kl,mse_logits",
+        "--memory-providers", "naive", "--csv", str(csv_path),
+    ])
+    printed = capsys.readouterr().out
+    assert "median ms" in printed
+    assert "targets kl rows=all 1x2x17x16" in printed and "targets mse_logits rows=all" in printed
+    assert bench_match.ENV_VAR not in os.environ  # restored after the run
+
+    with csv_path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == harness.CSV_COLUMNS
+    got = sorted((r["op"], r["provider"], r["mode"]) for r in rows)
+    assert got == sorted((f"attention_match_{kind}", p, m) for kind in ("kl", "mse_logits")
+                         for p in bench_match.PROVIDERS for m in harness.MODES)
+    for r in rows:
+        assert r["shape"] == "1x2x17x16" and r["dtype"] == "float32"
+        assert 0 < float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
+        assert (r["peak_extra_mb"] != "") == (r["provider"] == "naive" and r["mode"] == "fwd+bwd")
 
 
 def test_memory_subprocess_sees_allocations_despite_a_big_parent():

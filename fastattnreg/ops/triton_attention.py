@@ -1,0 +1,166 @@
+"""The Triton attention kernels as torch ops: fastattnreg::triton_attention_fwd / _bwd.
+
+Same schemas and outputs as the C++ ops attention_fwd / attention_bwd (csrc/registration.cpp),
+under their own names: the C++ library owns its op names through TORCH_LIBRARY, these are added
+to the same namespace as a fragment, whether fastattnreg._C is loaded or not.
+
+  * On CUDA the ops are `torch.library.triton_op`s: the implementation only allocates and
+    launches kernels through `wrap_triton`, so it doubles as the fake kernel and torch.compile
+    sees (and may fuse around) the kernels themselves.
+  * Under TRITON_INTERPRET=1 (CPU tensors, the test suite) they are opaque
+    `torch.library.custom_op`s with the fake kernels below: wrap_triton hands interpreted kernels
+    back unwrapped, and those cannot run on fake tensors, so torch.compile must not trace in.
+
+The autograd rule (setup_context, backward) mirrors the C++ one in ops/attention.py: only q, k, v,
+out and the float32 LSE are saved; P is recomputed in the backward.
+Imported only when Triton is installed (see fastattnreg.backend).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..triton import attention as _kernels
+from ..triton.attention import attention_bwd as _launch_bwd
+from ..triton.attention import attention_fwd as _launch_fwd
+from .checks import check_qkv
+
+FWD_NAME = "fastattnreg::triton_attention_fwd"
+BWD_NAME = "fastattnreg::triton_attention_bwd"
+FWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, float scale, str export) -> (Tensor, Tensor, Tensor)"
+BWD_SCHEMA = (
+    "(Tensor? dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
+    "Tensor? dmaps, float scale, str export) -> (Tensor, Tensor, Tensor)"
+)
+EXPORT_NAMES = ("none", "full", "head_mean", "cls")
+
+
+# ------------------------------------------------------------------------------------ checks
+# The raw ops skip attention()'s checks; these hold for direct torch.ops calls too.
+
+
+def _check_common(q, k, v, scale, export) -> None:
+    check_qkv(q, k, v, "triton")
+    if export not in EXPORT_NAMES:
+        raise ValueError(f"export must be one of {EXPORT_NAMES}; got {export!r}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number; got {scale}")
+    # Fake tensors report the device they stand for, so tracing passes this check too.
+    if q.device.type != "cuda" and not _kernels.INTERPRET:
+        raise RuntimeError(
+            f"the Triton kernels take CUDA tensors (CPU tensors only with TRITON_INTERPRET=1 set "
+            f"before importing fastattnreg); got q on {q.device}"
+        )
+    B, H = q.shape[:2]
+    if B * H > _kernels.MAX_GRID_Z:
+        raise ValueError(
+            f"batch x heads must be at most {_kernels.MAX_GRID_Z} for the Triton kernels (a CUDA "
+            f"grid axis); got B={B} x H={H} = {B * H}"
+        )
+
+
+def _check_like(t, name, shape, dtype, device) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}; got {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype}; got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device}; got {t.device}")
+
+
+def _check_bwd(dout, q, k, v, out, lse, dlse, dmaps, scale, export) -> None:
+    _check_common(q, k, v, scale, export)
+    B, H, N, _ = q.shape
+    _check_like(out, "out", q.shape, q.dtype, q.device)
+    _check_like(lse, "lse", (B, H, N), torch.float32, q.device)
+    if dout is not None:
+        _check_like(dout, "dout", q.shape, q.dtype, q.device)
+    if dlse is not None:
+        _check_like(dlse, "dlse", (B, H, N), torch.float32, q.device)
+    if dmaps is not None:
+        if export == "none":
+            raise ValueError("dmaps was given but export is 'none'")
+        _check_like(dmaps, "dmaps", _kernels.maps_shape(export, B, H, N), q.dtype, q.device)
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    # The kernels take any batch/head/token strides (timm's permuted q, k, v are read in place)
+    # but need stride 1 along D.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _contiguous(t):
+    return None if t is None else t.contiguous()
+
+
+# ------------------------------------------------------------------------- implementations
+
+
+def _triton_attention_fwd(q, k, v, scale, export):
+    _check_common(q, k, v, scale, export)
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    return _launch_fwd(q, k, v, scale, export)
+
+
+def _triton_attention_bwd(dout, q, k, v, out, lse, dlse, dmaps, scale, export):
+    _check_bwd(dout, q, k, v, out, lse, dlse, dmaps, scale, export)
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    # Gradients can arrive as expanded or strided views; the kernels read them contiguous.
+    dout, out, lse = _contiguous(dout), out.contiguous(), lse.contiguous()
+    dlse, dmaps = _contiguous(dlse), _contiguous(dmaps)
+    return _launch_bwd(dout, q, k, v, out, lse, dlse, dmaps, scale, export)
+
+
+def _fwd_fake(q, k, v, scale, export):
+    _check_common(q, k, v, scale, export)
+    B, H, N, D = q.shape
+    out = q.new_empty((B, H, N, D))
+    lse = q.new_empty((B, H, N), dtype=torch.float32)
+    return out, lse, q.new_empty(_kernels.maps_shape(export, B, H, N))
+
+
+def _bwd_fake(dout, q, k, v, out, lse, dlse, dmaps, scale, export):
+    _check_bwd(dout, q, k, v, out, lse, dlse, dmaps, scale, export)
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+if _kernels.INTERPRET:
+    triton_attention_fwd = torch.library.custom_op(
+        FWD_NAME, _triton_attention_fwd, mutates_args=(), schema=FWD_SCHEMA)
+    triton_attention_fwd.register_fake(_fwd_fake)
+    triton_attention_bwd = torch.library.custom_op(
+        BWD_NAME, _triton_attention_bwd, mutates_args=(), schema=BWD_SCHEMA)
+    triton_attention_bwd.register_fake(_bwd_fake)
+else:
+    triton_attention_fwd = torch.library.triton_op(
+        FWD_NAME, _triton_attention_fwd, mutates_args=(), schema=FWD_SCHEMA)
+    triton_attention_bwd = torch.library.triton_op(
+        BWD_NAME, _triton_attention_bwd, mutates_args=(), schema=BWD_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------- autograd
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, export = inputs
+    out, lse, _ = output
+    # Only q, k, v, out and the LSE are kept: P is recomputed in the backward, never stored.
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+    ctx.export = export
+    # Unused outputs send None, not zeros: the kernels then skip that gradient entirely.
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dout, dlse, dmaps):
+    q, k, v, out, lse = ctx.saved_tensors
+    if ctx.export == "none":
+        dmaps = None
+    dq, dk, dv = torch.ops.fastattnreg.triton_attention_bwd(
+        dout, q, k, v, out, lse, dlse, dmaps, ctx.scale, ctx.export
+    )
+    return dq, dk, dv, None, None
+
+
+torch.library.register_autograd(FWD_NAME, _backward, setup_context=_setup_context)

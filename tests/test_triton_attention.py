@@ -1,0 +1,199 @@
+"""attention(backend="triton"): the Triton kernels against attention_ref.
+
+Two groups:
+  * interpreter (any machine with Triton): tests/triton_interpret_cases.py runs on CPU tensors in
+    a child process with TRITON_INTERPRET=1 (the variable must be set before Triton defines the
+    kernels), one group per test here so a failure names its group and shows the child's report.
+  * CUDA (skipped without a GPU): the shape grid of test_attention.py, fp16/bf16 by the
+    FlashAttention rule, opcheck and torch.compile(fullgraph=True) of the triton_op registration.
+Plus the package's import without Triton and the Triton ops without the C++ extension.
+"""
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastattnreg
+from fastattnreg import attention_ref
+from conftest import max_err
+from triton_attention_checks import (
+    assert_low_precision_rule, errors_vs_float64, low_precision_errors, make_inputs, run_all,
+    triton_attention,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+CASES = Path(__file__).resolve().parent / "triton_interpret_cases.py"
+requires_triton = pytest.mark.skipif(not fastattnreg.backend.triton_installed(),
+                                     reason="Triton is not installed")
+requires_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and fastattnreg.triton_available()),
+    reason="needs a CUDA device and Triton",
+)
+
+
+def _child(args, extra_env=None, timeout=600):
+    env = {**os.environ, **(extra_env or {})}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# ------------------------------------------------------------------------- interpreter group
+
+
+@requires_triton
+@pytest.mark.parametrize("group", ["values", "reruns", "errors", "registration"])
+def test_interpreted_kernels(group):
+    """Runs tests/triton_interpret_cases.py -k interp_<group> under TRITON_INTERPRET=1."""
+    res = _child(["-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES),
+                  "-k", f"interp_{group}"], {"TRITON_INTERPRET": "1"})
+    report = res.stdout[-8000:] + res.stderr[-4000:]
+    assert res.returncode == 0, report
+    assert " passed" in res.stdout and "skipped" not in res.stdout, report
+
+
+@requires_triton
+def test_triton_ops_register_without_the_cpp_extension():
+    """The Triton ops live in the fastattnreg namespace as a fragment; they must not need _C."""
+    code = textwrap.dedent(
+        """
+        import sys, warnings
+        sys.modules["fastattnreg._C"] = None  # makes `import fastattnreg._C` raise ImportError
+        warnings.simplefilter("ignore")
+        import torch, fastattnreg
+        assert not fastattnreg.cpp_available() and fastattnreg.triton_available()
+        assert not hasattr(torch.ops.fastattnreg, "attention_fwd")
+        q = torch.randn(1, 2, 17, 16, requires_grad=True)
+        out, maps = fastattnreg.attention(q, q, q, export="cls", backend="triton")
+        ref_out, ref_maps = fastattnreg.attention_ref(q, q, q, export="cls")
+        assert (out - ref_out).abs().max() < 1e-5 and (maps - ref_maps).abs().max() < 1e-5
+        (out.sum() + maps.sum()).backward()
+        print("OK")
+        """
+    )
+    res = _child(["-c", code], {"TRITON_INTERPRET": "1"}, timeout=120)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-4000:]
+
+
+def test_package_works_without_triton():
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["triton"] = None  # makes `import triton` raise ImportError
+        import torch, fastattnreg
+        assert not fastattnreg.triton_available()
+        assert not hasattr(torch.ops.fastattnreg, "triton_attention_fwd")
+        q = torch.randn(1, 2, 5, 16)
+        assert fastattnreg.attention(q, q, q, backend="reference").shape == (1, 2, 5, 16)
+        try:
+            fastattnreg.attention(q, q, q, backend="triton")
+        except RuntimeError as e:
+            assert "Triton is not installed" in str(e), e
+        else:
+            raise AssertionError("backend='triton' should be refused")
+        print("OK")
+        """
+    )
+    res = _child(["-c", code], timeout=120)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-4000:]
+
+
+def test_triton_backend_refuses_cpu_tensors_without_the_interpreter():
+    if fastattnreg.triton_available() and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("this process runs the interpreter")
+    q = torch.randn(1, 2, 5, 16)
+    match = r"backend='triton' (is not available|runs CUDA tensors)"
+    with pytest.raises(RuntimeError, match=match):
+        fastattnreg.attention(q, q, q, backend="triton")
+
+
+# -------------------------------------------------------------------------------- CUDA group
+
+SEQ_LENS = (1, 17, 65, 197, 257)
+HEAD_DIMS = (16, 48, 64, 80)
+BATCH_HEADS = ((1, 1), (2, 3), (3, 2), (1, 4))
+EXPORTS = (None, "full", "head_mean", "cls")
+
+
+def _shape(n, d):
+    # The same cycling of B x H as test_attention.py, so both backends see the same shapes.
+    b, h = BATCH_HEADS[(SEQ_LENS.index(n) + HEAD_DIMS.index(d)) % len(BATCH_HEADS)]
+    return b, h, n, d
+
+
+@requires_cuda
+@pytest.mark.parametrize("n,d", list(itertools.product(SEQ_LENS, HEAD_DIMS)))
+@pytest.mark.parametrize("export", EXPORTS)
+def test_cuda_float32_against_float64(n, d, export):
+    for name, err in errors_vs_float64(_shape(n, d), export, "cuda").items():
+        assert err <= 1e-4, f"{name}: {err:.3g}"
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n,d", list(itertools.product(SEQ_LENS, HEAD_DIMS)))
+@pytest.mark.parametrize("export", EXPORTS)
+def test_cuda_low_precision_error_at_most_twice_the_references(n, d, export, dtype):
+    assert_low_precision_rule(low_precision_errors(_shape(n, d), export, "cuda", dtype))
+
+
+@requires_cuda
+@pytest.mark.parametrize("n", [577, 1025, 2048])
+def test_cuda_long_sequences(n):
+    for name, err in errors_vs_float64((1, 2, n, 64), "head_mean", "cuda").items():
+        assert err <= 1e-4, f"{name}: {err:.3g}"
+
+
+@requires_cuda
+@pytest.mark.parametrize("export", EXPORTS)
+def test_cuda_reruns_are_bitwise_equal(export):
+    q, k, v = make_inputs((4, 6, 197, 64), torch.bfloat16, "cuda")
+    for a, b in zip(run_all(q, k, v, export), run_all(q, k, v, export)):
+        assert torch.equal(a, b)
+
+
+@requires_cuda
+@pytest.mark.parametrize("export", ["none", "full", "head_mean", "cls"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_opcheck(export, dtype):
+    q, k, v = [torch.randn(2, 3, 17, 48, device="cuda", dtype=dtype, requires_grad=True)
+               for _ in range(3)]
+    torch.library.opcheck(torch.ops.fastattnreg.triton_attention_fwd.default,
+                          (q, k, v, 0.25, export))
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
+    out, lse, maps = torch.ops.fastattnreg.triton_attention_fwd(qd, kd, vd, 0.25, export)
+    dmaps = torch.randn_like(maps) if export != "none" else None
+    args = (torch.randn_like(out), qd, kd, vd, out, lse, torch.randn_like(lse), dmaps, 0.25, export)
+    torch.library.opcheck(torch.ops.fastattnreg.triton_attention_bwd.default, args)
+
+
+@requires_cuda
+@pytest.mark.parametrize("export", [None, "full", "head_mean", "cls"])
+def test_cuda_compile_fullgraph_inductor(export):
+    """Inductor sees the kernels through wrap_triton (triton_op), forward and backward."""
+    torch._dynamo.reset()
+    q, k, v = make_inputs((2, 3, 65, 48), torch.float32, "cuda")
+
+    def loss_fn(fn, q, k, v):
+        return sum((r.double() ** 2).sum() for r in fn(q, k, v, export=export, return_lse=True))
+
+    compiled = torch.compile(lambda *a: loss_fn(fastattnreg.attention, *a), fullgraph=True)
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    q64, k64, v64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = loss_fn(attention_ref, q64, k64, v64)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64))
+    assert abs(loss.item() - ref.item()) <= 1e-4 * max(1.0, abs(ref.item()))
+    for g, r in zip(grads, ref_grads):
+        assert max_err(g, r) <= 1e-3 * max(1.0, r.abs().max().item())
+
+
+@requires_cuda
+def test_cuda_auto_backend_picks_triton():
+    q, k, v = make_inputs((2, 3, 17, 48), torch.float32, "cuda", requires_grad=False)
+    assert fastattnreg.backend.resolve("auto", q.device) == "triton"
+    assert torch.equal(fastattnreg.attention(q, k, v), triton_attention(q, k, v))
