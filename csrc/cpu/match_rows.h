@@ -18,12 +18,7 @@ enum class MatchKind { KL, MseProbs, MseLogits };
 template <typename T>
 T logsumexp_row(const T* s, int64_t n) {
   using V = Vectorized<T>;
-  const V neg_inf(-std::numeric_limits<T>::infinity());
-  V vmax = neg_inf;
-  for_each_vec<T>(n, [&](int64_t j, int64_t c) {
-    vmax = at::vec::maximum(vmax, V::set(neg_inf, V::loadu(s + j, c), c));
-  });
-  const T mx = at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, vmax);
+  const T mx = max_row(s, n);
   const V vm(mx);
   V vsum(T(0));
   for_each_vec<T>(n, [&](int64_t j, int64_t c) {

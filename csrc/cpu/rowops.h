@@ -36,15 +36,22 @@ inline void for_each_vec(int64_t n, F&& f) {
 // In place: s <- exp(s - max(s)), unnormalised. Returns the row sum (>= 1) and sets *row_max,
 // so the caller gets lse = max + log(sum) and normalises where it needs P (the output rows are
 // scaled after the P V product instead, which saves a pass over the N x N tile).
+// max_j s[j] (-inf for n = 0)
 template <typename T>
-T exp_row(T* s, int64_t n, T* row_max) {
+T max_row(const T* s, int64_t n) {
   using V = Vectorized<T>;
   const V neg_inf(-std::numeric_limits<T>::infinity());
   V vmax = neg_inf;
   for_each_vec<T>(n, [&](int64_t j, int64_t c) {
     vmax = at::vec::maximum(vmax, V::set(neg_inf, V::loadu(s + j, c), c));
   });
-  const T mx = at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, vmax);
+  return at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, vmax);
+}
+
+template <typename T>
+T exp_row(T* s, int64_t n, T* row_max) {
+  using V = Vectorized<T>;
+  const T mx = max_row(s, n);
   const V vm(mx);
   V vsum(T(0));
   for_each_vec<T>(n, [&](int64_t j, int64_t c) {

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import backend as _backend
+from .attention_autograd import register_attention_autograd
 from .checks import check_choice, check_qkv, check_scale
 
 EXPORTS = (None, "full", "head_mean", "cls")
@@ -67,29 +68,7 @@ if _backend.cpp_available():
             torch.empty_like(v, memory_format=torch.contiguous_format),
         )
 
-    def _setup_context(ctx, inputs, output):
-        q, k, v, scale, export = inputs
-        out, lse, _ = output
-        # Only q, k, v, out and the LSE are kept: P is recomputed in the backward, never stored.
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
-        ctx.export = export
-        # Unused outputs get None, not zeros: a zero (B, H, N, N) map gradient would cost the
-        # very memory the kernel avoids, and the kernel skips a None gradient outright.
-        ctx.set_materialize_grads(False)
-
-    def _attention_backward(ctx, dout, dlse, dmaps):
-        q, k, v, out, lse = ctx.saved_tensors
-        if ctx.export == "none":
-            dmaps = None
-        dq, dk, dv = torch.ops.fastattnreg.attention_bwd(
-            dout, q, k, v, out, lse, dlse, dmaps, ctx.scale, ctx.export
-        )
-        return dq, dk, dv, None, None
-
-    torch.library.register_autograd(
-        "fastattnreg::attention_fwd", _attention_backward, setup_context=_setup_context
-    )
+    register_attention_autograd("attention_fwd", "attention_bwd")
 
 
 if _backend.triton_installed():

@@ -24,6 +24,7 @@ import torch
 from ..triton import attention as _kernels
 from ..triton.attention import attention_bwd as _launch_bwd
 from ..triton.attention import attention_fwd as _launch_fwd
+from .attention_autograd import register_attention_autograd
 from .checks import check_qkv
 
 FWD_NAME = "fastattnreg::triton_attention_fwd"
@@ -142,25 +143,4 @@ else:
 # ---------------------------------------------------------------------------------- autograd
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, scale, export = inputs
-    out, lse, _ = output
-    # Only q, k, v, out and the LSE are kept: P is recomputed in the backward, never stored.
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.scale = scale
-    ctx.export = export
-    # Unused outputs send None, not zeros: the kernels then skip that gradient entirely.
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, dout, dlse, dmaps):
-    q, k, v, out, lse = ctx.saved_tensors
-    if ctx.export == "none":
-        dmaps = None
-    dq, dk, dv = torch.ops.fastattnreg.triton_attention_bwd(
-        dout, q, k, v, out, lse, dlse, dmaps, ctx.scale, ctx.export
-    )
-    return dq, dk, dv, None, None
-
-
-torch.library.register_autograd(FWD_NAME, _backward, setup_context=_setup_context)
+register_attention_autograd(FWD_NAME.split("::")[1], BWD_NAME.split("::")[1])
