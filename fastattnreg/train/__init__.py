@@ -1,0 +1,10 @@
+"""Training and comparing ViTs on little data: `fastattnreg train` / `fastattnreg compare`.
+
+data.py (digits / CIFAR-10 / ImageFolder in memory), methods.py (methods and combinations),
+build.py (model, task and cached guides), trainer.py (the loop, checkpoints, DDP),
+compare.py (methods x seeds, table), plots.py, checkpoint.py (atomic files), cli.py.
+"""
+from .config import TrainConfig
+from .trainer import train_run
+
+__all__ = ["TrainConfig", "train_run"]

@@ -1,0 +1,174 @@
+"""Builds what one run trains: the model, the task module around it (methods.py) and, for gta
+and link, the frozen guide (a source ViT or a CNN), training and caching guides when asked.
+
+Cached guides live in `cache_dir/<kind>-<hash of their TrainConfig>/`, each an ordinary run
+folder (checkpoint.pt, metrics.json, log.csv) written by the same trainer; a folder counts as a
+cache hit only when its metrics.json says status "complete", so a killed guide run is resumed,
+never used half-trained.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .cnn import SMALL_CNN_LAYERS, TORCHVISION_LAYERS, SmallCNN, TorchvisionInput, torchvision_cnn
+from .config import TrainConfig
+from .methods import (MethodError, MethodSpec, PlainTask, build_vit, gta_student, make_gta_task,
+                      make_link_task, parse_method, vit_from_checkpoint)
+
+
+@dataclass
+class Built:
+    task: nn.Module  # forward(x) -> (logits, regulariser); what the optimizer trains
+    model: nn.Module  # what is evaluated and saved as "model" (the ViT, or the CNN)
+    spec: MethodSpec
+    kind: str  # "vit" | "cnn"
+
+
+def data_info(data) -> dict:
+    return {"img_size": data.img_size, "in_chans": data.in_chans,
+            "num_classes": data.num_classes}
+
+
+def build(config: TrainConfig, data, *, cache_dir: str, ctx, log: Callable[[str], None],
+          progress: bool) -> Built:
+    """The model and task of `config` on `data`, from the current (seeded) torch RNG."""
+    spec = parse_method(config.method)
+    info = data_info(data)
+    if spec.cnn:
+        cnn = SmallCNN(info["in_chans"], info["num_classes"], info["img_size"])
+        return Built(PlainTask(cnn), cnn, spec, "cnn")
+    if spec.regulariser == "gta":
+        source = gta_source(config, data, spec, cache_dir=cache_dir, ctx=ctx, log=log,
+                            progress=progress)
+        student = gta_student(source)
+        return Built(make_gta_task(student, source, config), student, spec, "vit")
+    vit = build_vit(config, info, spec)
+    if spec.regulariser == "link":
+        cnn, layers, cnn_input = link_cnn(config, data, cache_dir=cache_dir, ctx=ctx, log=log,
+                                          progress=progress)
+        return Built(make_link_task(vit, cnn, layers, cnn_input, config, info), vit, spec, "vit")
+    return Built(PlainTask(vit), vit, spec, "vit")
+
+
+# ------------------------------------------------------------------------------ guides
+
+GUIDE_FIELDS = ("gta_source", "gta_weight", "gta_kind", "gta_rows", "gta_source_epochs",
+                "gta_source_seed", "link_cnn", "link_weight", "link_decay", "link_cnn_layers",
+                "cnn_epochs", "cnn_lr")
+VIT_FIELDS = ("model", "model_overrides", "backend", "structured_method", "structured_kernel")
+
+
+def _reset(config: TrainConfig, names) -> dict:
+    """Fields that cannot change a guide, set to their defaults so they stay out of its key."""
+    default = TrainConfig()
+    return {n: getattr(default, n) for n in names}
+
+
+def source_config(config: TrainConfig, spec: MethodSpec) -> TrainConfig:
+    """The GTA source: the scratch part of the method (init), on the full training split."""
+    return config.with_(method=spec.scratch_name, train_fraction=1.0,
+                        seed=config.gta_source_seed, epochs=config.gta_source_epochs,
+                        **_reset(config, GUIDE_FIELDS))
+
+
+def cnn_config(config: TrainConfig) -> TrainConfig:
+    """The link guide: the small CNN on the same training subset and seed as the ViT."""
+    return config.with_(method="cnn", epochs=config.cnn_epochs, lr=config.cnn_lr,
+                        **_reset(config, GUIDE_FIELDS + VIT_FIELDS))
+
+
+def check_guides(config: TrainConfig) -> None:
+    """Validate guide arguments before anything is written (one-line errors)."""
+    spec = parse_method(config.method)
+    if spec.regulariser == "gta" and config.gta_source != "auto":
+        ckpt = load_checkpoint(config.gta_source, "--gta-source")
+        if "vit_config" not in ckpt:
+            raise CheckpointError(f"--gta-source: {config.gta_source!r} holds no ViT (a CNN "
+                                  "checkpoint?)")
+    if spec.regulariser == "link" and config.link_cnn != "auto":
+        _torchvision_spec(config.link_cnn)
+
+
+def _torchvision_spec(text: str) -> tuple[str, str]:
+    kind, _, rest = text.partition(":")
+    arch, _, path = rest.partition(":")
+    if kind != "torchvision" or not arch or not path:
+        raise MethodError(f"--link-cnn must be 'auto' or 'torchvision:ARCH:WEIGHTS_FILE'; got "
+                          f"{text!r}")
+    if arch not in TORCHVISION_LAYERS:
+        raise MethodError(f"--link-cnn: architecture {arch!r} must be one of "
+                          f"{sorted(TORCHVISION_LAYERS)}")
+    if not os.path.isfile(path):
+        raise MethodError(f"--link-cnn: no weights file at {path!r} (this tool never downloads)")
+    return arch, path
+
+
+def gta_source(config: TrainConfig, data, spec: MethodSpec, *, cache_dir, ctx, log,
+               progress) -> nn.Module:
+    if config.gta_source != "auto":
+        source = vit_from_checkpoint(load_checkpoint(config.gta_source, "--gta-source"))
+        want = build_vit(config, data_info(data), MethodSpec())
+        if _shapes(source) != _shapes(want):
+            raise MethodError(f"--gta-source {config.gta_source}: its ViT does not have the "
+                              f"shapes of model {config.resolved_model()!r} on this data")
+        return source
+    cfg = source_config(config, spec)
+    ckpt = cached_run(cfg, f"gta-source-{cfg.key()}", cache_dir=cache_dir, ctx=ctx, log=log,
+                      progress=progress)
+    return vit_from_checkpoint(ckpt)
+
+
+def link_cnn(config: TrainConfig, data, *, cache_dir, ctx, log, progress):
+    """(frozen CNN, layer names, input transform or None)."""
+    layers = [s for s in config.link_cnn_layers.split(",") if s]
+    if config.link_cnn == "auto":
+        cfg = cnn_config(config)
+        ckpt = cached_run(cfg, f"cnn-{cfg.key()}", cache_dir=cache_dir, ctx=ctx, log=log,
+                          progress=progress)
+        cnn = SmallCNN(**ckpt["cnn_config"])
+        cnn.load_state_dict(ckpt["model"])
+        return cnn, layers or list(SMALL_CNN_LAYERS), None
+    arch, path = _torchvision_spec(config.link_cnn)
+    try:
+        cnn = torchvision_cnn(arch, path)
+    except ValueError as exc:
+        raise MethodError(str(exc)) from None
+    return cnn, layers or list(TORCHVISION_LAYERS[arch]), TorchvisionInput()
+
+
+def _shapes(model: nn.Module) -> dict:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def cached_run(cfg: TrainConfig, name: str, *, cache_dir: str, ctx, log, progress) -> dict:
+    """The final checkpoint of run `cfg` in cache_dir/name, training it first when absent.
+
+    Under DDP only rank 0 trains a missing guide (one process, no communication); the other
+    ranks wait at a barrier and then read the cache.
+    """
+    from .trainer import DistContext, train_run
+    folder = os.path.join(cache_dir, name)
+    if ctx.is_main and not _complete(folder):
+        log(f"[cache] training {cfg.method} guide into {folder}")
+        resume = os.path.isfile(os.path.join(folder, "checkpoint.pt"))
+        train_run(cfg, folder, resume=resume, ctx=DistContext(device=ctx.device), log=log,
+                  progress=progress, name=name, cache_dir=cache_dir)
+    elif ctx.is_main:
+        log(f"[cache] using {cfg.method} guide from {folder}")
+    ctx.barrier()
+    return load_checkpoint(os.path.join(folder, "checkpoint.pt"), f"cached guide {folder}")
+
+
+def _complete(folder: str) -> bool:
+    try:
+        with open(os.path.join(folder, "metrics.json")) as f:
+            return json.load(f).get("status") == "complete"
+    except (OSError, ValueError):
+        return False

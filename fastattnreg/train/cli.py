@@ -1,0 +1,269 @@
+"""Command line: `fastattnreg train ...` and `fastattnreg compare ...` (also `python -m
+fastattnreg`, and `torchrun --nproc_per_node N -m fastattnreg train ...` for DDP).
+
+Every argument is checked before anything is written: a bad command line (unknown method,
+missing data path, --train-fraction outside (0, 1], unreadable checkpoint, ...) prints one line
+`fastattnreg: error: ...` on stderr and exits with status 2, leaving no output folder behind.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+import torch
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import TrainConfig
+from .data import AUGMENTS, DataError, check_fraction, parse_data_spec
+from .methods import MethodError, parse_method, parse_overrides
+
+EXIT_USAGE = 2
+DEFAULTS = TrainConfig()
+
+
+class UsageError(Exception):
+    """A bad command line; its message is printed as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's default prints the usage too: keep one line
+        raise UsageError(message)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    d = DEFAULTS
+    p.add_argument("--data", default=d.data,
+                   help="digits (embedded, default) | cifar10:PATH | folder:PATH")
+    p.add_argument("--train-fraction", type=float, default=d.train_fraction,
+                   help="stratified fraction of the training split, in (0, 1] (fixed seed 0)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size")
+    p.add_argument("--lr", type=float, default=d.lr, help="AdamW peak learning rate")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument("--augment", default=d.augment, choices=AUGMENTS)
+    p.add_argument("--img-size", type=int, default=d.img_size,
+                   help="folder data: images are resized to this size")
+    p.add_argument("--model", default=d.model, help="ViT preset (auto: by data)")
+    p.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a ViTConfig field, e.g. --model-opt depth=6 (repeatable)")
+    p.add_argument("--backend", default=d.backend, choices=("auto", "cpp", "triton", "reference"))
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--structured-method", default=d.structured_method,
+                   choices=("closed_form", "fit"))
+    p.add_argument("--structured-kernel", type=int, default=d.structured_kernel)
+    p.add_argument("--gta-source", default=d.gta_source,
+                   help="auto (train on the full training split and cache) | CHECKPOINT")
+    p.add_argument("--gta-weight", type=float, default=d.gta_weight)
+    p.add_argument("--gta-kind", default=d.gta_kind, choices=("mse_logits", "kl", "mse_probs"))
+    p.add_argument("--gta-rows", default=d.gta_rows, choices=("cls", "all"))
+    p.add_argument("--gta-source-epochs", type=int, default=d.gta_source_epochs)
+    p.add_argument("--gta-source-seed", type=int, default=d.gta_source_seed)
+    p.add_argument("--link-cnn", default=d.link_cnn,
+                   help="auto (small CNN trained on the same subset) | torchvision:ARCH:WEIGHTS")
+    p.add_argument("--link-weight", type=float, default=d.link_weight)
+    p.add_argument("--link-decay", type=float, default=d.link_decay)
+    p.add_argument("--link-cnn-layers", default=d.link_cnn_layers,
+                   help="comma-separated CNN submodules (default: the CNN's own choice)")
+    p.add_argument("--cnn-epochs", type=int, default=d.cnn_epochs)
+    p.add_argument("--cnn-lr", type=float, default=d.cnn_lr)
+    p.add_argument("--cache-dir", default=os.path.join("runs", "cache"),
+                   help="where gta sources and link CNNs are cached, keyed by their config")
+    p.add_argument("--out", default=None, help="output folder (default runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run(s) in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run in --out instead of refusing")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fastattnreg", description="Train and compare ViTs on little data "
+                     "with attention regularisers computed by fused kernels.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    tr = sub.add_parser("train", help="train one method (one seed)")
+    tr.add_argument("--method", default="baseline",
+                    help="baseline | structured | mimetic | refiner | gta | link | cnn, or a "
+                         "combination such as structured+gta")
+    tr.add_argument("--seed", type=int, default=0)
+    _common(tr)
+    cp = sub.add_parser("compare", help="train methods x seeds, print a table, plot")
+    cp.add_argument("--methods", default="baseline,structured,mimetic,refiner,gta,link",
+                    help="comma-separated methods (each may be a '+' combination)")
+    cp.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    _common(cp)
+    return parser
+
+
+# ------------------------------------------------------------------------------ validation
+
+def _positive(name: str, value, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise UsageError(f"{name} must be {'>= 0' if allow_zero else '> 0'}; got {value}")
+
+
+def resolve_device(text: str) -> str:
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text not in ("cpu", "cuda") and not text.startswith("cuda:"):
+        raise UsageError(f"--device must be auto, cpu or cuda; got {text!r}")
+    if text.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {text}: no CUDA device is available")
+    return text
+
+
+def config_from_args(args, method: str, seed: int) -> TrainConfig:
+    return TrainConfig(
+        method=method, data=args.data, train_fraction=args.train_fraction, seed=seed,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+        label_smoothing=args.label_smoothing, augment=args.augment, img_size=args.img_size,
+        model=args.model, model_overrides=parse_overrides(args.model_opt),
+        backend=args.backend, device=resolve_device(args.device),
+        structured_method=args.structured_method, structured_kernel=args.structured_kernel,
+        gta_source=args.gta_source, gta_weight=args.gta_weight, gta_kind=args.gta_kind,
+        gta_rows=args.gta_rows, gta_source_epochs=args.gta_source_epochs,
+        gta_source_seed=args.gta_source_seed, link_cnn=args.link_cnn,
+        link_weight=args.link_weight, link_decay=args.link_decay,
+        link_cnn_layers=args.link_cnn_layers, cnn_epochs=args.cnn_epochs, cnn_lr=args.cnn_lr)
+
+
+def validate_common(args) -> None:
+    parse_data_spec(args.data)
+    check_fraction(args.train_fraction)
+    for name in ("epochs", "batch_size", "img_size", "gta_source_epochs", "cnn_epochs"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    for name in ("lr", "cnn_lr"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    for name in ("weight_decay", "warmup_epochs", "label_smoothing", "gta_weight", "link_weight"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name), allow_zero=True)
+    if args.label_smoothing >= 1:
+        raise UsageError(f"--label-smoothing must be < 1; got {args.label_smoothing}")
+    overrides = parse_overrides(args.model_opt)
+    if args.model != "auto" or overrides:
+        from ..models import preset_config
+        name = args.model if args.model != "auto" else TrainConfig(data=args.data).resolved_model()
+        try:
+            preset_config(name, **overrides)
+        except ValueError as exc:
+            raise UsageError(f"--model {name}: {exc}") from None
+
+
+def check_out_dir(out: str, resume: bool, overwrite: bool, marker: str = "metrics.json") -> None:
+    if resume:
+        if not os.path.isdir(out):
+            raise UsageError(f"--resume: output folder {out!r} does not exist")
+        return
+    if os.path.exists(os.path.join(out, marker)) and not overwrite:
+        raise UsageError(f"output folder {out!r} already holds a run; pass --resume to continue "
+                         "it, --overwrite to replace it, or another --out")
+
+
+def default_name(args, method: Optional[str] = None, seed: Optional[int] = None) -> str:
+    data = args.data.partition(":")[0]
+    frac = f"f{args.train_fraction:g}"
+    if method is None:
+        return f"compare-{data}-{frac}"
+    return f"{data}-{method}-{frac}-s{seed}"
+
+
+# ------------------------------------------------------------------------------ commands
+
+def cmd_train(args, ctx) -> int:
+    from .build import check_guides
+    from .trainer import train_run
+    spec = parse_method(args.method)
+    validate_common(args)
+    config = config_from_args(args, spec.name, args.seed)
+    check_guides(config)
+    out = args.out or os.path.join("runs", default_name(args, spec.name, args.seed))
+    check_out_dir(out, args.resume, args.overwrite)
+    if args.resume:
+        load_checkpoint(os.path.join(out, "checkpoint.pt"), "--resume")
+    metrics = train_run(config, out, resume=args.resume, ctx=ctx, log=_logger(ctx),
+                        progress=not args.no_progress, cache_dir=args.cache_dir)
+    if ctx.is_main:
+        f = metrics["final"]
+        print(f"{metrics['method']}: test accuracy {f['test_acc']:.4f}, test loss "
+              f"{f['test_loss']:.4f}, {f['epoch_time_s']:.2f} s/epoch -> {out}")
+    return 0
+
+
+def cmd_compare(args, ctx) -> int:
+    from .build import check_guides
+    from .compare import run_compare
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise UsageError("--methods names no method")
+    specs = [parse_method(m) for m in methods]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise UsageError(f"--methods repeats a method: {args.methods!r}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds must be comma-separated integers; got {args.seeds!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds must name distinct integers; got {args.seeds!r}")
+    validate_common(args)
+    configs = {(n, s): config_from_args(args, n, s) for n in names for s in seeds}
+    for n in names:
+        check_guides(configs[(n, seeds[0])])
+    out = args.out or os.path.join("runs", default_name(args))
+    check_out_dir(out, args.resume, args.overwrite)
+    run_compare(configs, names, seeds, out, resume=args.resume, ctx=ctx, log=_logger(ctx),
+                progress=not args.no_progress, cache_dir=args.cache_dir)
+    return 0
+
+
+def _logger(ctx):
+    from .trainer import _stderr
+    return _stderr if ctx.is_main else (lambda line: None)
+
+
+def init_distributed():
+    """DistContext from torchrun's environment (WORLD_SIZE > 1): gloo on CPU, nccl on GPU."""
+    from .trainer import DistContext
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    rank = int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and os.environ.get("FASTATTNREG_DDP_CPU") != "1"
+    torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    return DistContext(rank=rank, world=world, device=device)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .trainer import DistContext
+    try:
+        args = make_parser().parse_args(argv)
+        ctx = init_distributed()
+        if ctx is None:
+            ctx = DistContext(device=torch.device(resolve_device(args.device)))
+        elif args.device not in ("auto", ctx.device.type):
+            raise UsageError(f"--device {args.device} under torchrun: the device follows the "
+                             f"process group ({ctx.device.type})")
+        args.device = str(ctx.device.type)
+        try:
+            return (cmd_train if args.command == "train" else cmd_compare)(args, ctx)
+        finally:
+            if ctx.world > 1:
+                torch.distributed.destroy_process_group()
+    except (UsageError, DataError, MethodError, CheckpointError) as exc:
+        msg = " ".join(str(exc).split())  # one line, whatever the message held
+        print(f"fastattnreg: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fastattnreg: interrupted (the last checkpoint is complete; continue with "
+              "--resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""`fastattnreg compare`: methods x seeds, one table, one folder.
+
+out/
+  runs/<method>-s<seed>/   each run's own folder (metrics.json, log.csv, checkpoint.pt)
+  metrics.json             every run's per-epoch history and final metrics, the summary table
+  results.csv              one row per run; summary.csv one row per method
+  accuracy.png             test accuracy per epoch, mean over seeds with a +-std band
+  attention.png            head-mean CLS attention (last block) and rollout over test images
+With --resume, finished runs are read back and unfinished ones continue from their checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+from .checkpoint import save_json, save_text
+from .trainer import versions
+
+RUNS = "runs"
+
+
+def run_dir(out: str, method: str, seed: int) -> str:
+    return os.path.join(out, RUNS, f"{method}-s{seed}")
+
+
+def _finished(folder: str):
+    try:
+        with open(os.path.join(folder, "metrics.json")) as f:
+            m = json.load(f)
+        return m if m.get("status") == "complete" else None
+    except (OSError, ValueError):
+        return None
+
+
+def run_compare(configs: dict, methods: list[str], seeds: list[int], out: str, *, resume: bool,
+                ctx, log, progress: bool, cache_dir: str) -> dict:
+    from .trainer import train_run
+    t_start = time.perf_counter()
+    results = {}
+    for method in methods:
+        for seed in seeds:
+            folder = run_dir(out, method, seed)
+            done = _finished(folder) if resume else None
+            if done is not None:
+                log(f"[compare] {method} seed {seed}: finished earlier, read back")
+                results[(method, seed)] = done
+                continue
+            again = resume and os.path.isfile(os.path.join(folder, "checkpoint.pt"))
+            results[(method, seed)] = train_run(
+                configs[(method, seed)], folder, resume=again, ctx=ctx, log=log,
+                progress=progress, name=f"{method}-s{seed}", cache_dir=cache_dir)
+    wall = time.perf_counter() - t_start
+    summary = summarise(results, methods, seeds)
+    if ctx.is_main:
+        write_outputs(out, configs, results, summary, methods, seeds, wall)
+        print(format_table(summary, seeds, configs[(methods[0], seeds[0])], wall))
+    return {"summary": summary, "runs": results}
+
+
+def summarise(results: dict, methods: list[str], seeds: list[int]) -> list[dict]:
+    rows = []
+    for method in methods:
+        accs = [results[(method, s)]["final"]["test_acc"] for s in seeds]
+        times = [results[(method, s)]["final"]["epoch_time_s"] for s in seeds]
+        rows.append({"method": method, "seeds": len(seeds), "test_acc_mean": statistics.mean(accs),
+                     "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                     "test_accs": accs, "epoch_time_s": statistics.mean(times),
+                     "reference_path": results[(method, seeds[0])].get("reference_path", [])})
+    base = next((r for r in rows if r["method"] == "baseline"), None)
+    for r in rows:
+        r["vs_baseline"] = None if base is None else r["test_acc_mean"] - base["test_acc_mean"]
+    return rows
+
+
+def format_table(summary: list[dict], seeds: list[int], config, wall: float) -> str:
+    head = (f"Test accuracy on {config.data} (train fraction {config.train_fraction:g}, "
+            f"{config.epochs} epochs, seeds {','.join(map(str, seeds))})")
+    lines = [head, f"{'method':<22} {'test acc (mean ± std)':>22} {'vs baseline':>12} "
+                   f"{'s/epoch':>8}"]
+    for r in summary:
+        delta = "" if r["vs_baseline"] is None else f"{100 * r['vs_baseline']:+.2f} pt"
+        note = " (reference path)" if r["reference_path"] else ""
+        lines.append(f"{r['method']:<22} {100 * r['test_acc_mean']:>13.2f} ± "
+                     f"{100 * r['test_acc_std']:<5.2f}% {delta:>12} {r['epoch_time_s']:>8.2f}"
+                     f"{note}")
+    lines.append(f"total wall time {wall:.0f} s (guide training included)")
+    return "\n".join(lines)
+
+
+def write_outputs(out, configs, results, summary, methods, seeds, wall) -> None:
+    os.makedirs(out, exist_ok=True)
+    first = configs[(methods[0], seeds[0])].to_dict()
+    common = {k: v for k, v in first.items() if k not in ("method", "seed")}
+    runs = [{"method": m, "seed": s, "folder": run_dir(out, m, s),
+             "final": results[(m, s)]["final"], "epochs": results[(m, s)]["epochs"],
+             "reference_path": results[(m, s)].get("reference_path", [])}
+            for m in methods for s in seeds]
+    save_json({"status": "complete", "methods": methods, "seeds": seeds, "config": common,
+               "summary": summary, "runs": runs, "wall_time_s": wall, "versions": versions()},
+              os.path.join(out, "metrics.json"))
+    rows = ["method,seed,test_acc,test_loss,best_test_acc,epoch_time_s"]
+    rows += [f"{r['method']},{r['seed']},{r['final']['test_acc']:.6f},"
+             f"{r['final']['test_loss']:.6f},{r['final']['best_test_acc']:.6f},"
+             f"{r['final']['epoch_time_s']:.4f}" for r in runs]
+    save_text("\n".join(rows) + "\n", os.path.join(out, "results.csv"))
+    rows = ["method,seeds,test_acc_mean,test_acc_std,vs_baseline,epoch_time_s"]
+    rows += [f"{r['method']},{r['seeds']},{r['test_acc_mean']:.6f},{r['test_acc_std']:.6f},"
+             f"{'' if r['vs_baseline'] is None else format(r['vs_baseline'], '.6f')},"
+             f"{r['epoch_time_s']:.4f}" for r in summary]
+    save_text("\n".join(rows) + "\n", os.path.join(out, "summary.csv"))
+    from .plots import plot_accuracy, plot_attention
+    plot_accuracy(runs, methods, os.path.join(out, "accuracy.png"))
+    plot_attention(out, methods, seeds[0], configs[(methods[0], seeds[0])],
+                   os.path.join(out, "attention.png"))

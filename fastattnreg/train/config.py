@@ -1,0 +1,70 @@
+"""TrainConfig: everything that decides one training run, saved whole in metrics.json and in
+every checkpoint. The defaults are the ones tuned on 10% of digits (README, "Main job")."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+DIGITS_MODEL = "vit_tiny_patch2_8"
+IMAGE_MODEL = "vit_tiny_patch4_32"
+
+
+@dataclass
+class TrainConfig:
+    method: str = "baseline"  # a method or a '+' combination (methods.py)
+    data: str = "digits"  # digits | cifar10:PATH | folder:PATH
+    train_fraction: float = 1.0  # stratified fraction of the training split, fixed seed 0
+    seed: int = 0  # model init, data order, augmentation
+    epochs: int = 60
+    batch_size: int = 32  # global batch (split over DDP ranks)
+    lr: float = 1e-3  # AdamW peak learning rate
+    weight_decay: float = 0.05  # AdamW, not applied to biases, norms, tokens, embeddings
+    warmup_epochs: int = 5  # linear warm-up, then cosine decay to 0 (per step)
+    label_smoothing: float = 0.0
+    augment: str = "none"  # none | flip | crop | crop-flip (flips are wrong for digits)
+    img_size: int = 32  # folder: images are resized to this
+    model: str = "auto"  # a ViT preset; auto: vit_tiny_patch2_8 for digits, else patch4_32
+    model_overrides: dict = field(default_factory=dict)  # ViTConfig fields
+    backend: str = "auto"  # attention backend (fastattnreg.backend)
+    device: str = "cpu"
+    # structured init (methods.md section 2)
+    structured_method: str = "closed_form"
+    structured_kernel: int = 3
+    # gta (methods.md section 3)
+    gta_source: str = "auto"  # auto | path of a checkpoint written by this tool
+    gta_weight: float = 1.0
+    gta_kind: str = "mse_logits"
+    gta_rows: str = "cls"
+    gta_source_epochs: int = 20  # auto source: epochs on the full training split
+    gta_source_seed: int = 0
+    # link (methods.md section 4)
+    link_cnn: str = "auto"  # auto (SmallCNN trained here) | torchvision:ARCH:WEIGHTS
+    link_weight: float = 1.0
+    link_decay: float = 0.99
+    link_cnn_layers: str = ""  # comma-separated CNN submodule names; '' = the CNN's default
+    cnn_epochs: int = 40  # auto CNN: epochs on the same training subset
+    cnn_lr: float = 3e-3
+
+    def resolved_model(self) -> str:
+        if self.model != "auto":
+            return self.model
+        return DIGITS_MODEL if self.data == "digits" else IMAGE_MODEL
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def key(self) -> str:
+        """A short hash of the whole configuration (cache keys)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def with_(self, **changes) -> "TrainConfig":
+        d = self.to_dict()
+        d.update(changes)
+        return TrainConfig.from_dict(d)

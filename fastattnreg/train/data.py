@@ -1,0 +1,240 @@
+"""Image data for the trainer: the embedded digits, a local CIFAR-10, or an ImageFolder tree.
+
+Every source is loaded once into memory as uint8 tensors (N, C, H, W) plus int64 labels, so a
+training step indexes tensors directly: batches, augmentation and the data order are driven by
+explicit torch.Generators that a checkpoint can save and restore (exact --resume), and DDP ranks
+cut their shard out of the same global batch (same results as one process).
+
+Sources (`--data`):
+  digits        scikit-learn's bundled 8x8 digits (1797 images, 10 classes, values 0..16, no
+                download). The *standard held-out test split* is a fixed stratified 25% split
+                (train_test_split(test_size=0.25, stratify=y, random_state=0): 1347 train / 450
+                test); it never changes with --seed or --train-fraction.
+  cifar10:PATH  torchvision's CIFAR-10 folder format read from disk (PATH or
+                PATH/cifar-10-batches-py holding data_batch_1..5 and test_batch); never
+                downloads. The test split is CIFAR-10's own test_batch.
+  folder:PATH   an ImageFolder tree with PATH/train/<class>/* and PATH/test/<class>/*; images
+                are resized to img_size x img_size (default 32) and converted to RGB.
+
+The training subset (`--train-fraction f`, 0 < f <= 1) is a stratified sample of the training
+split with a fixed seed (0), independent of --seed: every method and seed of a comparison sees
+the same images. Pixels are scaled to [0, 1] and normalised per channel with the mean and std of
+the whole training split.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+SUBSET_SEED = 0  # fixed: the training subset never depends on --seed
+DIGITS_TEST_SIZE = 0.25
+AUGMENTS = ("none", "flip", "crop", "crop-flip")
+
+
+class DataError(ValueError):
+    """A data source that cannot be used; the message is one line for the command line."""
+
+
+@dataclass
+class ImageData:
+    """A training subset and the held-out test split, uint8 images in memory.
+
+    x_*: (N, C, H, W) uint8; y_*: (N,) int64; pixel value = x * scale in [0, 1].
+    mean, std: (C,) float32 statistics of the whole training split (after scaling).
+    """
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    scale: float
+    mean: torch.Tensor
+    std: torch.Tensor
+    classes: list = field(default_factory=list)
+    full_train_size: int = 0
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.x_train.shape[1])
+
+    @property
+    def img_size(self) -> int:
+        return int(self.x_train.shape[-1])
+
+    def normalise(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) uint8 -> float32 normalised images."""
+        x = x_uint8.float() * self.scale
+        return (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+
+    def describe(self) -> dict:
+        return {"data": self.name, "train_images": int(self.y_train.numel()),
+                "full_train_images": self.full_train_size, "test_images": int(self.y_test.numel()),
+                "num_classes": self.num_classes, "in_chans": self.in_chans,
+                "img_size": self.img_size}
+
+
+# ------------------------------------------------------------------------------ parsing
+
+def parse_data_spec(spec: str) -> tuple[str, Optional[str]]:
+    """'digits' | 'cifar10:PATH' | 'folder:PATH' -> (kind, path); DataError if malformed or
+    if the path is missing (checked before any output is written)."""
+    if spec == "digits":
+        return "digits", None
+    kind, sep, path = spec.partition(":")
+    if not sep or kind not in ("cifar10", "folder") or not path:
+        raise DataError(f"--data must be 'digits', 'cifar10:PATH' or 'folder:PATH'; got {spec!r}")
+    if not os.path.isdir(path):
+        raise DataError(f"--data {spec}: folder {path!r} does not exist")
+    if kind == "cifar10":
+        _cifar_dir(path)
+    else:
+        for part in ("train", "test"):
+            if not os.path.isdir(os.path.join(path, part)):
+                raise DataError(f"--data {spec}: an ImageFolder needs {os.path.join(path, part)!r} "
+                                "(PATH/train/<class>/... and PATH/test/<class>/...)")
+    return kind, path
+
+
+def check_fraction(fraction: float) -> float:
+    if not (isinstance(fraction, (int, float)) and 0.0 < fraction <= 1.0):
+        raise DataError(f"--train-fraction must be in (0, 1]; got {fraction!r}")
+    return float(fraction)
+
+
+# ------------------------------------------------------------------------------ loading
+
+def load_data(spec: str, train_fraction: float = 1.0, img_size: int = 32) -> ImageData:
+    """The training subset and the test split of `spec` (see the module docstring)."""
+    check_fraction(train_fraction)
+    kind, path = parse_data_spec(spec)
+    if kind == "digits":
+        x_tr, y_tr, x_te, y_te, scale, classes = _load_digits()
+    elif kind == "cifar10":
+        x_tr, y_tr, x_te, y_te, scale, classes = _load_cifar10(path)
+    else:
+        x_tr, y_tr, x_te, y_te, scale, classes = _load_folder(path, img_size)
+    num_classes = len(classes)
+    flat = x_tr.float().mul_(scale).transpose(0, 1).reshape(x_tr.shape[1], -1)  # (C, N*H*W)
+    mean, std = flat.mean(dim=1), flat.std(dim=1).clamp_min(1e-6)
+    full = int(y_tr.numel())
+    idx = training_subset(y_tr.numpy(), train_fraction, num_classes)
+    return ImageData(spec, x_tr[idx], y_tr[idx], x_te, y_te, num_classes, scale, mean, std,
+                     classes, full)
+
+
+def training_subset(labels: np.ndarray, fraction: float, num_classes: int) -> torch.Tensor:
+    """Sorted indices of a stratified `fraction` of `labels`, fixed seed SUBSET_SEED."""
+    n = len(labels)
+    if fraction >= 1.0:
+        return torch.arange(n)
+    keep = int(round(fraction * n))
+    if keep < num_classes:
+        raise DataError(f"--train-fraction {fraction} keeps {keep} of {n} training images, "
+                        f"fewer than the {num_classes} classes; use a larger fraction")
+    from sklearn.model_selection import train_test_split
+    idx, _ = train_test_split(np.arange(n), train_size=keep, stratify=labels,
+                              random_state=SUBSET_SEED)
+    return torch.from_numpy(np.sort(idx))
+
+
+def _load_digits():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.uint8)).unsqueeze(1)  # (1797, 1, 8, 8), 0..16
+    y = d.target.astype(np.int64)
+    tr, te = train_test_split(np.arange(len(y)), test_size=DIGITS_TEST_SIZE, stratify=y,
+                              random_state=0)
+    tr, te = np.sort(tr), np.sort(te)
+    y = torch.from_numpy(y)
+    return x[tr], y[tr], x[te], y[te], 1.0 / 16.0, [str(c) for c in range(10)]
+
+
+def _cifar_dir(path: str) -> str:
+    for d in (path, os.path.join(path, "cifar-10-batches-py")):
+        if all(os.path.isfile(os.path.join(d, f)) for f in _CIFAR_FILES):
+            return d
+    raise DataError(f"--data cifar10:{path}: no CIFAR-10 batches found (need "
+                    f"{', '.join(_CIFAR_FILES)} in PATH or PATH/cifar-10-batches-py; this tool "
+                    "never downloads)")
+
+
+_CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+
+
+def _load_cifar10(path: str):
+    d = _cifar_dir(path)
+
+    def read(name):
+        try:
+            with open(os.path.join(d, name), "rb") as f:
+                batch = pickle.load(f, encoding="bytes")
+            data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            labels = np.asarray(batch[b"labels"], dtype=np.int64)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file becomes one line
+            raise DataError(f"--data cifar10:{path}: cannot read {name}: {exc}") from None
+        return data, labels
+
+    parts = [read(n) for n in _CIFAR_FILES[:5]]
+    x_tr = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+    y_tr = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+    x_te, y_te = (torch.from_numpy(a) for a in read("test_batch"))
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+               "truck"]
+    return x_tr, y_tr, x_te, y_te, 1.0 / 255.0, classes
+
+
+def _load_folder(path: str, img_size: int):
+    from torchvision import datasets, transforms
+    tf = transforms.Compose([transforms.Resize((img_size, img_size)), transforms.PILToTensor()])
+    splits = []
+    for part in ("train", "test"):
+        try:
+            ds = datasets.ImageFolder(os.path.join(path, part), transform=tf)  # RGB loader
+        except (FileNotFoundError, OSError) as exc:
+            raise DataError(f"--data folder:{path}: {part}: {exc}") from None
+        splits.append(ds)
+    if splits[0].classes != splits[1].classes:
+        raise DataError(f"--data folder:{path}: train and test have different class folders "
+                        f"({splits[0].classes} vs {splits[1].classes})")
+    out = []
+    for ds in splits:
+        xs, ys = zip(*[ds[i] for i in range(len(ds))])
+        out += [torch.stack(xs), torch.tensor(ys, dtype=torch.int64)]
+    return (*out, 1.0 / 255.0, list(splits[0].classes))
+
+
+# ------------------------------------------------------------------------------ batches
+
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """The global batches of one epoch: a permutation of range(n) drawn from `generator`, cut
+    into batches of batch_size (the last one may be smaller)."""
+    perm = torch.randperm(n, generator=generator)
+    return list(perm.split(batch_size))
+
+
+def augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
+    """Random flips / pad-and-crop of a uint8 batch (B, C, H, W), draws from `generator`.
+
+    Called on the *global* batch before DDP ranks take their shard, so every world size draws
+    the same numbers. crop: zero-pad by max(1, H // 8) and crop back at a random offset.
+    Flips are wrong for digits (a mirrored 2 is not a 2), so digits default to 'none'.
+    """
+    if mode == "none":
+        return x
+    B, _, H, W = x.shape
+    if "crop" in mode:
+        pad = max(1, H // 8)
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+        offs = torch.randint(0, 2 * pad + 1, (B, 2), generator=generator)
+        x = torch.stack([padded[i, :, r:r + H, c:c + W] for i, (r, c) in enumerate(offs.tolist())])
+    if "flip" in mode:
+        flip = torch.rand(B, generator=generator) < 0.5
+        x = torch.where(flip.view(B, 1, 1, 1), x.flip(-1), x)
+    return x

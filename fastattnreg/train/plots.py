@@ -1,0 +1,117 @@
+"""PNG plots of a comparison (matplotlib, Agg backend, no display needed).
+
+accuracy.png   test accuracy per epoch for each method: mean over seeds, +-1 std band.
+attention.png  for a few test images (one per class, first seed's final model of each ViT
+               method): the last block's head-mean attention of the class token over the patch
+               grid, and the attention rollout over all blocks (fastattnreg.models); for a ViT
+               without class token, the attention each patch receives, averaged over queries.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint, save_png
+
+EXAMPLES = 6
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_accuracy(runs: list[dict], methods: list[str], path: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in methods:
+        curves = [[h["test_acc"] for h in r["epochs"]] for r in runs if r["method"] == method]
+        length = min(len(c) for c in curves)
+        acc = 100 * np.array([c[:length] for c in curves])  # (seeds, epochs)
+        epochs = np.arange(1, length + 1)
+        mean, std = acc.mean(axis=0), acc.std(axis=0)
+        ax.plot(epochs, mean, label=method)
+        ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("test accuracy, mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_png(fig, path)
+    plt.close(fig)
+
+
+def example_images(data, count: int = EXAMPLES) -> torch.Tensor:
+    """Indices of the first test image of each of the first `count` classes."""
+    picks = []
+    for c in range(data.num_classes):
+        hits = (data.y_test == c).nonzero().flatten()
+        if len(hits):
+            picks.append(int(hits[0]))
+        if len(picks) == count:
+            break
+    return torch.tensor(picks)
+
+
+@torch.no_grad()
+def attention_grids(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """((B, g, g) last-block head-mean map, (B, g, g) rollout) of the ViT for images x."""
+    from ..models import attention_rollout
+    model.eval()
+    maps = model.attention_maps(x, export="head_mean")  # per block (B, N, N)
+    g = model.patch_embed.grid_size[0]
+    p = model.num_prefix_tokens
+    roll = attention_rollout(maps)  # (B, N, N)
+    if p >= 1:  # the class token's row over the patch keys
+        last, rolled = maps[-1][:, 0, p:], roll[:, 0, p:]
+    else:  # no class token: attention received by each patch, mean over queries
+        last, rolled = maps[-1].mean(dim=1), roll.mean(dim=1)
+    return last.reshape(-1, g, g), rolled.reshape(-1, g, g)
+
+
+def plot_attention(out: str, methods: list[str], seed: int, config, path: str) -> None:
+    from .compare import run_dir
+    from .data import load_data
+    from .methods import vit_from_checkpoint
+    data = load_data(config.data, config.train_fraction, config.img_size)
+    idx = example_images(data)
+    x = data.normalise(data.x_test[idx])
+    images = (data.x_test[idx].float() * data.scale).permute(0, 2, 3, 1).numpy()  # (B, H, W, C)
+    rows = []  # (label, (B, g, g) array)
+    for method in methods:
+        ckpt = load_checkpoint(os.path.join(run_dir(out, method, seed), "checkpoint.pt"),
+                               f"plot of {method}")
+        if "vit_config" not in ckpt:
+            continue  # the CNN has no attention
+        try:
+            last, rolled = attention_grids(vit_from_checkpoint(ckpt), x)
+        except RuntimeError as exc:  # a layer that exports no maps
+            print(f"[plot] {method}: no attention maps ({exc})")
+            continue
+        rows += [(f"{method}\nhead-mean", last.numpy()), (f"{method}\nrollout", rolled.numpy())]
+    plt = _pyplot()
+    n_rows, n_cols = 1 + len(rows), len(idx)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.6 * n_cols + 1, 1.6 * n_rows),
+                             squeeze=False)
+    for j in range(n_cols):
+        img = images[j]
+        axes[0][j].imshow(img[..., 0] if img.shape[-1] == 1 else img,
+                          cmap="gray" if img.shape[-1] == 1 else None)
+        axes[0][j].set_title(f"class {data.classes[int(data.y_test[idx[j]])]}", fontsize=8)
+        for i, (label, grids) in enumerate(rows, start=1):
+            axes[i][j].imshow(grids[j], cmap="viridis")
+            if j == 0:
+                axes[i][j].set_ylabel(label, fontsize=7)
+    for row in axes:
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle("attention over test images (first seed's final models)", fontsize=9)
+    fig.tight_layout()
+    save_png(fig, path)
+    plt.close(fig)
