@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Sets everything up (see setup_env.sh) and runs the main job: for now the attention benchmark,
-# which prints its table and appends its rows to benchmarks/results/.
+# Sets everything up (see setup_env.sh) and runs the main job: every method on 10% of the
+# embedded digits with 3 seeds (fastattnreg compare), which prints the comparison table and
+# writes runs/main/ (metrics.json, results.csv, summary.csv, accuracy.png, attention.png).
+# Extra arguments go to `fastattnreg compare` (e.g. --resume after an interruption).
+# The attention benchmark that used to run here: .venv/bin/python -m benchmarks.bench_attention
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-exec .venv/bin/python -m benchmarks.bench_attention "$@"
+exec .venv/bin/python -m fastattnreg compare \
+  --methods baseline,structured,mimetic,refiner,gta,link --seeds 0,1,2 \
+  --train-fraction 0.1 --data digits --out runs/main --overwrite "$@"

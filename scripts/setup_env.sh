@@ -22,9 +22,11 @@ if ! "$VPY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '
   quiet_pip "$VPY" -m pip install -q torch==2.14.1
 fi
 
-if ! "$VPY" -c "import timm, pytest, expecttest, matplotlib, numpy" 2>/dev/null; then
+if ! "$VPY" -c "import timm, pytest, expecttest, matplotlib, numpy, sklearn, tqdm, torchvision" 2>/dev/null; then
   echo "[setup] installing test and benchmark dependencies"
-  quiet_pip "$VPY" -m pip install -q timm pytest expecttest matplotlib numpy
+  # torchvision==0.29.1 is the release that matches torch==2.14.1 (another one would replace torch)
+  quiet_pip "$VPY" -m pip install -q timm pytest expecttest matplotlib numpy scikit-learn tqdm \
+    torchvision==0.29.1
 fi
 
 # Rebuild the extension only when its sources or build files changed since the last build.

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, seed_everything
 from .cnn import SMALL_CNN_LAYERS, TORCHVISION_LAYERS, SmallCNN, TorchvisionInput, torchvision_cnn
 from .config import TrainConfig
 from .methods import (MethodError, MethodSpec, PlainTask, build_vit, gta_student, make_gta_task,
@@ -38,21 +38,31 @@ def data_info(data) -> dict:
 
 def build(config: TrainConfig, data, *, cache_dir: str, ctx, log: Callable[[str], None],
           progress: bool) -> Built:
-    """The model and task of `config` on `data`, from the current (seeded) torch RNG."""
+    """The model and task of `config` on `data`.
+
+    Guides come first (training one draws from the global RNGs, loading a cached one does
+    not), then the RNGs are seeded with config.seed and the models are built: a run starts from
+    the same numbers whether its guide was trained now or found in the cache.
+    """
     spec = parse_method(config.method)
     info = data_info(data)
-    if spec.cnn:
-        cnn = SmallCNN(info["in_chans"], info["num_classes"], info["img_size"])
-        return Built(PlainTask(cnn), cnn, spec, "cnn")
+    source = cnn_guide = None
     if spec.regulariser == "gta":
         source = gta_source(config, data, spec, cache_dir=cache_dir, ctx=ctx, log=log,
                             progress=progress)
+    elif spec.regulariser == "link":
+        cnn_guide = link_cnn(config, data, cache_dir=cache_dir, ctx=ctx, log=log,
+                             progress=progress)
+    seed_everything(config.seed)
+    if spec.cnn:
+        cnn = SmallCNN(info["in_chans"], info["num_classes"], info["img_size"])
+        return Built(PlainTask(cnn), cnn, spec, "cnn")
+    if source is not None:
         student = gta_student(source)
         return Built(make_gta_task(student, source, config), student, spec, "vit")
     vit = build_vit(config, info, spec)
-    if spec.regulariser == "link":
-        cnn, layers, cnn_input = link_cnn(config, data, cache_dir=cache_dir, ctx=ctx, log=log,
-                                          progress=progress)
+    if cnn_guide is not None:
+        cnn, layers, cnn_input = cnn_guide
         return Built(make_link_task(vit, cnn, layers, cnn_input, config, info), vit, spec, "vit")
     return Built(PlainTask(vit), vit, spec, "vit")
 

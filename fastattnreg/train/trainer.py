@@ -30,7 +30,7 @@ from torch import nn
 
 from .build import build
 from .checkpoint import (CheckpointError, load_checkpoint, rng_state, save_json, save_text,
-                         save_torch, seed_everything, set_rng_state)
+                         save_torch, set_rng_state)
 from .config import TrainConfig
 from .data import augment, epoch_batches, load_data
 
@@ -200,10 +200,7 @@ def train_run(config: TrainConfig, out_dir: str, *, resume: bool = False,
             raise CheckpointError(f"--resume: the checkpoint in {out_dir!r} was trained with "
                                   f"other settings ({', '.join(diff)})")
 
-    seed_everything(config.seed)
     built = build(config, data, cache_dir=cache_dir, ctx=ctx, log=log, progress=progress)
-    # Guide training may have drawn from the global RNGs: start this run from its seed again.
-    seed_everything(config.seed)
     task = built.task.to(device)
     model = built.model
     n_train = len(data.y_train)

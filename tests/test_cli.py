@@ -1,0 +1,104 @@
+"""The command line: bad command lines fail cleanly (status 2, one line, nothing written);
+`compare` writes its table, files and plots, and --resume reads finished runs back."""
+import json
+import os
+
+import pytest
+
+pytest.importorskip("sklearn")
+from fastattnreg.train.cli import main  # noqa: E402
+from conftest import requires_cpp  # noqa: E402
+from test_train import TINY_ARGS, cli  # noqa: E402
+
+
+def fails_cleanly(capsys, tmp_path, argv, needle):
+    """main(argv) exits 2 with one stderr line containing needle, creating nothing."""
+    before = sorted(os.listdir(tmp_path))
+    rc = main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 2, err
+    assert len(lines) == 1 and lines[0].startswith("fastattnreg: error: "), err
+    assert needle in lines[0], lines[0]
+    assert sorted(os.listdir(tmp_path)) == before  # no output folder, no cache, no temp file
+
+
+def out_args(tmp_path):
+    return ["--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--method", "magic"], "unknown method 'magic'"),
+    (["train", "--method", "structured+mimetic"], "choose one init"),
+    (["train", "--method", "gta+link"], "choose one"),
+    (["compare", "--methods", "baseline,nope"], "unknown method 'nope'"),
+    (["train", "--data", "folder:/no/such/folder"], "does not exist"),
+    (["train", "--data", "cifar10:/no/such/folder"], "does not exist"),
+    (["train", "--data", "imagenet"], "--data must be"),
+    (["train", "--train-fraction", "0"], "--train-fraction must be in (0, 1]"),
+    (["train", "--train-fraction", "1.5"], "--train-fraction must be in (0, 1]"),
+    (["train", "--train-fraction", "-0.2"], "--train-fraction must be in (0, 1]"),
+    (["train", "--epochs", "0"], "--epochs must be > 0"),
+    (["train", "--augment", "rotate"], "invalid choice"),
+    (["train", "--model-opt", "depth=-1"], "depth"),
+    (["compare", "--seeds", "0,x"], "--seeds"),
+    (["train", "--method", "link", "--link-cnn", "torchvision:resnet18:/no/file.pth"],
+     "no weights file"),
+])
+def test_bad_command_lines(capsys, tmp_path, argv, needle):
+    fails_cleanly(capsys, tmp_path, argv + out_args(tmp_path), needle)
+
+
+def test_unreadable_gta_source_checkpoint(capsys, tmp_path):
+    bad = tmp_path / "garbage.pt"
+    bad.write_bytes(b"not a checkpoint")
+    fails_cleanly(capsys, tmp_path, ["train", "--method", "gta", "--gta-source", str(bad)]
+                  + out_args(tmp_path), "--gta-source: cannot read checkpoint")
+    fails_cleanly(capsys, tmp_path, ["train", "--method", "gta", "--gta-source",
+                                     str(tmp_path / "missing.pt")] + out_args(tmp_path),
+                  "no checkpoint file")
+
+
+def test_unreadable_resume_checkpoint(capsys, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"\x80\x02truncated")
+    fails_cleanly(capsys, out, ["train", "--resume", "--out", str(out),
+                                "--cache-dir", str(tmp_path / "cache")],
+                  "--resume: cannot read checkpoint")
+    assert not (tmp_path / "cache").exists()
+    fails_cleanly(capsys, tmp_path, ["train", "--resume", "--out", str(tmp_path / "none")],
+                  "does not exist")
+
+
+def test_the_real_command_exits_nonzero_with_one_line(tmp_path):
+    rc, out, err = cli("train", "--method", "nope", "--out", str(tmp_path / "o"))
+    assert rc == 2 and out == ""
+    assert err.strip().splitlines() == [
+        "fastattnreg: error: unknown method 'nope' in 'nope'; methods: baseline, structured, "
+        "mimetic, refiner, gta, link, cnn (combine with '+', e.g. structured+gta)"]
+    assert not (tmp_path / "o").exists()
+
+
+@requires_cpp
+def test_compare_writes_table_files_and_plots(capsys, tmp_path):
+    argv = ["compare", "--methods", "baseline,link", "--seeds", "0,1", "--epochs", "2",
+            "--cnn-epochs", "1", *TINY_ARGS, *out_args(tmp_path)]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "baseline" in table and "link" in table and "±" in table
+    out = tmp_path / "out"
+    for f in ("metrics.json", "results.csv", "summary.csv", "accuracy.png", "attention.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["method"] for r in metrics["summary"]] == ["baseline", "link"]
+    assert len(metrics["runs"]) == 4 and len((out / "results.csv").read_text().splitlines()) == 5
+    base = metrics["summary"][0]
+    assert base["vs_baseline"] == 0.0
+    assert base["test_acc_mean"] == pytest.approx(sum(base["test_accs"]) / 2)
+    # a finished comparison is read back, not retrained
+    assert main(argv + ["--resume"]) == 0
+    captured = capsys.readouterr()
+    assert "finished earlier, read back" in captured.err and table.splitlines()[2] in captured.out
+    # and an existing run is not overwritten by accident
+    fails_cleanly(capsys, out, argv, "already holds a run")

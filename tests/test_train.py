@@ -1,0 +1,220 @@
+"""The trainer (fastattnreg.train): every method trains a few steps, --resume reproduces an
+uninterrupted run exactly, DDP on 2 CPU processes matches 1 process, the data sources load."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+from fastattnreg.train.config import TrainConfig  # noqa: E402
+from fastattnreg.train.data import augment, load_data  # noqa: E402
+from fastattnreg.train.trainer import train_run  # noqa: E402
+from conftest import requires_cpp  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A small ViT on 5% of digits (67 images: batches of 32, 32, 3): seconds per run.
+TINY = dict(train_fraction=0.05, epochs=1, batch_size=32, warmup_epochs=0,
+            model_overrides={"depth": 2, "embed_dim": 32, "num_heads": 2},
+            gta_source_epochs=1, cnn_epochs=1)
+TINY_ARGS = ["--train-fraction", "0.05", "--batch-size", "32", "--warmup-epochs", "0",
+             "--model-opt", "depth=2", "--model-opt", "embed_dim=32", "--model-opt",
+             "num_heads=2", "--no-progress"]
+
+
+def quiet(_line):
+    pass
+
+
+def run(tmp_path, name="run", **kw):
+    cfg = TrainConfig(**{**TINY, **kw})
+    return train_run(cfg, str(tmp_path / name), cache_dir=str(tmp_path / "cache"),
+                     progress=False, log=quiet)
+
+
+def cli(*args, env=None, cwd=None):
+    """`python -m fastattnreg ...` in a fresh process: (returncode, stdout, stderr)."""
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, **(env or {}))
+    p = subprocess.run([sys.executable, "-m", "fastattnreg", *args], capture_output=True,
+                       text=True, env=full_env, cwd=cwd, timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+def history(metrics):
+    """Per-epoch numbers that must be reproducible (everything but wall time)."""
+    return [{k: v for k, v in h.items() if k != "epoch_time_s"} for h in metrics["epochs"]]
+
+
+def model_state(folder):
+    return torch.load(os.path.join(folder, "checkpoint.pt"), weights_only=False)["model"]
+
+
+# ------------------------------------------------------------------------------ methods
+
+@requires_cpp
+@pytest.mark.parametrize("method", ["baseline", "structured", "mimetic", "refiner", "gta",
+                                    "link", "cnn", "structured+gta"])
+def test_each_method_trains(tmp_path, method):
+    m = run(tmp_path, method=method)
+    assert m["status"] == "complete" and m["method"] == method
+    (row,) = m["epochs"]
+    assert np.isfinite([row["train_loss"], row["test_loss"], row["train_reg"]]).all()
+    assert 0.0 <= row["test_acc"] <= 1.0
+    assert m["data"]["train_images"] == 67 and m["data"]["test_images"] == 450
+    if method in ("link",):
+        assert row["train_reg"] > 0  # the link loss is on
+    if method == "baseline":
+        assert row["train_reg"] == 0
+    folder = tmp_path / "run"
+    for f in ("metrics.json", "log.csv", "checkpoint.pt"):
+        assert (folder / f).is_file()
+    assert not [f for f in os.listdir(folder) if f.endswith(".tmp")]  # atomic writes only
+    on_disk = json.loads((folder / "metrics.json").read_text())
+    assert on_disk["config"]["method"] == method and "torch" in on_disk["versions"]
+    assert len((folder / "log.csv").read_text().splitlines()) == 2
+
+
+@requires_cpp
+def test_gta_student_starts_at_the_source_and_guides_are_cached(tmp_path):
+    m = run(tmp_path, method="gta", epochs=2)
+    caches = os.listdir(tmp_path / "cache")
+    assert len(caches) == 1 and caches[0].startswith("gta-source-")
+    source = model_state(tmp_path / "cache" / caches[0])
+    student = model_state(tmp_path / "run")
+    # fine-tuned from the source: same architecture, weights moved away from it
+    assert source.keys() == student.keys()
+    assert any(not torch.equal(source[k], student[k]) for k in source)
+    # a second run finds the cached source instead of training it again
+    mtime = os.path.getmtime(tmp_path / "cache" / caches[0] / "checkpoint.pt")
+    run(tmp_path, name="again", method="gta", gta_weight=2.0)
+    assert os.listdir(tmp_path / "cache") == caches
+    assert os.path.getmtime(tmp_path / "cache" / caches[0] / "checkpoint.pt") == mtime
+    assert m["epochs"][0]["train_reg"] >= 0
+
+
+@requires_cpp
+def test_link_with_a_torchvision_cnn_from_a_local_file(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    m = run(tmp_path, method="link", link_cnn=f"torchvision:resnet18:{weights}")
+    assert m["epochs"][0]["train_reg"] > 0
+
+
+# ------------------------------------------------------------------------------ resume
+
+@requires_cpp
+def test_resume_after_a_kill_gives_the_same_final_metrics(tmp_path):
+    """Run 1 epoch of a 3-epoch run (the checkpoint is what a kill leaves), continue it with
+    `--resume` in a fresh process, and compare with an uninterrupted run: equal numbers."""
+    cfg = dict(method="link", epochs=3, augment="crop")
+    whole = run(tmp_path, name="whole", **cfg)
+    part = TrainConfig(**{**TINY, **cfg})
+    stopped = train_run(part, str(tmp_path / "killed"), cache_dir=str(tmp_path / "cache"),
+                        progress=False, log=quiet, stop_after_epoch=1)
+    assert stopped["status"] == "running" and len(stopped["epochs"]) == 1
+    rc, out, err = cli("train", "--method", "link", "--epochs", "3", "--augment", "crop",
+                       "--gta-source-epochs", "1", "--cnn-epochs", "1", *TINY_ARGS,
+                       "--out", str(tmp_path / "killed"), "--cache-dir", str(tmp_path / "cache"),
+                       "--resume")
+    assert rc == 0, err
+    assert "resuming after epoch 1/3" in err
+    resumed = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert resumed["status"] == "complete"
+    assert history(resumed) == history(whole)
+    a, b = model_state(tmp_path / "whole"), model_state(tmp_path / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@requires_cpp
+def test_same_seed_same_run_and_other_seed_other_run(tmp_path):
+    a = run(tmp_path, name="a", seed=3)
+    b = run(tmp_path, name="b", seed=3)
+    c = run(tmp_path, name="c", seed=4)
+    assert history(a) == history(b)
+    assert history(a) != history(c)
+
+
+# ------------------------------------------------------------------------------ DDP
+
+@requires_cpp
+def test_ddp_two_cpu_processes_match_one(tmp_path):
+    args = ["train", "--method", "baseline", "--epochs", "2", *TINY_ARGS,
+            "--cache-dir", str(tmp_path / "cache")]
+    rc, _, err = cli(*args, "--out", str(tmp_path / "one"))
+    assert rc == 0, err
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", "2", "-m", "fastattnreg", *args,
+                        "--out", str(tmp_path / "two")], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    for h1, h2 in zip(one["epochs"], two["epochs"]):
+        for key in ("train_loss", "test_loss", "train_acc", "test_acc"):
+            assert h1[key] == pytest.approx(h2[key], rel=1e-4, abs=3e-3), key
+    a, b = model_state(tmp_path / "one"), model_state(tmp_path / "two")
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-4
+
+
+# ------------------------------------------------------------------------------ data
+
+def test_digits_split_is_fixed_and_stratified():
+    full = load_data("digits", 1.0)
+    part = load_data("digits", 0.1)
+    assert (len(full.y_train), len(full.y_test)) == (1347, 450)
+    assert torch.equal(full.y_test, part.y_test)  # the test split never moves
+    assert len(part.y_train) == 135
+    counts = torch.bincount(part.y_train, minlength=10)
+    assert counts.min() >= 13 and counts.max() <= 14  # stratified
+    assert full.x_train.dtype == torch.uint8 and full.x_train.max() == 16
+
+
+def test_augment_is_reproducible_and_keeps_shapes():
+    x = torch.arange(2 * 1 * 8 * 8, dtype=torch.uint8).reshape(2, 1, 8, 8)
+    for mode in ("flip", "crop", "crop-flip"):
+        a = augment(x, mode, torch.Generator().manual_seed(1))
+        b = augment(x, mode, torch.Generator().manual_seed(1))
+        assert a.shape == x.shape and torch.equal(a, b)
+    assert torch.equal(augment(x, "none", torch.Generator()), x)
+    flipped = augment(x, "flip", torch.Generator().manual_seed(0))
+    assert all(torch.equal(f, x[i]) or torch.equal(f, x[i].flip(-1))
+               for i, f in enumerate(flipped))
+
+
+def _fake_cifar(root, per_batch=20):
+    rng = np.random.default_rng(0)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 b"labels": [i % 10 for i in range(per_batch)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+
+
+def test_cifar10_folder_format_reads_locally(tmp_path):
+    _fake_cifar(tmp_path)
+    d = load_data(f"cifar10:{tmp_path}", 0.5)
+    assert d.x_train.shape == (50, 3, 32, 32) and d.x_test.shape == (20, 3, 32, 32)
+    assert d.num_classes == 10 and d.full_train_size == 100
+
+
+def test_image_folder_reads_train_and_test(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    for part, n in (("train", 4), ("test", 2)):
+        for cls in ("cat", "dog"):
+            (tmp_path / part / cls).mkdir(parents=True)
+            for i in range(n):
+                arr = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(tmp_path / part / cls / f"{i}.png")
+    d = load_data(f"folder:{tmp_path}", 1.0, img_size=16)
+    assert d.x_train.shape == (8, 3, 16, 16) and d.x_test.shape == (4, 3, 16, 16)
+    assert d.classes == ["cat", "dog"] and d.y_train.tolist() == [0] * 4 + [1] * 4
