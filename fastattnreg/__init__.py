@@ -8,6 +8,7 @@ from .nn.attention import FusedAttention
 from .nn.regularizers import AttentionLink, GTALoss
 from .ops.attention import attention, attention_ref
 from .ops.match import attention_match, attention_match_ref
+from . import init, models  # noqa: E402  (ViT models and initialisations)
 
 __all__ = [
     "attention",
