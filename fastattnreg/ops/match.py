@@ -1,11 +1,11 @@
 """attention_match(): a student's attention and its divergence from a teacher's, fused.
 
-The C++ kernels (csrc/cpu/match.cpp) compute, per matched query row, the student's and the
-teacher's attention from their q, k and reduce the divergence in the same pass, so neither
-model's (B, H, N, N) maps is ever stored; the backward folds the loss gradient into the
-attention backward. This file adds the fake kernels and autograd of
-torch.ops.fastattnreg.attention_match_fwd / _bwd, the reference `attention_match_ref` and the
-public `attention_match()`.
+The C++ kernels (csrc/cpu/match.cpp) and the Triton kernels (triton/match.py, registered by
+ops/triton_match.py) compute, per matched query row, the student's and the teacher's attention
+from their q, k and reduce the divergence in the same pass, so neither model's (B, H, N, N) maps
+is ever stored; the backward folds the loss gradient into the attention backward. This file
+adds the fake kernels and autograd of torch.ops.fastattnreg.attention_match_fwd / _bwd, the
+reference `attention_match_ref` and the public `attention_match()`.
 
 Shapes: q, k, v (B, H, N, D); teacher_q, teacher_k (B, H, N, Dt), Dt may differ from D.
 Matched rows: rows="all", every query row over every key (R = N); rows="cls", query 0 over keys
@@ -94,6 +94,10 @@ if _backend.cpp_available():
     )
 
 
+if _backend.triton_installed():
+    from . import triton_match as _triton_match  # noqa: F401  (registers the ops)
+
+
 def attention_match(q, k, v, teacher_q, teacher_k, *, kind="kl", rows="all", scale=None,
                     teacher_scale=None, backend="auto"):
     """The student's attention output and its mean per-row divergence from the teacher's.
@@ -110,8 +114,6 @@ def attention_match(q, k, v, teacher_q, teacher_k, *, kind="kl", rows="all", sca
     if not isinstance(q, torch.Tensor):
         raise ValueError(f"q must be a torch.Tensor; got {type(q).__name__}")
     impl = _backend.resolve(backend, q.device)
-    if impl == "triton":
-        raise RuntimeError("attention_match has no Triton kernel yet; use backend='cpp' or 'reference'")
     check_qkv(q, k, v, impl)
     check_qkv(teacher_q, teacher_k, teacher_k, impl, names=("teacher_q", "teacher_k", "teacher_k"))
     if teacher_q.shape[:3] != q.shape[:3]:
@@ -131,7 +133,9 @@ def attention_match(q, k, v, teacher_q, teacher_k, *, kind="kl", rows="all", sca
                                    rows=rows, scale=scale, teacher_scale=teacher_scale)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     teacher_scale = float(teacher_q.shape[-1] ** -0.5 if teacher_scale is None else teacher_scale)
-    out, _, _, row_loss = torch.ops.fastattnreg.attention_match_fwd(
-        q, k, v, teacher_q.detach(), teacher_k.detach(), scale, teacher_scale, kind, rows
-    )
+    ops = torch.ops.fastattnreg
+    fwd = ops.triton_attention_match_fwd if impl == "triton" else ops.attention_match_fwd
+    # C++: (out, lse, teacher_lse, row_loss); Triton adds the student's matched-row LSE.
+    out, _, _, row_loss = fwd(q, k, v, teacher_q.detach(), teacher_k.detach(), scale,
+                              teacher_scale, kind, rows)[:4]
     return out, row_loss.mean()

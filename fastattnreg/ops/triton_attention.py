@@ -126,18 +126,18 @@ def _bwd_fake(dout, q, k, v, out, lse, dlse, dmaps, scale, export):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
-if _kernels.INTERPRET:
-    triton_attention_fwd = torch.library.custom_op(
-        FWD_NAME, _triton_attention_fwd, mutates_args=(), schema=FWD_SCHEMA)
-    triton_attention_fwd.register_fake(_fwd_fake)
-    triton_attention_bwd = torch.library.custom_op(
-        BWD_NAME, _triton_attention_bwd, mutates_args=(), schema=BWD_SCHEMA)
-    triton_attention_bwd.register_fake(_bwd_fake)
-else:
-    triton_attention_fwd = torch.library.triton_op(
-        FWD_NAME, _triton_attention_fwd, mutates_args=(), schema=FWD_SCHEMA)
-    triton_attention_bwd = torch.library.triton_op(
-        BWD_NAME, _triton_attention_bwd, mutates_args=(), schema=BWD_SCHEMA)
+def define_triton_op(name: str, impl, schema: str, fake):
+    """A `triton_op` on CUDA (impl doubles as its fake kernel); under TRITON_INTERPRET=1 an
+    opaque custom op with `fake` (see the module docstring)."""
+    if _kernels.INTERPRET:
+        op = torch.library.custom_op(name, impl, mutates_args=(), schema=schema)
+        op.register_fake(fake)
+        return op
+    return torch.library.triton_op(name, impl, mutates_args=(), schema=schema)
+
+
+triton_attention_fwd = define_triton_op(FWD_NAME, _triton_attention_fwd, FWD_SCHEMA, _fwd_fake)
+triton_attention_bwd = define_triton_op(BWD_NAME, _triton_attention_bwd, BWD_SCHEMA, _bwd_fake)
 
 
 # ---------------------------------------------------------------------------------- autograd

@@ -188,6 +188,23 @@ def _map_grad(G, b, h, rows, cols, N, g_rows, stride_gb, stride_gh, stride_gi, g
     return g.to(tl.float32) * g_scale
 
 
+@triton.jit
+def _online_softmax_step(q, k, v, cols, N, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """One key block of the forward's online softmax (log2 domain, fp32): the running row max
+    m_i, row sum l_i and unnormalised output acc (BLOCK_M, D_PAD) updated with keys `cols`."""
+    s = _dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale
+    s = tl.where((cols < N)[None, :], s, float("-inf"))
+    # Key 0 is in the first block, so m_new is finite for every row from the first step on.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    # P goes into the second GEMM in the input dtype (FlashAttention-2); V stays as loaded.
+    acc = acc * alpha[:, None] + _dot(_operand(p, v, UPCAST), v, UPCAST, PRECISION)
+    return m_new, l_i, acc
+
+
 # ----------------------------------------------------------------------------------- forward
 
 
@@ -219,16 +236,8 @@ def _fwd_kernel(Q, K, V, Out, Lse,
         cols = start_n + offs_n
         k = _load_tile(k_base, cols, stride_kn, N, offs_d, HEAD_DIM, EVEN_D)
         v = _load_tile(v_base, cols, stride_vn, N, offs_d, HEAD_DIM, EVEN_D)
-        s = _dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale
-        s = tl.where((cols < N)[None, :], s, float("-inf"))
-        # Key 0 is in the first block, so m_new is finite for every row from the first step on.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        # P goes into the second GEMM in the input dtype (FlashAttention-2); V stays as loaded.
-        acc = acc * alpha[:, None] + _dot(_operand(p, v, UPCAST), v, UPCAST, PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(q, k, v, cols, N, m_i, l_i, acc, qk_scale, UPCAST,
+                                             PRECISION)
 
     z64 = z.to(tl.int64)
     _store_tile(Out + z64 * N * HEAD_DIM, rows, N, offs_d, acc / l_i[:, None], HEAD_DIM, EVEN_D,

@@ -1,0 +1,137 @@
+"""The Triton attention-matching kernels as torch ops: fastattnreg::triton_attention_match_fwd /
+_bwd, with their autograd rule.
+
+Registered like ops/triton_attention.py: `torch.library.triton_op`s on CUDA (the implementation
+only allocates and launches through `wrap_triton`, so it is its own fake kernel), opaque
+`custom_op`s with the fake kernels below under TRITON_INTERPRET=1.
+
+The forward returns one tensor more than the C++ op attention_match_fwd: the student's LSE over
+the matched keys (B, H, R). For rows="cls" it differs from the full LSE (keys 1..N-1 only) and
+the backward needs it; for rows="all" it is a copy of `lse` (O(B*H*N), a few KB). Both row LSEs
+are non-differentiable outputs. Saved for the backward: q, k, v, out, lse, the teacher's q, k and the two (B, H, R) row LSEs; never P.
+Imported only when Triton is installed (see fastattnreg.backend).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..triton import match as _kernels
+from .triton_attention import (
+    _check_common, _check_like, _contiguous, _unit_stride, define_triton_op,
+)
+
+FWD_NAME = "fastattnreg::triton_attention_match_fwd"
+BWD_NAME = "fastattnreg::triton_attention_match_bwd"
+FWD_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor teacher_q, Tensor teacher_k, float scale, "
+    "float teacher_scale, str kind, str rows) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+BWD_SCHEMA = (
+    "(Tensor? dout, Tensor? dlse, Tensor? drow_loss, Tensor q, Tensor k, Tensor v, Tensor out, "
+    "Tensor lse, Tensor teacher_q, Tensor teacher_k, Tensor teacher_row_lse, "
+    "Tensor student_row_lse, float scale, float teacher_scale, str kind, str rows) "
+    "-> (Tensor, Tensor, Tensor)"
+)
+ROWS = ("all", "cls")
+
+
+# ------------------------------------------------------------------------------------ checks
+
+
+def _check_fwd(q, k, v, tq, tk, scale, teacher_scale, kind, rows) -> None:
+    _check_common(q, k, v, scale, "none")
+    _check_common(tq, tk, tk, teacher_scale, "none")
+    if kind not in _kernels.KINDS:
+        raise ValueError(f"kind must be one of {tuple(_kernels.KINDS)}; got {kind!r}")
+    if rows not in ROWS:
+        raise ValueError(f"rows must be one of {ROWS}; got {rows!r}")
+    if tq.shape[:3] != q.shape[:3]:
+        raise ValueError(f"teacher_q must match the student's (B, H, N) = {tuple(q.shape[:3])}; "
+                         f"got {tuple(tq.shape[:3])}")
+    if tq.dtype != q.dtype or tq.device != q.device:
+        raise ValueError(f"teacher_q must have the student's dtype and device ({q.dtype}, "
+                         f"{q.device}); got ({tq.dtype}, {tq.device})")
+    if rows == "cls" and q.shape[2] < 2:
+        raise ValueError(f"rows='cls' needs N >= 2; got N = {q.shape[2]}")
+
+
+def _check_bwd(dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, trow_lse, srow_lse, scale,
+               teacher_scale, kind, rows) -> None:
+    _check_fwd(q, k, v, tq, tk, scale, teacher_scale, kind, rows)
+    B, H, N, _ = q.shape
+    R = _kernels.matched_rows(rows, N)
+    _check_like(out, "out", q.shape, q.dtype, q.device)
+    _check_like(lse, "lse", (B, H, N), torch.float32, q.device)
+    _check_like(trow_lse, "teacher_row_lse", (B, H, R), torch.float32, q.device)
+    _check_like(srow_lse, "student_row_lse", (B, H, R), torch.float32, q.device)
+    if dout is not None:
+        _check_like(dout, "dout", q.shape, q.dtype, q.device)
+    if dlse is not None:
+        _check_like(dlse, "dlse", (B, H, N), torch.float32, q.device)
+    if drow_loss is not None:
+        _check_like(drow_loss, "drow_loss", (B, H, R), torch.float32, q.device)
+
+
+# ------------------------------------------------------------------------- implementations
+
+
+def _match_fwd(q, k, v, tq, tk, scale, teacher_scale, kind, rows):
+    _check_fwd(q, k, v, tq, tk, scale, teacher_scale, kind, rows)
+    q, k, v, tq, tk = (_unit_stride(t) for t in (q, k, v, tq, tk))
+    return _kernels.match_fwd(q, k, v, tq, tk, scale, teacher_scale, kind, rows)
+
+
+def _match_bwd(dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, trow_lse, srow_lse, scale,
+               teacher_scale, kind, rows):
+    _check_bwd(dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, trow_lse, srow_lse, scale,
+               teacher_scale, kind, rows)
+    q, k, v, tq, tk = (_unit_stride(t) for t in (q, k, v, tq, tk))
+    # Gradients can arrive as expanded views (the mean's backward); the kernels read them dense.
+    dout, dlse, drow_loss = _contiguous(dout), _contiguous(dlse), _contiguous(drow_loss)
+    out, lse, trow_lse, srow_lse = (t.contiguous() for t in (out, lse, trow_lse, srow_lse))
+    return _kernels.match_bwd(dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, trow_lse,
+                              srow_lse, scale, teacher_scale, kind, rows)
+
+
+def _fwd_fake(q, k, v, tq, tk, scale, teacher_scale, kind, rows):
+    _check_fwd(q, k, v, tq, tk, scale, teacher_scale, kind, rows)
+    B, H, N, D = q.shape
+    R = _kernels.matched_rows(rows, N)
+    f32 = {"dtype": torch.float32}
+    return (q.new_empty((B, H, N, D)), q.new_empty((B, H, N), **f32),
+            q.new_empty((B, H, R), **f32), q.new_empty((B, H, R), **f32),
+            q.new_empty((B, H, R), **f32))
+
+
+def _bwd_fake(dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, trow_lse, srow_lse, scale,
+              teacher_scale, kind, rows):
+    _check_bwd(dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, trow_lse, srow_lse, scale,
+               teacher_scale, kind, rows)
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+triton_attention_match_fwd = define_triton_op(FWD_NAME, _match_fwd, FWD_SCHEMA, _fwd_fake)
+triton_attention_match_bwd = define_triton_op(BWD_NAME, _match_bwd, BWD_SCHEMA, _bwd_fake)
+
+# ---------------------------------------------------------------------------------- autograd
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, tq, tk, scale, teacher_scale, kind, rows = inputs
+    out, lse, trow_lse, _, srow_lse = output
+    ctx.save_for_backward(q, k, v, out, lse, tq, tk, trow_lse, srow_lse)
+    # The matched-row LSEs exist for the backward; they are not differentiable outputs (the
+    # teacher's does not depend on the student at all).
+    ctx.mark_non_differentiable(trow_lse, srow_lse)
+    ctx.args = (scale, teacher_scale, kind, rows)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dout, dlse, _dtrow_lse, drow_loss, _dsrow_lse):
+    q, k, v, out, lse, tq, tk, trow_lse, srow_lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fastattnreg.triton_attention_match_bwd(
+        dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, trow_lse, srow_lse, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+torch.library.register_autograd(FWD_NAME, _backward, setup_context=_setup_context)

@@ -1,0 +1,97 @@
+"""attention_match(backend="triton"): the Triton kernels against attention_match_ref.
+
+  * interpreter (any machine with Triton): tests/triton_match_cases.py runs on CPU tensors in a
+    child process with TRITON_INTERPRET=1 (set before Triton defines the kernels), one group per
+    test here so a failure names its group and shows the child's report.
+  * CUDA (skipped without a GPU): the shapes of test_match.py in float32 against float64, the
+    teacher copy, opcheck and torch.compile(fullgraph=True) of the triton_op registration.
+"""
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastattnreg
+from fastattnreg import attention_match, attention_match_ref
+from conftest import max_err
+
+ROOT = Path(__file__).resolve().parent.parent
+CASES = Path(__file__).resolve().parent / "triton_match_cases.py"
+requires_triton = pytest.mark.skipif(not fastattnreg.backend.triton_installed(),
+                                     reason="Triton is not installed")
+requires_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and fastattnreg.triton_available()),
+    reason="needs a CUDA device and Triton",
+)
+KINDS = ("kl", "mse_probs", "mse_logits")
+ROWS = ("all", "cls")
+
+
+@requires_triton
+@pytest.mark.parametrize("group", ["values", "reruns", "errors", "registration"])
+def test_interpreted_kernels(group):
+    """Runs tests/triton_match_cases.py -k interp_<group> under TRITON_INTERPRET=1."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          str(CASES), "-k", f"interp_{group}"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)
+    report = res.stdout[-8000:] + res.stderr[-4000:]
+    assert res.returncode == 0, report
+    assert " passed" in res.stdout and "skipped" not in res.stdout, report
+
+
+# --------------------------------------------------------------------------------------- CUDA
+
+
+@requires_cuda
+@pytest.mark.parametrize("shape", [(2, 3, 17, 48, 16), (1, 2, 65, 64, 80), (2, 1, 197, 80, 64),
+                                   (1, 2, 257, 16, 48)])
+@pytest.mark.parametrize("kind,rows", list(itertools.product(KINDS, ROWS)))
+def test_cuda_float32_against_float64(shape, kind, rows):
+    B, H, N, D, Dt = shape
+    q, k, v = (torch.randn(B, H, N, D, dtype=torch.float64) for _ in range(3))
+    tq, tk = (torch.randn(B, H, N, Dt, dtype=torch.float64) for _ in range(2))
+    dout = torch.randn_like(q)
+    q64, k64, v64 = (t.clone().requires_grad_() for t in (q, k, v))
+    out_r, loss_r = attention_match_ref(q64, k64, v64, tq, tk, kind=kind, rows=rows)
+    ref = torch.autograd.grad((out_r, loss_r), (q64, k64, v64), (dout, torch.tensor(1.3).double()))
+    qc, kc, vc = (t.float().cuda().requires_grad_() for t in (q, k, v))
+    out, loss = attention_match(qc, kc, vc, tq.float().cuda(), tk.float().cuda(), kind=kind,
+                                rows=rows, backend="triton")
+    got = torch.autograd.grad((out, loss), (qc, kc, vc),
+                              (dout.float().cuda(), torch.tensor(1.3, device="cuda")))
+    tol = 2e-4  # 3xTF32 dots
+    assert max_err(loss.cpu(), loss_r) <= tol * max(1.0, abs(loss_r.item()))
+    assert max_err(out.cpu(), out_r) <= tol
+    for g, r in zip(got, ref):
+        assert max_err(g.cpu(), r) <= tol * max(1.0, r.abs().max().item())
+
+
+@requires_cuda
+@pytest.mark.parametrize("kind,rows", list(itertools.product(KINDS, ROWS)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cuda_teacher_copy_gives_exactly_zero(kind, rows, dtype):
+    q, k, v = (torch.randn(2, 3, 197, 64, device="cuda", dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    _, loss = attention_match(q, k, v, q.detach().clone(), k.detach().clone(), kind=kind,
+                              rows=rows, backend="triton")
+    assert loss.item() == 0.0
+    for g in torch.autograd.grad(loss, (q, k)):
+        assert g.abs().max().item() == 0.0
+
+
+@requires_cuda
+def test_cuda_opcheck_and_compile_fullgraph():
+    q, k, v = (torch.randn(2, 2, 65, 32, device="cuda", requires_grad=True) for _ in range(3))
+    tq, tk = (torch.randn(2, 2, 65, 48, device="cuda") for _ in range(2))
+    torch.library.opcheck(torch.ops.fastattnreg.triton_attention_match_fwd.default,
+                          (q, k, v, tq, tk, 0.2, 0.15, "kl", "all"))
+    torch._dynamo.reset()
+    fn = torch.compile(lambda *a: attention_match(*a, kind="kl", backend="triton"), fullgraph=True)
+    out, loss = fn(q, k, v, tq, tk)
+    out_r, loss_r = attention_match_ref(q, k, v, tq, tk, kind="kl")
+    assert max_err(out, out_r) < 1e-3 and abs(loss.item() - loss_r.item()) < 1e-3
