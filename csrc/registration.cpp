@@ -23,4 +23,19 @@ TORCH_LIBRARY(fastattnreg, m) {
       "attention_match_bwd(Tensor? dout, Tensor? dlse, Tensor? drow_loss, Tensor q, Tensor k, Tensor v, "
       "Tensor out, Tensor lse, Tensor teacher_q, Tensor teacher_k, Tensor teacher_lse, "
       "float scale, float teacher_scale, str kind, str rows) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // Refiner attention (methods.md §1), C = expansion * H: w_exp (C,H), w_dw (C,K,K), w_pro (H,C);
+  // the four BatchNorms packed (2C + 2H) = bn1 | bn2 | bn3 | adapt; keep: the (B,H,N,N) dropout
+  // mask. out (B,H,N,D); probs (B,H,N,N) kept for the backward (empty when neither training nor
+  // save_probs); mean, var (2C + 2H): the statistics used (batch, biased var; or running).
+  m.def(
+      "refined_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor w_exp, Tensor w_dw, "
+      "Tensor w_pro, Tensor bn_weight, Tensor bn_bias, Tensor running_mean, Tensor running_var, "
+      "Tensor? keep, float[] eps, float scale, float drop_scale, bool training, bool save_probs) "
+      "-> (Tensor out, Tensor probs, Tensor mean, Tensor var)");
+  m.def(
+      "refined_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor w_exp, "
+      "Tensor w_dw, Tensor w_pro, Tensor bn_weight, Tensor bn_bias, Tensor probs, Tensor mean, "
+      "Tensor var, Tensor? keep, float[] eps, float scale, float drop_scale, bool training) "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dw_exp, Tensor dw_dw, Tensor dw_pro, "
+      "Tensor dbn_weight, Tensor dbn_bias)");
 }

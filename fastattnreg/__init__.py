@@ -5,17 +5,22 @@ FusedAttention.
 """
 from .backend import cpp_available, triton_available
 from .nn.attention import FusedAttention
+from .nn.refiner import RefinerAttention
 from .nn.regularizers import AttentionLink, GTALoss
 from .ops.attention import attention, attention_ref
 from .ops.match import attention_match, attention_match_ref
 from . import init, models  # noqa: E402  (ViT models and initialisations)
+from .ops.refiner import refined_attention, refined_attention_ref
 
 __all__ = [
     "attention",
     "attention_ref",
     "attention_match",
     "attention_match_ref",
+    "refined_attention",
+    "refined_attention_ref",
     "FusedAttention",
+    "RefinerAttention",
     "GTALoss",
     "AttentionLink",
     "cpp_available",

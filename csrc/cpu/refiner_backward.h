@@ -1,0 +1,339 @@
+// The backward passes of the fused Refiner attention (see refiner_kernels.h for the plan).
+//
+// Each BatchNorm's backward, u = gamma x_hat + beta, x_hat = (x - mean) invstd, is
+//   dx = gamma invstd (du - c_beta - x_hat c_gamma),  c_beta = sum du / n, c_gamma = sum du x_hat / n
+// in training mode; with frozen statistics (eval mode) c_beta = c_gamma = 0. The sums are also
+// the gradients of beta and gamma. Each pass computes the sums one BatchNorm needs.
+#pragma once
+
+#include <vector>
+
+#include "refiner_forward.h"
+
+namespace fastattnreg::cpu::refiner {
+
+// Gradient buffers of the backward (acc type; the entry point converts).
+template <typename scalar_t, typename T>
+struct Grads {
+  const scalar_t* dout;  // (B, H, N, D)
+  T* dattn;              // (B, H, N, N) scratch: dA* = dout V^T, written by B1
+  scalar_t *dq, *dk, *dv;
+  T *dw_exp, *dw_dw, *dw_pro, *dgamma, *dbeta;  // (C, H), (C, K, K), (H, C), packed x 2
+};
+
+// Per BatchNorm channel: dx = k (du - cb - x_hat cg).
+template <typename T>
+struct BnGrad {
+  std::vector<T> k, cb, cg;
+  explicit BnGrad(int64_t n) : k(n, T(0)), cb(n, T(0)), cg(n, T(0)) {}
+};
+
+// dA* rows of every head from the stored dA* into the dAs planes.
+template <typename scalar_t, typename T>
+void load_dattn(const Problem<scalar_t, T>& p, const T* dattn, Planes<T>& ws, int64_t b,
+                Range rows) {
+  const int64_t N = p.d.N;
+  for (int64_t h = 0; h < p.d.H; ++h) {
+    const T* src = dattn + ((b * p.d.H + h) * N + rows.lo) * N;
+    std::copy(src, src + rows.size() * N, ws.at(ws.dAs, h, rows.lo));
+  }
+}
+
+// dz = BN_a backward of dA*, dy = BN3 backward of dz, on `rows` of every head.
+template <typename T>
+void grad_dz_dy(const Norms<T>& nm, const BnGrad<T>& g, const Packed& pk, const Dims& d,
+                Planes<T>& ws, Range rows) {
+  const int64_t pix = rows.size() * d.N;
+  for (int64_t h = 0; h < d.H; ++h) {
+    const int64_t a = pk.bna + h, c3 = pk.bn3 + h;
+    const T s3 = nm.s[c3], t3 = nm.t[c3], ma = nm.mean[a], ia = nm.invstd[a];
+    const T m3 = nm.mean[c3], i3 = nm.invstd[c3];
+    const T* y = ws.at(ws.Y, h, rows.lo);
+    const T* at = ws.at(ws.A, h, rows.lo);
+    const T* das = ws.at(ws.dAs, h, rows.lo);
+    T* dz = ws.at(ws.dZ, h, rows.lo);
+    T* dy = ws.at(ws.dY, h, rows.lo);
+    for (int64_t j = 0; j < pix; ++j) {
+      const T zhat = (s3 * y[j] + t3 + at[j] - ma) * ia;
+      const T yhat = (y[j] - m3) * i3;
+      dz[j] = g.k[a] * (das[j] - g.cb[a] - zhat * g.cg[a]);
+      dy[j] = g.k[c3] * (dz[j] - g.cb[c3] - yhat * g.cg[c3]);
+    }
+  }
+}
+
+// dF = W_r^T dy, then du2 = dF * ReLU6'(BN2(X2)), in the dF planes on `rows`.
+template <typename T>
+void grad_du2(const Params<T>& w, const Norms<T>& nm, const Packed& pk, const Dims& d,
+              Planes<T>& ws, Range rows) {
+  const int64_t pix = rows.size() * d.N;
+  gemm_rm<T>(true, false, d.C, pix, d.H, T(1), w.w_pro, d.C, ws.at(ws.dY, 0, rows.lo), ws.ld(),
+             T(0), ws.at(ws.dF, 0, rows.lo), ws.ld());
+  for (int64_t c = 0; c < d.C; ++c)
+    relu6_grad_row(ws.at(ws.dF, c, rows.lo), ws.at(ws.X2, c, rows.lo), pix, nm.s[pk.bn2 + c],
+                   nm.t[pk.bn2 + c]);
+}
+
+// In place on `buf` (channels from `first` in the packed vectors): du -> dx = k (du - cb - x_hat cg).
+template <typename T>
+void bn_backward_rows(const Norms<T>& nm, const BnGrad<T>& g, int64_t first, int64_t channels,
+                      T* const* du_rows, const T* const* x_rows, int64_t pix) {
+  for (int64_t c = 0; c < channels; ++c) {
+    const int64_t i = first + c;
+    const T m = nm.mean[i], inv = nm.invstd[i], k = g.k[i], cb = g.cb[i], cg = g.cg[i];
+    T* du = du_rows[c];
+    const T* x = x_rows[c];
+    for (int64_t j = 0; j < pix; ++j) du[j] = k * (du[j] - cb - (x[j] - m) * inv * cg);
+  }
+}
+
+// Sums of du and du * x_hat of `channels` channels over `rows` (du, x planes of the tile).
+template <typename T>
+void bn_sums(const Norms<T>& nm, int64_t first, int64_t channels, const Planes<T>& ws,
+             T* du_plane, T* x_plane, Range rows, T* xhat_row, Sum* out) {
+  const int64_t N = ws.n;
+  for (int64_t c = 0; c < channels; ++c) {
+    const T m = nm.mean[first + c], inv = nm.invstd[first + c];
+    for (int64_t i = rows.lo; i < rows.hi; ++i) {
+      const T* du = ws.at(du_plane, c, i);
+      const T* x = ws.at(x_plane, c, i);
+      for (int64_t j = 0; j < N; ++j) xhat_row[j] = (x[j] - m) * inv;
+      out[2 * c].v += double(sum_row(du, N));
+      out[2 * c + 1].v += double(dot_row(du, xhat_row, N));
+    }
+  }
+}
+
+// Turns the merged sums (sum du, sum du x_hat) of channels [first, first + channels) into the
+// gradients of beta and gamma and the BatchNorm-backward coefficients.
+template <typename T>
+void finish_bn(const std::vector<Sum>& sums, const Params<T>& w, const Norms<T>& nm,
+               int64_t first, int64_t channels, bool frozen, double n, T* dgamma, T* dbeta,
+               BnGrad<T>& g) {
+  for (int64_t c = 0; c < channels; ++c) {
+    const int64_t i = first + c;
+    dbeta[i] = T(sums[2 * c].v);
+    dgamma[i] = T(sums[2 * c + 1].v);
+    g.k[i] = T(double(w.gamma[i]) * double(nm.invstd[i]));
+    g.cb[i] = frozen ? T(0) : T(sums[2 * c].v / n);
+    g.cg[i] = frozen ? T(0) : T(sums[2 * c + 1].v / n);
+  }
+}
+
+// The halo rows of the wide passes (B3, B4): dx2 on x_rows, dE on the tile's rows.
+template <typename scalar_t, typename T>
+void grad_to_dx1(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, const Norms<T>& nm,
+                 const BnGrad<T>& g, const Packed& pk, Planes<T>& ws, int64_t b, Range rows,
+                 bool bn1_backward) {
+  const Dims& d = p.d;
+  const int64_t N = d.N, K = d.K, hl = d.halo(), C = d.C;
+  const Range x_rows = clip(rows.lo - hl, rows.hi + hl, N);
+  chain_to_y(p, nm, pk, ws, b, x_rows);
+  load_dattn(p, gr.dattn, ws, b, x_rows);
+  grad_dz_dy(nm, g, pk, d, ws, x_rows);
+  grad_du2(p.w, nm, pk, d, ws, x_rows);
+  std::vector<T*> du(C);
+  std::vector<const T*> x(C);
+  for (int64_t c = 0; c < C; ++c) du[c] = ws.at(ws.dF, c, x_rows.lo), x[c] = ws.at(ws.X2, c, x_rows.lo);
+  bn_backward_rows(nm, g, pk.bn2, C, du.data(), x.data(), x_rows.size() * N);  // dF -> dx2
+  // dE = W_d^T * dx2 on rows: E row i fed X2 row r = i - (di - hl) through tap (di, dj).
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t i = rows.lo; i < rows.hi; ++i) {
+      T* de = ws.at(ws.dE, c, i);
+      std::fill(de, de + N, T(0));
+      for (int64_t di = 0; di < K; ++di) {
+        const int64_t r = i - (di - hl);
+        if (r < 0 || r >= N) continue;
+        const T* dx2 = ws.at(ws.dF, c, r);
+        for (int64_t dj = 0; dj < K; ++dj)
+          shifted_axpy_row(de, dx2, N, -(dj - hl), p.w.w_dw[(c * K + di) * K + dj]);
+      }
+      relu6_grad_row(de, ws.at(ws.X1, c, i), N, nm.s[pk.bn1 + c], nm.t[pk.bn1 + c]);  // du1
+    }
+  if (!bn1_backward) return;
+  for (int64_t c = 0; c < C; ++c) du[c] = ws.at(ws.dE, c, rows.lo), x[c] = ws.at(ws.X1, c, rows.lo);
+  bn_backward_rows(nm, g, pk.bn1, C, du.data(), x.data(), rows.size() * N);  // du1 -> dx1
+}
+
+// Gradients of every input. mean/var: the statistics the forward used; frozen: eval mode (they
+// were running statistics, constants for the backward).
+template <typename scalar_t, typename T>
+void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, bool frozen,
+                   const std::vector<double>& mean, const std::vector<double>& var,
+                   const std::vector<double>& eps) {
+  const Dims& d = p.d;
+  const Packed pk(d);
+  const Tiles tiles(d, p.block);
+  const int64_t H = d.H, C = d.C, N = d.N, D = d.D, K = d.K, hl = d.halo();
+  const double n = d.count();
+  const Norms<T> nm(p.w, mean, var, eps, pk);
+  BnGrad<T> g(pk.total);
+
+  // B1: dA* = dout V^T (stored); per head the sums of dA*, dA* z_hat, dA* y_hat, z_hat y_hat,
+  // z_hat, y_hat. dz is affine in dA* given the forward, so BN3's sums follow from them too.
+  {
+    constexpr int W = 6;
+    std::vector<Sum> parts(tiles.count * H * W);
+    for_each_task<T>(d, p.block, tiles.count, [&](int64_t t, Planes<T>& ws) {
+      const int64_t b = tiles.batch(t);
+      const Range rows = tiles.rows(t);
+      const int64_t m = rows.size();
+      chain_to_y(p, nm, pk, ws, b, rows);
+      T* zhat = ws.rows;
+      T* yhat = ws.rows + N;
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t bh = b * H + h;
+        transpose(p.v + bh * N * D, N, D, ws.kt);
+        const T* dO = tile_as_acc(gr.dout + (bh * N + rows.lo) * D, m * D, ws.qb);
+        T* das = gr.dattn + (bh * N + rows.lo) * N;
+        gemm_rm<T>(false, false, m, N, D, T(1), dO, D, ws.kt, N, T(0), das, N);
+        const int64_t a = pk.bna + h, c3 = pk.bn3 + h;
+        const T s3 = nm.s[c3], t3 = nm.t[c3], ma = nm.mean[a], ia = nm.invstd[a];
+        const T m3 = nm.mean[c3], i3 = nm.invstd[c3];
+        Sum* acc = &parts[(t * H + h) * W];
+        for (int64_t i = rows.lo; i < rows.hi; ++i) {
+          const T* y = ws.at(ws.Y, h, i);
+          const T* at = ws.at(ws.A, h, i);
+          const T* dr = das + (i - rows.lo) * N;
+          for (int64_t j = 0; j < N; ++j) {
+            zhat[j] = (s3 * y[j] + t3 + at[j] - ma) * ia;
+            yhat[j] = (y[j] - m3) * i3;
+          }
+          acc[0].v += double(sum_row(dr, N));
+          acc[1].v += double(dot_row(dr, zhat, N));
+          acc[2].v += double(dot_row(dr, yhat, N));
+          acc[3].v += double(dot_row(zhat, yhat, N));
+          acc[4].v += double(sum_row(zhat, N));
+          acc[5].v += double(sum_row(yhat, N));
+        }
+      }
+    });
+    const auto s = merge_in_order(parts, H * W);
+    std::vector<Sum> adapt(2 * H), bn3(2 * H);
+    for (int64_t h = 0; h < H; ++h) {
+      adapt[2 * h] = s[h * W];
+      adapt[2 * h + 1] = s[h * W + 1];
+    }
+    finish_bn(adapt, p.w, nm, pk.bna, H, frozen, n, gr.dgamma, gr.dbeta, g);
+    for (int64_t h = 0; h < H; ++h) {
+      // sum dz = k (sum dA* - n cb - cg sum z_hat);  sum dz y_hat likewise.
+      const int64_t a = pk.bna + h;
+      const double k = g.k[a], cb = g.cb[a], cg = g.cg[a];
+      const Sum* sh = &s[h * W];
+      bn3[2 * h].v = k * (sh[0].v - n * cb - cg * sh[4].v);
+      bn3[2 * h + 1].v = k * (sh[2].v - cb * sh[5].v - cg * sh[3].v);
+    }
+    finish_bn(bn3, p.w, nm, pk.bn3, H, frozen, n, gr.dgamma, gr.dbeta, g);
+  }
+
+  // B2: dz, dy, dF, du2 on the tile's rows -> BN2's sums.
+  {
+    std::vector<Sum> parts(tiles.count * 2 * C);
+    for_each_task<T>(d, p.block, tiles.count, [&](int64_t t, Planes<T>& ws) {
+      const int64_t b = tiles.batch(t);
+      const Range rows = tiles.rows(t);
+      chain_to_y(p, nm, pk, ws, b, rows);
+      load_dattn(p, gr.dattn, ws, b, rows);
+      grad_dz_dy(nm, g, pk, d, ws, rows);
+      grad_du2(p.w, nm, pk, d, ws, rows);
+      bn_sums(nm, pk.bn2, C, ws, ws.dF, ws.X2, rows, ws.rows, &parts[t * 2 * C]);
+    });
+    finish_bn(merge_in_order(parts, 2 * C), p.w, nm, pk.bn2, C, frozen, n, gr.dgamma, gr.dbeta, g);
+  }
+
+  // B3: dx2 on the halo, dE and du1 on the rows -> BN1's sums; dW_d and dW_r.
+  {
+    const int64_t wd = 2 * C, ww = C * K * K + H * C;
+    std::vector<Sum> parts(tiles.count * wd);
+    std::vector<T> wparts(tiles.count * ww, T(0));
+    for_each_task<T>(d, p.block, tiles.count, [&](int64_t t, Planes<T>& ws) {
+      const int64_t b = tiles.batch(t);
+      const Range rows = tiles.rows(t);
+      grad_to_dx1(p, gr, nm, g, pk, ws, b, rows, /*bn1_backward=*/false);
+      bn_sums(nm, pk.bn1, C, ws, ws.dE, ws.X1, rows, ws.rows, &parts[t * wd]);
+      T* dwd = &wparts[t * ww];
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t di = 0; di < K; ++di)
+          for (int64_t i = rows.lo; i < rows.hi; ++i) {
+            const int64_t r = i + di - hl;
+            if (r < 0 || r >= N) continue;
+            for (int64_t dj = 0; dj < K; ++dj)
+              dwd[(c * K + di) * K + dj] +=
+                  shifted_dot_row(ws.at(ws.dF, c, i), ws.at(ws.E, c, r), N, dj - hl);
+          }
+      gemm_rm<T>(false, true, H, C, rows.size() * N, T(1), ws.at(ws.dY, 0, rows.lo), ws.ld(),
+                 ws.at(ws.F, 0, rows.lo), ws.ld(), T(0), dwd + C * K * K, C);
+    });
+    finish_bn(merge_in_order(parts, wd), p.w, nm, pk.bn1, C, frozen, n, gr.dgamma, gr.dbeta, g);
+    for (int64_t j = 0; j < ww; ++j) {
+      double s = 0;
+      for (int64_t t = 0; t < tiles.count; ++t) s += double(wparts[t * ww + j]);
+      (j < C * K * K ? gr.dw_dw[j] : gr.dw_pro[j - C * K * K]) = T(s);
+    }
+  }
+
+  // B4, one task per batch element (dk, dv sum over its row blocks): dx1, dW_e, dA, dS, dq,
+  // dk, dv.
+  {
+    constexpr bool kConvert = !std::is_same_v<T, scalar_t>;
+    std::vector<T> wparts(d.B * C * H, T(0));
+    for_each_task<T>(d, p.block, d.B, [&](int64_t b, Planes<T>& ws) {
+      // K, dK, dV of every head and Q, dO, dQ of a block in acc type where they are converted.
+      at::Tensor cvt = scratch<T>(kConvert ? N * D + 2 * H * N * D + 3 * ws.cap * D : 0);
+      T* Kc = cvt.data_ptr<T>();
+      T* dKc = Kc + N * D;
+      T* dVc = dKc + H * N * D;
+      T* blk = dVc + H * N * D;
+      for (int64_t i0 = 0; i0 < N; i0 += p.block) {
+        const Range rows{i0, std::min(N, i0 + p.block)};
+        const int64_t m = rows.size();
+        const T beta = i0 == 0 ? T(0) : T(1);  // the first block overwrites dK, dV
+        grad_to_dx1(p, gr, nm, g, pk, ws, b, rows, /*bn1_backward=*/true);
+        gemm_rm<T>(false, true, C, H, m * N, T(1), ws.at(ws.dE, 0, rows.lo), ws.ld(),
+                   ws.at(ws.A, 0, rows.lo), ws.ld(), T(1), &wparts[b * C * H], H);
+        // dA = W_e^T dx1 + dz (the residual), then through the dropout mask.
+        gemm_rm<T>(true, false, H, m * N, C, T(1), p.w.w_exp, H, ws.at(ws.dE, 0, rows.lo),
+                   ws.ld(), T(0), ws.at(ws.dA, 0, rows.lo), ws.ld());
+        refine(nm, pk, d, ws, rows);
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t bh = b * H + h;
+          T* dA = ws.at(ws.dA, h, rows.lo);
+          const T* dz = ws.at(ws.dZ, h, rows.lo);
+          const bool* keep = p.keep ? p.keep + (bh * N + rows.lo) * N : nullptr;
+          for (int64_t j = 0; j < m * N; ++j) {
+            const T v = dA[j] + dz[j];
+            dA[j] = keep ? (keep[j] ? v * p.drop_scale : T(0)) : v;
+          }
+          const T* P = p.probs + (bh * N + rows.lo) * N;
+          for (int64_t i = 0; i < m; ++i) {  // dS = scale P (dP - rowsum(P dP)), in place
+            const T delta = dot_row(P + i * N, dA + i * N, N);
+            softmax_grad_from_p_row(P + i * N, dA + i * N, N, delta, p.scale);
+          }
+          const scalar_t* k_h = p.k + bh * N * D;
+          const T* Kh = kConvert ? Kc : reinterpret_cast<const T*>(k_h);
+          if constexpr (kConvert) convert_row(Kc, k_h, N * D);
+          const T* Q = tile_as_acc(p.q + (bh * N + rows.lo) * D, m * D, blk);
+          const T* dO = tile_as_acc(gr.dout + (bh * N + rows.lo) * D, m * D, blk + ws.cap * D);
+          T* dQ = kernels::out_tile(gr.dq + (bh * N + rows.lo) * D, blk + 2 * ws.cap * D);
+          T* dK = kernels::out_tile(gr.dk + bh * N * D, dKc + h * N * D);
+          T* dV = kernels::out_tile(gr.dv + bh * N * D, dVc + h * N * D);
+          gemm_rm<T>(false, false, m, D, N, T(1), dA, N, Kh, D, T(0), dQ, D);
+          gemm_rm<T>(true, false, N, D, m, T(1), dA, N, Q, D, beta, dK, D);
+          gemm_rm<T>(true, false, N, D, m, T(1), ws.at(ws.As, h, rows.lo), N, dO, D, beta, dV, D);
+          store_tile(gr.dq + (bh * N + rows.lo) * D, dQ, m * D);
+        }
+      }
+      if constexpr (kConvert) {
+        store_tile(gr.dk + b * H * N * D, dKc, H * N * D);
+        store_tile(gr.dv + b * H * N * D, dVc, H * N * D);
+      }
+    });
+    for (int64_t j = 0; j < C * H; ++j) {
+      double s = 0;
+      for (int64_t b = 0; b < d.B; ++b) s += double(wparts[b * C * H + j]);
+      gr.dw_exp[j] = T(s);
+    }
+  }
+}
+
+}  // namespace fastattnreg::cpu::refiner

@@ -1,0 +1,155 @@
+// The forward passes of the fused Refiner attention (see refiner_kernels.h for the plan).
+#pragma once
+
+#include <vector>
+
+#include "refiner_kernels.h"
+
+namespace fastattnreg::cpu::refiner {
+
+// Tasks of the row-tiled passes: (batch b, block of query rows).
+struct Tiles {
+  int64_t N, block, per_batch, count;
+  Tiles(const Dims& d, int64_t blk)
+      : N(d.N), block(blk), per_batch((d.N + blk - 1) / blk), count(d.B * per_batch) {}
+  int64_t batch(int64_t t) const { return t / per_batch; }
+  Range rows(int64_t t) const {
+    const int64_t i0 = (t % per_batch) * block;
+    return {i0, std::min(N, i0 + block)};
+  }
+};
+
+// Sums per-task partials (tasks x width, task-major) in task order, so reruns are bitwise equal.
+template <typename P>
+std::vector<P> merge_in_order(const std::vector<P>& parts, int64_t width) {
+  std::vector<P> total(parts.begin(), parts.begin() + width);
+  for (size_t t = 1; t * width < parts.size(); ++t)
+    for (int64_t c = 0; c < width; ++c) total[c].merge(parts[t * width + c]);
+  return total;
+}
+
+struct Sum {
+  double v = 0;
+  void merge(const Sum& o) { v += o.v; }
+};
+
+// mean, var: in eval mode the running statistics (read); in training mode the batch statistics
+// (written: biased variance, packed bn1 | bn2 | bn3 | adapt).
+template <typename scalar_t, typename T>
+void forward_impl(const Problem<scalar_t, T>& p, bool training, std::vector<double>& mean,
+                  std::vector<double>& var, const std::vector<double>& eps, scalar_t* out) {
+  const Dims& d = p.d;
+  const Packed pk(d);
+  const Tiles tiles(d, p.block);
+  const int64_t H = d.H, C = d.C, N = d.N;
+  const double n = d.count();
+
+  if (!training) {
+    const Norms<T> nm(p.w, mean, var, eps, pk);
+    for_each_task<T>(d, p.block, tiles.count, [&](int64_t t, Planes<T>& ws) {
+      const int64_t b = tiles.batch(t);
+      const Range rows = tiles.rows(t);
+      chain_to_y(p, nm, pk, ws, b, rows, /*from_probs=*/false);
+      refine(nm, pk, d, ws, rows);
+      attend(p, ws, b, rows, out);
+    });
+    return;
+  }
+
+  // F1: P stored; the sums and the Gram matrix of A - 1/N per head (rows of P sum to 1, so
+  // centring at 1/N keeps the Gram free of cancellation).
+  const T c0 = T(1) / T(N);
+  std::vector<Sum> gram_parts(tiles.count * (H + H * H));
+  for_each_task<T>(d, p.block, tiles.count, [&](int64_t t, Planes<T>& ws) {
+    const int64_t b = tiles.batch(t);
+    const Range rows = tiles.rows(t);
+    ws.lo = rows.lo;
+    softmax_rows(p, ws, b, rows, p.probs);
+    apply_dropout(p, ws, b, rows);
+    Sum* acc = &gram_parts[t * (H + H * H)];
+    for (int64_t i = rows.lo; i < rows.hi; ++i) {
+      for (int64_t h = 0; h < H; ++h) {
+        T* cen = ws.at(ws.dA, h, i);  // scratch: A - 1/N
+        const T* a = ws.at(ws.A, h, i);
+        for (int64_t j = 0; j < N; ++j) cen[j] = a[j] - c0;
+        acc[h].v += double(sum_row(cen, N));
+      }
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t g = h; g < H; ++g)
+          acc[H + h * H + g].v += double(dot_row(ws.at(ws.dA, h, i), ws.at(ws.dA, g, i), N));
+    }
+  });
+  const auto gram = merge_in_order(gram_parts, H + H * H);
+  for (int64_t c = 0; c < C; ++c) {
+    const T* wc = p.w.w_exp + c * H;
+    double m = 0, v = 0;
+    for (int64_t h = 0; h < H; ++h) {
+      m += double(wc[h]) * (gram[h].v / n + double(c0));
+      for (int64_t g = 0; g < H; ++g) {
+        const double cov = gram[H + std::min(h, g) * H + std::max(h, g)].v / n -
+                           (gram[h].v / n) * (gram[g].v / n);
+        v += double(wc[h]) * double(wc[g]) * cov;
+      }
+    }
+    mean[pk.bn1 + c] = m;
+    var[pk.bn1 + c] = std::max(v, 0.0);
+  }
+
+  // F2: X2 = W_d * E -> BN2 statistics.
+  {
+    const Norms<T> nm(p.w, mean, var, eps, pk);
+    std::vector<Moments> parts(tiles.count * C);
+    for_each_task<T>(d, p.block, tiles.count, [&](int64_t t, Planes<T>& ws) {
+      const int64_t b = tiles.batch(t);
+      const Range rows = tiles.rows(t);
+      const Range e_rows = clip(rows.lo - d.halo(), rows.hi + d.halo(), N);
+      ws.lo = e_rows.lo;
+      load_attn(p, ws, b, e_rows);
+      expand(p.w, &nm, pk, d, ws, e_rows);
+      depthwise(p.w, d, ws, rows);
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t i = rows.lo; i < rows.hi; ++i) parts[t * C + c].add(ws.at(ws.X2, c, i), N);
+    });
+    const auto mom = merge_in_order(parts, C);
+    for (int64_t c = 0; c < C; ++c) {
+      mean[pk.bn2 + c] = mom[c].mean;
+      var[pk.bn2 + c] = mom[c].m2 / n;
+    }
+  }
+
+  // F3: Y = W_r F and A -> BN3 statistics, and BN_a's from the co-moments:
+  //   z = s3 Y + t3 + A,  mean z = beta3 + mean A,  var z = s3^2 var Y + 2 s3 cov(Y, A) + var A.
+  {
+    const Norms<T> nm(p.w, mean, var, eps, pk);
+    std::vector<CoMoments> parts(tiles.count * H);
+    for_each_task<T>(d, p.block, tiles.count, [&](int64_t t, Planes<T>& ws) {
+      const int64_t b = tiles.batch(t);
+      const Range rows = tiles.rows(t);
+      chain_to_y(p, nm, pk, ws, b, rows);
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t i = rows.lo; i < rows.hi; ++i)
+          parts[t * H + h].add(ws.at(ws.Y, h, i), ws.at(ws.A, h, i), N);
+    });
+    const auto mom = merge_in_order(parts, H);
+    for (int64_t h = 0; h < H; ++h) {
+      const double var_y = mom[h].m2y / n;
+      const double s3 = double(p.w.gamma[pk.bn3 + h]) / std::sqrt(var_y + eps[2]);
+      mean[pk.bn3 + h] = mom[h].my;
+      var[pk.bn3 + h] = var_y;
+      mean[pk.bna + h] = double(p.w.beta[pk.bn3 + h]) + mom[h].ma;
+      var[pk.bna + h] = std::max(0.0, (s3 * s3 * mom[h].m2y + 2 * s3 * mom[h].cya + mom[h].m2a) / n);
+    }
+  }
+
+  // F4: A* and out.
+  const Norms<T> nm(p.w, mean, var, eps, pk);
+  for_each_task<T>(d, p.block, tiles.count, [&](int64_t t, Planes<T>& ws) {
+    const int64_t b = tiles.batch(t);
+    const Range rows = tiles.rows(t);
+    chain_to_y(p, nm, pk, ws, b, rows);
+    refine(nm, pk, d, ws, rows);
+    attend(p, ws, b, rows, out);
+  });
+}
+
+}  // namespace fastattnreg::cpu::refiner

@@ -1,0 +1,127 @@
+// Row-level building blocks of the Refiner kernels (refiner_kernels.h): the ReLU6 / BatchNorm
+// maps, the depthwise k x k convolution of one output row and its transpose, and the
+// numerically careful per-channel moments (row two-pass, Chan merge in double).
+// A "row" is one query row of one channel of the attention image: N contiguous values.
+#pragma once
+
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "rowops.h"
+
+namespace fastattnreg::cpu::refiner {
+
+// sum_j x[j]
+template <typename T>
+T sum_row(const T* x, int64_t n) {
+  using V = at::vec::Vectorized<T>;
+  V acc(T(0));
+  for_each_vec<T>(n, [&](int64_t j, int64_t c) { acc = acc + V::loadu(x + j, c); });
+  return hsum(acc);
+}
+
+// sum_j (x[j] - m)^2
+template <typename T>
+T centered_sumsq_row(const T* x, T m, int64_t n) {
+  using V = at::vec::Vectorized<T>;
+  const V vm(m);
+  V acc(T(0));
+  for_each_vec<T>(n, [&](int64_t j, int64_t c) {
+    const V d = V::set(V(T(0)), V::loadu(x + j, c) - vm, c);
+    acc = at::vec::fmadd(d, d, acc);
+  });
+  return hsum(acc);
+}
+
+// sum_j (x[j] - mx) (y[j] - my)
+template <typename T>
+T centered_dot_row(const T* x, T mx, const T* y, T my, int64_t n) {
+  using V = at::vec::Vectorized<T>;
+  const V vx(mx), vy(my);
+  V acc(T(0));
+  for_each_vec<T>(n, [&](int64_t j, int64_t c) {
+    const V dx = V::set(V(T(0)), V::loadu(x + j, c) - vx, c);
+    acc = at::vec::fmadd(dx, V::loadu(y + j, c) - vy, acc);
+  });
+  return hsum(acc);
+}
+
+// Mean and sum of squared deviations of one channel, merged row by row (Chan et al.): every row
+// is reduced in two passes around its own mean, rows are merged in double. Accurate even when
+// the mean dwarfs the spread (attention maps near uniform: mean 1/N, tiny variance), where
+// E[x^2] - E[x]^2 would cancel.
+struct Moments {
+  double n = 0, mean = 0, m2 = 0;
+  void add_row(double rn, double rmean, double rm2) {
+    const double tot = n + rn, delta = rmean - mean;
+    mean += delta * rn / tot;
+    m2 += rm2 + delta * delta * n * rn / tot;
+    n = tot;
+  }
+  void merge(const Moments& o) {
+    if (o.n > 0) add_row(o.n, o.mean, o.m2);
+  }
+  template <typename T>
+  void add(const T* x, int64_t len) {
+    const T m = sum_row(x, len) / T(len);
+    add_row(double(len), double(m), double(centered_sumsq_row(x, m, len)));
+  }
+};
+
+// Joint moments of two channels (y, a): means, sums of squared deviations and the co-moment.
+struct CoMoments {
+  double n = 0, my = 0, ma = 0, m2y = 0, m2a = 0, cya = 0;
+  void add_row(double rn, double rmy, double rma, double rm2y, double rm2a, double rcya) {
+    const double tot = n + rn, dy = rmy - my, da = rma - ma, w = n * rn / tot;
+    my += dy * rn / tot;
+    ma += da * rn / tot;
+    m2y += rm2y + dy * dy * w;
+    m2a += rm2a + da * da * w;
+    cya += rcya + dy * da * w;
+    n = tot;
+  }
+  void merge(const CoMoments& o) {
+    if (o.n > 0) add_row(o.n, o.my, o.ma, o.m2y, o.m2a, o.cya);
+  }
+  template <typename T>
+  void add(const T* y, const T* a, int64_t len) {
+    const T my_r = sum_row(y, len) / T(len), ma_r = sum_row(a, len) / T(len);
+    add_row(double(len), double(my_r), double(ma_r), double(centered_sumsq_row(y, my_r, len)),
+            double(centered_sumsq_row(a, ma_r, len)),
+            double(centered_dot_row(y, my_r, a, ma_r, len)));
+  }
+};
+
+// y[j] = min(max(s x[j] + t, 0), 6): a folded BatchNorm, then ReLU6.
+template <typename T>
+void affine_relu6_row(T* y, const T* x, int64_t n, T s, T t) {
+  for (int64_t j = 0; j < n; ++j) y[j] = std::min(std::max(s * x[j] + t, T(0)), T(6));
+}
+
+// g[j] *= (0 < s x[j] + t < 6): the ReLU6 gradient mask (strict, as PyTorch's hardtanh).
+template <typename T>
+void relu6_grad_row(T* g, const T* x, int64_t n, T s, T t) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T u = s * x[j] + t;
+    g[j] = (u > T(0) && u < T(6)) ? g[j] : T(0);
+  }
+}
+
+// out[j] += w * in[j + off] for every j with 0 <= j + off < n: one tap of a zero-padded
+// convolution along the key axis.
+template <typename T>
+void shifted_axpy_row(T* out, const T* in, int64_t n, int64_t off, T w) {
+  const int64_t j0 = std::max<int64_t>(0, -off), j1 = std::min<int64_t>(n, n - off);
+  if (j1 > j0) axpy_row(out + j0, in + j0 + off, j1 - j0, w);
+}
+
+// sum_j a[j] * b[j + off] over the same range: one tap's weight gradient.
+template <typename T>
+T shifted_dot_row(const T* a, const T* b, int64_t n, int64_t off) {
+  const int64_t j0 = std::max<int64_t>(0, -off), j1 = std::min<int64_t>(n, n - off);
+  return j1 > j0 ? dot_row(a + j0, b + j0 + off, j1 - j0) : T(0);
+}
+
+}  // namespace fastattnreg::cpu::refiner

@@ -1,0 +1,34 @@
+"""The autograd rule shared by every refined-attention forward op (C++ now, Triton later).
+
+A forward op `fastattnreg::<fwd>(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean,
+running_var, keep, eps, scale, drop_scale, training, save_probs) -> (out, probs, mean, var)`
+keeps q, k, v, the weights, P (probs) and the statistics it used; its backward op
+`<bwd>(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, mean, var, keep, eps,
+scale, drop_scale, training) -> (dq, dk, dv, dw_exp, dw_dw, dw_pro, dbn_weight, dbn_bias)`
+recomputes the refinement chain from P. probs, mean and var are outputs for the backward and
+the running-statistics update only: they carry no gradient.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def register_refiner_autograd(fwd_name: str, bwd_name: str) -> None:
+    """Registers autograd for torch.ops.fastattnreg.<fwd_name> using <bwd_name> as backward."""
+
+    def setup_context(ctx, inputs, output):
+        (q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, _, _, keep, eps, scale, drop_scale,
+         training, _) = inputs
+        _, probs, mean, var = output
+        ctx.save_for_backward(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, mean, var,
+                              keep)
+        ctx.args = (eps, scale, drop_scale, training)
+        ctx.mark_non_differentiable(probs, mean, var)
+
+    def backward(ctx, dout, _dprobs, _dmean, _dvar):
+        bwd = getattr(torch.ops.fastattnreg, bwd_name)  # looked up per call: tests may spy on it
+        grads = bwd(dout, *ctx.saved_tensors, *ctx.args)
+        return (*grads, None, None, None, None, None, None, None, None)
+
+    torch.library.register_autograd(f"fastattnreg::{fwd_name}", backward,
+                                    setup_context=setup_context)
