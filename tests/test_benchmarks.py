@@ -98,3 +98,31 @@ def test_memory_subprocess_sees_allocations_despite_a_big_parent():
     del ballast
     assert error == ""
     assert mb > 7.4
+
+
+def test_bench_vit_step_writes_csv_and_ratios(tmp_path, capsys, monkeypatch):
+    from benchmarks import bench_vit_step
+
+    monkeypatch.delenv(bench_vit_step.ENV_VAR, raising=False)
+    csv_path = tmp_path / "v.csv"
+    bench_vit_step.main([
+        "--presets", "vit_tiny_patch2_8:2", "--repeats", "2", "--warmup", "1",
+        "--memory-providers", "cpp", "--csv", str(csv_path),
+    ])
+    printed = capsys.readouterr().out
+    assert "median ms" in printed and "ratios vit_tiny_patch2_8 batch 2 fwd+bwd: cpp/timm" in printed
+    assert bench_vit_step.ENV_VAR not in os.environ  # restored after the run
+
+    with csv_path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == harness.CSV_COLUMNS
+    got = sorted((r["op"], r["provider"], r["mode"]) for r in rows)
+    assert got == sorted(("vit_step_vit_tiny_patch2_8", p, m) for p in bench_vit_step.PROVIDERS
+                         for m in ("fwd", "fwd+bwd"))
+    for r in rows:
+        assert r["shape"] == "2" and r["dtype"] == "float32"
+        assert 0 < float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
+        assert (r["peak_extra_mb"] != "") == (r["provider"] == "cpp" and r["mode"] == "fwd+bwd")
+    with pytest.raises(SystemExit):
+        bench_vit_step.main(["--presets", "vit_huge:2", "--csv", str(csv_path)])

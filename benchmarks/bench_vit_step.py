@@ -1,0 +1,186 @@
+"""Benchmark of one ViT training step: fastattnreg's VisionTransformer against timm's.
+
+Providers, each a freshly initialised model of the preset's configuration, float32, in
+training mode, with a batch of random images and labels:
+  cpp        fastattnreg.models VisionTransformer, backend="cpp" (fused C++ attention)
+  reference  the same model, backend="reference" (eager attention that materialises P)
+  timm       timm.models.VisionTransformer of the same configuration (timm's own Attention,
+             which calls torch's scaled_dot_product_attention: no maps)
+Modes: "fwd" = the forward to the logits under no_grad; "fwd+bwd" = one training step:
+cross-entropy forward, backward and AdamW step (lr 1e-4, gradients zeroed in place after the
+step); "bwd" = the backward and AdamW step alone. The optimizer state and gradient buffers
+are allocated when the case is made (one AdamW step on zero gradients), so peak extra memory
+counts what a step adds in steady state: activations, their gradients and temporaries.
+
+Presets run as name:batch pairs (--presets). The preset reaches the harness's memory
+subprocess as FASTATTNREG_BENCH_VIT=<preset> (set around each run, restored after); the CSV
+`op` column is "vit_step_<preset>" and `shape` is the batch size. Under each table: the
+cpp/timm and cpp/reference ratios of time and memory.
+
+Run from the repo root: `python -m benchmarks.bench_vit_step`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from contextlib import contextmanager
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import harness
+from benchmarks.harness import Case, Provider, Result, Shape
+
+ENV_VAR = "FASTATTNREG_BENCH_VIT"
+DEFAULT_PRESETS = "vit_tiny_patch2_8:32,vit_tiny_patch4_32:8,vit_tiny_patch16_224:4"
+DEFAULT_CSV = harness.REPO_ROOT / "benchmarks" / "results" / "vit_step.csv"
+DEFAULT_MODES = "fwd,fwd+bwd"
+RATIOS = (("cpp", "timm"), ("cpp", "reference"))
+
+
+def current_preset() -> str:
+    from fastattnreg.models import PRESETS
+
+    name = os.environ.get(ENV_VAR, "vit_tiny_patch2_8")
+    if name not in PRESETS:
+        raise ValueError(f"{ENV_VAR} must name a preset {sorted(PRESETS)}; got {name!r}")
+    return name
+
+
+@contextmanager
+def preset_setting(name: str):
+    """Sets FASTATTNREG_BENCH_VIT for this process and its memory subprocesses."""
+    old = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = old
+
+
+def timm_model(config):
+    """timm's VisionTransformer with the same configuration (no weights downloaded)."""
+    import timm
+
+    if config.pos_embed != "learn" or config.attn != "fused":
+        raise ValueError("the timm provider builds pos_embed='learn', attn='fused' models only")
+    return timm.models.VisionTransformer(
+        img_size=config.img_size, patch_size=config.patch_size, in_chans=config.in_chans,
+        num_classes=config.num_classes, embed_dim=config.embed_dim, depth=config.depth,
+        num_heads=config.num_heads, mlp_ratio=config.mlp_ratio, qkv_bias=config.qkv_bias,
+        class_token=config.class_token, global_pool=config.global_pool)
+
+
+def step_case(model: torch.nn.Module, config, batch: int, dtype: torch.dtype,
+              device: torch.device) -> Case:
+    """forward -> loss; backward(loss) -> backward + AdamW step + in-place zero_grad."""
+    model = model.to(device=device, dtype=dtype).train()
+    images = torch.randn(batch, config.in_chans, config.img_size, config.img_size,
+                         dtype=dtype, device=device)
+    labels = torch.randint(max(config.num_classes, 1), (batch,), device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    for p in params:  # steady state: gradient buffers and AdamW moments exist already
+        p.grad = torch.zeros_like(p)
+    opt.step()
+
+    def forward():
+        if not torch.is_grad_enabled():  # mode "fwd": inference only
+            return model(images)
+        return F.cross_entropy(model(images), labels)
+
+    def backward(loss):
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+    return Case(forward, backward)
+
+
+def _make(kind: str):
+    def make(shape: Shape, dtype: torch.dtype, device: torch.device) -> Case:
+        from fastattnreg.models import create_model, preset_config
+
+        (batch,) = shape
+        config = preset_config(current_preset())
+        if kind == "timm":
+            model = timm_model(config)
+        else:
+            model = create_model(current_preset(), backend=kind)
+        return step_case(model, config, batch, dtype, device)
+
+    return make
+
+
+PROVIDERS = {name: Provider(name, _make(name)) for name in ("cpp", "reference", "timm")}
+
+
+def print_ratios(shape: Shape, results: Sequence[Result]) -> None:
+    """cpp against timm and the reference, per mode: time, and memory where measured."""
+    by_key = {(r.provider, r.mode): r for r in results}
+    for mode in sorted({r.mode for r in results}):
+        parts = []
+        for num, den in RATIOS:
+            a, b = by_key.get((num, mode)), by_key.get((den, mode))
+            if a is None or b is None:
+                continue
+            text = f"{num}/{den} time {a.median_ms / b.median_ms:.2f}"
+            if a.peak_extra_mb is not None and b.peak_extra_mb:
+                text += f", memory {a.peak_extra_mb / b.peak_extra_mb:.2f}"
+            parts.append(text)
+        if parts:
+            print(f"ratios {current_preset()} batch {shape[0]} {mode}: " + "; ".join(parts),
+                  flush=True)
+
+
+def parse_presets(text: str) -> list[tuple[str, int]]:
+    """'vit_tiny_patch2_8:32,vit_tiny_patch16_224:4' -> [(name, batch), ...]."""
+    from fastattnreg.models import PRESETS
+
+    pairs = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, _, batch = part.partition(":")
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+        if not batch.isdigit() or int(batch) < 1:
+            raise ValueError(f"presets are name:batch with batch >= 1; got {part!r}")
+        pairs.append((name, int(batch)))
+    if not pairs:
+        raise ValueError("--presets is empty")
+    return pairs
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_vit_step",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    harness.add_common_args(parser, default_shapes="", provider_names=list(PROVIDERS),
+                            default_csv=DEFAULT_CSV)
+    parser.add_argument("--presets", default=DEFAULT_PRESETS,
+                        help=f"comma-separated preset:batch pairs (default {DEFAULT_PRESETS})")
+    parser.set_defaults(modes=DEFAULT_MODES, repeats=7, warmup=2)
+    args = parser.parse_args(argv)
+    if args.shapes:
+        parser.error("bench_vit_step takes --presets name:batch, not --shapes")
+    try:
+        opts = harness.resolve_common_args(args, list(PROVIDERS))
+        presets = parse_presets(args.presets)
+    except ValueError as exc:
+        parser.error(str(exc))
+    opts.pop("shapes")
+    providers = [PROVIDERS[name] for name in opts.pop("provider_names")]
+    results = {}
+    for name, batch in presets:
+        with preset_setting(name):
+            results[name] = harness.run_benchmark(
+                f"vit_step_{name}", providers, [(batch,)], registry="benchmarks.bench_vit_step",
+                warmup_shape=lambda shape: (1,), after_shape=print_ratios, **opts)
+    return results
+
+
+if __name__ == "__main__":
+    main()
