@@ -1,0 +1,149 @@
+"""The Triton Refiner kernels as torch ops: fastattnreg::triton_refined_attention_fwd / _bwd.
+
+Same schemas and outputs as the C++ ops refined_attention_fwd / _bwd (csrc/registration.cpp),
+registered like ops/triton_attention.py: `torch.library.triton_op`s on CUDA (the implementation
+only allocates, launches through `wrap_triton` and runs torch ops, so it is its own fake kernel),
+opaque `custom_op`s with the fake kernels below under TRITON_INTERPRET=1. The autograd rule is
+the one the C++ ops use (ops/refiner_autograd.py); ops/refiner.py's `_forward_op` picks these
+for backend "triton". Kernels and what they store: fastattnreg/triton/refiner.py.
+Imported only when Triton is installed (see fastattnreg.backend).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..triton import refiner as _kernels
+from .refiner_autograd import register_refiner_autograd
+from .triton_attention import _check_common, _check_like, define_triton_op, _unit_stride
+
+FWD_NAME = "fastattnreg::triton_refined_attention_fwd"
+BWD_NAME = "fastattnreg::triton_refined_attention_bwd"
+FWD_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor w_exp, Tensor w_dw, Tensor w_pro, Tensor bn_weight, "
+    "Tensor bn_bias, Tensor running_mean, Tensor running_var, Tensor? keep, float[] eps, "
+    "float scale, float drop_scale, bool training, bool save_probs) "
+    "-> (Tensor out, Tensor probs, Tensor mean, Tensor var)"
+)
+BWD_SCHEMA = (
+    "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor w_exp, Tensor w_dw, Tensor w_pro, "
+    "Tensor bn_weight, Tensor bn_bias, Tensor probs, Tensor mean, Tensor var, Tensor? keep, "
+    "float[] eps, float scale, float drop_scale, bool training) "
+    "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dw_exp, Tensor dw_dw, Tensor dw_pro, "
+    "Tensor dbn_weight, Tensor dbn_bias)"
+)
+MAX_KERNEL_SIZE = 15  # as the C++ kernels (csrc/cpu/refiner.cpp)
+
+
+# ------------------------------------------------------------------------------------ checks
+# The raw ops skip refined_attention()'s checks; these hold for direct torch.ops calls too.
+
+
+def _check_args(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, eps, scale, drop_scale,
+                training) -> tuple[int, int]:
+    """Checks what both ops take; returns (C, K)."""
+    _check_common(q, k, v, scale, "none")
+    B, H, N, _ = q.shape
+    _kernels.check_grid(B, H)
+    if w_exp.dim() != 2 or w_exp.shape[0] < 1:
+        raise ValueError(f"w_exp must be 2-D (C, H) with C = expansion * H >= 1 expanded "
+                         f"channels; got shape {tuple(w_exp.shape)}")
+    C = w_exp.shape[0]
+    _check_like(w_exp, "w_exp", (C, H), q.dtype, q.device)
+    if w_dw.dim() != 3:
+        raise ValueError(f"w_dw must be 3-D (C, K, K); got shape {tuple(w_dw.shape)}")
+    K = w_dw.shape[-1]
+    if K % 2 == 0 or not 1 <= K <= MAX_KERNEL_SIZE:
+        raise ValueError(f"the depthwise kernel size K must be odd and in [1, {MAX_KERNEL_SIZE}] "
+                         f"(zero 'same' padding needs an odd kernel); got {K}")
+    _check_like(w_dw, "w_dw", (C, K, K), q.dtype, q.device)
+    _check_like(w_pro, "w_pro", (H, C), q.dtype, q.device)
+    _check_like(bn_weight, "bn_weight", (2 * C + 2 * H,), q.dtype, q.device)
+    _check_like(bn_bias, "bn_bias", (2 * C + 2 * H,), q.dtype, q.device)
+    if len(eps) != 4:
+        raise ValueError(f"eps must hold 4 values (bn1, bn2, bn3, adapt); got {len(eps)}")
+    for e in eps:
+        if not (math.isfinite(e) and e >= 0):
+            raise ValueError(f"eps must be finite and >= 0; got {e}")
+    if not (math.isfinite(drop_scale) and drop_scale >= 1):
+        raise ValueError(f"drop_scale = 1 / (1 - attn_drop) must be finite and >= 1; got "
+                         f"{drop_scale}")
+    if keep is not None:
+        _check_like(keep, "keep (the dropout mask)", (B, H, N, N), torch.bool, q.device)
+    if training and B * N * N < 2:
+        raise ValueError(f"training-mode BatchNorm needs more than 1 value per channel; got "
+                         f"B * N * N = {B * N * N}")
+    return C, K
+
+
+def _check_fwd(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, running_var, keep,
+               eps, scale, drop_scale, training) -> None:
+    C, _ = _check_args(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, eps, scale,
+                       drop_scale, training)
+    H = q.shape[1]
+    _check_like(running_mean, "running_mean", (2 * C + 2 * H,), q.dtype, q.device)
+    _check_like(running_var, "running_var", (2 * C + 2 * H,), q.dtype, q.device)
+
+
+def _check_bwd(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, mean, var, keep, eps,
+               scale, drop_scale, training) -> None:
+    C, _ = _check_args(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, eps, scale,
+                       drop_scale, training)
+    B, H, N, _ = q.shape
+    _check_like(dout, "dout", q.shape, q.dtype, q.device)
+    if probs.numel() > 0 or training:
+        if training and probs.numel() == 0:
+            raise ValueError(f"probs must be the (B, H, N, N) P saved by a training-mode forward;"
+                             f" got shape {tuple(probs.shape)}")
+        _check_like(probs, "probs", (B, H, N, N), torch.float32, q.device)
+    _check_like(mean, "mean", (2 * C + 2 * H,), torch.float32, q.device)
+    _check_like(var, "var", (2 * C + 2 * H,), torch.float32, q.device)
+
+
+# ------------------------------------------------------------------------- implementations
+
+
+def _triton_fwd(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, running_var, keep,
+                eps, scale, drop_scale, training, save_probs):
+    _check_fwd(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, running_var, keep,
+               eps, scale, drop_scale, training)
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    keep = keep.contiguous() if training and keep is not None else None  # eval: no dropout
+    return _kernels.refined_fwd(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean,
+                                running_var, keep, eps, scale, drop_scale, training, save_probs)
+
+
+def _triton_bwd(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, mean, var, keep,
+                eps, scale, drop_scale, training):
+    _check_bwd(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, mean, var, keep, eps,
+               scale, drop_scale, training)
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    keep = keep.contiguous() if training and keep is not None else None
+    return _kernels.refined_bwd(dout.contiguous(), q, k, v, w_exp, w_dw, w_pro, bn_weight,
+                                bn_bias, probs.contiguous(), mean, var, keep, eps, scale,
+                                drop_scale, training)
+
+
+def _fwd_fake(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, running_var, keep,
+              eps, scale, drop_scale, training, save_probs):
+    _check_fwd(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, running_var, keep,
+               eps, scale, drop_scale, training)
+    B, H, N, _ = q.shape
+    f32 = {"dtype": torch.float32}
+    probs_shape = (B, H, N, N) if training or save_probs else (0,)
+    return (q.new_empty(q.shape), q.new_empty(probs_shape, **f32),
+            q.new_empty(bn_weight.shape, **f32), q.new_empty(bn_weight.shape, **f32))
+
+
+def _bwd_fake(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, mean, var, keep, eps,
+              scale, drop_scale, training):
+    _check_bwd(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, mean, var, keep, eps,
+               scale, drop_scale, training)
+    return tuple(t.new_empty(t.shape) for t in (q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias))
+
+
+triton_refined_attention_fwd = define_triton_op(FWD_NAME, _triton_fwd, FWD_SCHEMA, _fwd_fake)
+triton_refined_attention_bwd = define_triton_op(BWD_NAME, _triton_bwd, BWD_SCHEMA, _bwd_fake)
+
+register_refiner_autograd(FWD_NAME.split("::")[1], BWD_NAME.split("::")[1])
