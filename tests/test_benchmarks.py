@@ -126,3 +126,17 @@ def test_bench_vit_step_writes_csv_and_ratios(tmp_path, capsys, monkeypatch):
         assert (r["peak_extra_mb"] != "") == (r["provider"] == "cpp" and r["mode"] == "fwd+bwd")
     with pytest.raises(SystemExit):
         bench_vit_step.main(["--presets", "vit_huge:2", "--csv", str(csv_path)])
+
+
+def test_bench_init_writes_csv(tmp_path, capsys):
+    from benchmarks import bench_init
+
+    csv_path = tmp_path / "s.csv"
+    rows = bench_init.main(["--cases", "vit_tiny_patch2_8@8", "--kernels", "3", "--repeats", "1",
+                            "--csv", str(csv_path)])
+    assert "vit_tiny_patch2_8 @8 (4x4 tokens, C=64, H=4) fit" in capsys.readouterr().out
+    with csv_path.open(newline="") as f:
+        written = list(csv.DictReader(f))
+    assert [r["method"] for r in written] == ["fit", "closed_form"] == [r["method"] for r in rows]
+    for r in written:
+        assert r["grid"] == "4" and float(r["seconds"]) > 0 and float(r["min_hit_rate"]) >= 0.95
