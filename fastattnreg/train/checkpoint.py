@@ -1,6 +1,6 @@
 """Atomic writes of checkpoints, JSON and CSV, and reading checkpoints back with one-line errors.
 
-A file is first written to a temporary name in the same folder, flushed and fsynced, then moved
+A file is first written to a temporary name in the same folder (checkpoints also fsynced), then moved
 over the target with os.replace (atomic on POSIX): a run killed at any instant leaves either the
 previous complete file or the new complete one, never half of one.
 """
@@ -20,14 +20,17 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit; one-line message."""
 
 
-def _atomic(path: str, write: Callable[[Any], None], mode: str) -> None:
+def _atomic(path: str, write: Callable[[Any], None], mode: str, sync: bool = False) -> None:
+    """sync=True also fsyncs before the rename: the file then survives a power loss too, not
+    only a killed process (used for checkpoints; logs are rewritten from them on --resume)."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -36,7 +39,7 @@ def _atomic(path: str, write: Callable[[Any], None], mode: str) -> None:
 
 
 def save_torch(obj: Any, path: str) -> None:
-    _atomic(path, lambda f: torch.save(obj, f), "wb")
+    _atomic(path, lambda f: torch.save(obj, f), "wb", sync=True)
 
 
 def save_json(obj: Any, path: str) -> None:

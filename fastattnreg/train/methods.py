@@ -112,7 +112,21 @@ def vit_overrides(config: TrainConfig, data_info: dict, spec: MethodSpec) -> dic
     over.update(config.model_overrides)
     if spec.refiner:
         over["attn"] = "refiner"
+        over["backend"], _ = refiner_backend(over["backend"], config.device)
     return over
+
+
+def refiner_backend(backend: str, device: str) -> tuple[str, str]:
+    """(backend for a refiner ViT, note or ''): where the chosen backend has no fused
+    refined_attention kernel (Triton on CUDA, for now), the refiner runs on the reference path
+    instead of failing, and the note says so in every log line."""
+    from ..backend import resolve
+    chosen = resolve(backend, torch.device(device))
+    if chosen == "triton" and not hasattr(torch.ops.fastattnreg, "triton_refined_attention_fwd"):
+        return "reference", "refiner on the reference path (no Triton refined_attention kernel)"
+    if chosen == "reference" and backend != "reference":
+        return "reference", "refiner on the reference path (C++ kernels not built)"
+    return backend, ""
 
 
 def build_vit(config: TrainConfig, data_info: dict, spec: MethodSpec) -> nn.Module:

@@ -129,29 +129,36 @@ def reference_notes(built, config: TrainConfig, device) -> list[str]:
     if built.kind != "vit":
         return []
     from ..backend import resolve
-    notes = []
-    try:
-        chosen = resolve(config.backend, device)
-    except (ValueError, RuntimeError) as exc:
-        return [f"attention backend unavailable: {exc}"]
-    if chosen == "reference" and config.backend != "reference":
-        notes.append("attention on the reference path (fused kernels not available here)")
     if built.spec.refiner:
-        note = _refiner_note(built.model, config, device)
-        if note:
-            notes.append(note)
-    return notes
+        from .methods import refiner_backend
+        note = refiner_backend(config.backend, str(device))[1]
+        return [note] if note else []
+    if resolve(config.backend, device) == "reference" and config.backend != "reference":
+        return ["attention on the reference path (fused kernels not available here)"]
+    return []
 
 
-def _refiner_note(model, config, device) -> Optional[str]:
-    try:
-        from ..ops import refiner as refiner_ops  # noqa: F401
-    except ImportError:
-        return "refiner on the reference path (fused refined_attention op missing)"
-    fused = getattr(refiner_ops, "fused_available", None)
-    if callable(fused) and not fused(device):
-        return "refiner on the reference path (fused refined_attention op not built)"
-    return None
+# The frozen guides of GTALoss / LinkTask: read again from their cache or file on --resume.
+FROZEN_PREFIXES = ("source.", "link.cnn.")
+
+
+def _model_prefix(task: nn.Module, model: nn.Module) -> str:
+    return next(name for name, m in task.named_modules() if m is model) + "."
+
+
+def extra_state(task: nn.Module, model: nn.Module) -> dict:
+    """The task's state beyond the model (saved apart) and the frozen guides: e.g. the links."""
+    skip = (_model_prefix(task, model),) + FROZEN_PREFIXES
+    return {k: v for k, v in task.state_dict().items() if not k.startswith(skip)}
+
+
+def load_extra_state(task: nn.Module, model: nn.Module, extra: dict) -> None:
+    missing, unexpected = task.load_state_dict(extra, strict=False)
+    skip = (_model_prefix(task, model),) + FROZEN_PREFIXES
+    wrong = [k for k in missing if not k.startswith(skip)] + list(unexpected)
+    if wrong:
+        raise CheckpointError(f"--resume: the checkpoint's task state does not fit this method "
+                              f"(keys {wrong[:4]})")
 
 
 def versions() -> dict:
@@ -214,7 +221,8 @@ def train_run(config: TrainConfig, out_dir: str, *, resume: bool = False,
     history: list[dict] = []
     start = 0
     if ckpt is not None:
-        task.load_state_dict(ckpt["task"])
+        model.load_state_dict(ckpt["model"])
+        load_extra_state(task, model, ckpt["task"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         data_gen.set_state(ckpt["data_gen"])
@@ -279,7 +287,7 @@ def train_run(config: TrainConfig, out_dir: str, *, resume: bool = False,
         if ctx.is_main:
             _write_epoch(out_dir, row, base, history, config, epoch + 1, {
                 "config": config.to_dict(), **model_meta(built), "model": model.state_dict(),
-                "task": task.state_dict(), "optimizer": opt.state_dict(),
+                "task": extra_state(task, model), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "rng": rng_state(),
                 "data_gen": data_gen.get_state(), "aug_gen": aug_gen.get_state(),
                 "epoch": epoch + 1, "history": history})
