@@ -560,9 +560,9 @@ def refined_bwd(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, me
     dv = torch.matmul(refined.transpose(-2, -1), dout32).to(q.dtype)
     dgamma = torch.cat([s[1] for s in sums])
     dbeta = torch.cat([s[0] for s in sums])
-    dt = q.dtype
-    return (dq, dk, dv, dw_exp.to(dt), dw_dw.to(dt), dw_pro.to(dt), dgamma.to(dt),
-            dbeta.to(dt))
+    weight_grads = (dw_exp, dw_dw, dw_pro, dgamma, dbeta)  # some are transposed views
+    return (dq, dk, dv, *(g.to(q.dtype, memory_format=torch.contiguous_format)
+                          for g in weight_grads))
 
 
 def check_grid(B: int, H: int) -> None:

@@ -1,0 +1,230 @@
+"""refined_attention(backend="triton") on CPU tensors under Triton's interpreter.
+
+Not collected by a plain `pytest` run: TRITON_INTERPRET=1 must be set before Triton defines the
+kernels, so tests/test_triton_refiner.py runs this file in its own process, one group
+(-k interp_<group>) at a time. By hand:
+    TRITON_INTERPRET=1 python -m pytest -q tests/triton_refiner_cases.py
+float32 kernels against refined_attention_ref in float64 on small shapes (N = 17: one partial
+32 x 32 pixel tile; N = 33: four, with halos across tile edges), kernel 3 and 5, expansion 1..4,
+train and eval, dropout through a given mask. The interpreter is slow (the backward's
+depthwise-transposed pass recomputes K^4 expansions per pixel), so the shapes stay small.
+"""
+import os
+
+import pytest
+import torch
+
+import fastattnreg
+from fastattnreg import refined_attention, refined_attention_ref
+from conftest import max_err
+from test_refiner import PARAM_NAMES, call, clone_running, make_case, run_with_grads
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" or not fastattnreg.triton_available(),
+    reason="needs TRITON_INTERPRET=1 set before the import and Triton installed",
+)
+
+FP32_TOL = 1e-4
+OPS = torch.ops.fastattnreg
+
+
+def _triton(*args, **kw):
+    return refined_attention(*args, backend="triton", **kw)
+
+
+def _float32(qkv, params, running):
+    f = lambda ts: [t.detach().float().requires_grad_(t.requires_grad) for t in ts]  # noqa: E731
+    return f(qkv), f(params), ([t.float() for t in running[0]], [t.float() for t in running[1]])
+
+
+def _compare(shape, training, *, attn_drop=0.0, grads=True, seed=0):
+    """Triton float32 against the reference in float64: out, running stats, every gradient."""
+    B, H, N, D, expansion, ksize = shape
+    qkv, params, running = make_case(B, H, N, D, expansion, ksize, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    dout = torch.randn((B, H, N, D), generator=gen, dtype=torch.float64)
+    mask = torch.rand((B, H, N, N), generator=gen) >= attn_drop if attn_drop else None
+    kw = {"training": training, "momentum": 0.3, "eps": 1e-4, "attn_drop": attn_drop,
+          "drop_mask": mask}
+    ref_running = clone_running(running)
+    ref_out, ref_grads = run_with_grads(refined_attention_ref, qkv, params, ref_running, dout, **kw)
+    qkv32, params32, running32 = _float32(qkv, params, running)
+    if grads:
+        out, got_grads = run_with_grads(_triton, qkv32, params32, running32, dout.float(), **kw)
+    else:
+        with torch.no_grad():
+            out = call(_triton, qkv32, params32, running32, **kw)
+    assert out.dtype == torch.float32
+    assert max_err(out, ref_out) <= FP32_TOL * max(1.0, ref_out.abs().max().item()), "out"
+    for n, (got, want) in enumerate(zip(running32[0] + running32[1],
+                                        ref_running[0] + ref_running[1])):
+        assert max_err(got, want) <= FP32_TOL * max(1.0, want.abs().max().item()), f"running {n}"
+    if not grads:
+        return
+    # Gradients that vanish in exact arithmetic (bn3's bias in training: sum dX4 = 0) are
+    # compared on the scale of the largest one.
+    scale = max(1.0, max(g.abs().max().item() for g in ref_grads))
+    for name, got, want in zip(("dq", "dk", "dv") + PARAM_NAMES, got_grads, ref_grads):
+        assert got.shape == want.shape and got.dtype == torch.float32, name
+        assert max_err(got, want) <= FP32_TOL * max(scale * 1e-2, want.abs().max().item()), name
+
+
+# ------------------------------------------------------------------------------------ values
+# (B, H, N, D, expansion, K)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_interp_values_two_images_expansion_2(training):
+    _compare((2, 3, 17, 16, 2, 3), training)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_interp_values_expansion_4(training):
+    _compare((1, 3, 17, 32, 4, 3), training, seed=1)
+
+
+def test_interp_values_four_tiles_with_dropout():
+    _compare((1, 2, 33, 32, 1, 3), True, attn_drop=0.25, seed=2)
+
+
+def test_interp_values_kernel_5_train():
+    _compare((1, 2, 17, 16, 2, 5), True, seed=3)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_interp_values_kernel_5_four_tiles_forward(training):
+    _compare((1, 2, 33, 16, 3, 5), training, grads=False, seed=4)
+
+
+def test_interp_values_eval_backward_without_saved_probs():
+    """Raw backward op after an eval forward that kept no P (probs of shape (0,)): recomputed."""
+    qkv, params, running = _float32(*make_case(1, 2, 17, 16, 1, 3, seed=5))
+    args = _raw_args(qkv, params, running)
+    with torch.no_grad():
+        _, probs, mean, var = OPS.triton_refined_attention_fwd(*args, False, False)
+        _, probs_kept, _, _ = OPS.triton_refined_attention_fwd(*args, False, True)
+    assert probs.shape == (0,) and probs_kept.shape == (1, 2, 17, 17)
+    dout = torch.randn_like(qkv[0])
+    bwd_args = (dout, *args[:8])
+    tail = (None, [1e-5] * 4, 0.25, 1.0, False)
+    recomputed = OPS.triton_refined_attention_bwd(*bwd_args, probs, mean, var, *tail)
+    kept = OPS.triton_refined_attention_bwd(*bwd_args, probs_kept, mean, var, *tail)
+    for a, b in zip(recomputed, kept):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------ reruns
+
+
+def test_interp_reruns_bitwise_equal():
+    qkv, params, running = _float32(*make_case(1, 2, 17, 16, 2, 3, seed=6))
+    dout = torch.randn_like(qkv[0])
+    mask = torch.rand(1, 2, 17, 17) >= 0.2
+    runs = [run_with_grads(_triton, qkv, params, clone_running(running), dout, training=True,
+                           attn_drop=0.2, drop_mask=mask) for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0])
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------ errors
+
+
+def _raw_args(qkv, params, running):
+    """The raw forward op's arguments up to (excluding) training and save_probs."""
+    H, C = qkv[0].shape[1], params[0].shape[0]
+    K = params[1].shape[-1]
+    return (*[t.detach() for t in qkv], params[0].detach().reshape(C, H),
+            params[1].detach().reshape(C, K, K), params[2].detach().reshape(H, C),
+            torch.cat([t.detach() for t in params[3:7]]),
+            torch.cat([t.detach() for t in params[7:11]]), torch.cat(running[0]),
+            torch.cat(running[1]), None, [1e-5] * 4, 0.25, 1.0)
+
+
+def _with(args, index, value):
+    return tuple(value if n == index else a for n, a in enumerate(args))
+
+
+@pytest.mark.parametrize("index,value,match", [
+    (3, torch.zeros(4, 3), "w_exp must have shape"),
+    (4, torch.zeros(4, 2, 2), "kernel size K must be odd"),
+    (4, torch.zeros(4, 3, 5), "w_dw must have shape"),
+    (5, torch.zeros(3, 4), "w_pro must have shape"),
+    (6, torch.zeros(11), "bn_weight must have shape"),
+    (7, torch.zeros(12, dtype=torch.float64), "bn_bias must be torch.float32"),
+    (8, torch.zeros(5), "running_mean must have shape"),
+    (10, torch.ones(1, 2, 9, 9, dtype=torch.uint8), "keep"),
+    (11, [1e-5] * 3, "eps must hold 4 values"),
+    (11, [1e-5, -1.0, 1e-5, 1e-5], "eps must be finite and >= 0"),
+    (12, float("nan"), "scale must be a finite number"),
+    (13, 0.5, "drop_scale"),
+])
+def test_interp_errors_raw_forward(index, value, match):
+    qkv, params, running = _float32(*make_case(1, 2, 9, 16, 2, 3))
+    args = _with(_raw_args(qkv, params, running), index, value)
+    with pytest.raises(ValueError, match=match):
+        OPS.triton_refined_attention_fwd(*args, True, False)
+
+
+def test_interp_errors_qkv_and_backward():
+    qkv, params, running = _float32(*make_case(1, 2, 9, 16, 2, 3))
+    args = _raw_args(qkv, params, running)
+    with pytest.raises(ValueError, match="head dim D must be in"):
+        OPS.triton_refined_attention_fwd(*(t[..., :8] for t in args[:3]), *args[3:], True, False)
+    with pytest.raises(ValueError, match="dtype"):
+        OPS.triton_refined_attention_fwd(*(t.double() for t in args[:3]), *args[3:], True, False)
+    stats = torch.zeros(12)
+    bwd = (torch.zeros_like(args[0]), *args[:8])
+    tail = (None, [1e-5] * 4, 0.25, 1.0)
+    with pytest.raises(ValueError, match="probs must be the"):
+        OPS.triton_refined_attention_bwd(*bwd, torch.empty(0), stats, stats, *tail, True)
+    with pytest.raises(ValueError, match="probs must have shape"):
+        OPS.triton_refined_attention_bwd(*bwd, torch.zeros(1, 2, 9, 8), stats, stats, *tail, True)
+    with pytest.raises(ValueError, match="mean must have shape"):
+        OPS.triton_refined_attention_bwd(*bwd, torch.zeros(1, 2, 9, 9), stats[:5], stats, *tail,
+                                         True)
+    with pytest.raises(ValueError, match="dout must have shape"):
+        OPS.triton_refined_attention_bwd(torch.zeros(1, 2, 9, 8), *args[:8], torch.empty(0),
+                                         stats, stats, *tail, False)
+
+
+def test_interp_errors_public_function_names_triton():
+    qkv, params, running = _float32(*make_case(1, 2, 9, 8, 2, 3))
+    with pytest.raises(ValueError, match="head dim D must be in .* for backend 'triton'"):
+        call(_triton, qkv, params, running, training=True)
+
+
+# ------------------------------------------------------------------------------ registration
+
+
+def test_interp_registration_opcheck():
+    # Kernel size 1: opcheck runs each op many times, and registration does not depend on K.
+    qkv, params, running = _float32(*make_case(1, 2, 9, 16, 1, 1, seed=7))
+    args = _raw_args(qkv, params, running)
+    args = (*[t.requires_grad_() for t in args[:8]], *args[8:])
+    keep = torch.rand(1, 2, 9, 9) >= 0.3
+    torch.library.opcheck(OPS.triton_refined_attention_fwd.default,
+                          (*_with(_with(args, 10, keep), 13, 1 / 0.7), True, False))
+    torch.library.opcheck(OPS.triton_refined_attention_fwd.default, (*args, False, True))
+    with torch.no_grad():
+        _, probs, mean, var = OPS.triton_refined_attention_fwd(*args, True, False)
+    dout = torch.randn_like(qkv[0])
+    torch.library.opcheck(OPS.triton_refined_attention_bwd.default,
+                          (dout, *[t.detach() for t in args[:8]], probs, mean, var, None,
+                           [1e-5] * 4, 0.25, 1.0, True))
+
+
+def test_interp_registration_compile_fullgraph():
+    qkv, params, running = _float32(*make_case(1, 2, 9, 16, 2, 3, seed=8))
+    dout = torch.randn_like(qkv[0])
+    eager_running, compiled_running = clone_running(running), clone_running(running)
+    eager = run_with_grads(_triton, qkv, params, eager_running, dout, training=True)
+    torch._dynamo.reset()
+    fn = torch.compile(_triton, fullgraph=True, backend="aot_eager")
+    compiled = run_with_grads(fn, qkv, params, compiled_running, dout, training=True)
+    assert torch.equal(eager[0], compiled[0])
+    for a, b in zip(eager[1], compiled[1]):
+        assert torch.equal(a, b)
+    for a, b in zip(eager_running[0] + eager_running[1],
+                    compiled_running[0] + compiled_running[1]):
+        assert torch.equal(a, b)
