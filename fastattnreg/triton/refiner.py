@@ -56,8 +56,16 @@ dq, dk from dS = P (dP - rowsum(P dP)), dP = dA keep drop_scale. Every reduction
 (tiles, ...) partial buffer summed by torch in a fixed order: no atomics, reruns are bitwise equal.
 
 Tiles (not autotuned: the partial buffers' sizes must be known before the launch): 16 x 16
-pixels on the GPU (the batched tl.dot needs >= 16 on each side), 32 x 32 in the interpreter
-(fewer, bigger programs run much faster there). The GPU path has not been run on a GPU yet.
+pixels with 8 warps on the GPU (the batched tl.dot needs >= 16 on each side), 32 x 32 in the
+interpreter (fewer, bigger programs run much faster there). Evidence: every kernel and stage was
+compiled for sm_90a and sm_80 without a GPU (Triton 3.8, ptxas -v). On sm_90a at CP = 32
+(K = 3) the stats kernels do not spill and the others spill 0.01-1.2 KB per thread (the out
+kernel's (HP, 16, D) fp32 accumulator, the backward's STAGE 1); at CP = 64 all but STAGE 1 of
+the stats spill 0.1-2.8 KB; 4 warps spilled 2-4x more. Shared memory peaks at 160 KiB (STAGE 1,
+CP = 64). Nothing has run on a GPU yet: neither speed nor the GPU numerics are measured.
+The backward's STAGE 1 costs K^2 (K^2 + 1) expansions per pixel (90 at K = 3, 650 at K = 5);
+keeping the ReLU6 masks of Y2 as bits and using the kernel's autocorrelation for the x^2 term
+would bring it to (2K - 1)^2, not done yet.
 dtypes: q, k, v float32, float16 or bfloat16; every refinement value is fp32 (the weights are
 converted), out is cast back to q's dtype.
 """
@@ -73,7 +81,7 @@ from .attention import INTERPRET, LOG2E, MAX_GRID_Z, _dot_options, _round_to_bf1
 
 _N_AFF_ROWS = 6  # rows of the affine table per BatchNorm: a, b, mean, rstd, c0, c1
 # Channel dots: 3xTF32 keeps fp32 accuracy on tensor cores (the interpreter computes exactly).
-_CHANNEL_PRECISION = "tf32x3"
+_CHANNEL_PRECISION = tl.constexpr("tf32x3")
 
 
 def padded(n: int) -> int:
@@ -86,7 +94,7 @@ def pixel_tile(N: int) -> tuple[int, int, int]:
     if INTERPRET:
         side = max(16, min(32, triton.next_power_of_2(N)))
         return side, side, 4
-    return 16, 16, 4
+    return 16, 16, 8
 
 
 # ----------------------------------------------------------------------------------- helpers
