@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .config import TrainConfig
+from .config import STRUCTURED_LR, TrainConfig, default_lr
 from .data import AUGMENTS, DataError, check_fraction, parse_data_spec
 from .methods import MethodError, parse_method, parse_overrides
 
@@ -40,7 +40,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="stratified fraction of the training split, in (0, 1] (fixed seed 0)")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size")
-    p.add_argument("--lr", type=float, default=d.lr, help="AdamW peak learning rate")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"AdamW peak learning rate (default {d.lr:g}; structured: "
+                        f"{STRUCTURED_LR:g})")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
@@ -117,7 +119,8 @@ def resolve_device(text: str) -> str:
 def config_from_args(args, method: str, seed: int) -> TrainConfig:
     return TrainConfig(
         method=method, data=args.data, train_fraction=args.train_fraction, seed=seed,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr if args.lr is not None else default_lr(parse_method(method)),
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
         label_smoothing=args.label_smoothing, augment=args.augment, img_size=args.img_size,
         model=args.model, model_overrides=parse_overrides(args.model_opt),
@@ -135,8 +138,9 @@ def validate_common(args) -> None:
     check_fraction(args.train_fraction)
     for name in ("epochs", "batch_size", "img_size", "gta_source_epochs", "cnn_epochs"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
-    for name in ("lr", "cnn_lr"):
-        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.lr is not None:
+        _positive("--lr", args.lr)
+    _positive("--cnn-lr", args.cnn_lr)
     for name in ("weight_decay", "warmup_epochs", "label_smoothing", "gta_weight", "link_weight"):
         _positive("--" + name.replace("_", "-"), getattr(args, name), allow_zero=True)
     if args.label_smoothing >= 1:

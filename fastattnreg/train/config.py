@@ -10,15 +10,26 @@ DIGITS_MODEL = "vit_tiny_patch2_8"
 IMAGE_MODEL = "vit_tiny_patch4_32"
 
 
+STRUCTURED_LR = 1e-3  # a structured init trained at 2e-3 lost its pattern: 59.6% vs 66.4%
+
+
+def default_lr(spec) -> float:
+    """The learning rate a method gets when --lr is not given (tuned on 10% of digits): 1e-3
+    for a structured init trained from scratch (it keeps its impulse maps longer), else 2e-3."""
+    if spec.init == "structured" and spec.regulariser != "gta":
+        return STRUCTURED_LR
+    return TrainConfig.lr
+
+
 @dataclass
 class TrainConfig:
     method: str = "baseline"  # a method or a '+' combination (methods.py)
     data: str = "digits"  # digits | cifar10:PATH | folder:PATH
     train_fraction: float = 1.0  # stratified fraction of the training split, fixed seed 0
     seed: int = 0  # model init, data order, augmentation
-    epochs: int = 60
+    epochs: int = 50
     batch_size: int = 32  # global batch (split over DDP ranks)
-    lr: float = 1e-3  # AdamW peak learning rate
+    lr: float = 2e-3  # AdamW peak learning rate (the command line's default: default_lr)
     weight_decay: float = 0.05  # AdamW, not applied to biases, norms, tokens, embeddings
     warmup_epochs: int = 5  # linear warm-up, then cosine decay to 0 (per step)
     label_smoothing: float = 0.0
@@ -29,7 +40,7 @@ class TrainConfig:
     backend: str = "auto"  # attention backend (fastattnreg.backend)
     device: str = "cpu"
     # structured init (methods.md section 2)
-    structured_method: str = "closed_form"
+    structured_method: str = "fit"  # closed_form: peaked maps (q/k norm ~6x fit's), 25% acc
     structured_kernel: int = 3
     # gta (methods.md section 3)
     gta_source: str = "auto"  # auto | path of a checkpoint written by this tool

@@ -2,7 +2,8 @@
 task (a module whose forward(x) returns (logits, regulariser)).
 
   baseline    the ViT with timm's default init
-  structured  structured (impulse) init of every attention layer (fastattnreg.init)
+  structured  structured (impulse) init of every attention layer (fastattnreg.init), on a ViT
+              with the fixed sin-cos position embedding that the init is computed for
   mimetic     mimetic init (fastattnreg.init)
   refiner     RefinerAttention in every block (ViTConfig attn="refiner")
   gta         fine-tune from a source ViT with GTALoss (source: --gta-source CKPT or auto)
@@ -109,6 +110,9 @@ def parse_overrides(items) -> dict:
 def vit_overrides(config: TrainConfig, data_info: dict, spec: MethodSpec) -> dict:
     over = dict(img_size=data_info["img_size"], in_chans=data_info["in_chans"],
                 num_classes=data_info["num_classes"], backend=config.backend)
+    if spec.init == "structured":
+        # the impulse fit is computed on the fixed sin-cos embedding (methods.md section 2)
+        over["pos_embed"] = "sincos"
     over.update(config.model_overrides)
     if spec.refiner:
         over["attn"] = "refiner"

@@ -9,6 +9,7 @@ attention.png  for a few test images (one per class, first seed's final model of
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import torch
@@ -91,7 +92,7 @@ def plot_attention(out: str, methods: list[str], seed: int, config, path: str) -
         try:
             last, rolled = attention_grids(vit_from_checkpoint(ckpt), x)
         except RuntimeError as exc:  # a layer that exports no maps
-            print(f"[plot] {method}: no attention maps ({exc})")
+            print(f"[plot] {method}: no attention maps ({exc})", file=sys.stderr)
             continue
         rows += [(f"{method}\nhead-mean", last.numpy()), (f"{method}\nrollout", rolled.numpy())]
     plt = _pyplot()
