@@ -28,17 +28,6 @@ struct BnGrad {
   explicit BnGrad(int64_t n) : k(n, T(0)), cb(n, T(0)), cg(n, T(0)) {}
 };
 
-// dA* rows of every head from the stored dA* into the dAs planes.
-template <typename scalar_t, typename T>
-void load_dattn(const Problem<scalar_t, T>& p, const T* dattn, Planes<T>& ws, int64_t b,
-                Range rows) {
-  const int64_t N = p.d.N;
-  for (int64_t h = 0; h < p.d.H; ++h) {
-    const T* src = dattn + ((b * p.d.H + h) * N + rows.lo) * N;
-    std::copy(src, src + rows.size() * N, ws.at(ws.dAs, h, rows.lo));
-  }
-}
-
 // dz = BN_a backward of dA*, dy = BN3 backward of dz, on `rows` of every head.
 template <typename T>
 void grad_dz_dy(const Norms<T>& nm, const BnGrad<T>& g, const Packed& pk, const Dims& d,
@@ -74,85 +63,65 @@ void grad_du2(const Params<T>& w, const Norms<T>& nm, const Packed& pk, const Di
                    nm.t[pk.bn2 + c]);
 }
 
-// In place on `buf` (channels from `first` in the packed vectors): du -> dx = k (du - cb - x_hat cg).
+// dx = k (du - cb - x_hat cg) for one row of channel i (packed index) of a BatchNorm.
 template <typename T>
-void bn_backward_rows(const Norms<T>& nm, const BnGrad<T>& g, int64_t first, int64_t channels,
-                      T* const* du_rows, const T* const* x_rows, int64_t pix) {
-  for (int64_t c = 0; c < channels; ++c) {
-    const int64_t i = first + c;
-    const T m = nm.mean[i], inv = nm.invstd[i], k = g.k[i], cb = g.cb[i], cg = g.cg[i];
-    T* du = du_rows[c];
-    const T* x = x_rows[c];
-    for (int64_t j = 0; j < pix; ++j) du[j] = k * (du[j] - cb - (x[j] - m) * inv * cg);
-  }
+void bn_backward_row(const Norms<T>& nm, const BnGrad<T>& g, int64_t i, T* dx, const T* du,
+                     const T* x, int64_t n) {
+  const T m = nm.mean[i], inv = nm.invstd[i], k = g.k[i], cb = g.cb[i], cg = g.cg[i];
+  for (int64_t j = 0; j < n; ++j) dx[j] = k * (du[j] - cb - (x[j] - m) * inv * cg);
 }
 
-// Sums of du and du * x_hat of `channels` channels over `rows` (du, x planes of the tile).
-template <typename T>
-void bn_sums(const Norms<T>& nm, int64_t first, int64_t channels, const Planes<T>& ws,
-             T* du_plane, T* x_plane, Range rows, T* xhat_row, Sum* out) {
-  const int64_t N = ws.n;
-  for (int64_t c = 0; c < channels; ++c) {
-    const T m = nm.mean[first + c], inv = nm.invstd[first + c];
-    for (int64_t i = rows.lo; i < rows.hi; ++i) {
-      const T* du = ws.at(du_plane, c, i);
-      const T* x = ws.at(x_plane, c, i);
-      for (int64_t j = 0; j < N; ++j) xhat_row[j] = (x[j] - m) * inv;
-      out[2 * c].v += double(sum_row(du, N));
-      out[2 * c + 1].v += double(dot_row(du, xhat_row, N));
-    }
-  }
-}
-
-// Turns the merged sums (sum du, sum du x_hat) of channels [first, first + channels) into the
-// gradients of beta and gamma and the BatchNorm-backward coefficients.
+// Sums interleaved per channel (sum du, sum du x_hat, ...) or, with interleaved = false, all sums
+// of du then all sums of du x_hat.
 template <typename T>
 void finish_bn(const std::vector<Sum>& sums, const Params<T>& w, const Norms<T>& nm,
                int64_t first, int64_t channels, bool frozen, double n, T* dgamma, T* dbeta,
-               BnGrad<T>& g) {
+               BnGrad<T>& g, bool interleaved = true) {
   for (int64_t c = 0; c < channels; ++c) {
     const int64_t i = first + c;
-    dbeta[i] = T(sums[2 * c].v);
-    dgamma[i] = T(sums[2 * c + 1].v);
+    const Sum& sb = interleaved ? sums[2 * c] : sums[c];
+    const Sum& sg = interleaved ? sums[2 * c + 1] : sums[channels + c];
+    dbeta[i] = T(sb.v);
+    dgamma[i] = T(sg.v);
     g.k[i] = T(double(w.gamma[i]) * double(nm.invstd[i]));
-    g.cb[i] = frozen ? T(0) : T(sums[2 * c].v / n);
-    g.cg[i] = frozen ? T(0) : T(sums[2 * c + 1].v / n);
+    g.cb[i] = frozen ? T(0) : T(sb.v / n);
+    g.cg[i] = frozen ? T(0) : T(sg.v / n);
   }
 }
 
-// The halo rows of the wide passes (B3, B4): dx2 on x_rows, dE on the tile's rows.
+// The chain and its gradient up to du2 on `x_rows` (dA* from the stored map).
+template <typename scalar_t, typename T>
+void grad_to_du2(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, const Norms<T>& nm,
+                 const BnGrad<T>& g, const Packed& pk, Planes<T>& ws, int64_t b, Range x_rows) {
+  chain_to_y(p, nm, pk, ws, b, x_rows);
+  load_rows(gr.dattn, p.d, ws, ws.dAs, b, x_rows);
+  grad_dz_dy(nm, g, pk, p.d, ws, x_rows);
+  grad_du2(p.w, nm, pk, p.d, ws, x_rows);
+}
+
+// B3's chain: dx2 on the tile's rows plus a halo (into the padded DX2 planes), then
+// dE = W_d^T * dx2, du1 and dx1 on the rows (in the dE planes).
 template <typename scalar_t, typename T>
 void grad_to_dx1(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, const Norms<T>& nm,
-                 const BnGrad<T>& g, const Packed& pk, Planes<T>& ws, int64_t b, Range rows,
-                 bool bn1_backward) {
+                 const BnGrad<T>& g, const Packed& pk, const T* w_dw_flipped, Planes<T>& ws,
+                 int64_t b, Range rows) {
   const Dims& d = p.d;
-  const int64_t N = d.N, K = d.K, hl = d.halo(), C = d.C;
-  const Range x_rows = clip(rows.lo - hl, rows.hi + hl, N);
-  chain_to_y(p, nm, pk, ws, b, x_rows);
-  load_dattn(p, gr.dattn, ws, b, x_rows);
-  grad_dz_dy(nm, g, pk, d, ws, x_rows);
-  grad_du2(p.w, nm, pk, d, ws, x_rows);
-  std::vector<T*> du(C);
-  std::vector<const T*> x(C);
-  for (int64_t c = 0; c < C; ++c) du[c] = ws.at(ws.dF, c, x_rows.lo), x[c] = ws.at(ws.X2, c, x_rows.lo);
-  bn_backward_rows(nm, g, pk.bn2, C, du.data(), x.data(), x_rows.size() * N);  // dF -> dx2
-  // dE = W_d^T * dx2 on rows: E row i fed X2 row r = i - (di - hl) through tap (di, dj).
-  for (int64_t c = 0; c < C; ++c)
+  const int64_t N = d.N;
+  const Range x_rows = clip(rows.lo - d.halo(), rows.hi + d.halo(), N);
+  grad_to_du2(p, gr, nm, g, pk, ws, b, x_rows);
+  for (int64_t c = 0; c < d.C; ++c)
+    for (int64_t i = x_rows.lo; i < x_rows.hi; ++i)
+      bn_backward_row(nm, g, pk.bn2 + c, ws.at_pad(ws.DX2, c, i), ws.at(ws.dF, c, i),
+                      ws.at(ws.X2, c, i), N);
+  // The transposed convolution is the convolution with the kernel rotated by 180 degrees.
+  depthwise(w_dw_flipped, d, ws, ws.DX2, ws.dE, rows);
+  for (int64_t c = 0; c < d.C; ++c)
     for (int64_t i = rows.lo; i < rows.hi; ++i) {
       T* de = ws.at(ws.dE, c, i);
-      std::fill(de, de + N, T(0));
-      for (int64_t di = 0; di < K; ++di) {
-        const int64_t r = i - (di - hl);
-        if (r < 0 || r >= N) continue;
-        const T* dx2 = ws.at(ws.dF, c, r);
-        for (int64_t dj = 0; dj < K; ++dj)
-          shifted_axpy_row(de, dx2, N, -(dj - hl), p.w.w_dw[(c * K + di) * K + dj]);
-      }
-      relu6_grad_row(de, ws.at(ws.X1, c, i), N, nm.s[pk.bn1 + c], nm.t[pk.bn1 + c]);  // du1
+      const T* x1 = ws.at(ws.X1, c, i);
+      relu6_grad_row(de, x1, N, nm.s[pk.bn1 + c], nm.t[pk.bn1 + c]);  // du1
+      bn_backward_row(nm, g, pk.bn1 + c, de, de, x1, N);  // dx1
     }
-  if (!bn1_backward) return;
-  for (int64_t c = 0; c < C; ++c) du[c] = ws.at(ws.dE, c, rows.lo), x[c] = ws.at(ws.X1, c, rows.lo);
-  bn_backward_rows(nm, g, pk.bn1, C, du.data(), x.data(), rows.size() * N);  // du1 -> dx1
 }
 
 // Gradients of every input. mean/var: the statistics the forward used; frozen: eval mode (they
@@ -168,12 +137,17 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
   const double n = d.count();
   const Norms<T> nm(p.w, mean, var, eps, pk);
   BnGrad<T> g(pk.total);
+  std::vector<T> w_dw_flipped(C * K * K);
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t j = 0; j < K * K; ++j)
+      w_dw_flipped[c * K * K + j] = p.w.w_dw[c * K * K + (K * K - 1 - j)];
 
   // B1: dA* = dout V^T (stored); per head the sums of dA*, dA* z_hat, dA* y_hat, z_hat y_hat,
   // z_hat, y_hat. dz is affine in dA* given the forward, so BN3's sums follow from them too.
   {
     constexpr int W = 6;
     std::vector<Sum> parts(tiles.count * H * W);
+    PassTimer timer("B1 dA*, BN_a and BN3 sums");
     for_each_task<T>(d, p.block, tiles.count, [&](int64_t t, Planes<T>& ws) {
       const int64_t b = tiles.batch(t);
       const Range rows = tiles.rows(t);
@@ -226,57 +200,79 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
     finish_bn(bn3, p.w, nm, pk.bn3, H, frozen, n, gr.dgamma, gr.dbeta, g);
   }
 
-  // B2: dz, dy, dF, du2 on the tile's rows -> BN2's sums.
+  // B2: du2 on the rows -> BN2's sums, and BN1's. Those need dx2 = k2 (du2 - cb2 - x_hat2 cg2),
+  // whose cb2, cg2 are BN2's very sums; but with G = W_d * mask1 (the forward convolution of
+  // BN1's ReLU6 mask, on the rows) the adjoint of the convolution gives
+  //   sum du1 = sum mask1 (W_d^T * dx2) = sum G dx2 = k2 (sum G du2 - cb2 sum G - cg2 sum G x_hat2)
+  // and likewise sum du1 x_hat1 with G' = W_d * (mask1 x_hat1). No halo rows of dx2 are needed.
   {
-    std::vector<Sum> parts(tiles.count * 2 * C);
-    for_each_task<T>(d, p.block, tiles.count, [&](int64_t t, Planes<T>& ws) {
-      const int64_t b = tiles.batch(t);
-      const Range rows = tiles.rows(t);
-      chain_to_y(p, nm, pk, ws, b, rows);
-      load_dattn(p, gr.dattn, ws, b, rows);
-      grad_dz_dy(nm, g, pk, d, ws, rows);
-      grad_du2(p.w, nm, pk, d, ws, rows);
-      bn_sums(nm, pk.bn2, C, ws, ws.dF, ws.X2, rows, ws.rows, &parts[t * 2 * C]);
-    });
-    finish_bn(merge_in_order(parts, 2 * C), p.w, nm, pk.bn2, C, frozen, n, gr.dgamma, gr.dbeta, g);
-  }
-
-  // B3: dx2 on the halo, dE and du1 on the rows -> BN1's sums; dW_d and dW_r.
-  {
-    const int64_t wd = 2 * C, ww = C * K * K + H * C;
+    const int64_t wd = 8 * C;  // per channel: sum du2, du2 x_hat2, then G and G' with du2, x_hat2, 1
     std::vector<Sum> parts(tiles.count * wd);
-    std::vector<T> wparts(tiles.count * ww, T(0));
+    PassTimer timer("B2 BN2 and BN1 sums");
     for_each_task<T>(d, p.block, tiles.count, [&](int64_t t, Planes<T>& ws) {
       const int64_t b = tiles.batch(t);
       const Range rows = tiles.rows(t);
-      grad_to_dx1(p, gr, nm, g, pk, ws, b, rows, /*bn1_backward=*/false);
-      bn_sums(nm, pk.bn1, C, ws, ws.dE, ws.X1, rows, ws.rows, &parts[t * wd]);
-      T* dwd = &wparts[t * ww];
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t di = 0; di < K; ++di)
-          for (int64_t i = rows.lo; i < rows.hi; ++i) {
-            const int64_t r = i + di - hl;
-            if (r < 0 || r >= N) continue;
-            for (int64_t dj = 0; dj < K; ++dj)
-              dwd[(c * K + di) * K + dj] +=
-                  shifted_dot_row(ws.at(ws.dF, c, i), ws.at(ws.E, c, r), N, dj - hl);
+      const Range e_rows = clip(rows.lo - hl, rows.hi + hl, N);
+      grad_to_du2(p, gr, nm, g, pk, ws, b, rows);
+      // mask1 into the padded DX2 planes, mask1 x_hat1 into the padded E planes (E is spent).
+      for (int64_t c = 0; c < C; ++c) {
+        const T s1 = nm.s[pk.bn1 + c], t1 = nm.t[pk.bn1 + c];
+        const T m1 = nm.mean[pk.bn1 + c], i1 = nm.invstd[pk.bn1 + c];
+        for (int64_t i = e_rows.lo; i < e_rows.hi; ++i) {
+          const T* x1 = ws.at(ws.X1, c, i);
+          T* mask = ws.at_pad(ws.DX2, c, i);
+          T* mask_xhat = ws.at_pad(ws.E, c, i);
+          for (int64_t j = 0; j < N; ++j) {
+            const T u = s1 * x1[j] + t1;
+            mask[j] = (u > T(0) && u < T(6)) ? T(1) : T(0);
+            mask_xhat[j] = mask[j] * (x1[j] - m1) * i1;
           }
-      gemm_rm<T>(false, true, H, C, rows.size() * N, T(1), ws.at(ws.dY, 0, rows.lo), ws.ld(),
-                 ws.at(ws.F, 0, rows.lo), ws.ld(), T(0), dwd + C * K * K, C);
+        }
+      }
+      depthwise(p.w.w_dw, d, ws, ws.DX2, ws.dE, rows);  // G
+      depthwise(p.w.w_dw, d, ws, ws.E, ws.F, rows);     // G'
+      Sum* acc = &parts[t * wd];
+      T* xhat = ws.rows;
+      for (int64_t c = 0; c < C; ++c) {
+        const T m2 = nm.mean[pk.bn2 + c], i2 = nm.invstd[pk.bn2 + c];
+        for (int64_t i = rows.lo; i < rows.hi; ++i) {
+          const T* du2 = ws.at(ws.dF, c, i);
+          const T* x2 = ws.at(ws.X2, c, i);
+          for (int64_t j = 0; j < N; ++j) xhat[j] = (x2[j] - m2) * i2;
+          acc[c].v += double(sum_row(du2, N));
+          acc[C + c].v += double(dot_row(du2, xhat, N));
+          const T* gs[2] = {ws.at(ws.dE, c, i), ws.at(ws.F, c, i)};
+          for (int k = 0; k < 2; ++k) {
+            acc[(2 + 3 * k) * C + c].v += double(dot_row(gs[k], du2, N));
+            acc[(3 + 3 * k) * C + c].v += double(dot_row(gs[k], xhat, N));
+            acc[(4 + 3 * k) * C + c].v += double(sum_row(gs[k], N));
+          }
+        }
+      }
     });
-    finish_bn(merge_in_order(parts, wd), p.w, nm, pk.bn1, C, frozen, n, gr.dgamma, gr.dbeta, g);
-    for (int64_t j = 0; j < ww; ++j) {
-      double s = 0;
-      for (int64_t t = 0; t < tiles.count; ++t) s += double(wparts[t * ww + j]);
-      (j < C * K * K ? gr.dw_dw[j] : gr.dw_pro[j - C * K * K]) = T(s);
+    const auto s = merge_in_order(parts, wd);
+    finish_bn(std::vector<Sum>(s.begin(), s.begin() + 2 * C), p.w, nm, pk.bn2, C, frozen, n,
+              gr.dgamma, gr.dbeta, g, /*interleaved=*/false);
+    std::vector<Sum> bn1(2 * C);
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t i = pk.bn2 + c;
+      const double k = g.k[i], cb = g.cb[i], cg = g.cg[i];
+      for (int w = 0; w < 2; ++w) {  // sum du1 (G), sum du1 x_hat1 (G')
+        const double du2_g = s[(2 + 3 * w) * C + c].v, xhat_g = s[(3 + 3 * w) * C + c].v;
+        bn1[w * C + c].v = k * (du2_g - cb * s[(4 + 3 * w) * C + c].v - cg * xhat_g);
+      }
     }
+    finish_bn(bn1, p.w, nm, pk.bn1, C, frozen, n, gr.dgamma, gr.dbeta, g, /*interleaved=*/false);
   }
 
-  // B4, one task per batch element (dk, dv sum over its row blocks): dx1, dW_e, dA, dS, dq,
-  // dk, dv.
+  // B3, one task per batch element (dk, dv sum over its row blocks): dx1, dA, dS, dq, dk, dv
+  // and the conv weights' gradients.
   {
     constexpr bool kConvert = !std::is_same_v<T, scalar_t>;
-    std::vector<T> wparts(d.B * C * H, T(0));
+    // Per batch element: dW_e (C, H), dW_d (C, K, K), dW_r (H, C).
+    const int64_t ww = C * H + C * K * K + H * C;
+    std::vector<T> wparts(d.B * ww, T(0));
+    PassTimer timer("B3 dq, dk, dv, dW_e, dW_d, dW_r");
     for_each_task<T>(d, p.block, d.B, [&](int64_t b, Planes<T>& ws) {
       // K, dK, dV of every head and Q, dO, dQ of a block in acc type where they are converted.
       at::Tensor cvt = scratch<T>(kConvert ? N * D + 2 * H * N * D + 3 * ws.cap * D : 0);
@@ -288,9 +284,23 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
         const Range rows{i0, std::min(N, i0 + p.block)};
         const int64_t m = rows.size();
         const T beta = i0 == 0 ? T(0) : T(1);  // the first block overwrites dK, dV
-        grad_to_dx1(p, gr, nm, g, pk, ws, b, rows, /*bn1_backward=*/true);
+        grad_to_dx1(p, gr, nm, g, pk, w_dw_flipped.data(), ws, b, rows);
+        T* dwe = &wparts[b * ww];
+        T* dwd = dwe + C * H;
         gemm_rm<T>(false, true, C, H, m * N, T(1), ws.at(ws.dE, 0, rows.lo), ws.ld(),
-                   ws.at(ws.A, 0, rows.lo), ws.ld(), T(1), &wparts[b * C * H], H);
+                   ws.at(ws.A, 0, rows.lo), ws.ld(), T(1), dwe, H);
+        for (int64_t c = 0; c < C; ++c)  // dW_d: dx2 against the shifted E (zero margins)
+          for (int64_t di = 0; di < K; ++di)
+            for (int64_t i = rows.lo; i < rows.hi; ++i) {
+              const int64_t r = i + di - hl;
+              if (r < 0 || r >= N) continue;
+              for (int64_t dj = 0; dj < K; ++dj)
+                dwd[(c * K + di) * K + dj] +=
+                    dot_row(ws.at_pad(ws.DX2, c, i), ws.at_pad(ws.E, c, r) + dj - hl, N);
+            }
+        activate2(nm, pk, d, ws, rows);  // F, for dW_r = dy F^T
+        gemm_rm<T>(false, true, H, C, m * N, T(1), ws.at(ws.dY, 0, rows.lo), ws.ld(),
+                   ws.at(ws.F, 0, rows.lo), ws.ld(), T(1), dwd + C * K * K, C);
         // dA = W_e^T dx1 + dz (the residual), then through the dropout mask.
         gemm_rm<T>(true, false, H, m * N, C, T(1), p.w.w_exp, H, ws.at(ws.dE, 0, rows.lo),
                    ws.ld(), T(0), ws.at(ws.dA, 0, rows.lo), ws.ld());
@@ -328,10 +338,13 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
         store_tile(gr.dv + b * H * N * D, dVc, H * N * D);
       }
     });
-    for (int64_t j = 0; j < C * H; ++j) {
+    for (int64_t j = 0; j < ww; ++j) {
       double s = 0;
-      for (int64_t b = 0; b < d.B; ++b) s += double(wparts[b * C * H + j]);
-      gr.dw_exp[j] = T(s);
+      for (int64_t b = 0; b < d.B; ++b) s += double(wparts[b * ww + j]);
+      T* dst = j < C * H ? gr.dw_exp + j
+               : j < C * H + C * K * K ? gr.dw_dw + (j - C * H)
+                                       : gr.dw_pro + (j - C * H - C * K * K);
+      *dst = T(s);
     }
   }
 }

@@ -46,6 +46,7 @@ void forward_impl(const Problem<scalar_t, T>& p, bool training, std::vector<doub
 
   if (!training) {
     const Norms<T> nm(p.w, mean, var, eps, pk);
+    PassTimer timer("eval forward");
     for_each_task<T>(d, p.block, tiles.count, [&](int64_t t, Planes<T>& ws) {
       const int64_t b = tiles.batch(t);
       const Range rows = tiles.rows(t);
@@ -60,6 +61,8 @@ void forward_impl(const Problem<scalar_t, T>& p, bool training, std::vector<doub
   // centring at 1/N keeps the Gram free of cancellation).
   const T c0 = T(1) / T(N);
   std::vector<Sum> gram_parts(tiles.count * (H + H * H));
+  {
+  PassTimer timer1("F1 softmax, Gram");
   for_each_task<T>(d, p.block, tiles.count, [&](int64_t t, Planes<T>& ws) {
     const int64_t b = tiles.batch(t);
     const Range rows = tiles.rows(t);
@@ -79,6 +82,7 @@ void forward_impl(const Problem<scalar_t, T>& p, bool training, std::vector<doub
           acc[H + h * H + g].v += double(dot_row(ws.at(ws.dA, h, i), ws.at(ws.dA, g, i), N));
     }
   });
+  }
   const auto gram = merge_in_order(gram_parts, H + H * H);
   for (int64_t c = 0; c < C; ++c) {
     const T* wc = p.w.w_exp + c * H;
@@ -95,18 +99,20 @@ void forward_impl(const Problem<scalar_t, T>& p, bool training, std::vector<doub
     var[pk.bn1 + c] = std::max(v, 0.0);
   }
 
+  // Y = W_r F (B, H, N, N), written by F3 for F4: one map more for the forward's duration, one
+  // pass over the C-channel chain less.
+  at::Tensor y_mem = scratch<T>(d.B * H * N * N);
+  T* ybuf = y_mem.data_ptr<T>();
+
   // F2: X2 = W_d * E -> BN2 statistics.
   {
     const Norms<T> nm(p.w, mean, var, eps, pk);
     std::vector<Moments> parts(tiles.count * C);
+    PassTimer timer("F2 BN2 statistics");
     for_each_task<T>(d, p.block, tiles.count, [&](int64_t t, Planes<T>& ws) {
       const int64_t b = tiles.batch(t);
       const Range rows = tiles.rows(t);
-      const Range e_rows = clip(rows.lo - d.halo(), rows.hi + d.halo(), N);
-      ws.lo = e_rows.lo;
-      load_attn(p, ws, b, e_rows);
-      expand(p.w, &nm, pk, d, ws, e_rows);
-      depthwise(p.w, d, ws, rows);
+      chain_to_x2(p, nm, pk, ws, b, rows);
       for (int64_t c = 0; c < C; ++c)
         for (int64_t i = rows.lo; i < rows.hi; ++i) parts[t * C + c].add(ws.at(ws.X2, c, i), N);
     });
@@ -122,10 +128,12 @@ void forward_impl(const Problem<scalar_t, T>& p, bool training, std::vector<doub
   {
     const Norms<T> nm(p.w, mean, var, eps, pk);
     std::vector<CoMoments> parts(tiles.count * H);
+    PassTimer timer("F3 BN3, BN_a statistics");
     for_each_task<T>(d, p.block, tiles.count, [&](int64_t t, Planes<T>& ws) {
       const int64_t b = tiles.batch(t);
       const Range rows = tiles.rows(t);
       chain_to_y(p, nm, pk, ws, b, rows);
+      store_rows(ybuf, d, ws, ws.Y, b, rows);
       for (int64_t h = 0; h < H; ++h)
         for (int64_t i = rows.lo; i < rows.hi; ++i)
           parts[t * H + h].add(ws.at(ws.Y, h, i), ws.at(ws.A, h, i), N);
@@ -143,10 +151,13 @@ void forward_impl(const Problem<scalar_t, T>& p, bool training, std::vector<doub
 
   // F4: A* and out.
   const Norms<T> nm(p.w, mean, var, eps, pk);
+  PassTimer timer4("F4 output");
   for_each_task<T>(d, p.block, tiles.count, [&](int64_t t, Planes<T>& ws) {
     const int64_t b = tiles.batch(t);
     const Range rows = tiles.rows(t);
-    chain_to_y(p, nm, pk, ws, b, rows);
+    ws.lo = rows.lo;
+    load_attn(p, ws, b, rows);
+    load_rows(ybuf, d, ws, ws.Y, b, rows);
     refine(nm, pk, d, ws, rows);
     attend(p, ws, b, rows, out);
   });

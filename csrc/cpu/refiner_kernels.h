@@ -6,23 +6,27 @@
 // Nothing of size (B, C, N, N) ever exists. Work is done on tiles: one batch element, a block of
 // query rows and every channel at once (the 1x1 convolutions mix the heads). A tile recomputes
 // the chain from A for its rows plus a (k-1)/2-row halo (2 halos where the backward needs the
-// transposed convolution), in planes of (channels x rows x N) laid out so that each 1x1
+// transposed convolution on halo rows), in planes of (channels x rows x N) laid out so that each 1x1
 // convolution is one small GEMM over all of the tile's pixels.
 //
 // Eval mode: each BatchNorm is a per-channel affine map; one pass per tile from q, k to out.
 // Training mode: BatchNorm statistics are global reductions, so the forward runs 4 passes and
-// the backward 4 (below); every pass reads the stored P (B, H, N, N) instead of redoing the
+// the backward 3 (below); every pass reads the stored P (B, H, N, N) instead of redoing the
 // softmax (our choice: P costs 1/(3 * expansion + 6) of the eager module's maps and saves a
-// Q K^T GEMM, the most expensive step per pixel, in 7 of 8 passes).
+// Q K^T GEMM, the most expensive step per pixel, in 6 of 7 passes).
 //   forward  F1 softmax -> P stored; BN1 statistics from the sums and the Gram matrix of A
 //               (W_e is linear: mean and variance of W_e A follow from them)
 //            F2 E, X2 = W_d * E -> BN2 statistics (row two-pass moments, Chan merge)
-//            F3 F, Y -> BN3 statistics and BN_a's (co-moments of Y and A per head)
-//            F4 A*, out = A* V
+//            F3 F, Y -> BN3 statistics and BN_a's (co-moments of Y and A per head); Y stored
+//               for the forward's duration only
+//            F4 A* from A and Y, out = A* V
 //   backward B1 dA* = dout V^T stored; sums for BN_a and BN3 (dz is affine in dA*)
-//            B2 dz, dy, dF -> sums for BN2
-//            B3 dx2 on the halo, dE = W_d^T * dx2 -> sums for BN1; dW_d, dW_r
-//            B4 dx1, dA, dS = P (dP - rowsum), dq, dk, dv; dW_e
+//            B2 dz, dy, du2 -> sums for BN2 and, through the adjoint of the depthwise
+//               convolution, for BN1 (see there)
+//            B3 (one task per batch element) dx2 on the halo, dE = W_d^T * dx2, dx1, dA,
+//               dS = P (dP - rowsum), dq, dk, dv; dW_e, dW_d, dW_r
+// Extra memory in training: P for the backward, Y during the forward, dA* during the backward,
+// all (B, H, N, N); the dropout keep-mask (B, H, N, N) bool when attn_drop > 0.
 // Every pass writes per-task partials that are merged in task order, so results are bitwise
 // repeatable whichever thread ran a task.
 #pragma once
@@ -31,7 +35,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <vector>
 
 #include "attention_kernels.h"
@@ -111,37 +118,70 @@ inline Range clip(int64_t lo, int64_t hi, int64_t n) {
   return {std::max<int64_t>(lo, 0), std::min<int64_t>(hi, n)};
 }
 
-// Rows per tile: an expanded plane (C x rows x N) of about kPlaneElems, at least 8 rows, then
-// balanced so that no block is a sliver.
-constexpr int64_t kPlaneElems = 64 * 1024;
+// Rows per tile: an expanded plane (C x rows x N) of about kPlaneElems (128 KiB of float, so the
+// dozen planes of a tile stay near the 2 MiB L2; 16 to 64 Ki measured alike within noise), at
+// least 8 rows, then balanced so that no block is a sliver.
+constexpr int64_t kPlaneElems = 32 * 1024;
 inline int64_t tile_rows(const Dims& d) {
   const int64_t cap = std::max<int64_t>(8, kPlaneElems / (d.C * d.N) - 4 * d.halo());
   const int64_t blocks = (d.N + cap - 1) / cap;
   return (d.N + blocks - 1) / blocks;
 }
 
-// Per-worker planes of one tile. All planes index global query rows from the same `lo`.
+// Per-worker planes of one tile. All planes index global query rows from the same `lo`. E and
+// DX2 (the inputs of the depthwise convolution and of its transpose) are padded: each row has
+// `halo` zeros on both sides, so every tap reads in bounds and the zero padding of the image
+// along the key axis costs nothing.
 template <typename T>
 struct Planes {
-  int64_t cap, n, lo = 0;
-  at::Tensor mem;
+  int64_t cap, n, hl, np, lo = 0;  // rows per channel, N, halo, padded row length N + 2 halo
+  at::Tensor mem, padded;
   T *A, *Y, *As, *dAs, *dZ, *dY, *dA;  // H channels: A, Y = W_r F, A*, dA*, dz, dy, dA
-  T *X1, *E, *X2, *F, *dF, *dE;        // C channels: W_e A, E, W_d * E, F, and gradients
+  T *X1, *X2, *F, *dF, *dE;            // C channels: W_e A, W_d * E, F, and gradients
+  T *E, *DX2;                          // C channels, padded rows: E, dx2
   T *kt, *qb, *vb, *rows;              // K^T or V^T (D x N); rows x D; N x D; 4 rows of N
   T* at(T* buf, int64_t c, int64_t r) const { return buf + (c * cap + (r - lo)) * n; }
+  T* at_pad(T* buf, int64_t c, int64_t r) const { return buf + (c * cap + (r - lo)) * np + hl; }
   int64_t ld() const { return cap * n; }
 
-  Planes(const Dims& d, int64_t block) : cap(block + 4 * d.halo()), n(d.N) {
+  Planes(const Dims& d, int64_t block)
+      : cap(block + 4 * d.halo()), n(d.N), hl(d.halo()), np(d.N + 2 * d.halo()) {
     const int64_t hp = d.H * cap * n, cp = d.C * cap * n;
-    mem = scratch<T>(7 * hp + 6 * cp + d.D * n + cap * d.D + n * d.D + 4 * n);
+    mem = scratch<T>(7 * hp + 5 * cp + d.D * n + cap * d.D + n * d.D + 4 * n);
     T* p = mem.data_ptr<T>();
     for (T** b : {&A, &Y, &As, &dAs, &dZ, &dY, &dA}) *b = p, p += hp;
-    for (T** b : {&X1, &E, &X2, &F, &dF, &dE}) *b = p, p += cp;
+    for (T** b : {&X1, &X2, &F, &dF, &dE}) *b = p, p += cp;
     kt = p, p += d.D * n;
     qb = p, p += cap * d.D;
     vb = p, p += n * d.D;
     rows = p;
+    // The margins are never written: zero them once.
+    padded = at::zeros({2 * d.C * cap * np}, mem.options());
+    E = padded.data_ptr<T>();
+    DX2 = E + d.C * cap * np;
   }
+};
+
+// Prints the wall time of a pass to stderr when FASTATTNREG_PROFILE is set (for tuning).
+class PassTimer {
+ public:
+  explicit PassTimer(const char* name)
+      : name_(name), on_(enabled()), t0_(std::chrono::steady_clock::now()) {}
+  ~PassTimer() {
+    if (!on_) return;
+    const double ms = std::chrono::duration<double, std::milli>(
+                          std::chrono::steady_clock::now() - t0_).count();
+    std::fprintf(stderr, "[fastattnreg refiner] %s %.2f ms\n", name_, ms);
+  }
+
+ private:
+  static bool enabled() {
+    static const bool on = std::getenv("FASTATTNREG_PROFILE") != nullptr;
+    return on;
+  }
+  const char* name_;
+  bool on_;
+  std::chrono::steady_clock::time_point t0_;
 };
 
 // Runs body(task, worker_planes) over `tasks` tasks on torch's threads, dynamically scheduled.
@@ -216,59 +256,87 @@ void expand(const Params<T>& w, const Norms<T>* nm, const Packed& pk, const Dims
              T(0), ws.at(ws.X1, 0, rows.lo), ws.ld());
   if (!nm) return;
   for (int64_t c = 0; c < d.C; ++c)
-    affine_relu6_row(ws.at(ws.E, c, rows.lo), ws.at(ws.X1, c, rows.lo), pix,
-                     nm->s[pk.bn1 + c], nm->t[pk.bn1 + c]);
+    for (int64_t i = rows.lo; i < rows.hi; ++i)
+      affine_relu6_row(ws.at_pad(ws.E, c, i), ws.at(ws.X1, c, i), d.N, nm->s[pk.bn1 + c],
+                       nm->t[pk.bn1 + c]);
 }
 
-// X2 = W_d * E on `rows` (E must be in the planes on every image row within a halo of them).
+// out = W * in on `rows`, depthwise K x K, from a padded plane (the image's rows outside
+// [0, N) count as zero; `in` must hold every image row within a halo of `rows`).
 template <typename T>
-void depthwise(const Params<T>& w, const Dims& d, Planes<T>& ws, Range rows) {
+void depthwise(const T* weights, const Dims& d, const Planes<T>& ws, T* in_pad, T* out,
+               Range rows) {
   const int64_t N = d.N, K = d.K, h = d.halo();
+  std::vector<const T*> in_rows(K);
   for (int64_t c = 0; c < d.C; ++c)
     for (int64_t i = rows.lo; i < rows.hi; ++i) {
-      T* out = ws.at(ws.X2, c, i);
-      std::fill(out, out + N, T(0));
       for (int64_t di = 0; di < K; ++di) {
         const int64_t r = i + di - h;
-        if (r < 0 || r >= N) continue;  // zero padding above and below the image
-        const T* in = ws.at(ws.E, c, r);
-        for (int64_t dj = 0; dj < K; ++dj)
-          shifted_axpy_row(out, in, N, dj - h, w.w_dw[(c * K + di) * K + dj]);
+        in_rows[di] = (r < 0 || r >= N) ? nullptr : ws.at_pad(in_pad, c, r);
       }
+      depthwise_row(ws.at(out, c, i), in_rows.data(), weights + c * K * K, N, K);
     }
+}
+
+// F = ReLU6(BN2(X2)) on `rows`.
+template <typename T>
+void activate2(const Norms<T>& nm, const Packed& pk, const Dims& d, Planes<T>& ws, Range rows) {
+  const int64_t pix = rows.size() * d.N;
+  for (int64_t c = 0; c < d.C; ++c)
+    affine_relu6_row(ws.at(ws.F, c, rows.lo), ws.at(ws.X2, c, rows.lo), pix, nm.s[pk.bn2 + c],
+                     nm.t[pk.bn2 + c]);
 }
 
 // F = ReLU6(BN2(X2)), then Y = W_r F, on `rows`.
 template <typename T>
 void project(const Params<T>& w, const Norms<T>& nm, const Packed& pk, const Dims& d,
              Planes<T>& ws, Range rows) {
-  const int64_t pix = rows.size() * d.N;
-  for (int64_t c = 0; c < d.C; ++c)
-    affine_relu6_row(ws.at(ws.F, c, rows.lo), ws.at(ws.X2, c, rows.lo), pix, nm.s[pk.bn2 + c],
-                     nm.t[pk.bn2 + c]);
-  gemm_rm<T>(false, false, d.H, pix, d.C, T(1), w.w_pro, d.C, ws.at(ws.F, 0, rows.lo), ws.ld(),
-             T(0), ws.at(ws.Y, 0, rows.lo), ws.ld());
+  activate2(nm, pk, d, ws, rows);
+  gemm_rm<T>(false, false, d.H, rows.size() * d.N, d.C, T(1), w.w_pro, d.C,
+             ws.at(ws.F, 0, rows.lo), ws.ld(), T(0), ws.at(ws.Y, 0, rows.lo), ws.ld());
 }
 
-// The whole chain up to Y on `x_rows` (A and E on x_rows plus a halo). A comes from the stored
-// P, or (eval mode without a stored P) from the softmax, whose rows in `keep_rows` are then
+// H-channel rows [rows) of batch b from a (B, H, N, N) buffer into a plane.
+template <typename T>
+void load_rows(const T* src, const Dims& d, Planes<T>& ws, T* plane, int64_t b, Range rows) {
+  for (int64_t h = 0; h < d.H; ++h) {
+    const T* from = src + ((b * d.H + h) * d.N + rows.lo) * d.N;
+    std::copy(from, from + rows.size() * d.N, ws.at(plane, h, rows.lo));
+  }
+}
+
+// ... and back.
+template <typename T>
+void store_rows(T* dst, const Dims& d, const Planes<T>& ws, T* plane, int64_t b, Range rows) {
+  for (int64_t h = 0; h < d.H; ++h) {
+    const T* from = ws.at(plane, h, rows.lo);
+    std::copy(from, from + rows.size() * d.N, dst + ((b * d.H + h) * d.N + rows.lo) * d.N);
+  }
+}
+
+// The chain up to X2 = W_d * E on `x_rows` (A and E on x_rows plus a halo). A comes from the
+// stored P, or (eval mode without a stored P) from the softmax, whose rows in x_rows are then
 // written to p.probs when that is set.
 template <typename scalar_t, typename T>
-void chain_to_y(const Problem<scalar_t, T>& p, const Norms<T>& nm, const Packed& pk,
-                Planes<T>& ws, int64_t b, Range x_rows, bool from_probs = true) {
+void chain_to_x2(const Problem<scalar_t, T>& p, const Norms<T>& nm, const Packed& pk,
+                 Planes<T>& ws, int64_t b, Range x_rows, bool from_probs = true) {
   const Range e_rows = clip(x_rows.lo - p.d.halo(), x_rows.hi + p.d.halo(), p.d.N);
   ws.lo = e_rows.lo;
   if (from_probs) {
     load_attn(p, ws, b, e_rows);
   } else {
     softmax_rows(p, ws, b, e_rows, static_cast<T*>(nullptr));
-    if (p.probs)  // saved for an eval-mode backward: this tile's own rows only
-      for (int64_t h = 0; h < p.d.H; ++h)
-        std::copy(ws.at(ws.A, h, x_rows.lo), ws.at(ws.A, h, x_rows.hi),
-                  p.probs + ((b * p.d.H + h) * p.d.N + x_rows.lo) * p.d.N);
+    if (p.probs) store_rows(p.probs, p.d, ws, ws.A, b, x_rows);  // for an eval backward
   }
   expand(p.w, &nm, pk, p.d, ws, e_rows);
-  depthwise(p.w, p.d, ws, x_rows);
+  depthwise(p.w.w_dw, p.d, ws, ws.E, ws.X2, x_rows);
+}
+
+// The whole chain up to Y on `x_rows`.
+template <typename scalar_t, typename T>
+void chain_to_y(const Problem<scalar_t, T>& p, const Norms<T>& nm, const Packed& pk,
+                Planes<T>& ws, int64_t b, Range x_rows, bool from_probs = true) {
+  chain_to_x2(p, nm, pk, ws, b, x_rows, from_probs);
   project(p.w, nm, pk, p.d, ws, x_rows);
 }
 

@@ -109,19 +109,23 @@ void relu6_grad_row(T* g, const T* x, int64_t n, T s, T t) {
   }
 }
 
-// out[j] += w * in[j + off] for every j with 0 <= j + off < n: one tap of a zero-padded
-// convolution along the key axis.
+// out[j] = sum_{di, dj} w[di K + dj] in[di][j + dj - K/2], j in [0, n): one output row of a
+// depthwise K x K convolution. in[di] points at column 0 of a row padded with K/2 zeros on both
+// sides, or is nullptr for a row outside the image. All K*K taps accumulate in a register.
 template <typename T>
-void shifted_axpy_row(T* out, const T* in, int64_t n, int64_t off, T w) {
-  const int64_t j0 = std::max<int64_t>(0, -off), j1 = std::min<int64_t>(n, n - off);
-  if (j1 > j0) axpy_row(out + j0, in + j0 + off, j1 - j0, w);
-}
-
-// sum_j a[j] * b[j + off] over the same range: one tap's weight gradient.
-template <typename T>
-T shifted_dot_row(const T* a, const T* b, int64_t n, int64_t off) {
-  const int64_t j0 = std::max<int64_t>(0, -off), j1 = std::min<int64_t>(n, n - off);
-  return j1 > j0 ? dot_row(a + j0, b + j0 + off, j1 - j0) : T(0);
+void depthwise_row(T* out, const T* const* in, const T* w, int64_t n, int64_t K) {
+  using V = at::vec::Vectorized<T>;
+  const int64_t h = K / 2;
+  for_each_vec<T>(n, [&](int64_t j, int64_t c) {
+    V acc(T(0));
+    for (int64_t di = 0; di < K; ++di) {
+      if (!in[di]) continue;
+      const T* r = in[di] + j - h;
+      for (int64_t dj = 0; dj < K; ++dj)
+        acc = at::vec::fmadd(V::loadu(r + dj, c), V(w[di * K + dj]), acc);
+    }
+    acc.store(out + j, c);
+  });
 }
 
 }  // namespace fastattnreg::cpu::refiner
