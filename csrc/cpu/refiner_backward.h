@@ -164,7 +164,7 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
         const int64_t a = pk.bna + h, c3 = pk.bn3 + h;
         const T s3 = nm.s[c3], t3 = nm.t[c3], ma = nm.mean[a], ia = nm.invstd[a];
         const T m3 = nm.mean[c3], i3 = nm.invstd[c3];
-        Sum* acc = &parts[(t * H + h) * W];
+        VecSum<T> v[W];
         for (int64_t i = rows.lo; i < rows.hi; ++i) {
           const T* y = ws.at(ws.Y, h, i);
           const T* at = ws.at(ws.A, h, i);
@@ -173,13 +173,15 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
             zhat[j] = (s3 * y[j] + t3 + at[j] - ma) * ia;
             yhat[j] = (y[j] - m3) * i3;
           }
-          acc[0].v += double(sum_row(dr, N));
-          acc[1].v += double(dot_row(dr, zhat, N));
-          acc[2].v += double(dot_row(dr, yhat, N));
-          acc[3].v += double(dot_row(zhat, yhat, N));
-          acc[4].v += double(sum_row(zhat, N));
-          acc[5].v += double(sum_row(yhat, N));
+          v[0].add(dr, N);
+          v[1].add_dot(dr, zhat, N);
+          v[2].add_dot(dr, yhat, N);
+          v[3].add_dot(zhat, yhat, N);
+          v[4].add(zhat, N);
+          v[5].add(yhat, N);
         }
+        Sum* acc = &parts[(t * H + h) * W];
+        for (int k = 0; k < W; ++k) acc[k].v += v[k].total();
       }
     });
     const auto s = merge_in_order(parts, H * W);
@@ -235,19 +237,21 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
       T* xhat = ws.rows;
       for (int64_t c = 0; c < C; ++c) {
         const T m2 = nm.mean[pk.bn2 + c], i2 = nm.invstd[pk.bn2 + c];
+        VecSum<T> v[8];  // the 8 sums of this channel, in the layout of acc
         for (int64_t i = rows.lo; i < rows.hi; ++i) {
           const T* du2 = ws.at(ws.dF, c, i);
           const T* x2 = ws.at(ws.X2, c, i);
           for (int64_t j = 0; j < N; ++j) xhat[j] = (x2[j] - m2) * i2;
-          acc[c].v += double(sum_row(du2, N));
-          acc[C + c].v += double(dot_row(du2, xhat, N));
+          v[0].add(du2, N);
+          v[1].add_dot(du2, xhat, N);
           const T* gs[2] = {ws.at(ws.dE, c, i), ws.at(ws.F, c, i)};
           for (int k = 0; k < 2; ++k) {
-            acc[(2 + 3 * k) * C + c].v += double(dot_row(gs[k], du2, N));
-            acc[(3 + 3 * k) * C + c].v += double(dot_row(gs[k], xhat, N));
-            acc[(4 + 3 * k) * C + c].v += double(sum_row(gs[k], N));
+            v[2 + 3 * k].add_dot(gs[k], du2, N);
+            v[3 + 3 * k].add_dot(gs[k], xhat, N);
+            v[4 + 3 * k].add(gs[k], N);
           }
         }
+        for (int k = 0; k < 8; ++k) acc[k * C + c].v += v[k].total();
       }
     });
     const auto s = merge_in_order(parts, wd);
@@ -291,12 +295,14 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
                    ws.at(ws.A, 0, rows.lo), ws.ld(), T(1), dwe, H);
         for (int64_t c = 0; c < C; ++c)  // dW_d: dx2 against the shifted E (zero margins)
           for (int64_t di = 0; di < K; ++di)
-            for (int64_t i = rows.lo; i < rows.hi; ++i) {
-              const int64_t r = i + di - hl;
-              if (r < 0 || r >= N) continue;
-              for (int64_t dj = 0; dj < K; ++dj)
-                dwd[(c * K + di) * K + dj] +=
-                    dot_row(ws.at_pad(ws.DX2, c, i), ws.at_pad(ws.E, c, r) + dj - hl, N);
+            for (int64_t dj = 0; dj < K; ++dj) {
+              VecSum<T> tap;
+              for (int64_t i = rows.lo; i < rows.hi; ++i) {
+                const int64_t r = i + di - hl;
+                if (r >= 0 && r < N)
+                  tap.add_dot(ws.at_pad(ws.DX2, c, i), ws.at_pad(ws.E, c, r) + dj - hl, N);
+              }
+              dwd[(c * K + di) * K + dj] += T(tap.total());
             }
         activate2(nm, pk, d, ws, rows);  // F, for dW_r = dy F^T
         gemm_rm<T>(false, true, H, C, m * N, T(1), ws.at(ws.dY, 0, rows.lo), ws.ld(),

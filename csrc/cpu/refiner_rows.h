@@ -22,6 +22,23 @@ T sum_row(const T* x, int64_t n) {
   return hsum(acc);
 }
 
+// A sum kept in vector lanes across many rows, with one horizontal add at the end (a per-row
+// horizontal add costs as much as the row itself at N = 65).
+template <typename T>
+struct VecSum {
+  using V = at::vec::Vectorized<T>;
+  V acc{T(0)};
+  void add(const T* x, int64_t n) {  // += sum_j x[j]
+    for_each_vec<T>(n, [&](int64_t j, int64_t c) { acc = acc + V::loadu(x + j, c); });
+  }
+  void add_dot(const T* x, const T* y, int64_t n) {  // += sum_j x[j] y[j]
+    for_each_vec<T>(n, [&](int64_t j, int64_t c) {
+      acc = at::vec::fmadd(V::loadu(x + j, c), V::loadu(y + j, c), acc);  // tail lanes load 0
+    });
+  }
+  double total() const { return double(hsum(acc)); }
+};
+
 // sum_j (x[j] - m)^2
 template <typename T>
 T centered_sumsq_row(const T* x, T m, int64_t n) {
