@@ -123,6 +123,8 @@ inline Range clip(int64_t lo, int64_t hi, int64_t n) {
 // least 8 rows, then balanced so that no block is a sliver.
 constexpr int64_t kPlaneElems = 32 * 1024;
 inline int64_t tile_rows(const Dims& d) {
+  // A whole image within twice the budget is one tile: no halo rows to recompute at all.
+  if (d.C * d.N * d.N <= 2 * kPlaneElems) return d.N;
   const int64_t cap = std::max<int64_t>(8, kPlaneElems / (d.C * d.N) - 4 * d.halo());
   const int64_t blocks = (d.N + cap - 1) / cap;
   return (d.N + blocks - 1) / blocks;
