@@ -79,6 +79,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing run in --out instead of refusing")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per process (torch.set_num_threads; default torch's)")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -247,6 +249,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .trainer import DistContext
     try:
         args = make_parser().parse_args(argv)
+        if args.threads is not None:
+            _positive("--threads", args.threads)
+            torch.set_num_threads(args.threads)
         ctx = init_distributed()
         if ctx is None:
             ctx = DistContext(device=torch.device(resolve_device(args.device)))
