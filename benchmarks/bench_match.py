@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from contextlib import contextmanager
 from typing import Sequence
 
 import torch
@@ -49,20 +48,6 @@ def current_setting() -> tuple[str, str]:
         raise ValueError(f"{ENV_VAR} must be '<kind>,<rows>' with kind in {KINDS} and rows in "
                          f"{ROWS}; got {os.environ.get(ENV_VAR)!r}")
     return kind, rows
-
-
-@contextmanager
-def setting(kind: str, rows: str):
-    """Sets FASTATTNREG_BENCH_MATCH for this process and its memory subprocesses."""
-    old = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = f"{kind},{rows}"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = old
 
 
 def _inputs(shape: Shape, dtype: torch.dtype, device: torch.device):
@@ -180,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     results = {}
     for kind in kinds:
         op = f"attention_match_{kind}" + ("" if args.rows == "all" else f"_{args.rows}")
-        with setting(kind, args.rows):
+        with harness.env_setting(ENV_VAR, f"{kind},{args.rows}"):
             results[kind] = harness.run_benchmark(
                 op, providers, shapes, registry="benchmarks.bench_match",
                 warmup_shape=memory_warmup_shape, after_shape=print_targets, **opts)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from contextlib import contextmanager
 from typing import Sequence
 
 import torch
@@ -47,19 +46,6 @@ def current_setting() -> str:
     if setting not in SETTINGS:
         raise ValueError(f"{ENV_VAR} must be one of {tuple(SETTINGS)}; got {setting!r}")
     return setting
-
-
-@contextmanager
-def setting_env(setting: str):
-    old = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = setting
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = old
 
 
 def _inputs(shape: Shape, dtype: torch.dtype, device: torch.device):
@@ -153,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for setting in settings:
         if not modes_given:
             opts["modes"] = list(SETTINGS[setting])
-        with setting_env(setting):
+        with harness.env_setting(ENV_VAR, setting):
             results[setting] = harness.run_benchmark(
                 f"refined_attention_{setting}", providers, registry="benchmarks.bench_refiner",
                 warmup_shape=memory_warmup_shape, after_shape=print_targets, **opts)

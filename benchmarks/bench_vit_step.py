@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from contextlib import contextmanager
 from typing import Sequence
 
 import torch
@@ -50,20 +49,6 @@ def current_preset() -> str:
     if name not in PRESETS:
         raise ValueError(f"{ENV_VAR} must name a preset {sorted(PRESETS)}; got {name!r}")
     return name
-
-
-@contextmanager
-def preset_setting(name: str):
-    """Sets FASTATTNREG_BENCH_VIT for this process and its memory subprocesses."""
-    old = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = old
 
 
 def timm_model(config):
@@ -203,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     providers = [PROVIDERS[name] for name in opts.pop("provider_names")]
     results = {}
     for name, batch in presets:
-        with preset_setting(name):
+        with harness.env_setting(ENV_VAR, name):
             results[name] = harness.run_benchmark(
                 f"vit_step_{name}", providers, [(batch,)], registry="benchmarks.bench_vit_step",
                 warmup_shape=lambda shape: (1,), after_shape=print_ratios, **opts)

@@ -24,6 +24,7 @@ import gc
 import importlib
 import json
 import os
+from contextlib import contextmanager
 import resource
 import subprocess
 import sys
@@ -73,6 +74,21 @@ class Provider:
     name: str
     make: Callable[[Shape, torch.dtype, torch.device], Case]
 
+
+
+@contextmanager
+def env_setting(name: str, value: str):
+    """Sets environment variable `name` for this process and the memory subprocesses it starts
+    (which find a benchmark's setting there), restoring the old value afterwards."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 def autograd_case(fn: Callable[..., Any], inputs: Sequence[torch.Tensor],
                   grad_outputs: Sequence[torch.Tensor]) -> Case:

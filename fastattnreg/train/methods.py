@@ -122,8 +122,9 @@ def vit_overrides(config: TrainConfig, data_info: dict, spec: MethodSpec) -> dic
 
 def refiner_backend(backend: str, device: str) -> tuple[str, str]:
     """(backend for a refiner ViT, note or ''): where the chosen backend has no fused
-    refined_attention kernel (Triton on CUDA, for now), the refiner runs on the reference path
-    instead of failing, and the note says so in every log line."""
+    refined_attention kernel (the C++ extension not built, or Triton not installed on CUDA), the
+    refiner runs on the reference path instead of failing, and the note says so in every log
+    line."""
     from ..backend import resolve
     chosen = resolve(backend, torch.device(device))
     if chosen == "triton" and not hasattr(torch.ops.fastattnreg, "triton_refined_attention_fwd"):
