@@ -92,17 +92,19 @@ def _head_dim_pad(args):
     return max(16, triton.next_power_of_2(args["HEAD_DIM"]))
 
 
-def _tuned(tiles):
-    """autotune (block sizes) over heuristics (padded head dim): the heuristics run after a
-    config is picked, the order torch.compile's kernel wrapper understands."""
+def _tuned(tiles, key=tuple(_TUNING_KEY), extra_heuristics=None):
+    """autotune (block sizes) over heuristics (padded head dim, plus `extra_heuristics` such as
+    the match kernels' teacher head dim): the heuristics run after a config is picked, the
+    order torch.compile's kernel wrapper understands."""
 
     def wrap(kernel):
         heur = triton.heuristics({
             "D_PAD": _head_dim_pad,
             "EVEN_D": lambda args: args["HEAD_DIM"] == _head_dim_pad(args),
+            **(extra_heuristics or {}),
         })(kernel)
         # Keys a kernel does not have are ignored; the tensors' dtypes are added by Triton.
-        return triton.autotune(configs=_configs(tiles), key=_TUNING_KEY,
+        return triton.autotune(configs=_configs(tiles), key=list(key),
                                prune_configs_by={"early_config_prune": _prune_to_sequence})(heur)
 
     return wrap

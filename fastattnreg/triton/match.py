@@ -41,10 +41,10 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .attention import (
-    _DELTA_TILES, _DKDV_TILES, _DQ_TILES, _FWD_TILES, _LN2, _LOG2E, INTERPRET, LOG2E, _configs, _dot,
-    _dot_options, _head_dim_pad, _load_tile, _online_softmax_step, _operand, _prune_to_sequence,
-    _store_tile, _strides,
+    _DELTA_TILES, _DKDV_TILES, _DQ_TILES, _FWD_TILES, _LN2, _LOG2E, INTERPRET, LOG2E, _dot,
+    _dot_options, _load_tile, _online_softmax_step, _operand, _store_tile, _strides,
 )
+from .attention import _tuned as _attention_tuned
 
 KINDS = {"kl": 0, "mse_probs": 1, "mse_logits": 2}
 _TUNING_KEY = ["N", "HEAD_DIM", "TEACHER_DIM", "KIND", "CLS", "HAS_DO", "HAS_DLSE", "HAS_DL"]
@@ -55,19 +55,11 @@ def _teacher_dim_pad(args):
 
 
 def _tuned(tiles):
-    """autotune over heuristics, as attention._tuned, with the teacher's padded head dim too."""
-
-    def wrap(kernel):
-        heur = triton.heuristics({
-            "D_PAD": _head_dim_pad,
-            "EVEN_D": lambda args: args["HEAD_DIM"] == _head_dim_pad(args),
-            "TD_PAD": _teacher_dim_pad,
-            "EVEN_TD": lambda args: args["TEACHER_DIM"] == _teacher_dim_pad(args),
-        })(kernel)
-        return triton.autotune(configs=_configs(tiles), key=_TUNING_KEY,
-                               prune_configs_by={"early_config_prune": _prune_to_sequence})(heur)
-
-    return wrap
+    """attention._tuned with the match tuning key and the teacher's padded head dim too."""
+    return _attention_tuned(tiles, key=_TUNING_KEY, extra_heuristics={
+        "TD_PAD": _teacher_dim_pad,
+        "EVEN_TD": lambda args: args["TEACHER_DIM"] == _teacher_dim_pad(args),
+    })
 
 
 # ----------------------------------------------------------------------------------- helpers
