@@ -51,8 +51,9 @@ def test_matches_reference_with_all_gradients(shape, kind, rows, dtype):
 @requires_cpp
 @pytest.mark.parametrize("kind,rows", list(itertools.product(KINDS, ROWS)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_teacher_copy_gives_exactly_zero_loss_and_gradient(kind, rows, dtype):
-    q, k, v = [torch.randn(2, 3, 65, 48, dtype=dtype, requires_grad=True) for _ in range(3)]
+@pytest.mark.parametrize("n", [65, 197])  # either side of the kernels' key-operand switch at 192
+def test_teacher_copy_gives_exactly_zero_loss_and_gradient(kind, rows, dtype, n):
+    q, k, v = [torch.randn(2, 3, n, 48, dtype=dtype, requires_grad=True) for _ in range(3)]
     out, loss = attention_match(q, k, v, q.detach().clone(), k.detach().clone(), kind=kind,
                                 rows=rows, backend="cpp")
     assert loss.item() == 0.0

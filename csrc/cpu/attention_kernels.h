@@ -96,6 +96,40 @@ void transpose(const Src* src, int64_t rows, int64_t cols, Dst* dst) {
   }
 }
 
+// Key counts from which the score GEMMs hand BLAS the keys as its transposed operand instead of
+// an explicit transposed copy. Measured with MKL on one thread (D = 64): at N = 65 the transposed
+// -operand product took 2.2x the time of the plain one on a copy, at N = 161 1.5x; at N = 197 and
+// 257 the two took the same time, so the copy (which is also the first, cache-missing read of the
+// head's keys: ~9% of an attention_match step in perf) is pure cost there.
+constexpr int64_t kKeysTransposedOperandMin = 192;
+
+// The key side of a score GEMM S = alpha X Y^T (m x N), Y (N x Dy) one head's keys (or values, for
+// dP = dO V^T): either the copy Y^T (Dy x N) or Y itself, in the accumulation type.
+template <typename acc_t>
+struct KeyOperand {
+  const acc_t* data;
+  int64_t N, Dy;
+  bool transposed_copy;  // data holds Y^T
+};
+
+// buf: room for N x Dy values of acc_t (used for the copy, or for bf16's conversion).
+template <typename scalar_t, typename acc_t>
+KeyOperand<acc_t> key_operand(const scalar_t* y, int64_t N, int64_t Dy, acc_t* buf) {
+  if (N >= kKeysTransposedOperandMin) return {tile_as_acc(y, N * Dy, buf), N, Dy, false};
+  transpose(y, N, Dy, buf);
+  return {buf, N, Dy, true};
+}
+
+// S (m x N, row-major) = alpha X Y^T for X (m x Dy).
+template <typename acc_t>
+void score_gemm(int64_t m, acc_t alpha, const acc_t* X, const KeyOperand<acc_t>& y, acc_t* S) {
+  if (y.transposed_copy) {
+    gemm_rm<acc_t>(false, false, m, y.N, y.Dy, alpha, X, y.Dy, y.data, y.N, acc_t(0), S, y.N);
+  } else {
+    gemm_rm<acc_t>(false, true, m, y.N, y.Dy, alpha, X, y.Dy, y.data, y.Dy, acc_t(0), S, y.N);
+  }
+}
+
 // Hands out task indices one at a time from a shared counter to torch's intra-op threads. ViT
 // heads are short (tens of microseconds) and the two threads of this kind of machine do not run
 // at equal speed, so a static split left one spinning at the barrier (libgomp ~10% in perf).
@@ -145,13 +179,13 @@ struct Teacher {
 };
 
 // St (mr x N) = scale_t * TQ TK^T for the first mr rows of the query block at i0 of head bh.
-// tk_t holds the head's K^T (Dt x N), tq_buf room for mr x Dt query rows in acc_t.
+// tk holds the head's teacher keys, tq_buf room for mr x Dt query rows in acc_t.
 template <typename scalar_t, typename acc_t>
 void teacher_logits(const Teacher<scalar_t, acc_t>& t, int64_t bh, int64_t N, int64_t i0,
-                    int64_t mr, const acc_t* tk_t, acc_t* tq_buf, acc_t* st) {
+                    int64_t mr, const KeyOperand<acc_t>& tk, acc_t* tq_buf, acc_t* st) {
   const int64_t hdt = N * t.Dt;
   const acc_t* TQ = tile_as_acc(t.q + bh * hdt + i0 * t.Dt, mr * t.Dt, tq_buf);
-  gemm_rm<acc_t>(false, false, mr, N, t.Dt, t.scale, TQ, t.Dt, tk_t, N, acc_t(0), st, N);
+  score_gemm(mr, t.scale, TQ, tk, st);
 }
 
 // The student's logits of the matched rows, into sl (mr x N). For every row they are the score
@@ -161,10 +195,10 @@ void teacher_logits(const Teacher<scalar_t, acc_t>& t, int64_t bh, int64_t N, in
 // differently from the same row inside an m-row product).
 template <typename scalar_t, typename acc_t>
 void student_match_logits(const Teacher<scalar_t, acc_t>& t, const acc_t* S, const acc_t* Q,
-                          const acc_t* Kt, int64_t mr, int64_t N, int64_t D, acc_t scale,
+                          const KeyOperand<acc_t>& K, int64_t mr, int64_t N, acc_t scale,
                           acc_t* sl) {
   if (t.cls_rows) {
-    gemm_rm<acc_t>(false, false, 1, N, D, scale, Q, D, Kt, N, acc_t(0), sl, N);
+    score_gemm(1, scale, Q, K, sl);
   } else {
     std::copy(S, S + mr * N, sl);
   }
@@ -206,29 +240,34 @@ void forward_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
       const int64_t h_end = all_heads ? H : h_begin + 1;
       for (int64_t h = h_begin; h < h_end; ++h) {
         const int64_t bh = b * H + h;
-        acc_t* Kt = cvt;
-        transpose(k + bh * hd, N, D, Kt);
+        const KeyOperand<acc_t> K = key_operand(k + bh * hd, N, D, cvt);
         const acc_t* V = tile_as_acc(v + bh * hd, hd, cvt + hd);
         const acc_t* Q = tile_as_acc(q + bh * hd + i0 * D, m * D, cvt + 2 * hd);
         acc_t* O = out_tile(out + bh * hd + i0 * D, cvt + 2 * hd + bq * D);
         // S = scale * Q K^T (m x N); rows become exp(S - rowmax), unnormalised.
-        gemm_rm<acc_t>(false, false, m, N, D, scale, Q, D, Kt, N, acc_t(0), S, N);
+        score_gemm(m, scale, Q, K, S);
         const int64_t mr = teacher ? teacher->rows_in_block(i0, m) : 0;
         const bool logits_only = teacher && teacher->kind == MatchKind::MseLogits;
-        const bool logits_on_s = logits_only && !teacher->cls_rows;
+        // Every-row KL and logit MSE reduce their loss from the raw logits still in S, before the
+        // softmax overwrites them, so S needs no copy (see match_rows.h).
+        const bool on_s = teacher && !teacher->cls_rows && teacher->kind != MatchKind::MseProbs;
         if (mr > 0) {
-          transpose(teacher->k + bh * N * Dt, N, Dt, TKt);
-          teacher_logits(*teacher, bh, N, i0, mr, TKt, TQ, St);
-          if (logits_on_s) {
-            // The logit MSE needs no LSE: reduce it from S now, before the softmax overwrites S.
+          const KeyOperand<acc_t> TK = key_operand(teacher->k + bh * N * Dt, N, Dt, TKt);
+          teacher_logits(*teacher, bh, N, i0, mr, TK, TQ, St);
+          if (on_s) {
             for (int64_t r = 0; r < mr; ++r) {
               const int64_t ri = teacher->row_index(bh, N, i0) + r;
-              teacher->lse[ri] = acc_t(0);
-              teacher->row_loss[ri] = match_loss_row(teacher->kind, S + r * N, acc_t(0), St + r * N,
-                                                     acc_t(0), N);
+              if (logits_only) {  // needs no LSE
+                teacher->lse[ri] = acc_t(0);
+                teacher->row_loss[ri] = match_loss_row(teacher->kind, S + r * N, acc_t(0),
+                                                       St + r * N, acc_t(0), N);
+              } else {  // KL without the student's LSE; added once the softmax below has it
+                teacher->row_loss[ri] =
+                    kl_teacher_row(S + r * N, St + r * N, N, &teacher->lse[ri]) - teacher->lse[ri];
+              }
             }
           } else {
-            student_match_logits(*teacher, S, Q, Kt, mr, N, D, scale, SL);
+            student_match_logits(*teacher, S, Q, K, mr, N, scale, SL);
           }
         }
         for (int64_t i = 0; i < m; ++i) {
@@ -237,7 +276,11 @@ void forward_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
           lse[bh * N + i0 + i] = mx + std::log(sum);
           inv_sum[i] = acc_t(1) / sum;
         }
-        for (int64_t r = 0; r < (logits_on_s ? 0 : mr); ++r) {
+        if (on_s && !logits_only) {
+          for (int64_t r = 0; r < mr; ++r)
+            teacher->row_loss[teacher->row_index(bh, N, i0) + r] += lse[bh * N + i0 + r];
+        }
+        for (int64_t r = 0; r < (on_s ? 0 : mr); ++r) {
           const int64_t j0 = teacher->key0(), n = N - j0, ri = teacher->row_index(bh, N, i0) + r;
           const acc_t* ss = SL + r * N + j0;
           const acc_t* st = St + r * N + j0;
@@ -289,14 +332,14 @@ void backward_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
   at::parallel_for(0, queue.workers(), 1, [&](int64_t, int64_t) {
     SingleThreadedBlas blas_guard;
     at::Tensor s_buf = scratch<acc_t>(2 * bq * N + N);
-    // K^T, V^T of the head (D x N) for the score GEMMs (see transpose()); for bf16 also K, dK,
-    // dV of the head and Q, dO, O, dQ of the block, in float.
+    // The key operands of K and V for the score GEMMs (key_operand); for bf16 also K, dK, dV of
+    // the head and Q, dO, O, dQ of the block, in float.
     at::Tensor cvt_buf = scratch<acc_t>(2 * hd + (kConvert ? 3 * hd + 4 * bq * D : 0));
     acc_t* P = s_buf.data_ptr<acc_t>();
     acc_t* dP = P + bq * N;
     acc_t* g_row = dP + bq * N;  // one row of the map gradient in acc_t
     acc_t* cvt = cvt_buf.data_ptr<acc_t>();
-    // Teacher (only when its loss has a gradient): K^T, query rows, and its logits St, which
+    // Teacher (only when its loss has a gradient): its key operand, query rows, and logits St, which
     // match_grad_row turns in place into the loss gradient with respect to the student's logits.
     const bool match = teacher && teacher->drow_loss;
     const int64_t Dt = match ? teacher->Dt : 0;
@@ -307,15 +350,14 @@ void backward_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
     acc_t* SL = St + bq * N;  // the student's CLS-row logits (see student_match_logits)
     for (int64_t bh; queue.next(&bh);) {
       const int64_t b = bh / H;
-      acc_t* Kt = cvt;
-      acc_t* Vt = cvt + hd;
-      transpose(k + bh * hd, N, D, Kt);
-      transpose(v + bh * hd, N, D, Vt);
-      const acc_t* K = tile_as_acc(k + bh * hd, hd, cvt + 2 * hd);
+      const KeyOperand<acc_t> Kop = key_operand(k + bh * hd, N, D, cvt);
+      const KeyOperand<acc_t> Vop = key_operand(v + bh * hd, N, D, cvt + hd);
+      const acc_t* K = Kop.transposed_copy ? tile_as_acc(k + bh * hd, hd, cvt + 2 * hd) : Kop.data;
       acc_t* dK = out_tile(dk + bh * hd, cvt + 3 * hd);
       acc_t* dV = out_tile(dv + bh * hd, cvt + 4 * hd);
       acc_t* blk = cvt + 5 * hd;
-      if (match) transpose(teacher->k + bh * N * Dt, N, Dt, TKt);
+      const KeyOperand<acc_t> TK =
+          match ? key_operand(teacher->k + bh * N * Dt, N, Dt, TKt) : KeyOperand<acc_t>{};
       for (int64_t qb = 0; qb < nqb; ++qb) {
         const int64_t i0 = qb * bq, m = std::min(bq, N - i0), row0 = bh * N + i0;
         const acc_t beta = qb == 0 ? acc_t(0) : acc_t(1);  // first block overwrites dK, dV
@@ -325,14 +367,20 @@ void backward_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
         acc_t* dQ = out_tile(dq + bh * hd + i0 * D, blk + 3 * bq * D);
 
         // P holds the scaled logits, dP = dO V^T; each row pass then makes P and dS from them.
-        gemm_rm<acc_t>(false, false, m, N, D, scale, Q, D, Kt, N, acc_t(0), P, N);
+        score_gemm(m, scale, Q, Kop, P);
         const int64_t mr = match ? teacher->rows_in_block(i0, m) : 0;
-        if (mr > 0) {
+        // Every-row KL and logit MSE fold their gradient into the softmax backward's row pass
+        // (match_rows.h); the other forms turn St into the gradient first.
+        // (No op passes both a teacher and a map gradient; the map path below expects St to hold
+        // the gradient, so it is kept off the fused path.)
+        const bool fused = match && !dmaps && !teacher->cls_rows &&
+                           teacher->kind != MatchKind::MseProbs;
+        if (mr > 0) teacher_logits(*teacher, bh, N, i0, mr, TK, TQ, St);
+        if (mr > 0 && !fused) {
           // Loss gradient w.r.t. the student's logits, from the logits still in P.
-          teacher_logits(*teacher, bh, N, i0, mr, TKt, TQ, St);
           const acc_t* student = P;
           if (teacher->cls_rows) {
-            student_match_logits(*teacher, P, Q, Kt, mr, N, D, scale, SL);
+            student_match_logits(*teacher, P, Q, Kop, mr, N, scale, SL);
             student = SL;
           }
           for (int64_t r = 0; r < mr; ++r) {
@@ -347,7 +395,7 @@ void backward_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
           }
         }
         if (dO) {
-          gemm_rm<acc_t>(false, false, m, N, D, acc_t(1), dO, D, Vt, N, acc_t(0), dP, N);
+          score_gemm(m, acc_t(1), dO, Vop, dP);
         } else {
           std::fill(dP, dP + m * N, acc_t(0));
         }
@@ -371,6 +419,15 @@ void backward_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
             delta += exp_add_grad_row(Pi, dPi, tile_as_acc(g, N, g_row), N, lse[row0 + i], g_scale);
             softmax_grad_from_p_row(Pi, dPi, N, delta, scale);
             if (i < mr) axpy_row(dPi, St + i * N, N, scale);
+          } else if (i < mr && fused) {
+            const int64_t ri = teacher->row_index(bh, N, i0) + i;
+            if (teacher->kind == MatchKind::KL) {
+              softmax_grad_kl_row(Pi, dPi, St + i * N, N, lse[row0 + i], delta, scale,
+                                  teacher->lse[ri], teacher->drow_loss[ri]);
+            } else {
+              softmax_grad_mse_logits_row(Pi, dPi, St + i * N, N, lse[row0 + i], delta, scale,
+                                          teacher->drow_loss[ri]);
+            }
           } else if (i < mr) {
             // Matched row: dS = scale (P (dP - delta) + the matching loss's logit gradient).
             softmax_grad_row(Pi, dPi, N, lse[row0 + i], delta, scale, St + i * N);
