@@ -73,6 +73,20 @@ def test_float64_matches_reference(training, n, b, h, ksize, expansion):
         assert max_err(got, want) < 1e-9 * max(1.0, want.abs().max().item()), name
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("ksize", [1, 7, 9])  # the unrolled K = 7 path and the run-time-K path
+def test_other_kernel_sizes_match_reference(training, ksize):
+    qkv, params, running = make_case(2, 2, 17, 16, 2, ksize, seed=ksize)
+    dout = torch.randn(2, 2, 17, 16, dtype=torch.float64)
+    ref_out, ref_grads = run_with_grads(refined_attention_ref, qkv, params,
+                                        clone_running(running), dout, training=training)
+    out, grads = run_with_grads(refined_attention, qkv, params, clone_running(running), dout,
+                                training=training, backend="cpp")
+    assert max_err(out, ref_out) < 1e-11
+    for name, got, want in zip(("dq", "dk", "dv") + PARAM_NAMES, grads, ref_grads):
+        assert max_err(got, want) < 1e-9 * max(1.0, want.abs().max().item()), name
+
+
 @pytest.mark.parametrize("n", [17, 65])
 def test_attention_dropout_matches_reference_with_the_same_mask(n):
     qkv, params, running = make_case(2, 2, n, 8, 3, 3)

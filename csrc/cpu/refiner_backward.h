@@ -37,16 +37,21 @@ void grad_dz_dy(const Norms<T>& nm, const BnGrad<T>& g, const Packed& pk, const 
     const int64_t a = pk.bna + h, c3 = pk.bn3 + h;
     const T s3 = nm.s[c3], t3 = nm.t[c3], ma = nm.mean[a], ia = nm.invstd[a];
     const T m3 = nm.mean[c3], i3 = nm.invstd[c3];
-    const T* y = ws.at(ws.Y, h, rows.lo);
-    const T* at = ws.at(ws.A, h, rows.lo);
-    const T* das = ws.at(ws.dAs, h, rows.lo);
-    T* dz = ws.at(ws.dZ, h, rows.lo);
-    T* dy = ws.at(ws.dY, h, rows.lo);
+    // Locals and restrict: with the coefficients read through g's vectors inside the loop, GCC
+    // could not rule out that the stores to dz, dy change them, and left the loop scalar.
+    const T ka = g.k[a], cba = g.cb[a], cga = g.cg[a];
+    const T k3 = g.k[c3], cb3 = g.cb[c3], cg3 = g.cg[c3];
+    const T* __restrict y = ws.at(ws.Y, h, rows.lo);
+    const T* __restrict at = ws.at(ws.A, h, rows.lo);
+    const T* __restrict das = ws.at(ws.dAs, h, rows.lo);
+    T* __restrict dz = ws.at(ws.dZ, h, rows.lo);
+    T* __restrict dy = ws.at(ws.dY, h, rows.lo);
     for (int64_t j = 0; j < pix; ++j) {
       const T zhat = (s3 * y[j] + t3 + at[j] - ma) * ia;
       const T yhat = (y[j] - m3) * i3;
-      dz[j] = g.k[a] * (das[j] - g.cb[a] - zhat * g.cg[a]);
-      dy[j] = g.k[c3] * (dz[j] - g.cb[c3] - yhat * g.cg[c3]);
+      const T dzj = ka * (das[j] - cba - zhat * cga);
+      dz[j] = dzj;
+      dy[j] = k3 * (dzj - cb3 - yhat * cg3);
     }
   }
 }
@@ -293,17 +298,19 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
         T* dwd = dwe + C * H;
         gemm_rm<T>(false, true, C, H, m * N, T(1), ws.at(ws.dE, 0, rows.lo), ws.ld(),
                    ws.at(ws.A, 0, rows.lo), ws.ld(), T(1), dwe, H);
-        for (int64_t c = 0; c < C; ++c)  // dW_d: dx2 against the shifted E (zero margins)
-          for (int64_t di = 0; di < K; ++di)
-            for (int64_t dj = 0; dj < K; ++dj) {
-              VecSum<T> tap;
-              for (int64_t i = rows.lo; i < rows.hi; ++i) {
-                const int64_t r = i + di - hl;
-                if (r >= 0 && r < N)
-                  tap.add_dot(ws.at_pad(ws.DX2, c, i), ws.at_pad(ws.E, c, r) + dj - hl, N);
-              }
-              dwd[(c * K + di) * K + dj] += T(tap.total());
-            }
+        for (int64_t c = 0; c < C; ++c) {  // dW_d: dx2 against the shifted E (zero margins)
+          const auto e_row = [&](int64_t r) -> const T* {
+            return (r < 0 || r >= N) ? nullptr : ws.at_pad(ws.E, c, r);
+          };
+          const auto dx2_row = [&](int64_t i) -> const T* { return ws.at_pad(ws.DX2, c, i); };
+          T* gc = dwd + c * K * K;
+          switch (K) {
+            case 3: depthwise_weight_grad_rows<3>(gc, K, rows.lo, rows.hi, N, e_row, dx2_row); break;
+            case 5: depthwise_weight_grad_rows<5>(gc, K, rows.lo, rows.hi, N, e_row, dx2_row); break;
+            case 7: depthwise_weight_grad_rows<7>(gc, K, rows.lo, rows.hi, N, e_row, dx2_row); break;
+            default: depthwise_weight_grad_rows<0>(gc, K, rows.lo, rows.hi, N, e_row, dx2_row);
+          }
+        }
         activate2(nm, pk, d, ws, rows);  // F, for dW_r = dy F^T
         gemm_rm<T>(false, true, H, C, m * N, T(1), ws.at(ws.dY, 0, rows.lo), ws.ld(),
                    ws.at(ws.F, 0, rows.lo), ws.ld(), T(1), dwd + C * K * K, C);

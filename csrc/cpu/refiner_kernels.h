@@ -141,6 +141,7 @@ struct Planes {
   T *A, *Y, *As, *dAs, *dZ, *dY, *dA;  // H channels: A, Y = W_r F, A*, dA*, dz, dy, dA
   T *X1, *X2, *F, *dF, *dE;            // C channels: W_e A, W_d * E, F, and gradients
   T *E, *DX2;                          // C channels, padded rows: E, dx2
+  T* zero_row;                         // a padded row of zeros: image rows outside [0, N)
   T *kt, *qb, *vb, *rows;              // K^T or V^T (D x N); rows x D; N x D; 4 rows of N
   T* at(T* buf, int64_t c, int64_t r) const { return buf + (c * cap + (r - lo)) * n; }
   T* at_pad(T* buf, int64_t c, int64_t r) const { return buf + (c * cap + (r - lo)) * np + hl; }
@@ -158,9 +159,10 @@ struct Planes {
     vb = p, p += n * d.D;
     rows = p;
     // The margins are never written: zero them once.
-    padded = at::zeros({2 * d.C * cap * np}, mem.options());
+    padded = at::zeros({2 * d.C * cap * np + np}, mem.options());
     E = padded.data_ptr<T>();
     DX2 = E + d.C * cap * np;
+    zero_row = DX2 + d.C * cap * np + hl;
   }
 };
 
@@ -268,16 +270,20 @@ void expand(const Params<T>& w, const Norms<T>* nm, const Packed& pk, const Dims
 template <typename T>
 void depthwise(const T* weights, const Dims& d, const Planes<T>& ws, T* in_pad, T* out,
                Range rows) {
-  const int64_t N = d.N, K = d.K, h = d.halo();
-  std::vector<const T*> in_rows(K);
-  for (int64_t c = 0; c < d.C; ++c)
-    for (int64_t i = rows.lo; i < rows.hi; ++i) {
-      for (int64_t di = 0; di < K; ++di) {
-        const int64_t r = i + di - h;
-        in_rows[di] = (r < 0 || r >= N) ? nullptr : ws.at_pad(in_pad, c, r);
-      }
-      depthwise_row(ws.at(out, c, i), in_rows.data(), weights + c * K * K, N, K);
+  const int64_t N = d.N, K = d.K;
+  for (int64_t c = 0; c < d.C; ++c) {
+    const auto in_row = [&](int64_t r) -> const T* {
+      return (r < 0 || r >= N) ? ws.zero_row : ws.at_pad(in_pad, c, r);
+    };
+    const auto out_row = [&](int64_t i) { return ws.at(out, c, i); };
+    const T* w = weights + c * K * K;
+    switch (K) {
+      case 3: depthwise_rows<3>(w, K, rows.lo, rows.hi, N, in_row, out_row); break;
+      case 5: depthwise_rows<5>(w, K, rows.lo, rows.hi, N, in_row, out_row); break;
+      case 7: depthwise_rows<7>(w, K, rows.lo, rows.hi, N, in_row, out_row); break;
+      default: depthwise_rows<0>(w, K, rows.lo, rows.hi, N, in_row, out_row); break;
     }
+  }
 }
 
 // F = ReLU6(BN2(X2)) on `rows`.
