@@ -28,10 +28,11 @@ struct BnGrad {
   explicit BnGrad(int64_t n) : k(n, T(0)), cb(n, T(0)), cg(n, T(0)) {}
 };
 
-// dz = BN_a backward of dA*, dy = BN3 backward of dz, on `rows` of every head.
+// dz = BN_a backward of dA*, dy = BN3 backward of dz, on `rows` of every head. dattn: the stored
+// dA* of the tile's batch element (H, N, N), read in place.
 template <typename T>
 void grad_dz_dy(const Norms<T>& nm, const BnGrad<T>& g, const Packed& pk, const Dims& d,
-                Planes<T>& ws, Range rows) {
+                const T* dattn, Planes<T>& ws, Range rows) {
   const int64_t pix = rows.size() * d.N;
   for (int64_t h = 0; h < d.H; ++h) {
     const int64_t a = pk.bna + h, c3 = pk.bn3 + h;
@@ -42,8 +43,8 @@ void grad_dz_dy(const Norms<T>& nm, const BnGrad<T>& g, const Packed& pk, const 
     const T ka = g.k[a], cba = g.cb[a], cga = g.cg[a];
     const T k3 = g.k[c3], cb3 = g.cb[c3], cg3 = g.cg[c3];
     const T* __restrict y = ws.at(ws.Y, h, rows.lo);
-    const T* __restrict at = ws.at(ws.A, h, rows.lo);
-    const T* __restrict das = ws.at(ws.dAs, h, rows.lo);
+    const T* __restrict at = ws.a(h, rows.lo);
+    const T* __restrict das = dattn + (h * d.N + rows.lo) * d.N;
     T* __restrict dz = ws.at(ws.dZ, h, rows.lo);
     T* __restrict dy = ws.at(ws.dY, h, rows.lo);
     for (int64_t j = 0; j < pix; ++j) {
@@ -99,8 +100,7 @@ template <typename scalar_t, typename T>
 void grad_to_du2(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, const Norms<T>& nm,
                  const BnGrad<T>& g, const Packed& pk, Planes<T>& ws, int64_t b, Range x_rows) {
   chain_to_y(p, nm, pk, ws, b, x_rows);
-  load_rows(gr.dattn, p.d, ws, ws.dAs, b, x_rows);
-  grad_dz_dy(nm, g, pk, p.d, ws, x_rows);
+  grad_dz_dy(nm, g, pk, p.d, gr.dattn + b * p.d.H * p.d.N * p.d.N, ws, x_rows);
   grad_du2(p.w, nm, pk, p.d, ws, x_rows);
 }
 
@@ -139,6 +139,7 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
   const Packed pk(d);
   const Tiles tiles(d, p.block);
   const int64_t H = d.H, C = d.C, N = d.N, D = d.D, K = d.K, hl = d.halo();
+  PlanesPool<T> pool(d, p.block);
   const double n = d.count();
   const Norms<T> nm(p.w, mean, var, eps, pk);
   BnGrad<T> g(pk.total);
@@ -153,7 +154,7 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
     constexpr int W = 6;
     std::vector<Sum> parts(tiles.count * H * W);
     PassTimer timer("B1 dA*, BN_a and BN3 sums");
-    for_each_task<T>(d, p.block, tiles.count, [&](int64_t t, Planes<T>& ws) {
+    for_each_task<T>(pool, tiles.count, [&](int64_t t, Planes<T>& ws) {
       const int64_t b = tiles.batch(t);
       const Range rows = tiles.rows(t);
       const int64_t m = rows.size();
@@ -172,7 +173,7 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
         VecSum<T> v[W];
         for (int64_t i = rows.lo; i < rows.hi; ++i) {
           const T* y = ws.at(ws.Y, h, i);
-          const T* at = ws.at(ws.A, h, i);
+          const T* at = ws.a(h, i);
           const T* dr = das + (i - rows.lo) * N;
           for (int64_t j = 0; j < N; ++j) {
             zhat[j] = (s3 * y[j] + t3 + at[j] - ma) * ia;
@@ -216,7 +217,7 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
     const int64_t wd = 8 * C;  // per channel: sum du2, du2 x_hat2, then G and G' with du2, x_hat2, 1
     std::vector<Sum> parts(tiles.count * wd);
     PassTimer timer("B2 BN2 and BN1 sums");
-    for_each_task<T>(d, p.block, tiles.count, [&](int64_t t, Planes<T>& ws) {
+    for_each_task<T>(pool, tiles.count, [&](int64_t t, Planes<T>& ws) {
       const int64_t b = tiles.batch(t);
       const Range rows = tiles.rows(t);
       const Range e_rows = clip(rows.lo - hl, rows.hi + hl, N);
@@ -282,7 +283,7 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
     const int64_t ww = C * H + C * K * K + H * C;
     std::vector<T> wparts(d.B * ww, T(0));
     PassTimer timer("B3 dq, dk, dv, dW_e, dW_d, dW_r");
-    for_each_task<T>(d, p.block, d.B, [&](int64_t b, Planes<T>& ws) {
+    for_each_task<T>(pool, d.B, [&](int64_t b, Planes<T>& ws) {
       // K, dK, dV of every head and Q, dO, dQ of a block in acc type where they are converted.
       at::Tensor cvt = scratch<T>(kConvert ? N * D + 2 * H * N * D + 3 * ws.cap * D : 0);
       T* Kc = cvt.data_ptr<T>();
@@ -297,7 +298,7 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
         T* dwe = &wparts[b * ww];
         T* dwd = dwe + C * H;
         gemm_rm<T>(false, true, C, H, m * N, T(1), ws.at(ws.dE, 0, rows.lo), ws.ld(),
-                   ws.at(ws.A, 0, rows.lo), ws.ld(), T(1), dwe, H);
+                   ws.a(0, rows.lo), ws.a_ld(), T(1), dwe, H);
         for (int64_t c = 0; c < C; ++c) {  // dW_d: dx2 against the shifted E (zero margins)
           const auto e_row = [&](int64_t r) -> const T* {
             return (r < 0 || r >= N) ? nullptr : ws.at_pad(ws.E, c, r);

@@ -43,11 +43,12 @@ void forward_impl(const Problem<scalar_t, T>& p, bool training, std::vector<doub
   const Tiles tiles(d, p.block);
   const int64_t H = d.H, C = d.C, N = d.N;
   const double n = d.count();
+  PlanesPool<T> pool(d, p.block);
 
   if (!training) {
     const Norms<T> nm(p.w, mean, var, eps, pk);
     PassTimer timer("eval forward");
-    for_each_task<T>(d, p.block, tiles.count, [&](int64_t t, Planes<T>& ws) {
+    for_each_task<T>(pool, tiles.count, [&](int64_t t, Planes<T>& ws) {
       const int64_t b = tiles.batch(t);
       const Range rows = tiles.rows(t);
       chain_to_y(p, nm, pk, ws, b, rows, /*from_probs=*/false);
@@ -63,17 +64,16 @@ void forward_impl(const Problem<scalar_t, T>& p, bool training, std::vector<doub
   std::vector<Sum> gram_parts(tiles.count * (H + H * H));
   {
   PassTimer timer1("F1 softmax, Gram");
-  for_each_task<T>(d, p.block, tiles.count, [&](int64_t t, Planes<T>& ws) {
+  for_each_task<T>(pool, tiles.count, [&](int64_t t, Planes<T>& ws) {
     const int64_t b = tiles.batch(t);
     const Range rows = tiles.rows(t);
     ws.lo = rows.lo;
     softmax_rows(p, ws, b, rows, p.probs);
-    apply_dropout(p, ws, b, rows);
     Sum* acc = &gram_parts[t * (H + H * H)];
     for (int64_t i = rows.lo; i < rows.hi; ++i) {
       for (int64_t h = 0; h < H; ++h) {
         T* cen = ws.at(ws.dA, h, i);  // scratch: A - 1/N
-        const T* a = ws.at(ws.A, h, i);
+        const T* a = ws.a(h, i);
         for (int64_t j = 0; j < N; ++j) cen[j] = a[j] - c0;
         acc[h].v += double(sum_row(cen, N));
       }
@@ -109,7 +109,7 @@ void forward_impl(const Problem<scalar_t, T>& p, bool training, std::vector<doub
     const Norms<T> nm(p.w, mean, var, eps, pk);
     std::vector<Moments> parts(tiles.count * C);
     PassTimer timer("F2 BN2 statistics");
-    for_each_task<T>(d, p.block, tiles.count, [&](int64_t t, Planes<T>& ws) {
+    for_each_task<T>(pool, tiles.count, [&](int64_t t, Planes<T>& ws) {
       const int64_t b = tiles.batch(t);
       const Range rows = tiles.rows(t);
       chain_to_x2(p, nm, pk, ws, b, rows);
@@ -129,14 +129,14 @@ void forward_impl(const Problem<scalar_t, T>& p, bool training, std::vector<doub
     const Norms<T> nm(p.w, mean, var, eps, pk);
     std::vector<CoMoments> parts(tiles.count * H);
     PassTimer timer("F3 BN3, BN_a statistics");
-    for_each_task<T>(d, p.block, tiles.count, [&](int64_t t, Planes<T>& ws) {
+    for_each_task<T>(pool, tiles.count, [&](int64_t t, Planes<T>& ws) {
       const int64_t b = tiles.batch(t);
       const Range rows = tiles.rows(t);
       chain_to_y(p, nm, pk, ws, b, rows);
       store_rows(ybuf, d, ws, ws.Y, b, rows);
       for (int64_t h = 0; h < H; ++h)
         for (int64_t i = rows.lo; i < rows.hi; ++i)
-          parts[t * H + h].add(ws.at(ws.Y, h, i), ws.at(ws.A, h, i), N);
+          parts[t * H + h].add(ws.at(ws.Y, h, i), ws.a(h, i), N);
     });
     const auto mom = merge_in_order(parts, H);
     for (int64_t h = 0; h < H; ++h) {
@@ -152,7 +152,7 @@ void forward_impl(const Problem<scalar_t, T>& p, bool training, std::vector<doub
   // F4: A* and out.
   const Norms<T> nm(p.w, mean, var, eps, pk);
   PassTimer timer4("F4 output");
-  for_each_task<T>(d, p.block, tiles.count, [&](int64_t t, Planes<T>& ws) {
+  for_each_task<T>(pool, tiles.count, [&](int64_t t, Planes<T>& ws) {
     const int64_t b = tiles.batch(t);
     const Range rows = tiles.rows(t);
     ws.lo = rows.lo;

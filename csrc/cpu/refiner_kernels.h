@@ -39,6 +39,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <vector>
 
 #include "attention_kernels.h"
@@ -138,21 +139,31 @@ template <typename T>
 struct Planes {
   int64_t cap, n, hl, np, lo = 0;  // rows per channel, N, halo, padded row length N + 2 halo
   at::Tensor mem, padded;
-  T *A, *Y, *As, *dAs, *dZ, *dY, *dA;  // H channels: A, Y = W_r F, A*, dA*, dz, dy, dA
+  T *A, *Y, *As, *dZ, *dY, *dA;  // H channels: A, Y = W_r F, A*, dz, dy, dA
   T *X1, *X2, *F, *dF, *dE;            // C channels: W_e A, W_d * E, F, and gradients
   T *E, *DX2;                          // C channels, padded rows: E, dx2
   T* zero_row;                         // a padded row of zeros: image rows outside [0, N)
   T *kt, *qb, *vb, *rows;              // K^T or V^T (D x N); rows x D; N x D; 4 rows of N
+  // A is read through a() and a_ld(): either the A plane, or (a_view set) the stored P itself,
+  // whose heads lie N x N apart. Without dropout the tile's A is exactly those rows of P, so
+  // every pass but the first reads them in place instead of copying them (the copies were ~5%
+  // of a training step at N = 65).
+  const T* a_view = nullptr;  // row `lo` of head 0 of the tile's batch element in P
+  int64_t a_cs = 0;           // head stride of a_view
   T* at(T* buf, int64_t c, int64_t r) const { return buf + (c * cap + (r - lo)) * n; }
   T* at_pad(T* buf, int64_t c, int64_t r) const { return buf + (c * cap + (r - lo)) * np + hl; }
   int64_t ld() const { return cap * n; }
+  const T* a(int64_t h, int64_t r) const {
+    return a_view ? a_view + h * a_cs + (r - lo) * n : at(A, h, r);
+  }
+  int64_t a_ld() const { return a_view ? a_cs : ld(); }
 
   Planes(const Dims& d, int64_t block)
       : cap(block + 4 * d.halo()), n(d.N), hl(d.halo()), np(d.N + 2 * d.halo()) {
     const int64_t hp = d.H * cap * n, cp = d.C * cap * n;
-    mem = scratch<T>(7 * hp + 5 * cp + d.D * n + cap * d.D + n * d.D + 4 * n);
+    mem = scratch<T>(6 * hp + 5 * cp + d.D * n + cap * d.D + n * d.D + 4 * n);
     T* p = mem.data_ptr<T>();
-    for (T** b : {&A, &Y, &As, &dAs, &dZ, &dY, &dA}) *b = p, p += hp;
+    for (T** b : {&A, &Y, &As, &dZ, &dY, &dA}) *b = p, p += hp;
     for (T** b : {&X1, &X2, &F, &dF, &dE}) *b = p, p += cp;
     kt = p, p += d.D * n;
     qb = p, p += cap * d.D;
@@ -188,20 +199,62 @@ class PassTimer {
   std::chrono::steady_clock::time_point t0_;
 };
 
+// The per-worker planes of one forward or backward call: made on a worker's first task, reused
+// by every later pass of the call. Made per pass, their allocation (page faults, and zeroing the
+// padded planes) cost ~1 ms of every pass at (64, 3, 65, 64) on two threads.
+template <typename T>
+class PlanesPool {
+ public:
+  PlanesPool(const Dims& d, int64_t block)
+      : d_(d), block_(block), slots_(std::max<int64_t>(1, at::get_num_threads())) {}
+  Planes<T>& get(int64_t worker) {
+    std::optional<Planes<T>>& slot = slots_.at(worker);
+    if (!slot) slot.emplace(d_, block_);
+    return *slot;
+  }
+
+ private:
+  Dims d_;
+  int64_t block_;
+  std::vector<std::optional<Planes<T>>> slots_;
+};
+
 // Runs body(task, worker_planes) over `tasks` tasks on torch's threads, dynamically scheduled.
+// parallel_for hands each worker a distinct index in [0, workers), its slot in the pool.
 template <typename T, typename Body>
-void for_each_task(const Dims& d, int64_t block, int64_t tasks, const Body& body) {
+void for_each_task(PlanesPool<T>& pool, int64_t tasks, const Body& body) {
   TaskQueue queue(tasks);
-  at::parallel_for(0, queue.workers(), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, queue.workers(), 1, [&](int64_t worker, int64_t) {
     SingleThreadedBlas blas_guard;
-    Planes<T> ws(d, block);
+    Planes<T>& ws = pool.get(worker);
     for (int64_t t; queue.next(&t);) body(t, ws);
   });
 }
 
 // ------------------------------------------------------------------------ forward chain steps
 
-// A on `rows` = softmax(scale q k^T) for batch b, every head; optionally stored into `probs`.
+// A on `rows` (from ws.lo = rows.lo) from the stored P, with the dropout mask applied: a view of
+// P itself without dropout, else a masked copy in the A plane.
+template <typename scalar_t, typename T>
+void load_attn(const Problem<scalar_t, T>& p, Planes<T>& ws, int64_t b, Range rows) {
+  const int64_t N = p.d.N;
+  if (!p.keep) {
+    ws.a_view = p.probs + (b * p.d.H * N + rows.lo) * N;
+    ws.a_cs = N * N;
+    return;
+  }
+  ws.a_view = nullptr;
+  for (int64_t h = 0; h < p.d.H; ++h) {
+    const int64_t off = ((b * p.d.H + h) * N + rows.lo) * N;
+    T* dst = ws.at(ws.A, h, rows.lo);
+    const T* src = p.probs + off;
+    const bool* keep = p.keep + off;
+    for (int64_t j = 0; j < rows.size() * N; ++j) dst[j] = keep[j] ? src[j] * p.drop_scale : T(0);
+  }
+}
+
+// P on `rows` = softmax(scale q k^T) for batch b, every head, written to `probs` (the stored P,
+// then A is load_attn's) or, with probs = nullptr, to the A plane.
 template <typename scalar_t, typename T>
 void softmax_rows(const Problem<scalar_t, T>& p, Planes<T>& ws, int64_t b, Range rows,
                   T* probs) {
@@ -211,43 +264,18 @@ void softmax_rows(const Problem<scalar_t, T>& p, Planes<T>& ws, int64_t b, Range
     const int64_t bh = b * d.H + h;
     transpose(p.k + bh * N * D, N, D, ws.kt);
     const T* Q = tile_as_acc(p.q + (bh * N + rows.lo) * D, m * D, ws.qb);
-    T* S = ws.at(ws.A, h, rows.lo);
+    T* S = probs ? probs + (bh * N + rows.lo) * N : ws.at(ws.A, h, rows.lo);
     gemm_rm<T>(false, false, m, N, D, p.scale, Q, D, ws.kt, N, T(0), S, N);
     for (int64_t i = 0; i < m; ++i) {
       T mx;
       const T sum = exp_row(S + i * N, N, &mx);
       scale_row(S + i * N, S + i * N, N, T(1) / sum);
     }
-    if (probs) std::copy(S, S + m * N, probs + (bh * N + rows.lo) * N);
   }
-}
-
-// A on `rows` from the stored P, with the dropout mask applied.
-template <typename scalar_t, typename T>
-void load_attn(const Problem<scalar_t, T>& p, Planes<T>& ws, int64_t b, Range rows) {
-  const int64_t N = p.d.N;
-  for (int64_t h = 0; h < p.d.H; ++h) {
-    const int64_t off = ((b * p.d.H + h) * N + rows.lo) * N;
-    T* dst = ws.at(ws.A, h, rows.lo);
-    const T* src = p.probs + off;
-    if (!p.keep) {
-      std::copy(src, src + rows.size() * N, dst);
-      continue;
-    }
-    const bool* keep = p.keep + off;
-    for (int64_t j = 0; j < rows.size() * N; ++j) dst[j] = keep[j] ? src[j] * p.drop_scale : T(0);
-  }
-}
-
-// In place on the mask-applied A rows of the plane (training F1 with dropout).
-template <typename scalar_t, typename T>
-void apply_dropout(const Problem<scalar_t, T>& p, Planes<T>& ws, int64_t b, Range rows) {
-  if (!p.keep) return;
-  const int64_t N = p.d.N;
-  for (int64_t h = 0; h < p.d.H; ++h) {
-    const bool* keep = p.keep + ((b * p.d.H + h) * N + rows.lo) * N;
-    T* a = ws.at(ws.A, h, rows.lo);
-    for (int64_t j = 0; j < rows.size() * N; ++j) a[j] = keep[j] ? a[j] * p.drop_scale : T(0);
+  if (probs) {
+    load_attn(p, ws, b, rows);
+  } else {
+    ws.a_view = nullptr;
   }
 }
 
@@ -256,8 +284,8 @@ template <typename T>
 void expand(const Params<T>& w, const Norms<T>* nm, const Packed& pk, const Dims& d,
             Planes<T>& ws, Range rows) {
   const int64_t pix = rows.size() * d.N;
-  gemm_rm<T>(false, false, d.C, pix, d.H, T(1), w.w_exp, d.H, ws.at(ws.A, 0, rows.lo), ws.ld(),
-             T(0), ws.at(ws.X1, 0, rows.lo), ws.ld());
+  gemm_rm<T>(false, false, d.C, pix, d.H, T(1), w.w_exp, d.H, ws.a(0, rows.lo), ws.a_ld(), T(0),
+             ws.at(ws.X1, 0, rows.lo), ws.ld());
   if (!nm) return;
   for (int64_t c = 0; c < d.C; ++c)
     for (int64_t i = rows.lo; i < rows.hi; ++i)
@@ -362,7 +390,7 @@ void refine(const Norms<T>& nm, const Packed& pk, const Dims& d, Planes<T>& ws, 
     const T s3 = nm.s[pk.bn3 + h], t3 = nm.t[pk.bn3 + h];
     const T sa = nm.s[pk.bna + h], ta = nm.t[pk.bna + h];
     const T* y = ws.at(ws.Y, h, rows.lo);
-    const T* a = ws.at(ws.A, h, rows.lo);
+    const T* a = ws.a(h, rows.lo);
     T* out = ws.at(ws.As, h, rows.lo);
     for (int64_t j = 0; j < pix; ++j) out[j] = sa * (s3 * y[j] + t3 + a[j]) + ta;
   }
