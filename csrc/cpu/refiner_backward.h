@@ -312,7 +312,8 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
             default: depthwise_weight_grad_rows<0>(gc, K, rows.lo, rows.hi, N, e_row, dx2_row);
           }
         }
-        activate2(nm, pk, d, ws, rows);  // F, for dW_r = dy F^T
+        // dW_r = dy F^T, F as chain_to_y left it (on x_rows, which contain rows; nothing since
+        // has written the F planes).
         gemm_rm<T>(false, true, H, C, m * N, T(1), ws.at(ws.dY, 0, rows.lo), ws.ld(),
                    ws.at(ws.F, 0, rows.lo), ws.ld(), T(1), dwd + C * K * K, C);
         // dA = W_e^T dx1 + dz (the residual), then through the dropout mask.
