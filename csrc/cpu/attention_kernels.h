@@ -97,10 +97,10 @@ void transpose(const Src* src, int64_t rows, int64_t cols, Dst* dst) {
 }
 
 // Key counts from which the score GEMMs hand BLAS the keys as its transposed operand instead of
-// an explicit transposed copy. Measured with MKL on one thread (D = 64): at N = 65 the transposed
-// -operand product took 2.2x the time of the plain one on a copy, at N = 161 1.5x; at N = 197 and
-// 257 the two took the same time, so the copy (which is also the first, cache-missing read of the
-// head's keys: ~9% of an attention_match step in perf) is pure cost there.
+// an explicit transposed copy. Measured with MKL on one thread (D = 64), transposed-operand time
+// over plain-product-plus-copy time: 2.0-2.5x at N = 65, about 1.4x at N = 161, about 1.0 at
+// N = 197 and 257. There the copy (also the first, cache-missing read of the head's keys: ~8% of
+// an attention_match step in perf) is pure cost.
 constexpr int64_t kKeysTransposedOperandMin = 192;
 
 // The key side of a score GEMM S = alpha X Y^T (m x N), Y (N x Dy) one head's keys (or values, for
