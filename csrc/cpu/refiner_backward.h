@@ -305,12 +305,10 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
           };
           const auto dx2_row = [&](int64_t i) -> const T* { return ws.at_pad(ws.DX2, c, i); };
           T* gc = dwd + c * K * K;
-          switch (K) {
-            case 3: depthwise_weight_grad_rows<3>(gc, K, rows.lo, rows.hi, N, e_row, dx2_row); break;
-            case 5: depthwise_weight_grad_rows<5>(gc, K, rows.lo, rows.hi, N, e_row, dx2_row); break;
-            case 7: depthwise_weight_grad_rows<7>(gc, K, rows.lo, rows.hi, N, e_row, dx2_row); break;
-            default: depthwise_weight_grad_rows<0>(gc, K, rows.lo, rows.hi, N, e_row, dx2_row);
-          }
+          with_fixed_k(K, [&](auto fixed) {
+            depthwise_weight_grad_rows<decltype(fixed)::value>(gc, K, rows.lo, rows.hi, N, e_row,
+                                                               dx2_row);
+          });
         }
         // dW_r = dy F^T, F as chain_to_y left it (on x_rows, which contain rows; nothing since
         // has written the F planes).

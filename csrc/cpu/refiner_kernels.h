@@ -305,12 +305,9 @@ void depthwise(const T* weights, const Dims& d, const Planes<T>& ws, T* in_pad, 
     };
     const auto out_row = [&](int64_t i) { return ws.at(out, c, i); };
     const T* w = weights + c * K * K;
-    switch (K) {
-      case 3: depthwise_rows<3>(w, K, rows.lo, rows.hi, N, in_row, out_row); break;
-      case 5: depthwise_rows<5>(w, K, rows.lo, rows.hi, N, in_row, out_row); break;
-      case 7: depthwise_rows<7>(w, K, rows.lo, rows.hi, N, in_row, out_row); break;
-      default: depthwise_rows<0>(w, K, rows.lo, rows.hi, N, in_row, out_row); break;
-    }
+    with_fixed_k(K, [&](auto fixed) {
+      depthwise_rows<decltype(fixed)::value>(w, K, rows.lo, rows.hi, N, in_row, out_row);
+    });
   }
 }
 

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "rowops.h"
 
@@ -123,6 +124,18 @@ void relu6_grad_row(T* g, const T* x, int64_t n, T s, T t) {
   for (int64_t j = 0; j < n; ++j) {
     const T u = s * x[j] + t;
     g[j] = (u > T(0) && u < T(6)) ? g[j] : T(0);
+  }
+}
+
+// Calls f(std::integral_constant<int, kFixedK>) with kFixedK = K for the kernel sizes the
+// depthwise passes unroll (3, 5, 7), else 0 (K read at run time).
+template <typename F>
+void with_fixed_k(int64_t K, const F& f) {
+  switch (K) {
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 0>{}); break;
   }
 }
 
