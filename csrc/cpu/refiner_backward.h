@@ -28,6 +28,54 @@ struct BnGrad {
   explicit BnGrad(int64_t n) : k(n, T(0)), cb(n, T(0)), cg(n, T(0)) {}
 };
 
+// B1's six sums over one row of head h, in one pass (z_hat, y_hat never stored): into v[0..5]
+// sum dA*, dA* z_hat, dA* y_hat, z_hat y_hat, z_hat, y_hat, with z = s3 y + t3 + a the input of
+// BN_a (packed index a) and y that of BN3 (c3).
+template <typename T>
+FASTATTNREG_ROW_PASS void bn_a_bn3_row_sums(const Norms<T>& nm, int64_t a, int64_t c3, const T* y,
+                                            const T* at, const T* das, int64_t n, VecSum<T>* v) {
+  using V = at::vec::Vectorized<T>;
+  const V s3(nm.s[c3]), t3(nm.t[c3]), ma(nm.mean[a]), ia(nm.invstd[a]);
+  const V m3(nm.mean[c3]), i3(nm.invstd[c3]), zero(T(0));
+  V acc[6] = {zero, zero, zero, zero, zero, zero};
+  for_each_vec<T>(n, [&](int64_t j, int64_t c) {
+    const V yv = V::loadu(y + j, c), dv = V::loadu(das + j, c);  // tail lanes load 0
+    // The tail lanes of z_hat and y_hat are not 0 (the shifts): zeroed for their own sums.
+    const V zh = V::set(zero, (at::vec::fmadd(s3, yv, t3) + V::loadu(at + j, c) - ma) * ia, c);
+    const V yh = V::set(zero, (yv - m3) * i3, c);
+    acc[0] = acc[0] + dv;
+    acc[1] = at::vec::fmadd(dv, zh, acc[1]);
+    acc[2] = at::vec::fmadd(dv, yh, acc[2]);
+    acc[3] = at::vec::fmadd(zh, yh, acc[3]);
+    acc[4] = acc[4] + zh;
+    acc[5] = acc[5] + yh;
+  });
+  for (int k = 0; k < 6; ++k) v[k].flush(acc[k]);
+}
+
+// B2's eight sums over one row of channel c, in one pass (x_hat2 never stored): into v[0..7]
+// sum du2, du2 x_hat2, then for G = g0 and G' = g1 each: sum G du2, G x_hat2, G.
+template <typename T>
+FASTATTNREG_ROW_PASS void bn2_bn1_row_sums(T mean2, T invstd2, const T* du2, const T* x2,
+                                           const T* g0, const T* g1, int64_t n, VecSum<T>* v) {
+  using V = at::vec::Vectorized<T>;
+  const V m2(mean2), i2(invstd2), zero(T(0));
+  V acc[8] = {zero, zero, zero, zero, zero, zero, zero, zero};
+  for_each_vec<T>(n, [&](int64_t j, int64_t c) {
+    const V du = V::loadu(du2 + j, c);  // tail lanes load 0
+    const V xh = V::set(zero, (V::loadu(x2 + j, c) - m2) * i2, c);  // tail lanes zeroed
+    acc[0] = acc[0] + du;
+    acc[1] = at::vec::fmadd(du, xh, acc[1]);
+    const V gs[2] = {V::loadu(g0 + j, c), V::loadu(g1 + j, c)};
+    for (int k = 0; k < 2; ++k) {
+      acc[2 + 3 * k] = at::vec::fmadd(gs[k], du, acc[2 + 3 * k]);
+      acc[3 + 3 * k] = at::vec::fmadd(gs[k], xh, acc[3 + 3 * k]);
+      acc[4 + 3 * k] = acc[4 + 3 * k] + gs[k];
+    }
+  });
+  for (int k = 0; k < 8; ++k) v[k].flush(acc[k]);
+}
+
 // dz = BN_a backward of dA*, dy = BN3 backward of dz, on `rows` of every head. dattn: the stored
 // dA* of the tile's batch element (H, N, N), read in place.
 template <typename T>
@@ -159,8 +207,6 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
       const Range rows = tiles.rows(t);
       const int64_t m = rows.size();
       chain_to_y(p, nm, pk, ws, b, rows);
-      T* zhat = ws.rows;
-      T* yhat = ws.rows + N;
       for (int64_t h = 0; h < H; ++h) {
         const int64_t bh = b * H + h;
         transpose(p.v + bh * N * D, N, D, ws.kt);
@@ -168,24 +214,10 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
         T* das = gr.dattn + (bh * N + rows.lo) * N;
         gemm_rm<T>(false, false, m, N, D, T(1), dO, D, ws.kt, N, T(0), das, N);
         const int64_t a = pk.bna + h, c3 = pk.bn3 + h;
-        const T s3 = nm.s[c3], t3 = nm.t[c3], ma = nm.mean[a], ia = nm.invstd[a];
-        const T m3 = nm.mean[c3], i3 = nm.invstd[c3];
         VecSum<T> v[W];
-        for (int64_t i = rows.lo; i < rows.hi; ++i) {
-          const T* y = ws.at(ws.Y, h, i);
-          const T* at = ws.a(h, i);
-          const T* dr = das + (i - rows.lo) * N;
-          for (int64_t j = 0; j < N; ++j) {
-            zhat[j] = (s3 * y[j] + t3 + at[j] - ma) * ia;
-            yhat[j] = (y[j] - m3) * i3;
-          }
-          v[0].add(dr, N);
-          v[1].add_dot(dr, zhat, N);
-          v[2].add_dot(dr, yhat, N);
-          v[3].add_dot(zhat, yhat, N);
-          v[4].add(zhat, N);
-          v[5].add(yhat, N);
-        }
+        for (int64_t i = rows.lo; i < rows.hi; ++i)
+          bn_a_bn3_row_sums(nm, a, c3, ws.at(ws.Y, h, i), ws.a(h, i), das + (i - rows.lo) * N, N,
+                            v);
         Sum* acc = &parts[(t * H + h) * W];
         for (int k = 0; k < W; ++k) acc[k].v += v[k].total();
       }
@@ -240,23 +272,11 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
       depthwise(p.w.w_dw, d, ws, ws.DX2, ws.dE, rows);  // G
       depthwise(p.w.w_dw, d, ws, ws.E, ws.F, rows);     // G'
       Sum* acc = &parts[t * wd];
-      T* xhat = ws.rows;
       for (int64_t c = 0; c < C; ++c) {
-        const T m2 = nm.mean[pk.bn2 + c], i2 = nm.invstd[pk.bn2 + c];
         VecSum<T> v[8];  // the 8 sums of this channel, in the layout of acc
-        for (int64_t i = rows.lo; i < rows.hi; ++i) {
-          const T* du2 = ws.at(ws.dF, c, i);
-          const T* x2 = ws.at(ws.X2, c, i);
-          for (int64_t j = 0; j < N; ++j) xhat[j] = (x2[j] - m2) * i2;
-          v[0].add(du2, N);
-          v[1].add_dot(du2, xhat, N);
-          const T* gs[2] = {ws.at(ws.dE, c, i), ws.at(ws.F, c, i)};
-          for (int k = 0; k < 2; ++k) {
-            v[2 + 3 * k].add_dot(gs[k], du2, N);
-            v[3 + 3 * k].add_dot(gs[k], xhat, N);
-            v[4 + 3 * k].add(gs[k], N);
-          }
-        }
+        for (int64_t i = rows.lo; i < rows.hi; ++i)
+          bn2_bn1_row_sums(nm.mean[pk.bn2 + c], nm.invstd[pk.bn2 + c], ws.at(ws.dF, c, i),
+                           ws.at(ws.X2, c, i), ws.at(ws.dE, c, i), ws.at(ws.F, c, i), N, v);
         for (int k = 0; k < 8; ++k) acc[k * C + c].v += v[k].total();
       }
     });

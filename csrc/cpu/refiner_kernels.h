@@ -143,7 +143,7 @@ struct Planes {
   T *X1, *X2, *F, *dF, *dE;            // C channels: W_e A, W_d * E, F, and gradients
   T *E, *DX2;                          // C channels, padded rows: E, dx2
   T* zero_row;                         // a padded row of zeros: image rows outside [0, N)
-  T *kt, *qb, *vb, *rows;              // K^T or V^T (D x N); rows x D; N x D; 4 rows of N
+  T *kt, *qb, *vb;                     // K^T or V^T (D x N); rows x D; N x D
   // A is read through a() and a_ld(): either the A plane, or (a_view set) the stored P itself,
   // whose heads lie N x N apart. Without dropout the tile's A is exactly those rows of P, so
   // every pass but the first reads them in place instead of copying them (the copies were ~5%
@@ -161,14 +161,13 @@ struct Planes {
   Planes(const Dims& d, int64_t block)
       : cap(block + 4 * d.halo()), n(d.N), hl(d.halo()), np(d.N + 2 * d.halo()) {
     const int64_t hp = d.H * cap * n, cp = d.C * cap * n;
-    mem = scratch<T>(6 * hp + 5 * cp + d.D * n + cap * d.D + n * d.D + 4 * n);
+    mem = scratch<T>(6 * hp + 5 * cp + d.D * n + cap * d.D + n * d.D);
     T* p = mem.data_ptr<T>();
     for (T** b : {&A, &Y, &As, &dZ, &dY, &dA}) *b = p, p += hp;
     for (T** b : {&X1, &X2, &F, &dF, &dE}) *b = p, p += cp;
     kt = p, p += d.D * n;
     qb = p, p += cap * d.D;
-    vb = p, p += n * d.D;
-    rows = p;
+    vb = p;
     // The margins are never written: zero them once.
     padded = at::zeros({2 * d.C * cap * np + np}, mem.options());
     E = padded.data_ptr<T>();

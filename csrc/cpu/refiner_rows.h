@@ -23,21 +23,27 @@ T sum_row(const T* x, int64_t n) {
   return hsum(acc);
 }
 
-// A sum kept in vector lanes across many rows, with one horizontal add at the end (a per-row
-// horizontal add costs as much as the row itself at N = 65).
+// A sum over many rows in lanes of double: the caller sums each row in vector lanes of T (in
+// registers, several sums in one pass over the row), then flushes that row's lanes in here; one
+// horizontal add at the end (a per-row horizontal add costs as much as the row itself at N = 65).
+// The backward's BatchNorm sums cancel heavily when combined (BN3's sum of dz y_hat is a
+// difference of terms ~100x larger, see B1); kept in float lanes across a whole tile, their
+// rounding made some float32 gradients up to 1.5x less accurate than PyTorch's own.
 template <typename T>
 struct VecSum {
   using V = at::vec::Vectorized<T>;
-  V acc{T(0)};
-  void add(const T* x, int64_t n) {  // += sum_j x[j]
-    for_each_vec<T>(n, [&](int64_t j, int64_t c) { acc = acc + V::loadu(x + j, c); });
+  static constexpr int64_t kLanes = V::size();
+  double lanes[kLanes] = {};
+  void flush(const V& row_lanes) {  // += one row's sum, lane by lane
+    T part[kLanes];
+    row_lanes.store(part);
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += double(part[l]);
   }
-  void add_dot(const T* x, const T* y, int64_t n) {  // += sum_j x[j] y[j]
-    for_each_vec<T>(n, [&](int64_t j, int64_t c) {
-      acc = at::vec::fmadd(V::loadu(x + j, c), V::loadu(y + j, c), acc);  // tail lanes load 0
-    });
+  double total() const {
+    double s = 0;
+    for (int64_t l = 0; l < kLanes; ++l) s += lanes[l];
+    return s;
   }
-  double total() const { return double(hsum(acc)); }
 };
 
 // sum_j (x[j] - m)^2
