@@ -16,7 +16,19 @@ if [ ! -x .venv/bin/python ]; then
 fi
 VPY=.venv/bin/python
 
+# The wheels come from this machine's disk; pip's cache would only hold a second copy of them.
+export PIP_NO_CACHE_DIR=1
+
 if ! "$VPY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.14.1')" 2>/dev/null; then
+  # torch 2.14.1 is a CUDA build: about 5.6 GB in the venv, plus pip's unpacking room. Say so
+  # up front rather than fail half-installed with "No space left on device".
+  need_kb=$((7 * 1024 * 1024))
+  free_kb=$(df -Pk . | awk 'NR == 2 {print $4}')
+  if [ "${free_kb:-0}" -lt "$need_kb" ]; then
+    echo "[setup] error: installing torch needs about 7 GB free on the disk holding $(pwd);" \
+         "only $((free_kb / 1024)) MB are free" >&2
+    exit 1
+  fi
   echo "[setup] installing build tools and torch==2.14.1 (about two minutes)"
   quiet_pip "$VPY" -m pip install -q "setuptools>=70.1" wheel ninja
   quiet_pip "$VPY" -m pip install -q torch==2.14.1
