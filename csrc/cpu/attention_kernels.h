@@ -26,6 +26,7 @@
 #include "blas.h"
 #include "match_rows.h"
 #include "rowops.h"
+#include "score_gemm.h"
 
 namespace fastattnreg::cpu::kernels {
 
@@ -72,16 +73,17 @@ void store_tile(scalar_t* dst, const acc_t* src, int64_t n) {
   if constexpr (!std::is_same_v<acc_t, scalar_t>) convert_row(dst, src, n);
 }
 
-// dst (cols x rows) = src (rows x cols)^T, converting the element type if needed. Used to hand
-// K^T and V^T to BLAS as plain row-major operands: MKL runs Q K^T as a "no-transpose" product
-// markedly faster than with a transposed operand on ViT tiles (perf at N = 65: the transposed
-// kernel took 2.5x the time of the plain one for the same FLOPs).
+// dst (cols x rows, leading dim ld >= rows) = src (rows x cols)^T, converting the element type if
+// needed. Used to hand K^T and V^T to the score GEMM as plain row-major operands: MKL runs Q K^T
+// as a "no-transpose" product markedly faster than with a transposed operand on ViT tiles (perf at
+// N = 65: the transposed kernel took 2.5x the time of the plain one for the same FLOPs), and the
+// AVX-512 score kernel (score_gemm.h) reads only this layout.
 template <typename Src, typename Dst>
-void transpose(const Src* src, int64_t rows, int64_t cols, Dst* dst) {
+void transpose(const Src* src, int64_t rows, int64_t cols, Dst* dst, int64_t ld) {
   if constexpr (std::is_same_v<Src, float> && std::is_same_v<Dst, float>) {
     // ATen's register-blocked 16 x 16 transpose on AVX-512 (a plain loop elsewhere); the scalar
     // loop below took ~10% of the forward at N = 65 with its strided stores.
-    at::vec::transpose_mxn<float>(src, cols, dst, rows, static_cast<int>(rows),
+    at::vec::transpose_mxn<float>(src, cols, dst, ld, static_cast<int>(rows),
                                   static_cast<int>(cols));
   } else {
     constexpr int64_t kB = 16;  // 16 x 16 blocks keep both sides within a few cache lines
@@ -90,43 +92,63 @@ void transpose(const Src* src, int64_t rows, int64_t cols, Dst* dst) {
       for (int64_t c0 = 0; c0 < cols; c0 += kB) {
         const int64_t c1 = std::min(cols, c0 + kB);
         for (int64_t r = r0; r < r1; ++r)
-          for (int64_t c = c0; c < c1; ++c) dst[c * rows + r] = static_cast<Dst>(src[r * cols + c]);
+          for (int64_t c = c0; c < c1; ++c) dst[c * ld + r] = static_cast<Dst>(src[r * cols + c]);
       }
     }
   }
 }
 
-// Key counts from which the score GEMMs hand BLAS the keys as its transposed operand instead of
-// an explicit transposed copy. Measured with MKL on one thread (D = 64), transposed-operand time
-// over plain-product-plus-copy time: 2.0-2.5x at N = 65, about 1.4x at N = 161, about 1.0 at
-// N = 197 and 257. There the copy (also the first, cache-missing read of the head's keys: ~8% of
-// an attention_match step in perf) is pure cost.
+// Key counts from which the score GEMMs that go to BLAS hand it the keys as its transposed
+// operand instead of an explicit transposed copy. Measured with MKL on one thread (D = 64),
+// transposed-operand time over plain-product-plus-copy time: 2.0-2.5x at N = 65, about 1.4x at
+// N = 161, about 1.0 at N = 197 and 257. There the copy (also the first, cache-missing read of the
+// head's keys: ~8% of an attention_match step in perf) is pure cost. The AVX-512 score kernel
+// always takes the copy: it is 5-15% faster than MKL on it at N = 65..257 (score_gemm.h).
 constexpr int64_t kKeysTransposedOperandMin = 192;
 
+// Whether score GEMMs with head dim Dy run on the AVX-512 score kernel (score_gemm.h).
+template <typename acc_t>
+constexpr bool score_kernel_takes(int64_t Dy) {
+#ifdef FASTATTNREG_SCORE_GEMM_AVX512
+  return std::is_same_v<acc_t, float> && Dy <= kScoreGemmMaxK;
+#else
+  return false;
+#endif
+}
+
+// Leading dim of a transposed key copy: a multiple of 16 elements, so each of its rows starts
+// 64-byte aligned in a 64-byte aligned buffer (the score kernel's loads then never split lines).
+inline int64_t key_copy_ld(int64_t N) { return (N + 15) / 16 * 16; }
+
+// Room, in elements, that key_operand needs for one head's N x Dy keys.
+inline int64_t key_operand_elems(int64_t N, int64_t Dy) { return key_copy_ld(N) * Dy; }
+
 // The key side of a score GEMM S = alpha X Y^T (m x N), Y (N x Dy) one head's keys (or values, for
-// dP = dO V^T): either the copy Y^T (Dy x N) or Y itself, in the accumulation type.
+// dP = dO V^T): either the copy Y^T (Dy x N, leading dim ld) or Y itself, in the accumulation type.
 template <typename acc_t>
 struct KeyOperand {
   const acc_t* data;
-  int64_t N, Dy;
+  int64_t N, Dy, ld;
   bool transposed_copy;  // data holds Y^T
 };
 
-// buf: room for N x Dy values of acc_t (used for the copy, or for bf16's conversion).
+// buf: room for key_operand_elems(N, Dy) values of acc_t (the copy, or bf16's conversion).
 template <typename scalar_t, typename acc_t>
 KeyOperand<acc_t> key_operand(const scalar_t* y, int64_t N, int64_t Dy, acc_t* buf) {
-  if (N >= kKeysTransposedOperandMin) return {tile_as_acc(y, N * Dy, buf), N, Dy, false};
-  transpose(y, N, Dy, buf);
-  return {buf, N, Dy, true};
+  if (!score_kernel_takes<acc_t>(Dy) && N >= kKeysTransposedOperandMin)
+    return {tile_as_acc(y, N * Dy, buf), N, Dy, Dy, false};
+  const int64_t ld = key_copy_ld(N);
+  transpose(y, N, Dy, buf, ld);
+  return {buf, N, Dy, ld, true};
 }
 
 // S (m x N, row-major) = alpha X Y^T for X (m x Dy).
 template <typename acc_t>
 void score_gemm(int64_t m, acc_t alpha, const acc_t* X, const KeyOperand<acc_t>& y, acc_t* S) {
   if (y.transposed_copy) {
-    gemm_rm<acc_t>(false, false, m, y.N, y.Dy, alpha, X, y.Dy, y.data, y.N, acc_t(0), S, y.N);
+    score_gemm_nn<acc_t>(m, y.N, y.Dy, alpha, X, y.Dy, y.data, y.ld, S, y.N);
   } else {
-    gemm_rm<acc_t>(false, true, m, y.N, y.Dy, alpha, X, y.Dy, y.data, y.Dy, acc_t(0), S, y.N);
+    gemm_rm<acc_t>(false, true, m, y.N, y.Dy, alpha, X, y.Dy, y.data, y.ld, acc_t(0), S, y.N);
   }
 }
 
@@ -220,17 +242,20 @@ void forward_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
     SingleThreadedBlas blas_guard;
     at::Tensor s_buf = scratch<acc_t>(bq * N + bq);
     at::Tensor mean_buf = scratch<acc_t>(all_heads ? bq * N : 0);
-    // K^T of the head (D x N), and for bf16 V, the query block and its output in float.
-    at::Tensor cvt_buf = scratch<acc_t>(2 * hd + 2 * bq * D);
+    // K^T of the head (D x N, key_operand), and for bf16 V, the query block and its output in
+    // float.
+    const int64_t kel = key_operand_elems(N, D);
+    at::Tensor cvt_buf = scratch<acc_t>(kel + hd + 2 * bq * D);
     acc_t* S = s_buf.data_ptr<acc_t>();
     acc_t* inv_sum = S + bq * N;  // 1 / row sum of exp, per query row of the block
     acc_t* M = mean_buf.data_ptr<acc_t>();
     acc_t* cvt = cvt_buf.data_ptr<acc_t>();
     // Teacher: its K^T (Dt x N), query rows, logits St and a copy of the student's logits SL.
     const int64_t Dt = teacher ? teacher->Dt : 0;
-    at::Tensor t_buf = scratch<acc_t>(teacher ? Dt * N + bq * Dt + 2 * bq * N : 0);
+    const int64_t tkel = teacher ? key_operand_elems(N, Dt) : 0;
+    at::Tensor t_buf = scratch<acc_t>(teacher ? tkel + bq * Dt + 2 * bq * N : 0);
     acc_t* TKt = t_buf.data_ptr<acc_t>();
-    acc_t* TQ = TKt + Dt * N;
+    acc_t* TQ = TKt + tkel;
     acc_t* St = TQ + bq * Dt;
     acc_t* SL = St + bq * N;
     for (int64_t t; queue.next(&t);) {
@@ -241,9 +266,9 @@ void forward_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
       for (int64_t h = h_begin; h < h_end; ++h) {
         const int64_t bh = b * H + h;
         const KeyOperand<acc_t> K = key_operand(k + bh * hd, N, D, cvt);
-        const acc_t* V = tile_as_acc(v + bh * hd, hd, cvt + hd);
-        const acc_t* Q = tile_as_acc(q + bh * hd + i0 * D, m * D, cvt + 2 * hd);
-        acc_t* O = out_tile(out + bh * hd + i0 * D, cvt + 2 * hd + bq * D);
+        const acc_t* V = tile_as_acc(v + bh * hd, hd, cvt + kel);
+        const acc_t* Q = tile_as_acc(q + bh * hd + i0 * D, m * D, cvt + kel + hd);
+        acc_t* O = out_tile(out + bh * hd + i0 * D, cvt + kel + hd + bq * D);
         // S = scale * Q K^T (m x N); rows become exp(S - rowmax), unnormalised.
         score_gemm(m, scale, Q, K, S);
         const int64_t mr = teacher ? teacher->rows_in_block(i0, m) : 0;
@@ -292,7 +317,7 @@ void forward_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
           teacher->row_loss[ri] = match_loss_row(teacher->kind, ss, slse, st, tlse, n);
         }
         // O = diag(1/sum) E V  (m x D): normalising the D-wide output, not the N-wide row.
-        gemm_rm<acc_t>(false, false, m, D, N, acc_t(1), S, N, V, D, acc_t(0), O, D);
+        score_gemm_nn<acc_t>(m, D, N, acc_t(1), S, N, V, D, O, D);
         for (int64_t i = 0; i < m; ++i) scale_row(O + i * D, O + i * D, D, inv_sum[i]);
         store_tile(out + bh * hd + i0 * D, O, m * D);
 
@@ -334,7 +359,8 @@ void backward_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
     at::Tensor s_buf = scratch<acc_t>(2 * bq * N + N);
     // The key operands of K and V for the score GEMMs (key_operand); for bf16 also K, dK, dV of
     // the head and Q, dO, O, dQ of the block, in float.
-    at::Tensor cvt_buf = scratch<acc_t>(2 * hd + (kConvert ? 3 * hd + 4 * bq * D : 0));
+    const int64_t kel = key_operand_elems(N, D);
+    at::Tensor cvt_buf = scratch<acc_t>(2 * kel + (kConvert ? 3 * hd + 4 * bq * D : 0));
     acc_t* P = s_buf.data_ptr<acc_t>();
     acc_t* dP = P + bq * N;
     acc_t* g_row = dP + bq * N;  // one row of the map gradient in acc_t
@@ -343,24 +369,26 @@ void backward_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
     // match_grad_row turns in place into the loss gradient with respect to the student's logits.
     const bool match = teacher && teacher->drow_loss;
     const int64_t Dt = match ? teacher->Dt : 0;
-    at::Tensor t_buf = scratch<acc_t>(match ? Dt * N + bq * Dt + bq * N + N : 0);
+    const int64_t tkel = match ? key_operand_elems(N, Dt) : 0;
+    at::Tensor t_buf = scratch<acc_t>(match ? tkel + bq * Dt + bq * N + N : 0);
     acc_t* TKt = t_buf.data_ptr<acc_t>();
-    acc_t* TQ = TKt + Dt * N;
+    acc_t* TQ = TKt + tkel;
     acc_t* St = TQ + bq * Dt;
     acc_t* SL = St + bq * N;  // the student's CLS-row logits (see student_match_logits)
     for (int64_t bh; queue.next(&bh);) {
       const int64_t b = bh / H;
       const KeyOperand<acc_t> Kop = key_operand(k + bh * hd, N, D, cvt);
-      const KeyOperand<acc_t> Vop = key_operand(v + bh * hd, N, D, cvt + hd);
-      const acc_t* K = Kop.transposed_copy ? tile_as_acc(k + bh * hd, hd, cvt + 2 * hd) : Kop.data;
-      acc_t* dK = out_tile(dk + bh * hd, cvt + 3 * hd);
-      acc_t* dV = out_tile(dv + bh * hd, cvt + 4 * hd);
-      acc_t* blk = cvt + 5 * hd;
+      const KeyOperand<acc_t> Vop = key_operand(v + bh * hd, N, D, cvt + kel);
+      acc_t* more = cvt + 2 * kel;  // bf16 only: K, dK, dV of the head, then the block's tiles
+      const acc_t* K = Kop.transposed_copy ? tile_as_acc(k + bh * hd, hd, more) : Kop.data;
+      acc_t* dK = out_tile(dk + bh * hd, more + hd);
+      acc_t* dV = out_tile(dv + bh * hd, more + 2 * hd);
+      acc_t* blk = more + 3 * hd;
       const KeyOperand<acc_t> TK =
           match ? key_operand(teacher->k + bh * N * Dt, N, Dt, TKt) : KeyOperand<acc_t>{};
       for (int64_t qb = 0; qb < nqb; ++qb) {
         const int64_t i0 = qb * bq, m = std::min(bq, N - i0), row0 = bh * N + i0;
-        const acc_t beta = qb == 0 ? acc_t(0) : acc_t(1);  // first block overwrites dK, dV
+        const bool accumulate = qb > 0;  // the first block overwrites dK, dV
         const acc_t* Q = tile_as_acc(q + bh * hd + i0 * D, m * D, blk);
         const acc_t* dO = dout ? tile_as_acc(dout + bh * hd + i0 * D, m * D, blk + bq * D) : nullptr;
         const acc_t* O = dout ? tile_as_acc(out + bh * hd + i0 * D, m * D, blk + 2 * bq * D) : nullptr;
@@ -435,9 +463,9 @@ void backward_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
             softmax_grad_row(Pi, dPi, N, lse[row0 + i], delta, scale);
           }
         }
-        if (dO) gemm_rm<acc_t>(true, false, N, D, m, acc_t(1), P, N, dO, D, beta, dV, D);
-        gemm_rm<acc_t>(false, false, m, D, N, acc_t(1), dP, N, K, D, acc_t(0), dQ, D);
-        gemm_rm<acc_t>(true, false, N, D, m, acc_t(1), dP, N, Q, D, beta, dK, D);
+        if (dO) score_gemm_tn<acc_t>(N, D, m, acc_t(1), P, N, dO, D, accumulate, dV, D);
+        score_gemm_nn<acc_t>(m, D, N, acc_t(1), dP, N, K, D, dQ, D);
+        score_gemm_tn<acc_t>(N, D, m, acc_t(1), dP, N, Q, D, accumulate, dK, D);
         store_tile(dq + bh * hd + i0 * D, dQ, m * D);
       }
       if (!dout) std::fill(dV, dV + hd, acc_t(0));

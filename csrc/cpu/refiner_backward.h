@@ -209,10 +209,10 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
       chain_to_y(p, nm, pk, ws, b, rows);
       for (int64_t h = 0; h < H; ++h) {
         const int64_t bh = b * H + h;
-        transpose(p.v + bh * N * D, N, D, ws.kt);
+        transpose(p.v + bh * N * D, N, D, ws.kt, ws.kld);
         const T* dO = tile_as_acc(gr.dout + (bh * N + rows.lo) * D, m * D, ws.qb);
         T* das = gr.dattn + (bh * N + rows.lo) * N;
-        gemm_rm<T>(false, false, m, N, D, T(1), dO, D, ws.kt, N, T(0), das, N);
+        score_gemm_nn<T>(m, N, D, T(1), dO, D, ws.kt, ws.kld, das, N);
         const int64_t a = pk.bna + h, c3 = pk.bn3 + h;
         VecSum<T> v[W];
         for (int64_t i = rows.lo; i < rows.hi; ++i)
@@ -313,7 +313,7 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
       for (int64_t i0 = 0; i0 < N; i0 += p.block) {
         const Range rows{i0, std::min(N, i0 + p.block)};
         const int64_t m = rows.size();
-        const T beta = i0 == 0 ? T(0) : T(1);  // the first block overwrites dK, dV
+        const bool accumulate = i0 > 0;  // the first block overwrites dK, dV
         grad_to_dx1(p, gr, nm, g, pk, w_dw_flipped.data(), ws, b, rows);
         T* dwe = &wparts[b * ww];
         T* dwd = dwe + C * H;
@@ -360,9 +360,9 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
           T* dQ = kernels::out_tile(gr.dq + (bh * N + rows.lo) * D, blk + 2 * ws.cap * D);
           T* dK = kernels::out_tile(gr.dk + bh * N * D, dKc + h * N * D);
           T* dV = kernels::out_tile(gr.dv + bh * N * D, dVc + h * N * D);
-          gemm_rm<T>(false, false, m, D, N, T(1), dA, N, Kh, D, T(0), dQ, D);
-          gemm_rm<T>(true, false, N, D, m, T(1), dA, N, Q, D, beta, dK, D);
-          gemm_rm<T>(true, false, N, D, m, T(1), ws.at(ws.As, h, rows.lo), N, dO, D, beta, dV, D);
+          score_gemm_nn<T>(m, D, N, T(1), dA, N, Kh, D, dQ, D);
+          score_gemm_tn<T>(N, D, m, T(1), dA, N, Q, D, accumulate, dK, D);
+          score_gemm_tn<T>(N, D, m, T(1), ws.at(ws.As, h, rows.lo), N, dO, D, accumulate, dV, D);
           store_tile(gr.dq + (bh * N + rows.lo) * D, dQ, m * D);
         }
       }

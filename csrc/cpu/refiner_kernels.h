@@ -44,11 +44,13 @@
 
 #include "attention_kernels.h"
 #include "blas.h"
+#include "score_gemm.h"
 #include "refiner_rows.h"
 #include "rowops.h"
 
 namespace fastattnreg::cpu::refiner {
 
+using kernels::key_copy_ld;
 using kernels::scratch;
 using kernels::store_tile;
 using kernels::TaskQueue;
@@ -143,7 +145,8 @@ struct Planes {
   T *X1, *X2, *F, *dF, *dE;            // C channels: W_e A, W_d * E, F, and gradients
   T *E, *DX2;                          // C channels, padded rows: E, dx2
   T* zero_row;                         // a padded row of zeros: image rows outside [0, N)
-  T *kt, *qb, *vb;                     // K^T or V^T (D x N); rows x D; N x D
+  T *kt, *qb, *vb;                     // K^T or V^T (D x N, leading dim kld); rows x D; N x D
+  int64_t kld;                         // key_copy_ld(N): kt's rows start 64-byte aligned
   // A is read through a() and a_ld(): either the A plane, or (a_view set) the stored P itself,
   // whose heads lie N x N apart. Without dropout the tile's A is exactly those rows of P, so
   // every pass but the first reads them in place instead of copying them (the copies were ~5%
@@ -159,13 +162,14 @@ struct Planes {
   int64_t a_ld() const { return a_view ? a_cs : ld(); }
 
   Planes(const Dims& d, int64_t block)
-      : cap(block + 4 * d.halo()), n(d.N), hl(d.halo()), np(d.N + 2 * d.halo()) {
+      : cap(block + 4 * d.halo()), n(d.N), hl(d.halo()), np(d.N + 2 * d.halo()),
+        kld(key_copy_ld(d.N)) {
     const int64_t hp = d.H * cap * n, cp = d.C * cap * n;
-    mem = scratch<T>(6 * hp + 5 * cp + d.D * n + cap * d.D + n * d.D);
+    mem = scratch<T>(d.D * kld + 6 * hp + 5 * cp + cap * d.D + n * d.D);
     T* p = mem.data_ptr<T>();
+    kt = p, p += d.D * kld;  // first: the buffer's 64-byte aligned start
     for (T** b : {&A, &Y, &As, &dZ, &dY, &dA}) *b = p, p += hp;
     for (T** b : {&X1, &X2, &F, &dF, &dE}) *b = p, p += cp;
-    kt = p, p += d.D * n;
     qb = p, p += cap * d.D;
     vb = p;
     // The margins are never written: zero them once.
@@ -261,10 +265,10 @@ void softmax_rows(const Problem<scalar_t, T>& p, Planes<T>& ws, int64_t b, Range
   const int64_t N = d.N, D = d.D, m = rows.size();
   for (int64_t h = 0; h < d.H; ++h) {
     const int64_t bh = b * d.H + h;
-    transpose(p.k + bh * N * D, N, D, ws.kt);
+    transpose(p.k + bh * N * D, N, D, ws.kt, ws.kld);
     const T* Q = tile_as_acc(p.q + (bh * N + rows.lo) * D, m * D, ws.qb);
     T* S = probs ? probs + (bh * N + rows.lo) * N : ws.at(ws.A, h, rows.lo);
-    gemm_rm<T>(false, false, m, N, D, p.scale, Q, D, ws.kt, N, T(0), S, N);
+    score_gemm_nn<T>(m, N, D, p.scale, Q, D, ws.kt, ws.kld, S, N);
     for (int64_t i = 0; i < m; ++i) {
       T mx;
       const T sum = exp_row(S + i * N, N, &mx);
@@ -401,7 +405,7 @@ void attend(const Problem<scalar_t, T>& p, Planes<T>& ws, int64_t b, Range rows,
     const int64_t bh = b * p.d.H + h;
     const T* V = tile_as_acc(p.v + bh * N * D, N * D, ws.vb);
     T* O = kernels::out_tile(out + (bh * N + rows.lo) * D, ws.qb);
-    gemm_rm<T>(false, false, m, D, N, T(1), ws.at(ws.As, h, rows.lo), N, V, D, T(0), O, D);
+    score_gemm_nn<T>(m, D, N, T(1), ws.at(ws.As, h, rows.lo), N, V, D, O, D);
     store_tile(out + (bh * N + rows.lo) * D, O, m * D);
   }
 }
