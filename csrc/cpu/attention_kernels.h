@@ -82,9 +82,19 @@ template <typename Src, typename Dst>
 void transpose(const Src* src, int64_t rows, int64_t cols, Dst* dst, int64_t ld) {
   if constexpr (std::is_same_v<Src, float> && std::is_same_v<Dst, float>) {
     // ATen's register-blocked 16 x 16 transpose on AVX-512 (a plain loop elsewhere); the scalar
-    // loop below took ~10% of the forward at N = 65 with its strided stores.
-    at::vec::transpose_mxn<float>(src, cols, dst, ld, static_cast<int>(rows),
-                                  static_cast<int>(cols));
+    // loop below took ~10% of the forward at N = 65 with its strided stores. The source is
+    // usually a head's keys read for the first time (from memory): each band of 16 rows is
+    // prefetched while the one before it is transposed.
+    constexpr int64_t kBand = 16;
+    for (int64_t r0 = 0; r0 < rows; r0 += kBand) {
+      const int64_t next_begin = (r0 + kBand) * cols;
+      const int64_t next_end = std::min(rows, r0 + 2 * kBand) * cols;
+      for (int64_t e = next_begin; e < next_end; e += 64 / int64_t(sizeof(float)))
+        __builtin_prefetch(src + e);
+      at::vec::transpose_mxn<float>(src + r0 * cols, cols, dst + r0, ld,
+                                    static_cast<int>(std::min(kBand, rows - r0)),
+                                    static_cast<int>(cols));
+    }
   } else {
     constexpr int64_t kB = 16;  // 16 x 16 blocks keep both sides within a few cache lines
     for (int64_t r0 = 0; r0 < rows; r0 += kB) {
@@ -279,31 +289,35 @@ void forward_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
         if (mr > 0) {
           const KeyOperand<acc_t> TK = key_operand(teacher->k + bh * N * Dt, N, Dt, TKt);
           teacher_logits(*teacher, bh, N, i0, mr, TK, TQ, St);
-          if (on_s) {
+          if (on_s && logits_only) {  // needs no LSE
             for (int64_t r = 0; r < mr; ++r) {
               const int64_t ri = teacher->row_index(bh, N, i0) + r;
-              if (logits_only) {  // needs no LSE
-                teacher->lse[ri] = acc_t(0);
-                teacher->row_loss[ri] = match_loss_row(teacher->kind, S + r * N, acc_t(0),
-                                                       St + r * N, acc_t(0), N);
-              } else {  // KL without the student's LSE; added once the softmax below has it
-                teacher->row_loss[ri] =
-                    kl_teacher_row(S + r * N, St + r * N, N, &teacher->lse[ri]) - teacher->lse[ri];
-              }
+              teacher->lse[ri] = acc_t(0);
+              teacher->row_loss[ri] =
+                  match_loss_row(teacher->kind, S + r * N, acc_t(0), St + r * N, acc_t(0), N);
             }
-          } else {
+          } else if (!on_s) {
             student_match_logits(*teacher, S, Q, K, mr, N, scale, SL);
           }
         }
-        for (int64_t i = 0; i < m; ++i) {
+        // Every-row KL: the student's softmax and the divergence in one pass per row (below the
+        // loop for the other rows).
+        const bool kl_rows = on_s && !logits_only;
+        for (int64_t r = 0; r < (kl_rows ? mr : 0); ++r) {
+          const int64_t ri = teacher->row_index(bh, N, i0) + r;
+          acc_t mx, sum;
+          const acc_t cross =
+              kl_softmax_row(S + r * N, St + r * N, N, &mx, &sum, &teacher->lse[ri]);
+          const acc_t row_lse = mx + std::log(sum);
+          lse[bh * N + i0 + r] = row_lse;
+          inv_sum[r] = acc_t(1) / sum;
+          teacher->row_loss[ri] = cross - teacher->lse[ri] + row_lse;
+        }
+        for (int64_t i = kl_rows ? mr : 0; i < m; ++i) {
           acc_t mx;
           const acc_t sum = exp_row(S + i * N, N, &mx);
           lse[bh * N + i0 + i] = mx + std::log(sum);
           inv_sum[i] = acc_t(1) / sum;
-        }
-        if (on_s && !logits_only) {
-          for (int64_t r = 0; r < mr; ++r)
-            teacher->row_loss[teacher->row_index(bh, N, i0) + r] += lse[bh * N + i0 + r];
         }
         for (int64_t r = 0; r < (on_s ? 0 : mr); ++r) {
           const int64_t j0 = teacher->key0(), n = N - j0, ri = teacher->row_index(bh, N, i0) + r;

@@ -94,29 +94,42 @@ void match_grad_row(MatchKind kind, const T* ss, T slse, T* st, T tlse, int64_t 
 // The fused forms for every-row matching (rows = "all"), where the matched row is the whole score
 // row: each makes one pass over the row where the general functions above take two or three.
 
-// KL forward, teacher side, run on the raw logits before the student's softmax overwrites ss:
-// returns sum_j pt_j (st_j - ss_j) and sets *tlse = log sum_j exp(st_j). The row's
-//   KL(pt || ps) = sum_j pt_j ((st_j - tlse) - (ss_j - slse)) = returned - tlse + slse
-// is completed once the student's slse is known. One exp per element (the two-pass form takes
-// two). The sum of exp runs exactly as exp_row's does on the student (same max, same operations in
-// the same lane order), so a teacher that copies the student gets tlse == slse bitwise, a
-// returned 0 (every st_j - ss_j is 0) and a loss of exactly 0.
+// KL forward of a matched row, fused with the student's softmax. Given the raw scaled logits s
+// (student) and st (teacher): in place s <- exp(s - max s), unnormalised, as exp_row does, with
+// *s_max and *s_sum set as exp_row sets them; *tlse = log sum_j exp(st_j); returns
+//   sum_j pt_j (st_j - s_j),  so that  KL(pt || ps) = returned - tlse + lse.
+// Two passes over the pair of rows (both maxima, then both exps) where a student softmax and a
+// separate teacher pass took four. The teacher's sum of exp runs the student's operations in the
+// same lane order, so a teacher that copies the student gets tlse == lse bitwise, a returned 0
+// (every st_j - s_j is 0) and a loss of exactly 0.
 template <typename T>
 FASTATTNREG_ROW_PASS
-T kl_teacher_row(const T* ss, const T* st, int64_t n, T* tlse) {
+T kl_softmax_row(T* s, const T* st, int64_t n, T* s_max, T* s_sum, T* tlse) {
   using V = Vectorized<T>;
-  const T mx = max_row(st, n);
-  const V vm(mx), zero(T(0));
-  V vsum = zero, vdot = zero;
+  const V neg_inf(-std::numeric_limits<T>::infinity()), zero(T(0));
+  V vms = neg_inf, vmt = neg_inf;
   for_each_vec<T>(n, [&](int64_t j, int64_t c) {
-    const V t = V::loadu(st + j, c);
-    const V e = V::set(zero, vexp(t - vm), c);
-    vsum = vsum + e;
-    vdot = at::vec::fmadd(e, t - V::loadu(ss + j, c), vdot);  // tail lanes: e = 0
+    vms = at::vec::maximum(vms, V::set(neg_inf, V::loadu(s + j, c), c));
+    vmt = at::vec::maximum(vmt, V::set(neg_inf, V::loadu(st + j, c), c));
   });
-  const T sum = hsum(vsum);
-  *tlse = mx + std::log(sum);
-  return hsum(vdot) / sum;
+  auto vmax = [](V& a, V& b) { return at::vec::maximum(a, b); };
+  const T ms = at::vec::vec_reduce_all<T>(vmax, vms), mt = at::vec::vec_reduce_all<T>(vmax, vmt);
+  const V vs(ms), vt(mt);
+  V ssum = zero, tsum = zero, vdot = zero;
+  for_each_vec<T>(n, [&](int64_t j, int64_t c) {
+    const V a = V::loadu(s + j, c), t = V::loadu(st + j, c);
+    const V es = V::set(zero, vexp(a - vs), c);
+    const V et = V::set(zero, vexp(t - vt), c);
+    es.store(s + j, c);
+    ssum = ssum + es;
+    tsum = tsum + et;
+    vdot = at::vec::fmadd(et, t - a, vdot);  // tail lanes: et = 0
+  });
+  *s_max = ms;
+  *s_sum = hsum(ssum);
+  const T t_sum = hsum(tsum);
+  *tlse = mt + std::log(t_sum);
+  return hsum(vdot) / t_sum;
 }
 
 // KL backward of a matched row, fused with the softmax backward. In place:

@@ -163,7 +163,9 @@ inline void score_gemm_avx512(int64_t m, int64_t n, int64_t k, float alpha, cons
 // N = 197..577: 5-30% faster for head dims 64 and 80 except P V at 80 (within 8%); at 16 the
 // transposed form (one one-vector panel) is 1.6x slower, so narrow heads stay with BLAS.
 constexpr int64_t kNarrowGemmMinN = 48;
-inline bool score_kernel_takes_narrow(int64_t n) { return n >= kNarrowGemmMinN && n <= kScoreGemmMaxK; }
+inline bool score_kernel_takes_narrow(int64_t n) {
+  return n >= kNarrowGemmMinN && n <= kScoreGemmMaxK;
+}
 
 // S (m x n, lds) = alpha X (m x k, ldx) Y (k x n, ldy). Y's rows are best 64-byte aligned (ldy a
 // multiple of 16 floats from an aligned base): unaligned rows cost the kernel 5-20% (measured).
