@@ -113,7 +113,8 @@ void transpose(const Src* src, int64_t rows, int64_t cols, Dst* dst, int64_t ld)
 // transposed-operand time over plain-product-plus-copy time: 2.0-2.5x at N = 65, about 1.4x at
 // N = 161, about 1.0 at N = 197 and 257. There the copy (also the first, cache-missing read of the
 // head's keys: ~8% of an attention_match step in perf) is pure cost. The AVX-512 score kernel
-// always takes the copy: it is 5-15% faster than MKL on it at N = 65..257 (score_gemm.h).
+// always takes the copy: on it, as fast as MKL at N = 65 and 5-15% faster at N = 197..257
+// (score_gemm.h).
 constexpr int64_t kKeysTransposedOperandMin = 192;
 
 // Whether score GEMMs with head dim Dy run on the AVX-512 score kernel (score_gemm.h).
