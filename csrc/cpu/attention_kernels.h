@@ -117,16 +117,6 @@ void transpose(const Src* src, int64_t rows, int64_t cols, Dst* dst, int64_t ld)
 // (score_gemm.h).
 constexpr int64_t kKeysTransposedOperandMin = 192;
 
-// Whether score GEMMs with head dim Dy run on the AVX-512 score kernel (score_gemm.h).
-template <typename acc_t>
-constexpr bool score_kernel_takes(int64_t Dy) {
-#ifdef FASTATTNREG_SCORE_GEMM_AVX512
-  return std::is_same_v<acc_t, float> && Dy <= kScoreGemmMaxK;
-#else
-  return false;
-#endif
-}
-
 // Leading dim of a transposed key copy: a multiple of 16 elements, so each of its rows starts
 // 64-byte aligned in a 64-byte aligned buffer (the score kernel's loads then never split lines).
 inline int64_t key_copy_ld(int64_t N) { return (N + 15) / 16 * 16; }
@@ -146,7 +136,7 @@ struct KeyOperand {
 // buf: room for key_operand_elems(N, Dy) values of acc_t (the copy, or bf16's conversion).
 template <typename scalar_t, typename acc_t>
 KeyOperand<acc_t> key_operand(const scalar_t* y, int64_t N, int64_t Dy, acc_t* buf) {
-  if (!score_kernel_takes<acc_t>(Dy) && N >= kKeysTransposedOperandMin)
+  if (!score_kernel_takes_tile<acc_t>(Dy) && N >= kKeysTransposedOperandMin)
     return {tile_as_acc(y, N * Dy, buf), N, Dy, Dy, false};
   const int64_t ld = key_copy_ld(N);
   transpose(y, N, Dy, buf, ld);

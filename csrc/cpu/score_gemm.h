@@ -162,9 +162,29 @@ inline void score_gemm_avx512(int64_t m, int64_t n, int64_t k, float alpha, cons
 // the head dim: one or two panels, with Y read from L2. Measured against MKL on one thread at
 // N = 197..577: 5-30% faster for head dims 64 and 80 except P V at 80 (within 8%); at 16 the
 // transposed form (one one-vector panel) is 1.6x slower, so narrow heads stay with BLAS.
+// These predicates are the one rule: the GEMMs below dispatch on them, and key_operand
+// (attention_kernels.h) uses the first to choose the key layout the kernel reads.
 constexpr int64_t kNarrowGemmMinN = 48;
-inline bool score_kernel_takes_narrow(int64_t n) {
-  return n >= kNarrowGemmMinN && n <= kScoreGemmMaxK;
+
+template <typename T>
+constexpr bool score_kernel_built() {
+#ifdef FASTATTNREG_SCORE_GEMM_AVX512
+  return std::is_same_v<T, float>;
+#else
+  return false;
+#endif
+}
+
+// A score tile with inner dim k (the head dim).
+template <typename T>
+bool score_kernel_takes_tile(int64_t k) {
+  return score_kernel_built<T>() && k <= kScoreGemmMaxK;
+}
+
+// A narrow product whose n is the head dim.
+template <typename T>
+bool score_kernel_takes_narrow(int64_t n) {
+  return score_kernel_built<T>() && n >= kNarrowGemmMinN && n <= kScoreGemmMaxK;
 }
 
 // S (m x n, lds) = alpha X (m x k, ldx) Y (k x n, ldy). Y's rows are best 64-byte aligned (ldy a
@@ -174,7 +194,7 @@ void score_gemm_nn(int64_t m, int64_t n, int64_t k, T alpha, const T* x, int64_t
                    int64_t ldy, T* s, int64_t lds) {
 #ifdef FASTATTNREG_SCORE_GEMM_AVX512
   if constexpr (std::is_same_v<T, float>) {
-    if (k <= kScoreGemmMaxK || score_kernel_takes_narrow(n)) {
+    if (score_kernel_takes_tile<T>(k) || score_kernel_takes_narrow<T>(n)) {
       score_gemm_avx512<false>(m, n, k, alpha, x, ldx, y, ldy, s, lds, false);
       return;
     }
@@ -189,7 +209,7 @@ void score_gemm_tn(int64_t m, int64_t n, int64_t k, T alpha, const T* x, int64_t
                    int64_t ldy, bool accumulate, T* s, int64_t lds) {
 #ifdef FASTATTNREG_SCORE_GEMM_AVX512
   if constexpr (std::is_same_v<T, float>) {
-    if (score_kernel_takes_narrow(n)) {
+    if (score_kernel_takes_narrow<T>(n)) {
       score_gemm_avx512<true>(m, n, k, alpha, x, ldx, y, ldy, s, lds, accumulate);
       return;
     }
