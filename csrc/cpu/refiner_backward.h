@@ -105,16 +105,46 @@ void grad_dz_dy(const Norms<T>& nm, const BnGrad<T>& g, const Packed& pk, const 
   }
 }
 
-// dF = W_r^T dy, then du2 = dF * ReLU6'(BN2(X2)), in the dF planes on `rows`.
+// dF = W_r^T dy, then du2 = dF * ReLU6'(BN2(X2)), in the dF planes on `rows`, in one pass
+// (refiner_mix.h).
 template <typename T>
 void grad_du2(const Params<T>& w, const Norms<T>& nm, const Packed& pk, const Dims& d,
               Planes<T>& ws, Range rows) {
-  const int64_t pix = rows.size() * d.N;
-  gemm_rm<T>(true, false, d.C, pix, d.H, T(1), w.w_pro, d.C, ws.at(ws.dY, 0, rows.lo), ws.ld(),
-             T(0), ws.at(ws.dF, 0, rows.lo), ws.ld());
-  for (int64_t c = 0; c < d.C; ++c)
-    relu6_grad_row(ws.at(ws.dF, c, rows.lo), ws.at(ws.X2, c, rows.lo), pix, nm.s[pk.bn2 + c],
-                   nm.t[pk.bn2 + c]);
+  const int64_t ld = ws.ld();
+  const T* dy = ws.at(ws.dY, 0, rows.lo);
+  const T* x2 = ws.at(ws.X2, 0, rows.lo);
+  T* df = ws.at(ws.dF, 0, rows.lo);
+  for_each_vec<T>(rows.size() * d.N, [&](int64_t j, int64_t cnt) {
+    using V = at::vec::Vectorized<T>;
+    mix_vec(w.w_pro, 1, d.C, d.C, d.H, dy, ld, j, cnt, [&](int64_t c, const V& dfc) {  // W_r^T
+      relu6_grad_vec(dfc, V::loadu(x2 + c * ld + j, cnt), nm.s[pk.bn2 + c], nm.t[pk.bn2 + c])
+          .store(df + c * ld + j, cnt);
+    });
+  });
+}
+
+// dx1 = BN1 backward of du1 = dE * ReLU6'(BN1(X1)), in the dE planes, then
+// dA = W_e^T dx1 + dz (the residual) into the dA planes, on `rows`, in one pass.
+template <typename T>
+void grad_dx1_da(const Params<T>& w, const Norms<T>& nm, const BnGrad<T>& g, const Packed& pk,
+                 const Dims& d, Planes<T>& ws, Range rows) {
+  const int64_t ld = ws.ld();
+  T* de = ws.at(ws.dE, 0, rows.lo);
+  const T* x1 = ws.at(ws.X1, 0, rows.lo);
+  const T* dz = ws.at(ws.dZ, 0, rows.lo);
+  T* da = ws.at(ws.dA, 0, rows.lo);
+  for_each_vec<T>(rows.size() * d.N, [&](int64_t j, int64_t cnt) {
+    using V = at::vec::Vectorized<T>;
+    for (int64_t c = 0; c < d.C; ++c) {
+      const int64_t i = pk.bn1 + c;
+      const V x = V::loadu(x1 + c * ld + j, cnt);
+      const V du = relu6_grad_vec(V::loadu(de + c * ld + j, cnt), x, nm.s[i], nm.t[i]);
+      const V xhat = (x - V(nm.mean[i])) * V(nm.invstd[i]);
+      (V(g.k[i]) * (du - V(g.cb[i]) - xhat * V(g.cg[i]))).store(de + c * ld + j, cnt);
+    }
+    mix_vec(w.w_exp, 1, d.H, d.H, d.C, static_cast<const T*>(de), ld, j, cnt,  // W_e^T
+            [&](int64_t h, const V& v) { (v + V::loadu(dz + h * ld + j, cnt)).store(da + h * ld + j, cnt); });
+  });
 }
 
 // dx = k (du - cb - x_hat cg) for one row of channel i (packed index) of a BatchNorm.
@@ -153,7 +183,7 @@ void grad_to_du2(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, co
 }
 
 // B3's chain: dx2 on the tile's rows plus a halo (into the padded DX2 planes), then
-// dE = W_d^T * dx2, du1 and dx1 on the rows (in the dE planes).
+// dE = W_d^T * dx2, du1 and dx1 on the rows (in the dE planes), and dA = W_e^T dx1 + dz.
 template <typename scalar_t, typename T>
 void grad_to_dx1(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, const Norms<T>& nm,
                  const BnGrad<T>& g, const Packed& pk, const T* w_dw_flipped, Planes<T>& ws,
@@ -168,13 +198,7 @@ void grad_to_dx1(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, co
                       ws.at(ws.X2, c, i), N);
   // The transposed convolution is the convolution with the kernel rotated by 180 degrees.
   depthwise(w_dw_flipped, d, ws, ws.DX2, ws.dE, rows);
-  for (int64_t c = 0; c < d.C; ++c)
-    for (int64_t i = rows.lo; i < rows.hi; ++i) {
-      T* de = ws.at(ws.dE, c, i);
-      const T* x1 = ws.at(ws.X1, c, i);
-      relu6_grad_row(de, x1, N, nm.s[pk.bn1 + c], nm.t[pk.bn1 + c]);  // du1
-      bn_backward_row(nm, g, pk.bn1 + c, de, de, x1, N);  // dx1
-    }
+  grad_dx1_da(p.w, nm, g, pk, d, ws, rows);
 }
 
 // Gradients of every input. mean/var: the statistics the forward used; frozen: eval mode (they
@@ -334,18 +358,13 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
         // has written the F planes).
         gemm_rm<T>(false, true, H, C, m * N, T(1), ws.at(ws.dY, 0, rows.lo), ws.ld(),
                    ws.at(ws.F, 0, rows.lo), ws.ld(), T(1), dwd + C * K * K, C);
-        // dA = W_e^T dx1 + dz (the residual), then through the dropout mask.
-        gemm_rm<T>(true, false, H, m * N, C, T(1), p.w.w_exp, H, ws.at(ws.dE, 0, rows.lo),
-                   ws.ld(), T(0), ws.at(ws.dA, 0, rows.lo), ws.ld());
         refine(nm, pk, d, ws, rows);
         for (int64_t h = 0; h < H; ++h) {
           const int64_t bh = b * H + h;
-          T* dA = ws.at(ws.dA, h, rows.lo);
-          const T* dz = ws.at(ws.dZ, h, rows.lo);
-          const bool* keep = p.keep ? p.keep + (bh * N + rows.lo) * N : nullptr;
-          for (int64_t j = 0; j < m * N; ++j) {
-            const T v = dA[j] + dz[j];
-            dA[j] = keep ? (keep[j] ? v * p.drop_scale : T(0)) : v;
+          T* dA = ws.at(ws.dA, h, rows.lo);  // W_e^T dx1 + dz, from grad_dx1_da
+          if (p.keep) {  // through the dropout mask
+            const bool* keep = p.keep + (bh * N + rows.lo) * N;
+            for (int64_t j = 0; j < m * N; ++j) dA[j] = keep[j] ? dA[j] * p.drop_scale : T(0);
           }
           const T* P = p.probs + (bh * N + rows.lo) * N;
           for (int64_t i = 0; i < m; ++i) {  // dS = scale P (dP - rowsum(P dP)), in place

@@ -45,6 +45,7 @@
 #include "attention_kernels.h"
 #include "blas.h"
 #include "score_gemm.h"
+#include "refiner_mix.h"
 #include "refiner_rows.h"
 #include "rowops.h"
 
@@ -282,18 +283,14 @@ void softmax_rows(const Problem<scalar_t, T>& p, Planes<T>& ws, int64_t b, Range
   }
 }
 
-// X1 = W_e A on `rows`; E = ReLU6(BN1(X1)) when the BN1 statistics are known.
+// X1 = W_e A and E = ReLU6(BN1(X1)) on `rows`, in one pass (refiner_mix.h).
 template <typename T>
-void expand(const Params<T>& w, const Norms<T>* nm, const Packed& pk, const Dims& d,
+void expand(const Params<T>& w, const Norms<T>& nm, const Packed& pk, const Dims& d,
             Planes<T>& ws, Range rows) {
-  const int64_t pix = rows.size() * d.N;
-  gemm_rm<T>(false, false, d.C, pix, d.H, T(1), w.w_exp, d.H, ws.a(0, rows.lo), ws.a_ld(), T(0),
-             ws.at(ws.X1, 0, rows.lo), ws.ld());
-  if (!nm) return;
-  for (int64_t c = 0; c < d.C; ++c)
-    for (int64_t i = rows.lo; i < rows.hi; ++i)
-      affine_relu6_row(ws.at_pad(ws.E, c, i), ws.at(ws.X1, c, i), d.N, nm->s[pk.bn1 + c],
-                       nm->t[pk.bn1 + c]);
+  for (int64_t i = rows.lo; i < rows.hi; ++i)
+    mix_affine_relu6_row(w.w_exp, d.C, d.H, ws.a(0, i), ws.a_ld(), &nm.s[pk.bn1],
+                         &nm.t[pk.bn1], ws.at(ws.X1, 0, i), ws.ld(), ws.at_pad(ws.E, 0, i),
+                         ws.cap * ws.np, d.N);
 }
 
 // out = W * in on `rows`, depthwise K x K, from a padded plane (the image's rows outside
@@ -314,22 +311,13 @@ void depthwise(const T* weights, const Dims& d, const Planes<T>& ws, T* in_pad, 
   }
 }
 
-// F = ReLU6(BN2(X2)) on `rows`.
-template <typename T>
-void activate2(const Norms<T>& nm, const Packed& pk, const Dims& d, Planes<T>& ws, Range rows) {
-  const int64_t pix = rows.size() * d.N;
-  for (int64_t c = 0; c < d.C; ++c)
-    affine_relu6_row(ws.at(ws.F, c, rows.lo), ws.at(ws.X2, c, rows.lo), pix, nm.s[pk.bn2 + c],
-                     nm.t[pk.bn2 + c]);
-}
-
-// F = ReLU6(BN2(X2)), then Y = W_r F, on `rows`.
+// F = ReLU6(BN2(X2)), then Y = W_r F, on `rows`, in one pass (refiner_mix.h).
 template <typename T>
 void project(const Params<T>& w, const Norms<T>& nm, const Packed& pk, const Dims& d,
              Planes<T>& ws, Range rows) {
-  activate2(nm, pk, d, ws, rows);
-  gemm_rm<T>(false, false, d.H, rows.size() * d.N, d.C, T(1), w.w_pro, d.C,
-             ws.at(ws.F, 0, rows.lo), ws.ld(), T(0), ws.at(ws.Y, 0, rows.lo), ws.ld());
+  affine_relu6_mix(ws.at(ws.X2, 0, rows.lo), &nm.s[pk.bn2], &nm.t[pk.bn2], w.w_pro, d.H, d.C,
+                   ws.at(ws.F, 0, rows.lo), ws.at(ws.Y, 0, rows.lo), ws.ld(),
+                   rows.size() * d.N);
 }
 
 // H-channel rows [rows) of batch b from a (B, H, N, N) buffer into a plane.
@@ -364,7 +352,7 @@ void chain_to_x2(const Problem<scalar_t, T>& p, const Norms<T>& nm, const Packed
     softmax_rows(p, ws, b, e_rows, static_cast<T*>(nullptr));
     if (p.probs) store_rows(p.probs, p.d, ws, ws.A, b, x_rows);  // for an eval backward
   }
-  expand(p.w, &nm, pk, p.d, ws, e_rows);
+  expand(p.w, nm, pk, p.d, ws, e_rows);
   depthwise(p.w.w_dw, p.d, ws, ws.E, ws.X2, x_rows);
 }
 

@@ -1,6 +1,6 @@
-// Row-level building blocks of the Refiner kernels (refiner_kernels.h): the ReLU6 / BatchNorm
-// maps, the depthwise k x k convolution of one output row and its transpose, and the
-// numerically careful per-channel moments (row two-pass, Chan merge in double).
+// Row-level building blocks of the Refiner kernels (refiner_kernels.h): the depthwise k x k
+// convolution of one output row and its transpose, and the numerically careful per-channel
+// moments (row two-pass, Chan merge in double).
 // A "row" is one query row of one channel of the attention image: N contiguous values.
 #pragma once
 
@@ -118,21 +118,6 @@ struct CoMoments {
   }
 };
 
-// y[j] = min(max(s x[j] + t, 0), 6): a folded BatchNorm, then ReLU6.
-template <typename T>
-void affine_relu6_row(T* y, const T* x, int64_t n, T s, T t) {
-  for (int64_t j = 0; j < n; ++j) y[j] = std::min(std::max(s * x[j] + t, T(0)), T(6));
-}
-
-// g[j] *= (0 < s x[j] + t < 6): the ReLU6 gradient mask (strict, as PyTorch's hardtanh).
-template <typename T>
-void relu6_grad_row(T* g, const T* x, int64_t n, T s, T t) {
-  for (int64_t j = 0; j < n; ++j) {
-    const T u = s * x[j] + t;
-    g[j] = (u > T(0) && u < T(6)) ? g[j] : T(0);
-  }
-}
-
 // Calls f(std::integral_constant<int, kFixedK>) with kFixedK = K for the kernel sizes the
 // depthwise passes unroll (3, 5, 7), else 0 (K read at run time).
 template <typename F>
@@ -145,15 +130,38 @@ void with_fixed_k(int64_t K, const F& f) {
   }
 }
 
+// Makes the compiler hold v in a register from here on. GCC otherwise folds a vector load into
+// every FMA that reads it (one load per use), undoing the reuse of depthwise_rows.
+template <typename Raw, typename T>
+inline void pin_as(at::vec::Vectorized<T>& v) {
+  Raw raw = v;
+  asm("" : "+v"(raw));
+  v = at::vec::Vectorized<T>(raw);
+}
+template <typename T>
+inline void pin_in_register(at::vec::Vectorized<T>& v) {
+#if defined(__GNUC__) && defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) pin_as<__m512>(v);
+  if constexpr (std::is_same_v<T, double>) pin_as<__m512d>(v);
+#elif defined(__GNUC__) && defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) pin_as<__m256>(v);
+  if constexpr (std::is_same_v<T, double>) pin_as<__m256d>(v);
+#endif
+}
+
 // Output rows [lo, hi) of one channel of a depthwise K x K convolution (zero 'same' padding):
 //   out(i)[j] = sum_{di, dj} w[di K + dj] in(i + di - K/2)[j + dj - K/2],  j in [0, n)
 // in_row(r) points at column 0 of input row r, padded with K/2 zeros on both sides (a row of
 // zeros for r outside the image); out_row(i) at output row i. Each kernel row's taps accumulate
-// in a register, the K rows' sums are then added in order: the same order for every pixel.
+// in a register (dj in order), the K rows' sums are then added in order: the same order for
+// every pixel, whichever path below computes it, so results do not depend on the row blocking.
 //
-// kFixedK > 0 (3, 5, 7) unrolls the taps and keeps the K*K broadcast weights in registers for
-// the whole channel: with K read at run time the tap loop cost twice the FMAs it issues
-// (perf: the depthwise convolution was 23% of a training step at N = 65).
+// kFixedK > 0 (3, 5, 7) unrolls the taps, keeps the K*K broadcast weights in registers for the
+// whole channel (with K read at run time the tap loop cost twice the FMAs it issues) and
+// computes kRows output rows together: each shifted input vector is loaded once and used for
+// every output row it touches. One output row at a time made 9 loads per 9 FMAs at K = 3, most
+// of them split across two cache lines (rows are not 64-byte aligned), and the loads, not the
+// FMAs, set the pace (perf: the depthwise convolutions were 18% of a training step at N = 65).
 template <int kFixedK, typename T, typename InRow, typename OutRow>
 void depthwise_rows(const T* w, int64_t runtime_k, int64_t lo, int64_t hi, int64_t n,
                     const InRow& in_row, const OutRow& out_row) {
@@ -170,8 +178,48 @@ void depthwise_rows(const T* w, int64_t runtime_k, int64_t lo, int64_t hi, int64
       return V(w[t]);
     }
   };
+  int64_t i = lo;
+  if constexpr (kFixedK > 0) {
+    // Output rows per block: K = 3 keeps 4 x 3 accumulators, 9 weights and 3 inputs in the 32
+    // vector registers; larger kernels take 2 rows.
+    constexpr int kRows = kFixedK == 3 ? 4 : 2, kIn = kRows + kFixedK - 1;
+    for (; i + kRows <= hi; i += kRows) {
+      const T* r[kIn];
+      for (int t = 0; t < kIn; ++t) r[t] = in_row(i + t - h) - h;
+      T* o[kRows];
+      for (int q = 0; q < kRows; ++q) o[q] = out_row(i + q);
+      for_each_vec<T>(n, [&](int64_t j, int64_t c) {
+        V acc[kRows][kFixedK];
+#pragma GCC unroll 16
+        for (int t = 0; t < kIn; ++t) {
+          V x[kFixedK];
+#pragma GCC unroll 16
+          for (int dj = 0; dj < kFixedK; ++dj) {
+            x[dj] = V::loadu(r[t] + j + dj, c);
+            pin_in_register(x[dj]);
+          }
+#pragma GCC unroll 16
+          for (int q = 0; q < kRows; ++q) {
+            const int di = t - q;  // kernel row of input row t for output row q
+            if (di < 0 || di >= kFixedK) continue;
+#pragma GCC unroll 16
+            for (int dj = 0; dj < kFixedK; ++dj)
+              acc[q][di] = dj == 0 ? x[0] * wv[di * kFixedK]
+                                   : at::vec::fmadd(x[dj], wv[di * kFixedK + dj], acc[q][di]);
+          }
+        }
+#pragma GCC unroll 16
+        for (int q = 0; q < kRows; ++q) {
+          V sum = acc[q][0];
+          for (int di = 1; di < kFixedK; ++di) sum = sum + acc[q][di];
+          sum.store(o[q] + j, c);
+        }
+      });
+    }
+  }
+  // The remaining rows (every row when K is read at run time), one at a time.
   const T* r[kFixedK > 0 ? kFixedK : 16];  // the runtime path serves K <= 15 (refiner.cpp)
-  for (int64_t i = lo; i < hi; ++i) {
+  for (; i < hi; ++i) {
     for (int64_t di = 0; di < K; ++di) r[di] = in_row(i + di - h) - h;
     T* o = out_row(i);
     for_each_vec<T>(n, [&](int64_t j, int64_t c) {
@@ -179,8 +227,8 @@ void depthwise_rows(const T* w, int64_t runtime_k, int64_t lo, int64_t hi, int64
       // dependent FMAs left the loop waiting on FMA latency.
       V acc[kFixedK > 0 ? kFixedK : 16];
       for (int64_t di = 0; di < K; ++di) {
-        acc[di] = V(T(0));
-        for (int64_t dj = 0; dj < K; ++dj)
+        acc[di] = V::loadu(r[di] + j, c) * weight(di * K);
+        for (int64_t dj = 1; dj < K; ++dj)
           acc[di] = at::vec::fmadd(V::loadu(r[di] + j + dj, c), weight(di * K + dj), acc[di]);
       }
       V sum = acc[0];
