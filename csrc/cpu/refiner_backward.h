@@ -345,7 +345,7 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
                    ws.a(0, rows.lo), ws.a_ld(), T(1), dwe, H);
         for (int64_t c = 0; c < C; ++c) {  // dW_d: dx2 against the shifted E (zero margins)
           const auto e_row = [&](int64_t r) -> const T* {
-            return (r < 0 || r >= N) ? nullptr : ws.at_pad(ws.E, c, r);
+            return (r < 0 || r >= N) ? ws.zero_row : ws.at_pad(ws.E, c, r);
           };
           const auto dx2_row = [&](int64_t i) -> const T* { return ws.at_pad(ws.DX2, c, i); };
           T* gc = dwd + c * K * K;

@@ -240,31 +240,85 @@ void depthwise_rows(const T* w, int64_t runtime_k, int64_t lo, int64_t hi, int64
 
 // The weight gradient of depthwise_rows for one channel, rows [lo, hi):
 //   g[di K + dj] += sum_i sum_j dout(i)[j] in(i + di - K/2)[j + dj - K/2]
-// in_row(r) as above but nullptr for rows outside the image (they add nothing); dout_row(i)
-// points at output-gradient row i. Each tap's sum runs over rows, then columns, in float vector
-// lanes, then once to double. The K taps of a kernel row get K independent accumulators: a
-// single accumulator per tap chained every FMA on the one before (perf: 5% of a training step
-// at N = 65 waiting on FMA latency).
+// in_row(r) as for depthwise_rows (a row of zeros for r outside the image); dout_row(i) points
+// at output-gradient row i. Each tap's sum runs in float vector lanes, then once to double.
+// kFixedK > 0 keeps the K*K tap sums in registers (independent accumulators: one per tap
+// chained every FMA on the one before, perf: 5% of a training step at N = 65 waiting on FMA
+// latency) and, as depthwise_rows, takes kRows gradient rows at a time so that each shifted
+// input vector is loaded once for every gradient row it meets (one row at a time: 4 loads
+// per 3 FMAs, 12% of the backward's last pass).
 template <int kFixedK, typename T, typename InRow, typename GradRow>
 void depthwise_weight_grad_rows(T* g, int64_t runtime_k, int64_t lo, int64_t hi, int64_t n,
                                 const InRow& in_row, const GradRow& dout_row) {
   using V = at::vec::Vectorized<T>;
   const int64_t K = kFixedK > 0 ? kFixedK : runtime_k, h = K / 2;
-  for (int64_t di = 0; di < K; ++di) {
-    V acc[kFixedK > 0 ? kFixedK : 16];  // the runtime path serves K <= 15 (refiner.cpp)
-    for (int64_t dj = 0; dj < K; ++dj) acc[dj] = V(T(0));
-    for (int64_t i = lo; i < hi; ++i) {
-      const T* in = in_row(i + di - h);
-      if (!in) continue;
-      in -= h;
-      const T* go = dout_row(i);
+  if constexpr (kFixedK > 0) {
+    constexpr int kRows = kFixedK == 3 ? 4 : 2, kIn = kRows + kFixedK - 1;
+    V acc[kFixedK][kFixedK];
+    for (auto& row : acc)
+      for (V& a : row) a = V(T(0));
+    // One kernel row's taps of one gradient row at one vector: acc[di][dj] += go x_dj.
+    const auto taps = [&](const V& go, const V* x, int di) {
+#pragma GCC unroll 16
+      for (int dj = 0; dj < kFixedK; ++dj) acc[di][dj] = at::vec::fmadd(go, x[dj], acc[di][dj]);
+    };
+    int64_t i = lo;
+    for (; i + kRows <= hi; i += kRows) {
+      const T* r[kIn];
+      for (int t = 0; t < kIn; ++t) r[t] = in_row(i + t - h) - h;
+      const T* go_rows[kRows];
+      for (int q = 0; q < kRows; ++q) go_rows[q] = dout_row(i + q);
       for_each_vec<T>(n, [&](int64_t j, int64_t c) {
-        const V x = V::loadu(go + j, c);  // tail lanes load 0
-        for (int64_t dj = 0; dj < K; ++dj)
-          acc[dj] = at::vec::fmadd(x, V::loadu(in + j + dj, c), acc[dj]);
+        V go[kRows];
+#pragma GCC unroll 16
+        for (int q = 0; q < kRows; ++q) {
+          go[q] = V::loadu(go_rows[q] + j, c);  // tail lanes load 0
+          pin_in_register(go[q]);
+        }
+#pragma GCC unroll 16
+        for (int t = 0; t < kIn; ++t) {
+          V x[kFixedK];
+#pragma GCC unroll 16
+          for (int dj = 0; dj < kFixedK; ++dj) {
+            x[dj] = V::loadu(r[t] + j + dj, c);
+            pin_in_register(x[dj]);
+          }
+#pragma GCC unroll 16
+          for (int q = 0; q < kRows; ++q) {
+            const int di = t - q;  // kernel row joining input row t to gradient row q
+            if (di >= 0 && di < kFixedK) taps(go[q], x, di);
+          }
+        }
       });
     }
-    for (int64_t dj = 0; dj < K; ++dj) g[di * K + dj] += T(double(hsum(acc[dj])));
+    for (; i < hi; ++i) {  // the remaining rows, one at a time
+      const T* go_row = dout_row(i);
+      for (int di = 0; di < kFixedK; ++di) {
+        const T* in = in_row(i + di - h) - h;
+        for_each_vec<T>(n, [&](int64_t j, int64_t c) {
+          V x[kFixedK];
+          for (int dj = 0; dj < kFixedK; ++dj) x[dj] = V::loadu(in + j + dj, c);
+          taps(V::loadu(go_row + j, c), x, di);
+        });
+      }
+    }
+    for (int di = 0; di < kFixedK; ++di)
+      for (int dj = 0; dj < kFixedK; ++dj) g[di * K + dj] += T(double(hsum(acc[di][dj])));
+  } else {
+    for (int64_t di = 0; di < K; ++di) {
+      V acc[16];  // K <= 15 (refiner.cpp)
+      for (int64_t dj = 0; dj < K; ++dj) acc[dj] = V(T(0));
+      for (int64_t i = lo; i < hi; ++i) {
+        const T* in = in_row(i + di - h) - h;
+        const T* go = dout_row(i);
+        for_each_vec<T>(n, [&](int64_t j, int64_t c) {
+          const V x = V::loadu(go + j, c);  // tail lanes load 0
+          for (int64_t dj = 0; dj < K; ++dj)
+            acc[dj] = at::vec::fmadd(x, V::loadu(in + j + dj, c), acc[dj]);
+        });
+      }
+      for (int64_t dj = 0; dj < K; ++dj) g[di * K + dj] += T(double(hsum(acc[dj])));
+    }
   }
 }
 
