@@ -149,6 +149,29 @@ inline void pin_in_register(at::vec::Vectorized<T>& v) {
 #endif
 }
 
+// One vector of pixels (j, lanes [0, c)) of a block of kRows output rows of a K x K depthwise
+// convolution, whose kRows + K - 1 input rows (padded) r[t] points at: loads each input row's
+// K shifted vectors once, pinned in registers, and calls f(q, di, x) for every output row q
+// that input row meets through kernel row di = t - q, in order of t, then q.
+template <int kFixedK, int kRows, typename T, typename F>
+inline void for_each_shifted_input(const T* const* r, int64_t j, int64_t c, const F& f) {
+  using V = at::vec::Vectorized<T>;
+#pragma GCC unroll 16
+  for (int t = 0; t < kRows + kFixedK - 1; ++t) {
+    V x[kFixedK];
+#pragma GCC unroll 16
+    for (int dj = 0; dj < kFixedK; ++dj) {
+      x[dj] = V::loadu(r[t] + j + dj, c);
+      pin_in_register(x[dj]);
+    }
+#pragma GCC unroll 16
+    for (int q = 0; q < kRows; ++q) {
+      const int di = t - q;
+      if (di >= 0 && di < kFixedK) f(q, di, x);
+    }
+  }
+}
+
 // Output rows [lo, hi) of one channel of a depthwise K x K convolution (zero 'same' padding):
 //   out(i)[j] = sum_{di, dj} w[di K + dj] in(i + di - K/2)[j + dj - K/2],  j in [0, n)
 // in_row(r) points at column 0 of input row r, padded with K/2 zeros on both sides (a row of
@@ -190,24 +213,12 @@ void depthwise_rows(const T* w, int64_t runtime_k, int64_t lo, int64_t hi, int64
       for (int q = 0; q < kRows; ++q) o[q] = out_row(i + q);
       for_each_vec<T>(n, [&](int64_t j, int64_t c) {
         V acc[kRows][kFixedK];
+        for_each_shifted_input<kFixedK, kRows>(r, j, c, [&](int q, int di, const V* x) {
+          acc[q][di] = x[0] * wv[di * kFixedK];
 #pragma GCC unroll 16
-        for (int t = 0; t < kIn; ++t) {
-          V x[kFixedK];
-#pragma GCC unroll 16
-          for (int dj = 0; dj < kFixedK; ++dj) {
-            x[dj] = V::loadu(r[t] + j + dj, c);
-            pin_in_register(x[dj]);
-          }
-#pragma GCC unroll 16
-          for (int q = 0; q < kRows; ++q) {
-            const int di = t - q;  // kernel row of input row t for output row q
-            if (di < 0 || di >= kFixedK) continue;
-#pragma GCC unroll 16
-            for (int dj = 0; dj < kFixedK; ++dj)
-              acc[q][di] = dj == 0 ? x[0] * wv[di * kFixedK]
-                                   : at::vec::fmadd(x[dj], wv[di * kFixedK + dj], acc[q][di]);
-          }
-        }
+          for (int dj = 1; dj < kFixedK; ++dj)
+            acc[q][di] = at::vec::fmadd(x[dj], wv[di * kFixedK + dj], acc[q][di]);
+        });
 #pragma GCC unroll 16
         for (int q = 0; q < kRows; ++q) {
           V sum = acc[q][0];
@@ -275,20 +286,8 @@ void depthwise_weight_grad_rows(T* g, int64_t runtime_k, int64_t lo, int64_t hi,
           go[q] = V::loadu(go_rows[q] + j, c);  // tail lanes load 0
           pin_in_register(go[q]);
         }
-#pragma GCC unroll 16
-        for (int t = 0; t < kIn; ++t) {
-          V x[kFixedK];
-#pragma GCC unroll 16
-          for (int dj = 0; dj < kFixedK; ++dj) {
-            x[dj] = V::loadu(r[t] + j + dj, c);
-            pin_in_register(x[dj]);
-          }
-#pragma GCC unroll 16
-          for (int q = 0; q < kRows; ++q) {
-            const int di = t - q;  // kernel row joining input row t to gradient row q
-            if (di >= 0 && di < kFixedK) taps(go[q], x, di);
-          }
-        }
+        for_each_shifted_input<kFixedK, kRows>(
+            r, j, c, [&](int q, int di, const V* x) { taps(go[q], x, di); });
       });
     }
     for (; i < hi; ++i) {  // the remaining rows, one at a time
