@@ -214,6 +214,46 @@ def test_reruns_are_bitwise_equal(training):
         assert all(torch.equal(a, b) for a, b in zip(again[1], first[1]))
 
 
+def test_scratch_kept_between_calls_stays_correct_across_shapes_and_threads():
+    """The C++ kernels keep their planes and one scratch map from one call to the next
+    (kept_cache.h): alternating shapes, kernel sizes and calls from several threads at once
+    must give exactly what each call gives alone."""
+    import threading
+
+    cases = [((2, 3, 40, 16, 3, 3), 0), ((1, 3, 40, 16, 3, 5), 1), ((2, 3, 40, 16, 2, 3), 2)]
+    prepared = []
+    for (b, h, n, d, expansion, ksize), seed in cases:
+        qkv, params, running = make_case(b, h, n, d, expansion, ksize, dtype=torch.float32,
+                                         seed=seed)
+        dout = torch.randn(b, h, n, d, generator=torch.Generator().manual_seed(seed))
+        alone = run_with_grads(refined_attention, qkv, params, clone_running(running), dout,
+                               training=True, backend="cpp")
+        prepared.append((qkv, params, running, dout, alone))
+
+    def check(case, errors):
+        qkv, params, running, dout, alone = case
+        try:
+            for _ in range(3):
+                out, grads = run_with_grads(refined_attention, qkv, params,
+                                            clone_running(running), dout, training=True,
+                                            backend="cpp")
+                if not (torch.equal(out, alone[0])
+                        and all(torch.equal(a, b) for a, b in zip(grads, alone[1]))):
+                    errors.append("differs")
+        except Exception as exc:  # reported below, from the main thread
+            errors.append(repr(exc))
+
+    errors = []
+    for case in prepared * 2:  # shapes alternating, one thread
+        check(case, errors)
+    threads = [threading.Thread(target=check, args=(case, errors)) for case in prepared * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
 def test_running_statistics_follow_batchnorm_momentum_and_unbiased_variance():
     """The update is checked against nn.BatchNorm2d itself on the BN_a input recomputed by the
     reference: running <- (1 - m) running + m * batch (unbiased variance)."""

@@ -159,7 +159,6 @@ refined_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Ten
   auto dq = at::empty_like(in.q, at::MemoryFormat::Contiguous);
   auto dk = at::empty_like(in.k, at::MemoryFormat::Contiguous);
   auto dv = at::empty_like(in.v, at::MemoryFormat::Contiguous);
-  auto dattn = at::empty({d.B, d.H, d.N, d.N}, q.options().dtype(acc));
   auto dwe = at::empty_like(in.w_exp), dwd = at::empty_like(in.w_dw), dwp = at::empty_like(in.w_pro);
   auto dgamma = at::empty_like(in.gamma), dbeta = at::empty_like(in.beta);
   const std::vector<double> mean_v = to_doubles(mean), var_v = to_doubles(var);
@@ -168,8 +167,9 @@ refined_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Ten
     using T = at::opmath_type<scalar_t>;
     const auto p = in.problem<scalar_t, T>(d, scale, drop_scale,
                                            const_cast<T*>(probs_c.const_data_ptr<T>()));
+    const refiner::KeptMap<T> dattn(d.B * d.H * d.N * d.N);  // dA*, B1 to B3
     const refiner::Grads<scalar_t, T> g{
-        dout_c.const_data_ptr<scalar_t>(), dattn.data_ptr<T>(), dq.data_ptr<scalar_t>(),
+        dout_c.const_data_ptr<scalar_t>(), dattn.data(), dq.data_ptr<scalar_t>(),
         dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), dwe.data_ptr<T>(), dwd.data_ptr<T>(),
         dwp.data_ptr<T>(), dgamma.data_ptr<T>(), dbeta.data_ptr<T>()};
     refiner::backward_impl(p, g, /*frozen=*/!training, mean_v, var_v, eps_v);

@@ -101,8 +101,8 @@ void forward_impl(const Problem<scalar_t, T>& p, bool training, std::vector<doub
 
   // Y = W_r F (B, H, N, N), written by F3 for F4: one map more for the forward's duration, one
   // pass over the C-channel chain less.
-  at::Tensor y_mem = scratch<T>(d.B * H * N * N);
-  T* ybuf = y_mem.data_ptr<T>();
+  const KeptMap<T> y_map(d.B * H * N * N);
+  T* ybuf = y_map.data();
 
   // F2: X2 = W_d * E -> BN2 statistics.
   {

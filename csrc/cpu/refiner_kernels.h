@@ -26,7 +26,8 @@
 //            B3 (one task per batch element) dx2 on the halo, dE = W_d^T * dx2, dx1, dA,
 //               dS = P (dP - rowsum), dq, dk, dv; dW_e, dW_d, dW_r
 // Extra memory in training: P for the backward, Y during the forward, dA* during the backward,
-// all (B, H, N, N); the dropout keep-mask (B, H, N, N) bool when attn_drop > 0.
+// all (B, H, N, N); the dropout keep-mask (B, H, N, N) bool when attn_drop > 0. The Y / dA* map
+// and the per-worker planes are kept from one call to the next (KeptMap, PlanesPool).
 // Every pass writes per-task partials that are merged in task order, so results are bitwise
 // repeatable whichever thread ran a task.
 #pragma once
@@ -38,12 +39,14 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <array>
 #include <cstdlib>
-#include <optional>
+#include <memory>
 #include <vector>
 
 #include "attention_kernels.h"
 #include "blas.h"
+#include "kept_cache.h"
 #include "score_gemm.h"
 #include "refiner_mix.h"
 #include "refiner_rows.h"
@@ -203,24 +206,62 @@ class PassTimer {
   std::chrono::steady_clock::time_point t0_;
 };
 
-// The per-worker planes of one forward or backward call: made on a worker's first task, reused
-// by every later pass of the call. Made per pass, their allocation (page faults, and zeroing the
-// padded planes) cost ~1 ms of every pass at (64, 3, 65, 64) on two threads.
+// The per-worker planes of one forward or backward call: taken on a worker's first task (kept
+// from an earlier call of the same shape, else made), reused by every later pass of the call,
+// kept for the next call at the end (kept_cache.h). Made per pass, their allocation (page
+// faults, and zeroing the padded planes) cost ~1 ms of every pass at (64, 3, 65, 64) on two
+// threads; made per call, ~1,000 page faults per training step.
 template <typename T>
 class PlanesPool {
  public:
   PlanesPool(const Dims& d, int64_t block)
       : d_(d), block_(block), slots_(std::max<int64_t>(1, at::get_num_threads())) {}
+  ~PlanesPool() {
+    for (auto& slot : slots_)
+      if (slot) cache().give_back(key(), std::move(slot), static_cast<int64_t>(slots_.size()));
+  }
+  PlanesPool(const PlanesPool&) = delete;
+  PlanesPool& operator=(const PlanesPool&) = delete;
   Planes<T>& get(int64_t worker) {
-    std::optional<Planes<T>>& slot = slots_.at(worker);
-    if (!slot) slot.emplace(d_, block_);
+    std::unique_ptr<Planes<T>>& slot = slots_.at(worker);
+    if (!slot) {
+      auto kept = cache().take(key());
+      slot = kept ? std::move(*kept) : std::make_unique<Planes<T>>(d_, block_);
+    }
     return *slot;
   }
 
  private:
+  // Everything the planes' layout depends on (B is not: a plane holds one batch element).
+  using Key = std::array<int64_t, 6>;
+  using Cache = KeptCache<Key, std::unique_ptr<Planes<T>>>;
+  Key key() const { return {d_.H, d_.N, d_.D, d_.C, d_.K, block_}; }
+  static Cache& cache() { return Cache::template instance<PlanesPool>(); }
+
   Dims d_;
   int64_t block_;
-  std::vector<std::optional<Planes<T>>> slots_;
+  std::vector<std::unique_ptr<Planes<T>>> slots_;
+};
+
+// A (B, H, N, N) scratch map in the accumulation type, kept between calls (kept_cache.h): Y
+// during the training forward, dA* during the backward, never both at once, so one map is kept.
+template <typename T>
+class KeptMap {
+ public:
+  explicit KeptMap(int64_t numel) : numel_(numel) {
+    auto kept = cache().take(numel);
+    buf_ = kept ? std::move(*kept) : scratch<T>(numel);
+  }
+  ~KeptMap() { cache().give_back(numel_, std::move(buf_), 1); }
+  KeptMap(const KeptMap&) = delete;
+  KeptMap& operator=(const KeptMap&) = delete;
+  T* data() const { return buf_.data_ptr<T>(); }
+
+ private:
+  using Cache = KeptCache<int64_t, at::Tensor>;
+  static Cache& cache() { return Cache::template instance<KeptMap>(); }
+  int64_t numel_;
+  at::Tensor buf_;
 };
 
 // Runs body(task, worker_planes) over `tasks` tasks on torch's threads, dynamically scheduled.
