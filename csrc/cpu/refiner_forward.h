@@ -113,8 +113,8 @@ void forward_impl(const Problem<scalar_t, T>& p, bool training, std::vector<doub
       const int64_t b = tiles.batch(t);
       const Range rows = tiles.rows(t);
       chain_to_x2(p, nm, pk, ws, b, rows);
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t i = rows.lo; i < rows.hi; ++i) parts[t * C + c].add(ws.at(ws.X2, c, i), N);
+      for (int64_t c = 0; c < C; ++c)  // the tile's rows of a channel: one contiguous run
+        parts[t * C + c].add(ws.at(ws.X2, c, rows.lo), rows.size() * N);
     });
     const auto mom = merge_in_order(parts, C);
     for (int64_t c = 0; c < C; ++c) {
@@ -134,9 +134,8 @@ void forward_impl(const Problem<scalar_t, T>& p, bool training, std::vector<doub
       const Range rows = tiles.rows(t);
       chain_to_y(p, nm, pk, ws, b, rows);
       store_rows(ybuf, d, ws, ws.Y, b, rows);
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t i = rows.lo; i < rows.hi; ++i)
-          parts[t * H + h].add(ws.at(ws.Y, h, i), ws.a(h, i), N);
+      for (int64_t h = 0; h < H; ++h)  // the tile's rows of a head: one contiguous run
+        parts[t * H + h].add(ws.at(ws.Y, h, rows.lo), ws.a(h, rows.lo), rows.size() * N);
     });
     const auto mom = merge_in_order(parts, H);
     for (int64_t h = 0; h < H; ++h) {

@@ -1,6 +1,6 @@
 // Row-level building blocks of the Refiner kernels (refiner_kernels.h): the depthwise k x k
 // convolution of one output row and its transpose, and the numerically careful per-channel
-// moments (row two-pass, Chan merge in double).
+// moments (shifted sums per run, Chan merge in double).
 // A "row" is one query row of one channel of the attention image: N contiguous values.
 #pragma once
 
@@ -46,58 +46,67 @@ struct VecSum {
   }
 };
 
-// sum_j (x[j] - m)^2
-template <typename T>
-T centered_sumsq_row(const T* x, T m, int64_t n) {
+// Sums over a run of n values (one channel's rows of a tile, contiguous in its plane): step(j,
+// cnt, acc) adds the vector at j (lanes [0, cnt)) into kSums float vector sums, which are flushed
+// into out[] (double lanes) every kFlushVectors vectors. A short float chain per lane keeps
+// these sums as accurate as per-row sums; one flush per row of N = 65 cost as much as the row.
+template <typename T, int kSums, typename Step>
+void sum_run(int64_t n, VecSum<T>* out, const Step& step) {
   using V = at::vec::Vectorized<T>;
-  const V vm(m);
-  V acc(T(0));
-  for_each_vec<T>(n, [&](int64_t j, int64_t c) {
-    const V d = V::set(V(T(0)), V::loadu(x + j, c) - vm, c);
-    acc = at::vec::fmadd(d, d, acc);
-  });
-  return hsum(acc);
+  constexpr int64_t kFlushVectors = 8, kChunk = kFlushVectors * V::size();
+  for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+    V acc[kSums];
+    for (V& a : acc) a = V(T(0));
+    for_each_vec<T>(std::min(kChunk, n - j0), [&](int64_t j, int64_t c) { step(j0 + j, c, acc); });
+    for (int k = 0; k < kSums; ++k) out[k].flush(acc[k]);
+  }
 }
 
-// sum_j (x[j] - mx) (y[j] - my)
+// Where the moments below centre their sums: the mean of the run's first (up to) 64 values.
 template <typename T>
-T centered_dot_row(const T* x, T mx, const T* y, T my, int64_t n) {
-  using V = at::vec::Vectorized<T>;
-  const V vx(mx), vy(my);
-  V acc(T(0));
-  for_each_vec<T>(n, [&](int64_t j, int64_t c) {
-    const V dx = V::set(V(T(0)), V::loadu(x + j, c) - vx, c);
-    acc = at::vec::fmadd(dx, V::loadu(y + j, c) - vy, acc);
-  });
-  return hsum(acc);
+T run_shift(const T* x, int64_t n) {
+  const int64_t m = std::min<int64_t>(n, 64);
+  return sum_row(x, m) / T(m);
 }
 
-// Mean and sum of squared deviations of one channel, merged row by row (Chan et al.): every row
-// is reduced in two passes around its own mean, rows are merged in double. Accurate even when
-// the mean dwarfs the spread (attention maps near uniform: mean 1/N, tiny variance), where
-// E[x^2] - E[x]^2 would cancel.
+// Mean and sum of squared deviations of one channel, merged run by run in double (Chan et
+// al.). Each run is summed as deviations d = x - shift from a shift near its mean (run_shift),
+// m2 = sum d^2 - (sum d)^2 / n: accurate even when the mean dwarfs the spread (attention maps
+// near uniform: mean 1/N, tiny variance), where E[x^2] - E[x]^2 would cancel. (Two passes per
+// row around the row's own mean, with a horizontal sum and a Chan merge per row, were ~40% of
+// the pass at N = 65.)
 struct Moments {
   double n = 0, mean = 0, m2 = 0;
-  void add_row(double rn, double rmean, double rm2) {
+  void add_run(double rn, double rmean, double rm2) {
     const double tot = n + rn, delta = rmean - mean;
     mean += delta * rn / tot;
     m2 += rm2 + delta * delta * n * rn / tot;
     n = tot;
   }
   void merge(const Moments& o) {
-    if (o.n > 0) add_row(o.n, o.mean, o.m2);
+    if (o.n > 0) add_run(o.n, o.mean, o.m2);
   }
   template <typename T>
   void add(const T* x, int64_t len) {
-    const T m = sum_row(x, len) / T(len);
-    add_row(double(len), double(m), double(centered_sumsq_row(x, m, len)));
+    using V = at::vec::Vectorized<T>;
+    const T s = run_shift(x, len);
+    const V vs(s), zero(T(0));
+    VecSum<T> v[2];
+    sum_run<T, 2>(len, v, [&](int64_t j, int64_t c, V* acc) {
+      const V d = V::set(zero, V::loadu(x + j, c) - vs, c);  // tail lanes zeroed
+      acc[0] = acc[0] + d;
+      acc[1] = at::vec::fmadd(d, d, acc[1]);
+    });
+    const double rn = double(len), sd = v[0].total();
+    add_run(rn, double(s) + sd / rn, std::max(0.0, v[1].total() - sd * sd / rn));
   }
 };
 
-// Joint moments of two channels (y, a): means, sums of squared deviations and the co-moment.
+// Joint moments of two channels (y, a): means, sums of squared deviations and the co-moment,
+// as Moments does.
 struct CoMoments {
   double n = 0, my = 0, ma = 0, m2y = 0, m2a = 0, cya = 0;
-  void add_row(double rn, double rmy, double rma, double rm2y, double rm2a, double rcya) {
+  void add_run(double rn, double rmy, double rma, double rm2y, double rm2a, double rcya) {
     const double tot = n + rn, dy = rmy - my, da = rma - ma, w = n * rn / tot;
     my += dy * rn / tot;
     ma += da * rn / tot;
@@ -107,14 +116,27 @@ struct CoMoments {
     n = tot;
   }
   void merge(const CoMoments& o) {
-    if (o.n > 0) add_row(o.n, o.my, o.ma, o.m2y, o.m2a, o.cya);
+    if (o.n > 0) add_run(o.n, o.my, o.ma, o.m2y, o.m2a, o.cya);
   }
   template <typename T>
   void add(const T* y, const T* a, int64_t len) {
-    const T my_r = sum_row(y, len) / T(len), ma_r = sum_row(a, len) / T(len);
-    add_row(double(len), double(my_r), double(ma_r), double(centered_sumsq_row(y, my_r, len)),
-            double(centered_sumsq_row(a, ma_r, len)),
-            double(centered_dot_row(y, my_r, a, ma_r, len)));
+    using V = at::vec::Vectorized<T>;
+    const T sy = run_shift(y, len), sa = run_shift(a, len);
+    const V vy(sy), va(sa), zero(T(0));
+    VecSum<T> v[5];  // sum dy, da, dy^2, da^2, dy da
+    sum_run<T, 5>(len, v, [&](int64_t j, int64_t c, V* acc) {
+      const V dy = V::set(zero, V::loadu(y + j, c) - vy, c);  // tail lanes zeroed
+      const V da = V::set(zero, V::loadu(a + j, c) - va, c);
+      acc[0] = acc[0] + dy;
+      acc[1] = acc[1] + da;
+      acc[2] = at::vec::fmadd(dy, dy, acc[2]);
+      acc[3] = at::vec::fmadd(da, da, acc[3]);
+      acc[4] = at::vec::fmadd(dy, da, acc[4]);
+    });
+    const double rn = double(len), sdy = v[0].total(), sda = v[1].total();
+    add_run(rn, double(sy) + sdy / rn, double(sa) + sda / rn,
+            std::max(0.0, v[2].total() - sdy * sdy / rn),
+            std::max(0.0, v[3].total() - sda * sda / rn), v[4].total() - sdy * sda / rn);
   }
 };
 
