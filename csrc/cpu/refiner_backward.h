@@ -28,17 +28,16 @@ struct BnGrad {
   explicit BnGrad(int64_t n) : k(n, T(0)), cb(n, T(0)), cg(n, T(0)) {}
 };
 
-// B1's six sums over one row of head h, in one pass (z_hat, y_hat never stored): into v[0..5]
-// sum dA*, dA* z_hat, dA* y_hat, z_hat y_hat, z_hat, y_hat, with z = s3 y + t3 + a the input of
-// BN_a (packed index a) and y that of BN3 (c3).
+// B1's six sums over a run of n values of head h (the tile's rows), in one pass (z_hat, y_hat
+// never stored): into v[0..5] sum dA*, dA* z_hat, dA* y_hat, z_hat y_hat, z_hat, y_hat, with
+// z = s3 y + t3 + a the input of BN_a (packed index a) and y that of BN3 (c3).
 template <typename T>
-FASTATTNREG_ROW_PASS void bn_a_bn3_row_sums(const Norms<T>& nm, int64_t a, int64_t c3, const T* y,
+FASTATTNREG_ROW_PASS void bn_a_bn3_run_sums(const Norms<T>& nm, int64_t a, int64_t c3, const T* y,
                                             const T* at, const T* das, int64_t n, VecSum<T>* v) {
   using V = at::vec::Vectorized<T>;
   const V s3(nm.s[c3]), t3(nm.t[c3]), ma(nm.mean[a]), ia(nm.invstd[a]);
   const V m3(nm.mean[c3]), i3(nm.invstd[c3]), zero(T(0));
-  V acc[6] = {zero, zero, zero, zero, zero, zero};
-  for_each_vec<T>(n, [&](int64_t j, int64_t c) {
+  sum_run<T, 6>(n, v, [&](int64_t j, int64_t c, V* acc) {
     const V yv = V::loadu(y + j, c), dv = V::loadu(das + j, c);  // tail lanes load 0
     // The tail lanes of z_hat and y_hat are not 0 (the shifts): zeroed for their own sums.
     const V zh = V::set(zero, (at::vec::fmadd(s3, yv, t3) + V::loadu(at + j, c) - ma) * ia, c);
@@ -50,18 +49,17 @@ FASTATTNREG_ROW_PASS void bn_a_bn3_row_sums(const Norms<T>& nm, int64_t a, int64
     acc[4] = acc[4] + zh;
     acc[5] = acc[5] + yh;
   });
-  for (int k = 0; k < 6; ++k) v[k].flush(acc[k]);
 }
 
-// B2's eight sums over one row of channel c, in one pass (x_hat2 never stored): into v[0..7]
-// sum du2, du2 x_hat2, then for G = g0 and G' = g1 each: sum G du2, G x_hat2, G.
+// B2's eight sums over a run of n values of channel c (the tile's rows), in one pass (x_hat2
+// never stored): into v[0..7] sum du2, du2 x_hat2, then for G = g0 and G' = g1 each: sum G du2,
+// G x_hat2, G.
 template <typename T>
-FASTATTNREG_ROW_PASS void bn2_bn1_row_sums(T mean2, T invstd2, const T* du2, const T* x2,
+FASTATTNREG_ROW_PASS void bn2_bn1_run_sums(T mean2, T invstd2, const T* du2, const T* x2,
                                            const T* g0, const T* g1, int64_t n, VecSum<T>* v) {
   using V = at::vec::Vectorized<T>;
   const V m2(mean2), i2(invstd2), zero(T(0));
-  V acc[8] = {zero, zero, zero, zero, zero, zero, zero, zero};
-  for_each_vec<T>(n, [&](int64_t j, int64_t c) {
+  sum_run<T, 8>(n, v, [&](int64_t j, int64_t c, V* acc) {
     const V du = V::loadu(du2 + j, c);  // tail lanes load 0
     const V xh = V::set(zero, (V::loadu(x2 + j, c) - m2) * i2, c);  // tail lanes zeroed
     acc[0] = acc[0] + du;
@@ -73,7 +71,6 @@ FASTATTNREG_ROW_PASS void bn2_bn1_row_sums(T mean2, T invstd2, const T* du2, con
       acc[4 + 3 * k] = acc[4 + 3 * k] + gs[k];
     }
   });
-  for (int k = 0; k < 8; ++k) v[k].flush(acc[k]);
 }
 
 // dz = BN_a backward of dA*, dy = BN3 backward of dz, on `rows` of every head. dattn: the stored
@@ -238,10 +235,8 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
         T* das = gr.dattn + (bh * N + rows.lo) * N;
         score_gemm_nn<T>(m, N, D, T(1), dO, D, ws.kt, ws.kld, das, N);
         const int64_t a = pk.bna + h, c3 = pk.bn3 + h;
-        VecSum<T> v[W];
-        for (int64_t i = rows.lo; i < rows.hi; ++i)
-          bn_a_bn3_row_sums(nm, a, c3, ws.at(ws.Y, h, i), ws.a(h, i), das + (i - rows.lo) * N, N,
-                            v);
+        VecSum<T> v[W];  // over the tile's rows of head h: contiguous runs
+        bn_a_bn3_run_sums(nm, a, c3, ws.at(ws.Y, h, rows.lo), ws.a(h, rows.lo), das, m * N, v);
         Sum* acc = &parts[(t * H + h) * W];
         for (int k = 0; k < W; ++k) acc[k].v += v[k].total();
       }
@@ -298,9 +293,9 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
       Sum* acc = &parts[t * wd];
       for (int64_t c = 0; c < C; ++c) {
         VecSum<T> v[8];  // the 8 sums of this channel, in the layout of acc
-        for (int64_t i = rows.lo; i < rows.hi; ++i)
-          bn2_bn1_row_sums(nm.mean[pk.bn2 + c], nm.invstd[pk.bn2 + c], ws.at(ws.dF, c, i),
-                           ws.at(ws.X2, c, i), ws.at(ws.dE, c, i), ws.at(ws.F, c, i), N, v);
+        bn2_bn1_run_sums(nm.mean[pk.bn2 + c], nm.invstd[pk.bn2 + c], ws.at(ws.dF, c, rows.lo),
+                         ws.at(ws.X2, c, rows.lo), ws.at(ws.dE, c, rows.lo),
+                         ws.at(ws.F, c, rows.lo), rows.size() * N, v);
         for (int k = 0; k < 8; ++k) acc[k * C + c].v += v[k].total();
       }
     });
