@@ -70,16 +70,11 @@ void forward_impl(const Problem<scalar_t, T>& p, bool training, std::vector<doub
     ws.lo = rows.lo;
     softmax_rows(p, ws, b, rows, p.probs);
     Sum* acc = &gram_parts[t * (H + H * H)];
-    for (int64_t i = rows.lo; i < rows.hi; ++i) {
-      for (int64_t h = 0; h < H; ++h) {
-        T* cen = ws.at(ws.dA, h, i);  // scratch: A - 1/N
-        const T* a = ws.a(h, i);
-        for (int64_t j = 0; j < N; ++j) cen[j] = a[j] - c0;
-        acc[h].v += double(sum_row(cen, N));
-      }
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t g = h; g < H; ++g)
-          acc[H + h * H + g].v += double(dot_row(ws.at(ws.dA, h, i), ws.at(ws.dA, g, i), N));
+    const int64_t len = rows.size() * N;  // the tile's rows of a head: one contiguous run
+    for (int64_t h = 0; h < H; ++h) {
+      acc[h].v = shifted_sum_run(ws.a(h, rows.lo), c0, len);
+      for (int64_t g = h; g < H; ++g)
+        acc[H + h * H + g].v = shifted_dot_run(ws.a(h, rows.lo), ws.a(g, rows.lo), c0, len);
     }
   });
   }

@@ -62,6 +62,29 @@ void sum_run(int64_t n, VecSum<T>* out, const Step& step) {
   }
 }
 
+// sum_j (x[j] - c) over a run of n values, and with y, sum_j (x[j] - c) (y[j] - c), in double.
+template <typename T>
+double shifted_sum_run(const T* x, T c, int64_t n) {
+  using V = at::vec::Vectorized<T>;
+  const V vc(c), zero(T(0));
+  VecSum<T> v[1];
+  sum_run<T, 1>(n, v, [&](int64_t j, int64_t cnt, V* acc) {
+    acc[0] = acc[0] + V::set(zero, V::loadu(x + j, cnt) - vc, cnt);  // tail lanes zeroed
+  });
+  return v[0].total();
+}
+template <typename T>
+double shifted_dot_run(const T* x, const T* y, T c, int64_t n) {
+  using V = at::vec::Vectorized<T>;
+  const V vc(c), zero(T(0));
+  VecSum<T> v[1];
+  sum_run<T, 1>(n, v, [&](int64_t j, int64_t cnt, V* acc) {
+    const V dx = V::set(zero, V::loadu(x + j, cnt) - vc, cnt);  // tail lanes zeroed
+    acc[0] = at::vec::fmadd(dx, V::loadu(y + j, cnt) - vc, acc[0]);
+  });
+  return v[0].total();
+}
+
 // Where the moments below centre their sums: the mean of the run's first (up to) 64 values.
 template <typename T>
 T run_shift(const T* x, int64_t n) {
