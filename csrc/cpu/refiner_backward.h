@@ -111,13 +111,19 @@ void grad_du2(const Params<T>& w, const Norms<T>& nm, const Packed& pk, const Di
   const T* dy = ws.at(ws.dY, 0, rows.lo);
   const T* x2 = ws.at(ws.X2, 0, rows.lo);
   T* df = ws.at(ws.dF, 0, rows.lo);
-  for_each_vec<T>(rows.size() * d.N, [&](int64_t j, int64_t cnt) {
-    using V = at::vec::Vectorized<T>;
-    mix_vec(w.w_pro, 1, d.C, d.C, d.H, dy, ld, j, cnt, [&](int64_t c, const V& dfc) {  // W_r^T
-      relu6_grad_vec(dfc, V::loadu(x2 + c * ld + j, cnt), nm.s[pk.bn2 + c], nm.t[pk.bn2 + c])
-          .store(df + c * ld + j, cnt);
+  using V = at::vec::Vectorized<T>;
+  const int64_t pix = rows.size() * d.N;
+  for (int64_t c = 0; c < d.C; ++c) {  // one output channel at a time: its weights stay put
+    const T s2 = nm.s[pk.bn2 + c], t2 = nm.t[pk.bn2 + c];
+    const T* x2c = x2 + c * ld;
+    T* dfc = df + c * ld;
+    for_each_vec<T>(pix, [&](int64_t j, int64_t cnt) {
+      V acc(T(0));
+      for (int64_t h = 0; h < d.H; ++h)  // column c of W_r
+        acc = at::vec::fmadd(V::loadu(dy + h * ld + j, cnt), V(w.w_pro[h * d.C + c]), acc);
+      relu6_grad_vec(acc, V::loadu(x2c + j, cnt), s2, t2).store(dfc + j, cnt);
     });
-  });
+  }
 }
 
 // dx1 = BN1 backward of du1 = dE * ReLU6'(BN1(X1)), in the dE planes, then
