@@ -10,7 +10,6 @@
 #include <vector>
 
 #include "../checks.h"
-#include "prefault.h"
 #include "refiner_backward.h"
 #include "refiner_forward.h"
 
@@ -116,8 +115,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> refined_attention_fwd
   check_param(running_var, "running_var", {2 * d.C + 2 * d.H}, q);
   const auto acc = acc_dtype(q.scalar_type());
   const Inputs in(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, training);
-  auto out = empty_prefaulted(in.q.sizes(), in.q.options());
-  auto probs = (training || save_probs) ? empty_prefaulted({d.B, d.H, d.N, d.N}, q.options().dtype(acc))
+  auto out = at::empty_like(in.q, at::MemoryFormat::Contiguous);
+  auto probs = (training || save_probs) ? at::empty({d.B, d.H, d.N, d.N}, q.options().dtype(acc))
                                         : at::empty({0}, q.options().dtype(acc));
   std::vector<double> mean = to_doubles(running_mean), var = to_doubles(running_var);
   const std::vector<double> eps_v(eps.begin(), eps.end());
@@ -157,9 +156,9 @@ refined_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Ten
   check_like(var, "var", {2 * d.C + 2 * d.H}, acc);
   const Inputs in(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, training);
   const auto dout_c = dout.contiguous(), probs_c = probs_full.contiguous();
-  auto dq = empty_prefaulted(in.q.sizes(), in.q.options());
-  auto dk = empty_prefaulted(in.k.sizes(), in.k.options());
-  auto dv = empty_prefaulted(in.v.sizes(), in.v.options());
+  auto dq = at::empty_like(in.q, at::MemoryFormat::Contiguous);
+  auto dk = at::empty_like(in.k, at::MemoryFormat::Contiguous);
+  auto dv = at::empty_like(in.v, at::MemoryFormat::Contiguous);
   auto dwe = at::empty_like(in.w_exp), dwd = at::empty_like(in.w_dw), dwp = at::empty_like(in.w_pro);
   auto dgamma = at::empty_like(in.gamma), dbeta = at::empty_like(in.beta);
   const std::vector<double> mean_v = to_doubles(mean), var_v = to_doubles(var);
