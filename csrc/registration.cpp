@@ -26,16 +26,18 @@ TORCH_LIBRARY(fastattnreg, m) {
   // Refiner attention (methods.md §1), C = expansion * H: w_exp (C,H), w_dw (C,K,K), w_pro (H,C);
   // the four BatchNorms packed (2C + 2H) = bn1 | bn2 | bn3 | adapt; keep: the (B,H,N,N) dropout
   // mask. out (B,H,N,D); probs (B,H,N,N) kept for the backward (empty when neither training nor
-  // save_probs); mean, var (2C + 2H): the statistics used (batch, biased var; or running).
+  // save_probs); y (B,H,N,N): the refinement's Y = W_r F kept for the backward where the kernel
+  // keeps it (the C++ one in training; empty otherwise: the backward recomputes it); mean, var
+  // (2C + 2H): the statistics used (batch, biased var; or running).
   m.def(
       "refined_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor w_exp, Tensor w_dw, "
       "Tensor w_pro, Tensor bn_weight, Tensor bn_bias, Tensor running_mean, Tensor running_var, "
       "Tensor? keep, float[] eps, float scale, float drop_scale, bool training, bool save_probs) "
-      "-> (Tensor out, Tensor probs, Tensor mean, Tensor var)");
+      "-> (Tensor out, Tensor probs, Tensor y, Tensor mean, Tensor var)");
   m.def(
       "refined_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor w_exp, "
-      "Tensor w_dw, Tensor w_pro, Tensor bn_weight, Tensor bn_bias, Tensor probs, Tensor mean, "
-      "Tensor var, Tensor? keep, float[] eps, float scale, float drop_scale, bool training) "
+      "Tensor w_dw, Tensor w_pro, Tensor bn_weight, Tensor bn_bias, Tensor probs, Tensor y, "
+      "Tensor mean, Tensor var, Tensor? keep, float[] eps, float scale, float drop_scale, bool training) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dw_exp, Tensor dw_dw, Tensor dw_pro, "
       "Tensor dbn_weight, Tensor dbn_bias)");
 }

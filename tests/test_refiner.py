@@ -316,6 +316,26 @@ def test_triton_backend_on_cpu_tensors_without_the_interpreter_raises_a_clear_er
         _bad(backend="triton")()
 
 
+def test_backward_uses_the_kept_y_and_checks_it():
+    """The training forward keeps Y (B, H, N, N) for the backward; the backward gives bitwise the
+    same gradients from it as when it recomputes Y (empty y), and names a y of the wrong shape."""
+    args = _raw_args(True, False, False)
+    out, probs, y, mean, var = torch.ops.fastattnreg.refined_attention_fwd(*args)
+    assert y.shape == probs.shape
+    dout = torch.randn_like(out)
+    tail = (args[10], args[11], args[12], args[13], True)
+    bwd = torch.ops.fastattnreg.refined_attention_bwd
+    kept = bwd(dout, *args[:8], probs, y, mean, var, *tail)
+    recomputed = bwd(dout, *args[:8], probs, y.new_empty(0), mean, var, *tail)
+    assert all(torch.equal(a, b) for a, b in zip(kept, recomputed))
+    shifted = bwd(dout, *args[:8], probs, y + 1.0, mean, var, *tail)  # it is read, not ignored
+    assert not torch.equal(shifted[6], kept[6])
+    with pytest.raises(ValueError, match="y must have shape"):
+        bwd(dout, *args[:8], probs, y[:, :, :-1], mean, var, *tail)
+    eval_args = _raw_args(False, True, False)
+    assert torch.ops.fastattnreg.refined_attention_fwd(*eval_args)[2].shape == (0,)
+
+
 def test_raw_op_checks_its_arguments():
     args = list(_raw_args(True, False, False))
     args[4] = torch.randn(4, 4, 4, dtype=torch.float64)  # even kernel

@@ -101,14 +101,15 @@ def test_interp_values_eval_backward_without_saved_probs():
     qkv, params, running = _float32(*make_case(1, 2, 17, 16, 1, 3, seed=5))
     args = _raw_args(qkv, params, running)
     with torch.no_grad():
-        _, probs, mean, var = OPS.triton_refined_attention_fwd(*args, False, False)
-        _, probs_kept, _, _ = OPS.triton_refined_attention_fwd(*args, False, True)
+        _, probs, y, mean, var = OPS.triton_refined_attention_fwd(*args, False, False)
+        _, probs_kept, _, _, _ = OPS.triton_refined_attention_fwd(*args, False, True)
+    assert y.shape == (0,)  # the Triton kernels keep no Y: their backward recomputes it
     assert probs.shape == (0,) and probs_kept.shape == (1, 2, 17, 17)
     dout = torch.randn_like(qkv[0])
     bwd_args = (dout, *args[:8])
     tail = (None, [1e-5] * 4, 0.25, 1.0, False)
-    recomputed = OPS.triton_refined_attention_bwd(*bwd_args, probs, mean, var, *tail)
-    kept = OPS.triton_refined_attention_bwd(*bwd_args, probs_kept, mean, var, *tail)
+    recomputed = OPS.triton_refined_attention_bwd(*bwd_args, probs, y, mean, var, *tail)
+    kept = OPS.triton_refined_attention_bwd(*bwd_args, probs_kept, y, mean, var, *tail)
     for a, b in zip(recomputed, kept):
         assert torch.equal(a, b)
 
@@ -173,19 +174,20 @@ def test_interp_errors_qkv_and_backward():
         OPS.triton_refined_attention_fwd(*(t[..., :8] for t in args[:3]), *args[3:], True, False)
     with pytest.raises(ValueError, match="dtype"):
         OPS.triton_refined_attention_fwd(*(t.double() for t in args[:3]), *args[3:], True, False)
-    stats = torch.zeros(12)
+    stats, no_y = torch.zeros(12), torch.empty(0)
     bwd = (torch.zeros_like(args[0]), *args[:8])
     tail = (None, [1e-5] * 4, 0.25, 1.0)
     with pytest.raises(ValueError, match="probs must be the"):
-        OPS.triton_refined_attention_bwd(*bwd, torch.empty(0), stats, stats, *tail, True)
+        OPS.triton_refined_attention_bwd(*bwd, torch.empty(0), no_y, stats, stats, *tail, True)
     with pytest.raises(ValueError, match="probs must have shape"):
-        OPS.triton_refined_attention_bwd(*bwd, torch.zeros(1, 2, 9, 8), stats, stats, *tail, True)
-    with pytest.raises(ValueError, match="mean must have shape"):
-        OPS.triton_refined_attention_bwd(*bwd, torch.zeros(1, 2, 9, 9), stats[:5], stats, *tail,
+        OPS.triton_refined_attention_bwd(*bwd, torch.zeros(1, 2, 9, 8), no_y, stats, stats, *tail,
                                          True)
+    with pytest.raises(ValueError, match="mean must have shape"):
+        OPS.triton_refined_attention_bwd(*bwd, torch.zeros(1, 2, 9, 9), no_y, stats[:5], stats,
+                                         *tail, True)
     with pytest.raises(ValueError, match="dout must have shape"):
         OPS.triton_refined_attention_bwd(torch.zeros(1, 2, 9, 8), *args[:8], torch.empty(0),
-                                         stats, stats, *tail, False)
+                                         no_y, stats, stats, *tail, False)
 
 
 def test_interp_errors_public_function_names_triton():
@@ -207,10 +209,10 @@ def test_interp_registration_opcheck():
                           (*_with(_with(args, 10, keep), 13, 1 / 0.7), True, False))
     torch.library.opcheck(OPS.triton_refined_attention_fwd.default, (*args, False, True))
     with torch.no_grad():
-        _, probs, mean, var = OPS.triton_refined_attention_fwd(*args, True, False)
+        _, probs, y, mean, var = OPS.triton_refined_attention_fwd(*args, True, False)
     dout = torch.randn_like(qkv[0])
     torch.library.opcheck(OPS.triton_refined_attention_bwd.default,
-                          (dout, *[t.detach() for t in args[:8]], probs, mean, var, None,
+                          (dout, *[t.detach() for t in args[:8]], probs, y, mean, var, None,
                            [1e-5] * 4, 0.25, 1.0, True))
 
 

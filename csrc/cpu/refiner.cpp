@@ -103,7 +103,7 @@ struct Inputs {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> refined_attention_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> refined_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w_exp,
     const at::Tensor& w_dw, const at::Tensor& w_pro, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const at::Tensor& running_mean, const at::Tensor& running_var,
@@ -118,17 +118,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> refined_attention_fwd
   auto out = at::empty_like(in.q, at::MemoryFormat::Contiguous);
   auto probs = (training || save_probs) ? at::empty({d.B, d.H, d.N, d.N}, q.options().dtype(acc))
                                         : at::empty({0}, q.options().dtype(acc));
+  // Y for the backward (training only): one map more between forward and backward, the whole
+  // refinement chain less in the backward's first pass (our choice; extra memory stays P + Y).
+  auto y = training ? at::empty({d.B, d.H, d.N, d.N}, q.options().dtype(acc))
+                    : at::empty({0}, q.options().dtype(acc));
   std::vector<double> mean = to_doubles(running_mean), var = to_doubles(running_var);
   const std::vector<double> eps_v(eps.begin(), eps.end());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "refined_attention_fwd", [&] {
     using T = at::opmath_type<scalar_t>;
     const auto p = in.problem<scalar_t, T>(d, scale, drop_scale,
                                            probs.numel() ? probs.data_ptr<T>() : nullptr);
-    refiner::forward_impl(p, training, mean, var, eps_v, out.data_ptr<scalar_t>());
+    refiner::forward_impl(p, training, mean, var, eps_v, out.data_ptr<scalar_t>(),
+                          y.numel() ? y.data_ptr<T>() : nullptr);
   });
   auto stats_opts = q.options().dtype(at::kDouble);
   auto mean_t = at::tensor(mean, stats_opts).to(acc), var_t = at::tensor(var, stats_opts).to(acc);
-  return {out, probs, mean_t, var_t};
+  return {out, probs, y, mean_t, var_t};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -136,8 +141,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 refined_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                       const at::Tensor& v, const at::Tensor& w_exp, const at::Tensor& w_dw,
                       const at::Tensor& w_pro, const at::Tensor& bn_weight,
-                      const at::Tensor& bn_bias, const at::Tensor& probs, const at::Tensor& mean,
-                      const at::Tensor& var, const std::optional<at::Tensor>& keep,
+                      const at::Tensor& bn_bias, const at::Tensor& probs, const at::Tensor& y,
+                      const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& keep,
                       at::ArrayRef<double> eps, double scale, double drop_scale, bool training) {
   const refiner::Dims d =
       check_args(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, eps, scale, drop_scale);
@@ -152,10 +157,12 @@ refined_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Ten
           ? probs
           : at::softmax(at::matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale, -1);
   check_like(probs_full, "probs", {d.B, d.H, d.N, d.N}, acc);
+  if (y.numel() > 0) check_like(y, "y", {d.B, d.H, d.N, d.N}, acc);
   check_like(mean, "mean", {2 * d.C + 2 * d.H}, acc);
   check_like(var, "var", {2 * d.C + 2 * d.H}, acc);
   const Inputs in(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, training);
   const auto dout_c = dout.contiguous(), probs_c = probs_full.contiguous();
+  const auto y_c = y.numel() > 0 ? y.contiguous() : y;
   auto dq = at::empty_like(in.q, at::MemoryFormat::Contiguous);
   auto dk = at::empty_like(in.k, at::MemoryFormat::Contiguous);
   auto dv = at::empty_like(in.v, at::MemoryFormat::Contiguous);
@@ -172,7 +179,8 @@ refined_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Ten
         dout_c.const_data_ptr<scalar_t>(), dattn.data(), dq.data_ptr<scalar_t>(),
         dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), dwe.data_ptr<T>(), dwd.data_ptr<T>(),
         dwp.data_ptr<T>(), dgamma.data_ptr<T>(), dbeta.data_ptr<T>()};
-    refiner::backward_impl(p, g, /*frozen=*/!training, mean_v, var_v, eps_v);
+    refiner::backward_impl(p, g, /*frozen=*/!training, mean_v, var_v, eps_v,
+                           y_c.numel() > 0 ? y_c.const_data_ptr<T>() : nullptr);
   });
   const auto dt = q.scalar_type();
   return {dq, dk, dv, dwe.to(dt), dwd.to(dt), dwp.to(dt), dgamma.to(dt), dbeta.to(dt)};

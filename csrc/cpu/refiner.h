@@ -19,9 +19,11 @@ namespace fastattnreg::cpu {
 //   out   (B, H, N, D), dtype of q
 //   probs (B, H, N, N) P = softmax(scale q k^T) in the accumulation type (float32, float64 for
 //         float64), kept for the backward; stored when training or save_probs, else empty (0,)
+//   y     (B, H, N, N) Y = W_r F in the accumulation type, kept for the backward (its first pass
+//         then skips the refinement chain); stored when training, else empty (0,)
 //   mean, var (2C + 2H), accumulation type: the statistics each BatchNorm used; in training the
 //         batch mean and biased variance over (B, N, N), in eval a copy of the running ones.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> refined_attention_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> refined_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w_exp,
     const at::Tensor& w_dw, const at::Tensor& w_pro, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const at::Tensor& running_mean, const at::Tensor& running_var,
@@ -29,15 +31,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> refined_attention_fwd
     double drop_scale, bool training, bool save_probs);
 
 // Gradients of q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias from dout, given what the forward
-// returned (probs, mean, var). training = false: the statistics were constants (eval mode);
-// then probs may be empty (an eval forward with save_probs = false) and is recomputed.
+// returned (probs, y, mean, var). training = false: the statistics were constants (eval mode);
+// then probs may be empty (an eval forward with save_probs = false) and is recomputed. y may be
+// empty (recomputed where needed).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor>
 refined_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                       const at::Tensor& v, const at::Tensor& w_exp, const at::Tensor& w_dw,
                       const at::Tensor& w_pro, const at::Tensor& bn_weight,
-                      const at::Tensor& bn_bias, const at::Tensor& probs, const at::Tensor& mean,
-                      const at::Tensor& var, const std::optional<at::Tensor>& keep,
+                      const at::Tensor& bn_bias, const at::Tensor& probs, const at::Tensor& y,
+                      const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& keep,
                       at::ArrayRef<double> eps, double scale, double drop_scale, bool training);
 
 }  // namespace fastattnreg::cpu

@@ -205,11 +205,12 @@ void grad_to_dx1(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, co
 }
 
 // Gradients of every input. mean/var: the statistics the forward used; frozen: eval mode (they
-// were running statistics, constants for the backward).
+// were running statistics, constants for the backward). y_saved: the training forward's Y
+// (B, H, N, N), or nullptr (recomputed).
 template <typename scalar_t, typename T>
 void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, bool frozen,
                    const std::vector<double>& mean, const std::vector<double>& var,
-                   const std::vector<double>& eps) {
+                   const std::vector<double>& eps, const T* y_saved) {
   const Dims& d = p.d;
   const Packed pk(d);
   const Tiles tiles(d, p.block);
@@ -233,7 +234,12 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
       const int64_t b = tiles.batch(t);
       const Range rows = tiles.rows(t);
       const int64_t m = rows.size();
-      chain_to_y(p, nm, pk, ws, b, rows);
+      if (y_saved) {  // the forward's Y: only A is needed from the chain
+        ws.lo = rows.lo;
+        load_attn(p, ws, b, rows);
+      } else {
+        chain_to_y(p, nm, pk, ws, b, rows);
+      }
       for (int64_t h = 0; h < H; ++h) {
         const int64_t bh = b * H + h;
         transpose(p.v + bh * N * D, N, D, ws.kt, ws.kld);
@@ -242,7 +248,8 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
         score_gemm_nn<T>(m, N, D, T(1), dO, D, ws.kt, ws.kld, das, N);
         const int64_t a = pk.bna + h, c3 = pk.bn3 + h;
         VecSum<T> v[W];  // over the tile's rows of head h: contiguous runs
-        bn_a_bn3_run_sums(nm, a, c3, ws.at(ws.Y, h, rows.lo), ws.a(h, rows.lo), das, m * N, v);
+        const T* y = y_saved ? y_saved + (bh * N + rows.lo) * N : ws.at(ws.Y, h, rows.lo);
+        bn_a_bn3_run_sums(nm, a, c3, y, ws.a(h, rows.lo), das, m * N, v);
         Sum* acc = &parts[(t * H + h) * W];
         for (int k = 0; k < W; ++k) acc[k].v += v[k].total();
       }

@@ -34,10 +34,12 @@ struct Sum {
 };
 
 // mean, var: in eval mode the running statistics (read); in training mode the batch statistics
-// (written: biased variance, packed bn1 | bn2 | bn3 | adapt).
+// (written: biased variance, packed bn1 | bn2 | bn3 | adapt). y_out (training): Y = W_r F
+// (B, H, N, N), written by F3 for F4 and kept for the backward.
 template <typename scalar_t, typename T>
 void forward_impl(const Problem<scalar_t, T>& p, bool training, std::vector<double>& mean,
-                  std::vector<double>& var, const std::vector<double>& eps, scalar_t* out) {
+                  std::vector<double>& var, const std::vector<double>& eps, scalar_t* out,
+                  T* y_out) {
   const Dims& d = p.d;
   const Packed pk(d);
   const Tiles tiles(d, p.block);
@@ -57,6 +59,12 @@ void forward_impl(const Problem<scalar_t, T>& p, bool training, std::vector<doub
     });
     return;
   }
+
+  // Each batch statistic is rounded to the accumulation type as soon as it is known, as the op
+  // returns it: the passes after it, and the backward's (which rebuild the maps from the
+  // returned statistics), then apply the very same BatchNorm maps, so the Y the backward
+  // recomputes is bitwise the forward's.
+  const auto as_acc = [](double x) { return double(T(x)); };
 
   // F1: P stored; the sums and the Gram matrix of A - 1/N per head (rows of P sum to 1, so
   // centring at 1/N keeps the Gram free of cancellation).
@@ -90,14 +98,14 @@ void forward_impl(const Problem<scalar_t, T>& p, bool training, std::vector<doub
         v += double(wc[h]) * double(wc[g]) * cov;
       }
     }
-    mean[pk.bn1 + c] = m;
-    var[pk.bn1 + c] = std::max(v, 0.0);
+    mean[pk.bn1 + c] = as_acc(m);
+    var[pk.bn1 + c] = as_acc(std::max(v, 0.0));
   }
 
-  // Y = W_r F (B, H, N, N), written by F3 for F4: one map more for the forward's duration, one
-  // pass over the C-channel chain less.
-  const KeptMap<T> y_map(d.B * H * N * N);
-  T* ybuf = y_map.data();
+  // Y = W_r F (B, H, N, N), written by F3 for F4 (one pass over the C-channel chain less) and
+  // kept for the backward.
+  TORCH_CHECK(y_out != nullptr, "refined_attention: the training forward needs the Y buffer");
+  T* ybuf = y_out;
 
   // F2: X2 = W_d * E -> BN2 statistics.
   {
@@ -113,8 +121,8 @@ void forward_impl(const Problem<scalar_t, T>& p, bool training, std::vector<doub
     });
     const auto mom = merge_in_order(parts, C);
     for (int64_t c = 0; c < C; ++c) {
-      mean[pk.bn2 + c] = mom[c].mean;
-      var[pk.bn2 + c] = mom[c].m2 / n;
+      mean[pk.bn2 + c] = as_acc(mom[c].mean);
+      var[pk.bn2 + c] = as_acc(mom[c].m2 / n);
     }
   }
 
@@ -134,12 +142,13 @@ void forward_impl(const Problem<scalar_t, T>& p, bool training, std::vector<doub
     });
     const auto mom = merge_in_order(parts, H);
     for (int64_t h = 0; h < H; ++h) {
-      const double var_y = mom[h].m2y / n;
+      const double var_y = as_acc(mom[h].m2y / n);
       const double s3 = double(p.w.gamma[pk.bn3 + h]) / std::sqrt(var_y + eps[2]);
-      mean[pk.bn3 + h] = mom[h].my;
+      mean[pk.bn3 + h] = as_acc(mom[h].my);
       var[pk.bn3 + h] = var_y;
-      mean[pk.bna + h] = double(p.w.beta[pk.bn3 + h]) + mom[h].ma;
-      var[pk.bna + h] = std::max(0.0, (s3 * s3 * mom[h].m2y + 2 * s3 * mom[h].cya + mom[h].m2a) / n);
+      mean[pk.bna + h] = as_acc(double(p.w.beta[pk.bn3 + h]) + mom[h].ma);
+      var[pk.bna + h] = as_acc(
+          std::max(0.0, (s3 * s3 * mom[h].m2y + 2 * s3 * mom[h].cya + mom[h].m2a) / n));
     }
   }
 

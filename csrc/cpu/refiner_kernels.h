@@ -16,18 +16,20 @@
 // Q K^T GEMM, the most expensive step per pixel, in 6 of 7 passes).
 //   forward  F1 softmax -> P stored; BN1 statistics from the sums and the Gram matrix of A
 //               (W_e is linear: mean and variance of W_e A follow from them)
-//            F2 E, X2 = W_d * E -> BN2 statistics (row two-pass moments, Chan merge)
+//            F2 E, X2 = W_d * E -> BN2 statistics (shifted sums per tile, Chan merge)
 //            F3 F, Y -> BN3 statistics and BN_a's (co-moments of Y and A per head); Y stored
-//               for the forward's duration only
+//               and kept for the backward
 //            F4 A* from A and Y, out = A* V
-//   backward B1 dA* = dout V^T stored; sums for BN_a and BN3 (dz is affine in dA*)
+//   backward B1 dA* = dout V^T stored; sums for BN_a and BN3 (dz is affine in dA*), from the
+//               kept Y: no refinement chain in this pass
 //            B2 dz, dy, du2 -> sums for BN2 and, through the adjoint of the depthwise
 //               convolution, for BN1 (see there)
 //            B3 (one task per batch element) dx2 on the halo, dE = W_d^T * dx2, dx1, dA,
 //               dS = P (dP - rowsum), dq, dk, dv; dW_e, dW_d, dW_r
-// Extra memory in training: P for the backward, Y during the forward, dA* during the backward,
-// all (B, H, N, N); the dropout keep-mask (B, H, N, N) bool when attn_drop > 0. The Y / dA* map
-// and the per-worker planes are kept from one call to the next (KeptMap, PlanesPool).
+// Extra memory in training: P and Y from the forward to the backward, dA* during the backward,
+// all (B, H, N, N); the dropout keep-mask (B, H, N, N) bool when attn_drop > 0. (Keeping Y
+// costs one map and saves the chain in B1, ~5% of a training step at (64, 3, 65, 64).) The dA*
+// map and the per-worker planes are kept from one call to the next (KeptMap, PlanesPool).
 // Every pass writes per-task partials that are merged in task order, so results are bitwise
 // repeatable whichever thread ran a task.
 #pragma once
@@ -243,8 +245,8 @@ class PlanesPool {
   std::vector<std::unique_ptr<Planes<T>>> slots_;
 };
 
-// A (B, H, N, N) scratch map in the accumulation type, kept between calls (kept_cache.h): Y
-// during the training forward, dA* during the backward, never both at once, so one map is kept.
+// A (B, H, N, N) scratch map in the accumulation type, kept between calls (kept_cache.h): dA*
+// during the backward.
 template <typename T>
 class KeptMap {
  public:

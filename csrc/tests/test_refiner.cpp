@@ -54,7 +54,7 @@ void check_case(const Case& c, at::ScalarType dt) {
   const double scale = 1.0 / std::sqrt(double(c.D)), drop_scale = c.dropout ? 1.0 / 0.7 : 1.0;
   std::optional<Tensor> keep;
   if (c.dropout) keep = at::rand({c.B, c.H, c.N, c.N}) >= 0.3;
-  auto [out, probs, mean, var] = fastattnreg::cpu::refined_attention_fwd(
+  auto [out, probs, y, mean, var] = fastattnreg::cpu::refined_attention_fwd(
       q, k, v, w.w_exp, w.w_dw, w.w_pro, w.gamma, w.beta, w.rmean, w.rvar, keep, eps, scale,
       drop_scale, c.training, /*save_probs=*/true);
 
@@ -89,8 +89,9 @@ void check_case(const Case& c, at::ScalarType dt) {
     EXPECT_CLOSE(var, at::cat(batch_var), var.scalar_type(), tol, "batch var");
   }
   const Tensor dout = at::randn_like(out);
+  EXPECT(y.numel() == (c.training ? c.B * c.H * c.N * c.N : 0));  // Y kept in training only
   auto [dq, dk, dv, dwe, dwd, dwp, dg, db] = fastattnreg::cpu::refined_attention_bwd(
-      dout, q, k, v, w.w_exp, w.w_dw, w.w_pro, w.gamma, w.beta, probs, mean, var, keep, eps,
+      dout, q, k, v, w.w_exp, w.w_dw, w.w_pro, w.gamma, w.beta, probs, y, mean, var, keep, eps,
       scale, drop_scale, c.training);
   (ref_out * dout.to(at::kDouble)).sum().backward();
   EXPECT_CLOSE(dq, q64.grad(), dt, tol, "dq");
@@ -102,11 +103,15 @@ void check_case(const Case& c, at::ScalarType dt) {
   EXPECT_CLOSE(dg, g.grad(), dt, tol, "dgamma");
   EXPECT_CLOSE(db, b.grad(), dt, tol, "dbeta");
 
-  // A rerun is bitwise equal (per-task partials merged in task order).
-  auto again = fastattnreg::cpu::refined_attention_bwd(
-      dout, q, k, v, w.w_exp, w.w_dw, w.w_pro, w.gamma, w.beta, probs, mean, var, keep, eps,
-      scale, drop_scale, c.training);
-  EXPECT(at::equal(std::get<0>(again), dq) && at::equal(std::get<3>(again), dwe));
+  // A rerun is bitwise equal (per-task partials merged in task order), and so is one without
+  // the kept Y (recomputed by the same tiles).
+  for (const Tensor& y_given : {y, at::empty({0}, y.options())}) {
+    auto again = fastattnreg::cpu::refined_attention_bwd(
+        dout, q, k, v, w.w_exp, w.w_dw, w.w_pro, w.gamma, w.beta, probs, y_given, mean, var, keep,
+        eps, scale, drop_scale, c.training);
+    EXPECT(at::equal(std::get<0>(again), dq) && at::equal(std::get<3>(again), dwe) &&
+           at::equal(std::get<6>(again), dg));
+  }
 }
 
 void check_bad_input() {

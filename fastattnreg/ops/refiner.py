@@ -44,14 +44,15 @@ if _backend.cpp_available():
         B, H, N, _ = q.shape
         acc = _acc_dtype(q.dtype)
         probs_shape = (B, H, N, N) if training or save_probs else (0,)
+        y_shape = (B, H, N, N) if training else (0,)  # Y kept for the backward in training
         return (torch.empty_like(q, memory_format=torch.contiguous_format),
-                q.new_empty(probs_shape, dtype=acc),
+                q.new_empty(probs_shape, dtype=acc), q.new_empty(y_shape, dtype=acc),
                 q.new_empty(bn_weight.shape, dtype=acc),
                 q.new_empty(bn_weight.shape, dtype=acc))
 
     @torch.library.register_fake("fastattnreg::refined_attention_bwd")
-    def _refined_bwd_fake(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, mean,
-                          var, keep, eps, scale, drop_scale, training):
+    def _refined_bwd_fake(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, y,
+                          mean, var, keep, eps, scale, drop_scale, training):
         return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
                      for t in (q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias))
 
@@ -209,7 +210,7 @@ def refined_attention(q, k, v, conv_exp_weight, conv_dw_weight, conv_pro_weight,
     with torch.no_grad():
         packed_mean = torch.cat([t.to(q.dtype) for t in running_mean])
         packed_var = torch.cat([t.to(q.dtype) for t in running_var])
-    out, _, mean, var = fwd(
+    out, _, _, mean, var = fwd(
         q, k, v, conv_exp_weight.reshape(C, H), conv_dw_weight.reshape(C, K, K),
         conv_pro_weight.reshape(H, C), torch.cat(list(bn_weight)), torch.cat(list(bn_bias)),
         packed_mean, packed_var, drop_mask if dropout else None, eps4, scale,

@@ -1,12 +1,13 @@
 """The autograd rule shared by every refined-attention forward op (C++ now, Triton later).
 
 A forward op `fastattnreg::<fwd>(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean,
-running_var, keep, eps, scale, drop_scale, training, save_probs) -> (out, probs, mean, var)`
-keeps q, k, v, the weights, P (probs) and the statistics it used; its backward op
-`<bwd>(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, mean, var, keep, eps,
-scale, drop_scale, training) -> (dq, dk, dv, dw_exp, dw_dw, dw_pro, dbn_weight, dbn_bias)`
-recomputes the refinement chain from P. probs, mean and var are outputs for the backward and
-the running-statistics update only: they carry no gradient.
+running_var, keep, eps, scale, drop_scale, training, save_probs) -> (out, probs, y, mean, var)`
+keeps q, k, v, the weights, P (probs), Y (y, where the kernel keeps it; else empty) and the
+statistics it used; its backward op `<bwd>(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight,
+bn_bias, probs, y, mean, var, keep, eps, scale, drop_scale, training) -> (dq, dk, dv, dw_exp,
+dw_dw, dw_pro, dbn_weight, dbn_bias)` recomputes the rest of the refinement chain from P.
+probs, y, mean and var are outputs for the backward and the running-statistics update only:
+they carry no gradient.
 """
 from __future__ import annotations
 
@@ -19,16 +20,16 @@ def register_refiner_autograd(fwd_name: str, bwd_name: str) -> None:
     def setup_context(ctx, inputs, output):
         (q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, _, _, keep, eps, scale, drop_scale,
          training, _) = inputs
-        _, probs, mean, var = output
-        ctx.save_for_backward(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, mean, var,
-                              keep)
+        _, probs, y, mean, var = output
+        ctx.save_for_backward(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, y, mean,
+                              var, keep)
         ctx.args = (eps, scale, drop_scale, training)
-        ctx.mark_non_differentiable(probs, mean, var)
-        # The gradients of probs, mean and var are never used: without this autograd fills a
-        # (B, H, N, N) tensor of zeros for probs on every backward (~2% of a training step).
+        ctx.mark_non_differentiable(probs, y, mean, var)
+        # The gradients of probs, y, mean and var are never used: without this autograd fills
+        # (B, H, N, N) tensors of zeros for probs and y on every backward.
         ctx.set_materialize_grads(False)
 
-    def backward(ctx, dout, _dprobs, _dmean, _dvar):
+    def backward(ctx, dout, _dprobs, _dy, _dmean, _dvar):
         if dout is None:  # out took no part in what is differentiated
             return (None,) * 16
         bwd = getattr(torch.ops.fastattnreg, bwd_name)  # looked up per call: tests may spy on it

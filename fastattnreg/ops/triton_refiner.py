@@ -24,11 +24,12 @@ FWD_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor w_exp, Tensor w_dw, Tensor w_pro, Tensor bn_weight, "
     "Tensor bn_bias, Tensor running_mean, Tensor running_var, Tensor? keep, float[] eps, "
     "float scale, float drop_scale, bool training, bool save_probs) "
-    "-> (Tensor out, Tensor probs, Tensor mean, Tensor var)"
+    "-> (Tensor out, Tensor probs, Tensor y, Tensor mean, Tensor var)"
 )
 BWD_SCHEMA = (
     "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor w_exp, Tensor w_dw, Tensor w_pro, "
-    "Tensor bn_weight, Tensor bn_bias, Tensor probs, Tensor mean, Tensor var, Tensor? keep, "
+    "Tensor bn_weight, Tensor bn_bias, Tensor probs, Tensor y, Tensor mean, Tensor var, "
+    "Tensor? keep, "
     "float[] eps, float scale, float drop_scale, bool training) "
     "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dw_exp, Tensor dw_dw, Tensor dw_pro, "
     "Tensor dbn_weight, Tensor dbn_bias)"
@@ -110,12 +111,16 @@ def _triton_fwd(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, r
                eps, scale, drop_scale, training)
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
     keep = keep.contiguous() if training and keep is not None else None  # eval: no dropout
-    return _kernels.refined_fwd(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean,
-                                running_var, keep, eps, scale, drop_scale, training, save_probs)
+    out, probs, mean, var = _kernels.refined_fwd(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias,
+                                                 running_mean, running_var, keep, eps, scale,
+                                                 drop_scale, training, save_probs)
+    # y: the Triton backward recomputes Y, so none is kept (the schema's y is for the C++ kernel).
+    return out, probs, probs.new_empty((0,)), mean, var
 
 
-def _triton_bwd(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, mean, var, keep,
-                eps, scale, drop_scale, training):
+def _triton_bwd(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, y, mean, var,
+                keep, eps, scale, drop_scale, training):
+    del y  # never kept by _triton_fwd
     _check_bwd(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, mean, var, keep, eps,
                scale, drop_scale, training)
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
@@ -132,12 +137,12 @@ def _fwd_fake(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, run
     B, H, N, _ = q.shape
     f32 = {"dtype": torch.float32}
     probs_shape = (B, H, N, N) if training or save_probs else (0,)
-    return (q.new_empty(q.shape), q.new_empty(probs_shape, **f32),
+    return (q.new_empty(q.shape), q.new_empty(probs_shape, **f32), q.new_empty((0,), **f32),
             q.new_empty(bn_weight.shape, **f32), q.new_empty(bn_weight.shape, **f32))
 
 
-def _bwd_fake(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, mean, var, keep, eps,
-              scale, drop_scale, training):
+def _bwd_fake(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, y, mean, var, keep,
+              eps, scale, drop_scale, training):
     _check_bwd(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, mean, var, keep, eps,
                scale, drop_scale, training)
     return tuple(t.new_empty(t.shape) for t in (q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias))
