@@ -2,8 +2,8 @@
 
 Providers, at (B, H, N, D) with q, k, v and every conv / BatchNorm parameter requiring grad,
 expansion 3, kernel 3 (Refiner's defaults), random upstream gradients for out:
-  fastattnreg  refined_attention(..., backend="cpp"): the fused kernels; only P (B, H, N, N) is
-               kept between forward and backward
+  fastattnreg  refined_attention(..., backend="cpp"): the fused kernels; only P and Y = W_r F
+               (B, H, N, N each) are kept between forward and backward
   naive        refined_attention_ref: conv2d / batch_norm / relu6 on the (B, 3H, N, N) maps,
                every intermediate kept by autograd (the public Refiner code's way)
 

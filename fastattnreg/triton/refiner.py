@@ -472,7 +472,8 @@ def _batch_stats(pb: _Problem, probs):
 
 def refined_fwd(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, running_var,
                 keep, eps, scale, drop_scale, training, save_probs):
-    """(out, probs, mean, var) as fastattnreg::refined_attention_fwd (see ops/refiner_autograd.py).
+    """(out, probs, mean, var) as fastattnreg::refined_attention_fwd (see ops/refiner_autograd.py),
+    less its y: these kernels keep no Y (ops/triton_refiner.py returns an empty one).
 
     q, k, v (B, H, N, D) with stride 1 on D; w_exp (C, H), w_dw (C, K, K), w_pro (H, C);
     bn_weight, bn_bias, running_mean, running_var (2C + 2H,); keep (B, H, N, N) bool or None
