@@ -74,10 +74,11 @@ FASTATTNREG_ROW_PASS void bn2_bn1_run_sums(T mean2, T invstd2, const T* du2, con
 }
 
 // dz = BN_a backward of dA*, dy = BN3 backward of dz, on `rows` of every head. dattn: the stored
-// dA* of the tile's batch element (H, N, N), read in place.
+// dA* of the tile's batch element (H, N, N), read in place; y_rows: Y on the rows of head 0
+// (the Y planes, or the forward's kept Y), heads y_ld apart.
 template <typename T>
 void grad_dz_dy(const Norms<T>& nm, const BnGrad<T>& g, const Packed& pk, const Dims& d,
-                const T* dattn, Planes<T>& ws, Range rows) {
+                const T* dattn, const T* y_rows, int64_t y_ld, Planes<T>& ws, Range rows) {
   const int64_t pix = rows.size() * d.N;
   for (int64_t h = 0; h < d.H; ++h) {
     const int64_t a = pk.bna + h, c3 = pk.bn3 + h;
@@ -87,7 +88,7 @@ void grad_dz_dy(const Norms<T>& nm, const BnGrad<T>& g, const Packed& pk, const 
     // could not rule out that the stores to dz, dy change them, and left the loop scalar.
     const T ka = g.k[a], cba = g.cb[a], cga = g.cg[a];
     const T k3 = g.k[c3], cb3 = g.cb[c3], cg3 = g.cg[c3];
-    const T* __restrict y = ws.at(ws.Y, h, rows.lo);
+    const T* __restrict y = y_rows + h * y_ld;
     const T* __restrict at = ws.a(h, rows.lo);
     const T* __restrict das = dattn + (h * d.N + rows.lo) * d.N;
     T* __restrict dz = ws.at(ws.dZ, h, rows.lo);
@@ -176,12 +177,22 @@ void finish_bn(const std::vector<Sum>& sums, const Params<T>& w, const Norms<T>&
   }
 }
 
-// The chain and its gradient up to du2 on `x_rows` (dA* from the stored map).
+// The chain and its gradient up to du2 on `x_rows` (dA* from the stored map). y_saved: the
+// forward's kept Y or nullptr; with it and without need_f the chain stops at X2.
 template <typename scalar_t, typename T>
 void grad_to_du2(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, const Norms<T>& nm,
-                 const BnGrad<T>& g, const Packed& pk, Planes<T>& ws, int64_t b, Range x_rows) {
-  chain_to_y(p, nm, pk, ws, b, x_rows);
-  grad_dz_dy(nm, g, pk, p.d, gr.dattn + b * p.d.H * p.d.N * p.d.N, ws, x_rows);
+                 const BnGrad<T>& g, const Packed& pk, Planes<T>& ws, int64_t b, Range x_rows,
+                 const T* y_saved, bool need_f) {
+  const Dims& d = p.d;
+  const T* dattn = gr.dattn + b * d.H * d.N * d.N;
+  if (y_saved && !need_f) {
+    chain_to_x2(p, nm, pk, ws, b, x_rows);
+    grad_dz_dy(nm, g, pk, d, dattn, y_saved + (b * d.H * d.N + x_rows.lo) * d.N, d.N * d.N, ws,
+               x_rows);
+  } else {
+    chain_to_y(p, nm, pk, ws, b, x_rows);
+    grad_dz_dy(nm, g, pk, d, dattn, ws.at(ws.Y, 0, x_rows.lo), ws.ld(), ws, x_rows);
+  }
   grad_du2(p.w, nm, pk, p.d, ws, x_rows);
 }
 
@@ -194,7 +205,7 @@ void grad_to_dx1(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, co
   const Dims& d = p.d;
   const int64_t N = d.N;
   const Range x_rows = clip(rows.lo - d.halo(), rows.hi + d.halo(), N);
-  grad_to_du2(p, gr, nm, g, pk, ws, b, x_rows);
+  grad_to_du2(p, gr, nm, g, pk, ws, b, x_rows, static_cast<const T*>(nullptr), /*need_f=*/true);
   for (int64_t c = 0; c < d.C; ++c)
     for (int64_t i = x_rows.lo; i < x_rows.hi; ++i)
       bn_backward_row(nm, g, pk.bn2 + c, ws.at_pad(ws.DX2, c, i), ws.at(ws.dF, c, i),
@@ -285,20 +296,22 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
       const int64_t b = tiles.batch(t);
       const Range rows = tiles.rows(t);
       const Range e_rows = clip(rows.lo - hl, rows.hi + hl, N);
-      grad_to_du2(p, gr, nm, g, pk, ws, b, rows);
+      grad_to_du2(p, gr, nm, g, pk, ws, b, rows, y_saved, /*need_f=*/false);
       // mask1 into the padded DX2 planes, mask1 x_hat1 into the padded E planes (E is spent).
+      using V = at::vec::Vectorized<T>;
       for (int64_t c = 0; c < C; ++c) {
         const T s1 = nm.s[pk.bn1 + c], t1 = nm.t[pk.bn1 + c];
-        const T m1 = nm.mean[pk.bn1 + c], i1 = nm.invstd[pk.bn1 + c];
+        const V m1(nm.mean[pk.bn1 + c]), i1(nm.invstd[pk.bn1 + c]), one(T(1));
         for (int64_t i = e_rows.lo; i < e_rows.hi; ++i) {
           const T* x1 = ws.at(ws.X1, c, i);
           T* mask = ws.at_pad(ws.DX2, c, i);
           T* mask_xhat = ws.at_pad(ws.E, c, i);
-          for (int64_t j = 0; j < N; ++j) {
-            const T u = s1 * x1[j] + t1;
-            mask[j] = (u > T(0) && u < T(6)) ? T(1) : T(0);
-            mask_xhat[j] = mask[j] * (x1[j] - m1) * i1;
-          }
+          for_each_vec<T>(N, [&](int64_t j, int64_t cnt) {  // only [0, N): the margins stay 0
+            const V x = V::loadu(x1 + j, cnt);
+            const V mk = relu6_grad_vec(one, x, s1, t1);
+            mk.store(mask + j, cnt);
+            (mk * ((x - m1) * i1)).store(mask_xhat + j, cnt);
+          });
         }
       }
       depthwise(p.w.w_dw, d, ws, ws.DX2, ws.dE, rows);  // G
