@@ -6,8 +6,9 @@
 // Nothing of size (B, C, N, N) ever exists. Work is done on tiles: one batch element, a block of
 // query rows and every channel at once (the 1x1 convolutions mix the heads). A tile recomputes
 // the chain from A for its rows plus a (k-1)/2-row halo (2 halos where the backward needs the
-// transposed convolution on halo rows), in planes of (channels x rows x N) laid out so that each 1x1
-// convolution is one small GEMM over all of the tile's pixels.
+// transposed convolution on halo rows), in planes of (channels x rows x N) laid out so that a
+// channel's rows are one contiguous run: each 1x1 convolution is one pass over the tile's pixels
+// (refiner_mix.h), each BatchNorm sum one pass over a run (refiner_rows.h).
 //
 // Eval mode: each BatchNorm is a per-channel affine map; one pass per tile from q, k to out.
 // Training mode: BatchNorm statistics are global reductions, so the forward runs 4 passes and
