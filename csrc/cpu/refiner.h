@@ -40,7 +40,8 @@ refined_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Ten
                       const at::Tensor& v, const at::Tensor& w_exp, const at::Tensor& w_dw,
                       const at::Tensor& w_pro, const at::Tensor& bn_weight,
                       const at::Tensor& bn_bias, const at::Tensor& probs, const at::Tensor& y,
-                      const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& keep,
+                      const at::Tensor& mean, const at::Tensor& var,
+                      const std::optional<at::Tensor>& keep,
                       at::ArrayRef<double> eps, double scale, double drop_scale, bool training);
 
 }  // namespace fastattnreg::cpu
