@@ -4,13 +4,18 @@
 
 TORCH_LIBRARY(fastattnreg, m) {
   // out (B,H,N,D), lse (B,H,N) in float32 (float64 for float64 inputs), maps by `export`.
+  // attn_mask: bool (True = takes part) or an additive bias of q's dtype, broadcastable to
+  // (B,H,N,N); rng: int64 (seed, offset) of the dropout stream (ops/dropout.py), None when
+  // dropout_p == 0.
   m.def(
-      "attention_fwd(Tensor q, Tensor k, Tensor v, float scale, str export) "
-      "-> (Tensor out, Tensor lse, Tensor maps)");
-  // dq, dk, dv from any of the gradients of out, lse and maps (None where unused).
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? rng, float scale, "
+      "str export, float dropout_p) -> (Tensor out, Tensor lse, Tensor maps)");
+  // dq, dk, dv from any of the gradients of out, lse and maps (None where unused); dmask, the
+  // (B,H,N,N) gradient of a float mask, when mask_grad (else empty).
   m.def(
       "attention_bwd(Tensor? dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
-      "Tensor? dmaps, float scale, str export) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "Tensor? dmaps, Tensor? attn_mask, Tensor? rng, float scale, str export, float dropout_p, "
+      "bool mask_grad) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
   // Student attention plus its divergence from a teacher's attention, per matched row:
   // out (B,H,N,D), lse (B,H,N), teacher_lse (B,H,R), row_loss (B,H,R); R = N ("all") or 1 ("cls").
   m.def(

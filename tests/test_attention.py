@@ -171,9 +171,9 @@ def test_unused_outputs_send_no_gradient_to_the_kernel(used, monkeypatch):
     real_bwd = torch.ops.fastattnreg.attention_bwd
     seen = {}
 
-    def spy(dout, q, k, v, o, lse_, dlse, dmaps, scale, export):
+    def spy(dout, q, k, v, o, lse_, dlse, dmaps, *rest):
         seen.update(dout=dout is not None, dlse=dlse is not None, dmaps=dmaps is not None)
-        return real_bwd(dout, q, k, v, o, lse_, dlse, dmaps, scale, export)
+        return real_bwd(dout, q, k, v, o, lse_, dlse, dmaps, *rest)
 
     class Ops:
         attention_bwd = staticmethod(spy)

@@ -85,10 +85,10 @@ def test_cpu_backend_rejects_other_devices():
 @pytest.mark.parametrize(
     "args,match",
     [
-        ((torch.randn(2, 17, 16),) * 3 + (0.25, "none"), r"q must be 4-D"),
-        ((torch.randn(1, 1, 5, 8),) * 3 + (0.25, "rows"), r"export must be one of .*got 'rows'"),
-        ((torch.randn(1, 1, 5, 8),) * 3 + (float("inf"), "none"), r"scale must be a finite number"),
-        ((torch.randn(1, 1, 5, 8).half(),) * 3 + (0.25, "none"), r"q dtype must be float32, float64 or bfloat16"),
+        ((torch.randn(2, 17, 16),) * 3 + (None, None, 0.25, "none", 0.0), r"q must be 4-D"),
+        ((torch.randn(1, 1, 5, 8),) * 3 + (None, None, 0.25, "rows", 0.0), r"export must be one of .*got 'rows'"),
+        ((torch.randn(1, 1, 5, 8),) * 3 + (None, None, float("inf"), "none", 0.0), r"scale must be a finite number"),
+        ((torch.randn(1, 1, 5, 8).half(),) * 3 + (None, None, 0.25, "none", 0.0), r"q dtype must be float32, float64 or bfloat16"),
     ],
 )
 def test_the_raw_op_checks_too(args, match):
@@ -100,11 +100,13 @@ def test_the_raw_op_checks_too(args, match):
 @requires_cpp
 def test_raw_backward_checks_gradient_shapes():
     q, k, v = _qkv()
-    out, lse, maps = torch.ops.fastattnreg.attention_fwd(q, k, v, 0.25, "cls")
+    out, lse, maps = torch.ops.fastattnreg.attention_fwd(q, k, v, None, None, 0.25, "cls", 0.0)
     with pytest.raises(ValueError, match=r"dmaps must have shape \[1, 2, 17\]; got \[1, 17\]"):
-        torch.ops.fastattnreg.attention_bwd(None, q, k, v, out, lse, None, maps[:, 0], 0.25, "cls")
+        torch.ops.fastattnreg.attention_bwd(None, q, k, v, out, lse, None, maps[:, 0], None, None,
+                                            0.25, "cls", 0.0, False)
     with pytest.raises(ValueError, match=r"lse must be Float"):
-        torch.ops.fastattnreg.attention_bwd(out, q, k, v, out, lse.double(), None, None, 0.25, "none")
+        torch.ops.fastattnreg.attention_bwd(out, q, k, v, out, lse.double(), None, None, None, None,
+                                            0.25, "none", 0.0, False)
 
 
 def test_package_works_without_the_extension():

@@ -12,15 +12,17 @@ pytestmark = requires_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_opcheck_forward(export, dtype):
     q, k, v = [torch.randn(2, 3, 17, 16, dtype=dtype, requires_grad=True) for _ in range(3)]
-    torch.library.opcheck(torch.ops.fastattnreg.attention_fwd.default, (q, k, v, 0.25, export))
+    torch.library.opcheck(torch.ops.fastattnreg.attention_fwd.default,
+                          (q, k, v, None, None, 0.25, export, 0.0))
 
 
 @pytest.mark.parametrize("export", ["none", "full", "head_mean", "cls"])
 def test_opcheck_backward(export):
     q, k, v = [torch.randn(2, 3, 17, 16, dtype=torch.float64) for _ in range(3)]
-    out, lse, maps = torch.ops.fastattnreg.attention_fwd(q, k, v, 0.25, export)
+    out, lse, maps = torch.ops.fastattnreg.attention_fwd(q, k, v, None, None, 0.25, export, 0.0)
     dmaps = torch.randn_like(maps) if export != "none" else None
-    args = (torch.randn_like(out), q, k, v, out, lse, torch.randn_like(lse), dmaps, 0.25, export)
+    args = (torch.randn_like(out), q, k, v, out, lse, torch.randn_like(lse), dmaps, None, None,
+            0.25, export, 0.0, False)
     torch.library.opcheck(torch.ops.fastattnreg.attention_bwd.default, args)
 
 

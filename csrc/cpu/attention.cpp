@@ -36,9 +36,15 @@ at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDoub
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q,
                                                              const at::Tensor& k,
-                                                             const at::Tensor& v, double scale,
-                                                             c10::string_view export_kind) {
+                                                             const at::Tensor& v,
+                                                             const std::optional<at::Tensor>& attn_mask,
+                                                             const std::optional<at::Tensor>& rng,
+                                                             double scale,
+                                                             c10::string_view export_kind,
+                                                             double dropout_p) {
   check_qkv_cpu(q, k, v);
+  TORCH_CHECK(!attn_mask.has_value() && dropout_p == 0.0 && !rng.has_value(),
+              "attn_mask and dropout are not implemented in the C++ kernels yet");
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be a finite number; got ", scale);
   const ExportKind kind = parse_export(export_kind);
   const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
@@ -56,12 +62,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q
   return {out, lse, maps};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const std::optional<at::Tensor>& dout, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-    const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& dmaps, double scale,
-    c10::string_view export_kind) {
+    const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& dmaps,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& rng, double scale,
+    c10::string_view export_kind, double dropout_p, bool mask_grad) {
   check_qkv_cpu(q, k, v);
+  TORCH_CHECK(!attn_mask.has_value() && dropout_p == 0.0 && !rng.has_value(),
+              "attn_mask and dropout are not implemented in the C++ kernels yet");
   check_like(out, "out", q.sizes(), q.scalar_type());
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be a finite number; got ", scale);
   const ExportKind kind = parse_export(export_kind);
@@ -98,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
         dmaps_c.defined() ? dmaps_c.const_data_ptr<scalar_t>() : nullptr, dq.data_ptr<scalar_t>(),
         dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), d, static_cast<acc_t>(scale), kind);
   });
-  return {dq, dk, dv};
+  return {dq, dk, dv, at::empty({0}, q.options())};
 }
 
 TORCH_LIBRARY_IMPL(fastattnreg, CPU, m) {

@@ -16,17 +16,22 @@ namespace fastattnreg::cpu {
 //        "cls" -> (B, H, N), the softmax row of query 0. Dtype of q.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q,
                                                              const at::Tensor& k,
-                                                             const at::Tensor& v, double scale,
-                                                             c10::string_view export_kind);
+                                                             const at::Tensor& v,
+                                                             const std::optional<at::Tensor>& attn_mask,
+                                                             const std::optional<at::Tensor>& rng,
+                                                             double scale,
+                                                             c10::string_view export_kind,
+                                                             double dropout_p);
 
 // Gradients of q, k, v given any of: dout (B,H,N,D), dlse (B,H,N), dmaps (shape of the export).
 // P is recomputed from q, k and lse; the map and LSE gradients are folded into dS:
 //   dP = dout V^T + G(dmaps),  delta_i = dout_i . out_i + sum_j P_ij G_ij - dlse_i,
 //   dS = scale P (dP - delta).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const std::optional<at::Tensor>& dout, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-    const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& dmaps, double scale,
-    c10::string_view export_kind);
+    const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& dmaps,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& rng, double scale,
+    c10::string_view export_kind, double dropout_p, bool mask_grad);
 
 }  // namespace fastattnreg::cpu

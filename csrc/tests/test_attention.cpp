@@ -130,7 +130,7 @@ Ref reference(const Inputs& in, double scale, const std::string& kind, at::Scala
 void check_forward(const Shape& s, at::ScalarType dtype, const std::string& kind) {
   const Inputs in = make_inputs(s, dtype);
   const double scale = s.get_scale();
-  auto [out, lse, maps] = fastattnreg::cpu::attention_fwd(in.q, in.k, in.v, scale, kind);
+  auto [out, lse, maps] = fastattnreg::cpu::attention_fwd(in.q, in.k, in.v, std::nullopt, std::nullopt, scale, kind, 0.0);
   const Ref r = reference(in, scale, kind, at::kDouble);
   const double tol = tolerance(dtype);
   EXPECT_CLOSE(out, r.out, dtype, tol, "out");
@@ -186,9 +186,9 @@ void check_backward(const Shape& s, at::ScalarType dtype, const GradCase& c) {
   const Inputs in = make_inputs(s, dtype);
   const GradInputs g = make_grads(s, dtype, c);
   const double scale = s.get_scale();
-  auto [out, lse, maps] = fastattnreg::cpu::attention_fwd(in.q, in.k, in.v, scale, c.kind);
-  auto [dq, dk, dv] = fastattnreg::cpu::attention_bwd(g.dout, in.q, in.k, in.v, out, lse, g.dlse,
-                                                      g.dmaps, scale, c.kind);
+  auto [out, lse, maps] = fastattnreg::cpu::attention_fwd(in.q, in.k, in.v, std::nullopt, std::nullopt, scale, c.kind, 0.0);
+  auto [dq, dk, dv, dmask] = fastattnreg::cpu::attention_bwd(g.dout, in.q, in.k, in.v, out, lse, g.dlse,
+                                                      g.dmaps, std::nullopt, std::nullopt, scale, c.kind, 0.0, false);
   const Ref r = reference(in, scale, c.kind, at::kDouble, g.dout, g.dlse, g.dmaps);
   const double tol = tolerance(dtype);
   EXPECT_CLOSE(dq, r.dq, dtype, tol, "dq");
@@ -215,12 +215,12 @@ void check_bf16(const Shape& s, const GradCase& c) {
   const Inputs in = make_inputs(s, dtype);
   const GradInputs g = make_grads(s, dtype, c);
   const double scale = s.get_scale();
-  auto [out, lse, maps] = fastattnreg::cpu::attention_fwd(in.q, in.k, in.v, scale, c.kind);
+  auto [out, lse, maps] = fastattnreg::cpu::attention_fwd(in.q, in.k, in.v, std::nullopt, std::nullopt, scale, c.kind, 0.0);
   EXPECT(out.scalar_type() == dtype);
   EXPECT(lse.scalar_type() == at::kFloat);
   EXPECT(maps.scalar_type() == dtype);
-  auto [dq, dk, dv] = fastattnreg::cpu::attention_bwd(g.dout, in.q, in.k, in.v, out, lse, g.dlse,
-                                                      g.dmaps, scale, c.kind);
+  auto [dq, dk, dv, dmask] = fastattnreg::cpu::attention_bwd(g.dout, in.q, in.k, in.v, out, lse, g.dlse,
+                                                      g.dmaps, std::nullopt, std::nullopt, scale, c.kind, 0.0, false);
   EXPECT(dq.scalar_type() == dtype && dk.scalar_type() == dtype && dv.scalar_type() == dtype);
   const Ref truth = reference(in, scale, c.kind, at::kDouble, g.dout, g.dlse, g.dmaps);
   const Ref low = reference(in, scale, c.kind, dtype, g.dout, g.dlse, g.dmaps);
@@ -244,9 +244,9 @@ void check_non_contiguous() {
   const OptTensor dout = view(), dmaps = randn({s.B, s.N, s.N}, at::kDouble).transpose(1, 2);
   const OptTensor dlse = randn({s.B, s.N, s.H}, at::kDouble).transpose(1, 2);
   const double scale = s.get_scale();
-  auto [out, lse, maps] = fastattnreg::cpu::attention_fwd(in.q, in.k, in.v, scale, "head_mean");
-  auto [dq, dk, dv] = fastattnreg::cpu::attention_bwd(dout, in.q, in.k, in.v, out, lse, dlse,
-                                                      dmaps, scale, "head_mean");
+  auto [out, lse, maps] = fastattnreg::cpu::attention_fwd(in.q, in.k, in.v, std::nullopt, std::nullopt, scale, "head_mean", 0.0);
+  auto [dq, dk, dv, dmask] = fastattnreg::cpu::attention_bwd(dout, in.q, in.k, in.v, out, lse, dlse,
+                                                      dmaps, std::nullopt, std::nullopt, scale, "head_mean", 0.0, false);
   const Ref r = reference(in, scale, "head_mean", at::kDouble, dout, dlse, dmaps);
   EXPECT_CLOSE(out, r.out, at::kDouble, 1e-10, "out");
   EXPECT_CLOSE(lse, r.lse, at::kDouble, 1e-10, "lse");
@@ -262,9 +262,9 @@ void check_repeatable(at::ScalarType dtype, const std::string& kind) {
   const GradInputs g = make_grads(s, dtype, {"", kind, true, true, kind != "none"});
   const double scale = s.get_scale();
   auto run = [&] {
-    auto [out, lse, maps] = fastattnreg::cpu::attention_fwd(in.q, in.k, in.v, scale, kind);
-    auto [dq, dk, dv] = fastattnreg::cpu::attention_bwd(g.dout, in.q, in.k, in.v, out, lse,
-                                                        g.dlse, g.dmaps, scale, kind);
+    auto [out, lse, maps] = fastattnreg::cpu::attention_fwd(in.q, in.k, in.v, std::nullopt, std::nullopt, scale, kind, 0.0);
+    auto [dq, dk, dv, dmask] = fastattnreg::cpu::attention_bwd(g.dout, in.q, in.k, in.v, out, lse,
+                                                        g.dlse, g.dmaps, std::nullopt, std::nullopt, scale, kind, 0.0, false);
     return std::vector<Tensor>{out, lse, maps, dq, dk, dv};
   };
   const auto a = run(), b = run();
@@ -274,11 +274,12 @@ void check_repeatable(at::ScalarType dtype, const std::string& kind) {
 }
 
 using FwdFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                 double, c10::string_view);
-using BwdFn = std::tuple<Tensor, Tensor, Tensor>(const OptTensor&, const Tensor&, const Tensor&,
-                                                 const Tensor&, const Tensor&, const Tensor&,
                                                  const OptTensor&, const OptTensor&, double,
-                                                 c10::string_view);
+                                                 c10::string_view, double);
+using BwdFn = std::tuple<Tensor, Tensor, Tensor, Tensor>(
+    const OptTensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+    const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, double,
+    c10::string_view, double, bool);
 
 void check_dispatcher() {
   auto& dispatcher = c10::Dispatcher::singleton();
@@ -294,27 +295,39 @@ void check_dispatcher() {
   const double scale = s.get_scale();
   const OptTensor dout = randn({s.B, s.H, s.N, s.D}, at::kFloat);
   const OptTensor dmaps = randn({s.B, s.H, s.N}, at::kFloat);
-  auto [out, lse, maps] = fwd.call(in.q, in.k, in.v, scale, "cls");
-  auto [dq, dk, dv] = bwd.call(dout, in.q, in.k, in.v, out, lse, std::nullopt, dmaps, scale, "cls");
+  auto [out, lse, maps] = fwd.call(in.q, in.k, in.v, std::nullopt, std::nullopt, scale, "cls", 0.0);
+  auto [dq, dk, dv, dmask] = bwd.call(dout, in.q, in.k, in.v, out, lse, std::nullopt, dmaps,
+                                      std::nullopt, std::nullopt, scale, "cls", 0.0, false);
   // The dispatcher reaches the same kernel: bitwise equal to the direct call.
-  auto [out2, lse2, maps2] = fastattnreg::cpu::attention_fwd(in.q, in.k, in.v, scale, "cls");
-  auto [dq2, dk2, dv2] = fastattnreg::cpu::attention_bwd(dout, in.q, in.k, in.v, out, lse,
-                                                         std::nullopt, dmaps, scale, "cls");
+  auto [out2, lse2, maps2] = fastattnreg::cpu::attention_fwd(in.q, in.k, in.v, std::nullopt, std::nullopt, scale, "cls", 0.0);
+  auto [dq2, dk2, dv2, dmask2] = fastattnreg::cpu::attention_bwd(dout, in.q, in.k, in.v, out, lse,
+                                                         std::nullopt, dmaps, std::nullopt, std::nullopt, scale, "cls", 0.0, false);
   EXPECT(at::equal(out, out2) && at::equal(lse, lse2) && at::equal(maps, maps2));
   EXPECT(at::equal(dq, dq2) && at::equal(dk, dk2) && at::equal(dv, dv2));
   const Ref r = reference(in, scale, "cls", at::kDouble, dout, std::nullopt, dmaps);
   EXPECT_CLOSE(maps, r.maps, at::kFloat, 1e-5, "maps");
   EXPECT_CLOSE(dq, r.dq, at::kFloat, 1e-5, "dq");
   // Errors come back through the dispatcher as c10::Error too.
-  EXPECT_THROWS_WITH(fwd.call(in.q, in.k, in.v, scale, "rows"), "export", "rows");
+  EXPECT_THROWS_WITH(fwd.call(in.q, in.k, in.v, std::nullopt, std::nullopt, scale, "rows", 0.0),
+                     "export", "rows");
 }
 
 // ------------------------------------------------------------------------------------------
 // Bad input: c10::Error (ValueError) naming the argument, the value and the limit.
 
 void check_bad_input() {
-  using fastattnreg::cpu::attention_bwd;
-  using fastattnreg::cpu::attention_fwd;
+  // The unmasked, dropout-free forms of the two entry points.
+  auto attention_fwd = [](const Tensor& q, const Tensor& k, const Tensor& v, double scale,
+                          c10::string_view kind) {
+    return fastattnreg::cpu::attention_fwd(q, k, v, std::nullopt, std::nullopt, scale, kind, 0.0);
+  };
+  auto attention_bwd = [](const OptTensor& dout, const Tensor& q, const Tensor& k,
+                          const Tensor& v, const Tensor& out, const Tensor& lse,
+                          const OptTensor& dlse, const OptTensor& dmaps, double scale,
+                          c10::string_view kind) {
+    return fastattnreg::cpu::attention_bwd(dout, q, k, v, out, lse, dlse, dmaps, std::nullopt,
+                                           std::nullopt, scale, kind, 0.0, false);
+  };
   const auto f32 = at::kFloat;
   const Tensor q = randn({2, 3, 17, 16}, f32), k = randn({2, 3, 17, 16}, f32),
                v = randn({2, 3, 17, 16}, f32);

@@ -5,7 +5,9 @@ torch.ops.fastattnreg.attention_fwd / attention_bwd; this file adds their fake (
 the autograd rule, the plain-PyTorch reference `attention_ref`, and the public `attention()`.
 The Triton kernels (fastattnreg/triton/attention.py) are registered, with their own autograd
 rule, as torch.ops.fastattnreg.triton_attention_fwd / _bwd by ops/triton_attention.py.
-Shapes: q, k, v (B, H, N, D); maps "full" (B, H, N, N), "head_mean" (B, N, N), "cls" (B, H, N).
+Shapes: q, k, v (B, H, N, D); maps "full" (B, H, N, N), "head_mean" (B, N, N), "cls" and
+"key_mean" (B, H, N); attn_mask broadcastable to (B, H, N, N); the dropout stream's rng (2,)
+int64 (seed, offset), see ops/dropout.py.
 """
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ import torch
 
 from .. import backend as _backend
 from .attention_autograd import register_attention_autograd
-from .checks import check_choice, check_qkv, check_scale
+from .checks import check_attn_mask, check_choice, check_dropout_p, check_qkv, check_scale
+from .dropout import draw_rng, dropout_keep_mask
 
-EXPORTS = (None, "full", "head_mean", "cls")
+EXPORTS = (None, "full", "head_mean", "cls", "key_mean")
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -25,47 +28,79 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _maps_shape(q: torch.Tensor, export: str) -> tuple[int, ...]:
     B, H, N, _ = q.shape
-    return {"full": (B, H, N, N), "head_mean": (B, N, N), "cls": (B, H, N), "none": (0,)}[export]
+    return {"full": (B, H, N, N), "head_mean": (B, N, N), "cls": (B, H, N),
+            "key_mean": (B, H, N), "none": (0,)}[export]
 
 
-def attention_ref(q, k, v, *, scale=None, export=None, return_lse=False, upcast=True):
+def masked_logits(logits: torch.Tensor, attn_mask) -> torch.Tensor:
+    """logits (B, H, N, N) with SDPA's mask applied: bool False -> -inf, float -> added."""
+    if attn_mask is None:
+        return logits
+    if attn_mask.dtype == torch.bool:
+        return logits.masked_fill(~attn_mask, float("-inf"))
+    return logits + attn_mask.to(logits.dtype)
+
+
+def softmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis; a row whose every logit is -inf (every key masked) is 0."""
+    dead = logits.amax(dim=-1, keepdim=True) == float("-inf")
+    return logits.masked_fill(dead, 0.0).softmax(dim=-1).masked_fill(dead, 0.0)
+
+
+def attention_ref(q, k, v, *, attn_mask=None, dropout_p=0.0, dropout_mask=None, scale=None,
+                  export=None, return_lse=False, upcast=True):
     """Plain-PyTorch attention with the same outputs as `attention()`.
 
-    upcast=True computes in float32 (float64 stays float64) and casts out and maps back to the
-    input dtype; upcast=False computes in the input dtype (the "reference run in that dtype" of
-    the low-precision error rule).
+    dropout_mask: the bool keep-mask (B, H, N, N) applied with `dropout_p` (kept entries scaled
+    by 1 / (1 - dropout_p)); the kernels' own is `ops.dropout.dropout_keep_mask`. Maps are the
+    probabilities before dropout. upcast=True computes in float32 (float64 stays float64) and
+    casts out and maps back to the input dtype; upcast=False computes in the input dtype (the
+    "reference run in that dtype" of the low-precision error rule).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dtype = q.dtype
     if upcast and dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()
-    logits = (q @ k.transpose(-2, -1)) * scale  # (B, H, N, N)
-    probs = logits.softmax(dim=-1)
-    out = (probs @ v).to(dtype)
+    logits = masked_logits((q @ k.transpose(-2, -1)) * scale, attn_mask)  # (B, H, N, N)
+    probs = softmax_rows(logits)
+    dropped = probs
+    if dropout_mask is not None and dropout_p > 0:
+        dropped = probs * dropout_mask.to(probs.dtype) * (1.0 / (1.0 - dropout_p))
+    out = (dropped @ v).to(dtype)
     result = [out]
     if export is not None:
-        maps = {"full": probs, "head_mean": probs.mean(dim=1), "cls": probs[:, :, 0, :]}[export]
+        maps = {"full": probs, "head_mean": probs.mean(dim=1), "cls": probs[:, :, 0, :],
+                "key_mean": probs.mean(dim=2)}[export]
         result.append(maps.to(dtype))
     if return_lse:
         result.append(torch.logsumexp(logits.to(_lse_dtype(dtype)), dim=-1))
     return result[0] if len(result) == 1 else tuple(result)
 
 
+def mask_grad_shape(q: torch.Tensor, attn_mask, mask_grad: bool) -> tuple[int, ...]:
+    """Shape of the backward ops' dmask output: (B, H, N, N) when asked for, else (0,)."""
+    B, H, N, _ = q.shape
+    return (B, H, N, N) if mask_grad and attn_mask is not None else (0,)
+
+
 if _backend.cpp_available():
 
     @torch.library.register_fake("fastattnreg::attention_fwd")
-    def _attention_fwd_fake(q, k, v, scale, export):
+    def _attention_fwd_fake(q, k, v, attn_mask, rng, scale, export, dropout_p):
         B, H, N, _ = q.shape
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = q.new_empty((B, H, N), dtype=_lse_dtype(q.dtype))
         return out, lse, q.new_empty(_maps_shape(q, export))
 
     @torch.library.register_fake("fastattnreg::attention_bwd")
-    def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, dmaps, scale, export):
+    def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, dmaps, attn_mask, rng, scale, export,
+                            dropout_p, mask_grad):
+        dmask_dtype = attn_mask.dtype if attn_mask is not None else q.dtype
         return (
             torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format),
+            q.new_empty(mask_grad_shape(q, attn_mask, mask_grad), dtype=dmask_dtype),
         )
 
     register_attention_autograd("attention_fwd", "attention_bwd")
@@ -75,17 +110,30 @@ if _backend.triton_installed():
     from . import triton_attention as _triton_attention  # noqa: F401  (registers the ops)
 
 
-def attention(q, k, v, *, scale=None, export=None, return_lse=False, backend="auto"):
-    """Attention softmax(scale * q k^T) v that can also return its maps and log-sum-exp.
+def attention(q, k, v, *, attn_mask=None, dropout_p=0.0, scale=None, export=None,
+              return_lse=False, backend="auto"):
+    """Attention softmax(scale * q k^T + mask) v that can also return its maps and log-sum-exp.
 
     Args:
         q, k, v: (B, H, N, D) tensors of one dtype and device.
+        attn_mask: None, a bool mask (True = the key takes part) or an additive float bias of
+            q's dtype, broadcastable to (B, H, N, N), as in SDPA: key padding (B, 1, 1, N),
+            shared (N, N), per head (1, H, N, N) or full. Read through its broadcast strides,
+            never expanded in memory. A float bias gets its gradient. Masked entries of the
+            maps are exactly 0; a row whose every key is masked gives zeros in out and the maps
+            and an LSE of -inf.
+        dropout_p: attention dropout in [0, 1): entries of P are dropped before P v (kept ones
+            scaled by 1 / (1 - p)) with a counter-based stream drawn from torch's generator
+            (ops/dropout.py), regenerated in the backward, repeatable under torch.manual_seed.
+            Applied whenever dropout_p > 0, as F.scaled_dot_product_attention does. The
+            exported maps and the LSE are those before dropout.
         scale: logit scale; default D ** -0.5.
-        export: None, "full" (B, H, N, N), "head_mean" (B, N, N: mean over heads) or "cls"
-            (B, H, N: the softmax row of query 0). Maps are exact probabilities and carry
+        export: None, "full" (B, H, N, N), "head_mean" (B, N, N: mean over heads), "cls"
+            (B, H, N: the softmax row of query 0) or "key_mean" (B, H, N: the attention each key
+            receives, averaged over the queries). Maps are exact probabilities and carry
             gradients back into q and k.
-        return_lse: also return the log-sum-exp of the scaled logits (B, H, N), natural log,
-            float32 (float64 for float64 inputs); differentiable.
+        return_lse: also return the log-sum-exp of the scaled, masked logits (B, H, N), natural
+            log, float32 (float64 for float64 inputs); differentiable.
         backend: "auto" | "cpp" | "triton" | "reference" (see fastattnreg.backend). "auto"
             runs the Triton kernels on CUDA tensors (float16, bfloat16, float32; D 16..128).
 
@@ -95,17 +143,24 @@ def attention(q, k, v, *, scale=None, export=None, return_lse=False, backend="au
     check_choice("export", export, EXPORTS)
     check_choice("backend", backend, _backend.BACKENDS)
     check_scale("scale", scale)
+    check_dropout_p(dropout_p)
     if not isinstance(q, torch.Tensor):
         raise ValueError(f"q must be a torch.Tensor; got {type(q).__name__}")
     impl = _backend.resolve(backend, q.device)
     check_qkv(q, k, v, impl)
+    check_attn_mask(attn_mask, q)
+    dropout_p = float(dropout_p)
+    rng = draw_rng(q.device) if dropout_p > 0 else None
     if impl == "reference":
-        return attention_ref(q, k, v, scale=scale, export=export, return_lse=return_lse)
+        keep = dropout_keep_mask(_maps_shape(q, "full"), dropout_p, rng) if rng is not None else None
+        return attention_ref(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                             dropout_mask=keep, scale=scale, export=export,
+                             return_lse=return_lse)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     export_name = "none" if export is None else export
     ops = torch.ops.fastattnreg
     fwd = ops.triton_attention_fwd if impl == "triton" else ops.attention_fwd
-    out, lse, maps = fwd(q, k, v, scale, export_name)
+    out, lse, maps = fwd(q, k, v, attn_mask, rng, scale, export_name, dropout_p)
     result = [out]
     if export is not None:
         result.append(maps)

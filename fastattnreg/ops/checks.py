@@ -64,3 +64,38 @@ def check_qkv(q, k, v, backend: str, names=("q", "k", "v")) -> None:
     if D < lo or (hi is not None and D > hi):
         limit = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
         raise ValueError(f"head dim D must be in {limit} for backend '{backend}'; got {D}")
+
+
+def check_attn_mask(attn_mask, q, name: str = "attn_mask") -> None:
+    """attn_mask: None, or a bool mask (True = takes part) or an additive float bias of q's dtype,
+    of rank 2..4, broadcastable to (B, H, N, N) and on q's device (SDPA's meaning)."""
+    if attn_mask is None:
+        return
+    if not isinstance(attn_mask, torch.Tensor):
+        raise ValueError(f"{name} must be None or a torch.Tensor; got {type(attn_mask).__name__}")
+    B, H, N, _ = q.shape
+    target = (B, H, N, N)
+    if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
+        raise ValueError(
+            f"{name} must be torch.bool (True = takes part) or q's dtype {q.dtype} (an additive "
+            f"bias); got {attn_mask.dtype}"
+        )
+    if not 2 <= attn_mask.dim() <= 4:
+        raise ValueError(
+            f"{name} must have 2 to 4 dims and broadcast to (B, H, N, N) = {target}; got shape "
+            f"{tuple(attn_mask.shape)}"
+        )
+    shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+    if any(s not in (1, t) for s, t in zip(shape, target)):
+        raise ValueError(
+            f"{name} of shape {tuple(attn_mask.shape)} does not broadcast to (B, H, N, N) = "
+            f"{target}"
+        )
+    if attn_mask.device != q.device:
+        raise ValueError(f"{name} must be on q's device {q.device}; got {attn_mask.device}")
+
+
+def check_dropout_p(dropout_p) -> None:
+    if (isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float))
+            or not 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be a number in [0, 1); got {dropout_p!r}")
