@@ -14,14 +14,15 @@ namespace fastattnreg {
 constexpr int64_t kMaxHeadDimCpu = 256;
 
 // What the caller asked to export besides the output, parsed once from the schema's string.
-enum class ExportKind { None, Full, HeadMean, Cls };
+enum class ExportKind { None, Full, HeadMean, Cls, KeyMean };
 
 inline ExportKind parse_export(c10::string_view s) {
   if (s == "none") return ExportKind::None;
   if (s == "full") return ExportKind::Full;
   if (s == "head_mean") return ExportKind::HeadMean;
   if (s == "cls") return ExportKind::Cls;
-  TORCH_CHECK_VALUE(false, "export must be one of 'none', 'full', 'head_mean', 'cls'; got '",
+  if (s == "key_mean") return ExportKind::KeyMean;
+  TORCH_CHECK_VALUE(false, "export must be one of 'none', 'full', 'head_mean', 'cls', 'key_mean'; got '",
                     std::string(s), "'");
 }
 

@@ -12,7 +12,7 @@ pytestmark = requires_cpp
 SEQ_LENS = (1, 17, 65, 197, 257)  # CLS + 0, 4x4, 8x8, 14x14, 16x16 patch grids
 HEAD_DIMS = (16, 48, 64, 80)
 BATCH_HEADS = ((1, 1), (2, 3), (3, 2), (1, 4))
-EXPORTS = (None, "full", "head_mean", "cls")
+EXPORTS = (None, "full", "head_mean", "cls", "key_mean")
 
 
 def _shape(n, d):
@@ -126,10 +126,12 @@ def test_maps_are_probabilities_and_consistent():
     _, full = attention(q, k, v, export="full", backend="cpp")
     _, head_mean = attention(q, k, v, export="head_mean", backend="cpp")
     _, cls = attention(q, k, v, export="cls", backend="cpp")
+    _, key_mean = attention(q, k, v, export="key_mean", backend="cpp")
     assert torch.allclose(full.sum(-1), torch.ones(2, 3, 65, dtype=torch.float64))
     assert (full >= 0).all()
     assert torch.allclose(head_mean, full.mean(1), atol=1e-15)
     assert torch.equal(cls, full[:, :, 0, :])
+    assert torch.allclose(key_mean, full.mean(2), atol=1e-15)
 
 
 def test_noncontiguous_inputs_match_contiguous():

@@ -15,6 +15,7 @@
 namespace fastattnreg::cpu {
 namespace {
 
+using kernels::AttentionExtras;
 using kernels::backward_impl;
 using kernels::Dims;
 using kernels::forward_impl;
@@ -25,12 +26,60 @@ std::vector<int64_t> maps_shape(const at::Tensor& q, ExportKind kind) {
   switch (kind) {
     case ExportKind::Full: return {B, H, N, N};
     case ExportKind::HeadMean: return {B, N, N};
-    case ExportKind::Cls: return {B, H, N};
+    case ExportKind::Cls:
+    case ExportKind::KeyMean: return {B, H, N};
     default: return {0};
   }
 }
 
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The mask broadcast to (B, H, N, N) as a view (strides 0 along broadcast axes): checked, never
+// copied. Returns an undefined tensor for no mask.
+at::Tensor mask_view(const std::optional<at::Tensor>& attn_mask, const at::Tensor& q) {
+  if (!attn_mask.has_value()) return {};
+  const at::Tensor& m = *attn_mask;
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2);
+  TORCH_CHECK_VALUE(m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type(),
+                    "attn_mask must be bool (True = takes part) or q's dtype ", q.scalar_type(),
+                    " (an additive bias); got ", m.scalar_type());
+  TORCH_CHECK_VALUE(m.dim() >= 2 && m.dim() <= 4, "attn_mask must have 2 to 4 dims and ",
+                    "broadcast to (B, H, N, N) = [", B, ", ", H, ", ", N, ", ", N, "]; got shape ",
+                    m.sizes());
+  const int64_t target[4] = {B, H, N, N};
+  for (int64_t i = 0; i < m.dim(); ++i) {
+    const int64_t s = m.size(i), t = target[4 - m.dim() + i];
+    TORCH_CHECK_VALUE(s == 1 || s == t, "attn_mask of shape ", m.sizes(),
+                      " does not broadcast to (B, H, N, N) = [", B, ", ", H, ", ", N, ", ", N,
+                      "]");
+  }
+  TORCH_CHECK_VALUE(m.is_cpu(), "attn_mask must be a CPU tensor like q; got ", m.device());
+  return m.expand({B, H, N, N});
+}
+
+template <typename scalar_t>
+MaskView<scalar_t> make_mask_view(const at::Tensor& view) {
+  MaskView<scalar_t> mv;
+  if (!view.defined()) return mv;
+  mv.data = view.const_data_ptr();
+  mv.is_bool = view.scalar_type() == at::kBool;
+  mv.sB = view.stride(0), mv.sH = view.stride(1), mv.sI = view.stride(2), mv.sJ = view.stride(3);
+  return mv;
+}
+
+// The dropout stream of a call: p in [0, 1); rng = int64 (seed, offset) when p > 0.
+DropoutStream dropout_stream(double p, const std::optional<at::Tensor>& rng) {
+  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "dropout_p must be in [0, 1); got ", p);
+  if (p == 0.0) return {};
+  TORCH_CHECK_VALUE(rng.has_value(), "dropout_p = ", p, " needs rng, the (seed, offset) tensor");
+  TORCH_CHECK_VALUE(rng->scalar_type() == at::kLong && rng->dim() == 1 && rng->numel() == 2 &&
+                        rng->is_cpu(),
+                    "rng must be a CPU int64 tensor of shape [2] (seed, offset); got ",
+                    rng->scalar_type(), " of shape ", rng->sizes(), " on ", rng->device());
+  const at::Tensor r = rng->contiguous();
+  const int64_t* sd = r.const_data_ptr<int64_t>();
+  return DropoutStream::make(p, sd[0], sd[1]);
+}
 
 }  // namespace
 
@@ -43,10 +92,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q
                                                              c10::string_view export_kind,
                                                              double dropout_p) {
   check_qkv_cpu(q, k, v);
-  TORCH_CHECK(!attn_mask.has_value() && dropout_p == 0.0 && !rng.has_value(),
-              "attn_mask and dropout are not implemented in the C++ kernels yet");
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be a finite number; got ", scale);
   const ExportKind kind = parse_export(export_kind);
+  const at::Tensor mask = mask_view(attn_mask, q);
+  const DropoutStream drop = dropout_stream(dropout_p, rng);
   const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   const Dims d{q.size(0), q.size(1), q.size(2), q.size(3)};
   auto out = at::empty_like(qc, at::MemoryFormat::Contiguous);
@@ -54,10 +103,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q
   auto maps = at::empty(maps_shape(q, kind), q.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "attention_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const AttentionExtras<scalar_t> extras{make_mask_view<scalar_t>(mask), drop};
     forward_impl<scalar_t, acc_t>(qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(),
                                   vc.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                   lse.data_ptr<acc_t>(), maps.data_ptr<scalar_t>(), d,
-                                  static_cast<acc_t>(scale), kind);
+                                  static_cast<acc_t>(scale), kind, extras);
   });
   return {out, lse, maps};
 }
@@ -69,11 +119,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& rng, double scale,
     c10::string_view export_kind, double dropout_p, bool mask_grad) {
   check_qkv_cpu(q, k, v);
-  TORCH_CHECK(!attn_mask.has_value() && dropout_p == 0.0 && !rng.has_value(),
-              "attn_mask and dropout are not implemented in the C++ kernels yet");
   check_like(out, "out", q.sizes(), q.scalar_type());
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be a finite number; got ", scale);
   const ExportKind kind = parse_export(export_kind);
+  const at::Tensor mask = mask_view(attn_mask, q);
+  const DropoutStream drop = dropout_stream(dropout_p, rng);
+  TORCH_CHECK_VALUE(!mask_grad || (mask.defined() && mask.scalar_type() != at::kBool),
+                    "mask_grad needs a floating attn_mask (a bool mask has no gradient)");
   const Dims d{q.size(0), q.size(1), q.size(2), q.size(3)};
   const auto acc = acc_dtype(q.scalar_type());
   check_like(lse, "lse", {d.B, d.H, d.N}, acc);
@@ -96,8 +148,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   auto dq = at::empty_like(qc, at::MemoryFormat::Contiguous);
   auto dk = at::empty_like(kc, at::MemoryFormat::Contiguous);
   auto dv = at::empty_like(vc, at::MemoryFormat::Contiguous);
+  // The float mask's gradient over the broadcast (B, H, N, N); summed to its shape by autograd.
+  auto dmask = at::empty(mask_grad ? std::vector<int64_t>{d.B, d.H, d.N, d.N}
+                                   : std::vector<int64_t>{0},
+                         q.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "attention_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const AttentionExtras<scalar_t> extras{make_mask_view<scalar_t>(mask), drop,
+                                           mask_grad ? dmask.data_ptr<scalar_t>() : nullptr};
     backward_impl<scalar_t, acc_t>(
         dout_c.defined() ? dout_c.const_data_ptr<scalar_t>() : nullptr,
         qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(),
@@ -105,9 +163,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
         lse_c.const_data_ptr<acc_t>(),
         dlse_c.defined() ? dlse_c.const_data_ptr<acc_t>() : nullptr,
         dmaps_c.defined() ? dmaps_c.const_data_ptr<scalar_t>() : nullptr, dq.data_ptr<scalar_t>(),
-        dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), d, static_cast<acc_t>(scale), kind);
+        dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), d, static_cast<acc_t>(scale), kind,
+        extras);
   });
-  return {dq, dk, dv, at::empty({0}, q.options())};
+  return {dq, dk, dv, dmask};
 }
 
 TORCH_LIBRARY_IMPL(fastattnreg, CPU, m) {

@@ -23,7 +23,9 @@
 #include <type_traits>
 
 #include "../checks.h"
+#include "attention_mask.h"
 #include "blas.h"
+#include "dropout_stream.h"
 #include "match_rows.h"
 #include "rowops.h"
 #include "score_gemm.h"
@@ -227,30 +229,48 @@ void student_match_logits(const Teacher<scalar_t, acc_t>& t, const acc_t* S, con
   }
 }
 
+// What a forward or backward call applies besides plain attention: a mask and dropout.
+template <typename scalar_t>
+struct AttentionExtras {
+  MaskView<scalar_t> mask;
+  DropoutStream dropout;
+  scalar_t* dmask = nullptr;  // backward only: (B, H, N, N) gradient of a float mask, or null
+};
+
 template <typename scalar_t, typename acc_t>
 void forward_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* out,
                   acc_t* lse, scalar_t* maps, Dims d, acc_t scale, ExportKind kind,
+                  const AttentionExtras<scalar_t>& extras = {},
                   const Teacher<scalar_t, acc_t>* teacher = nullptr) {
   const int64_t B = d.B, H = d.H, N = d.N, D = d.D, hd = N * D;
   const int64_t bq = query_block_rows(N);
   const int64_t nqb = (N + bq - 1) / bq;
   const bool all_heads = kind == ExportKind::HeadMean;
-  const int64_t tasks = all_heads ? B * nqb : B * H * nqb;
-  constexpr bool kConvert = !std::is_same_v<acc_t, scalar_t>;
+  // key_mean sums P over every query row of a head: a task is a whole head, its query blocks in
+  // order, so the column sums need no atomics and every run adds in the same order.
+  const bool whole_heads = kind == ExportKind::KeyMean;
+  const int64_t tasks = all_heads ? B * nqb : whole_heads ? B * H : B * H * nqb;
+  const MaskView<scalar_t>& mask = extras.mask;
+  const DropoutStream& drop = extras.dropout;
 
   TaskQueue queue(tasks);
   at::parallel_for(0, queue.workers(), 1, [&](int64_t, int64_t) {
     SingleThreadedBlas blas_guard;
     at::Tensor s_buf = scratch<acc_t>(bq * N + bq);
-    at::Tensor mean_buf = scratch<acc_t>(all_heads ? bq * N : 0);
+    at::Tensor mean_buf = scratch<acc_t>(all_heads ? bq * N : whole_heads ? N : 0);
     // K^T of the head (D x N, key_operand), and for bf16 V, the query block and its output in
     // float.
     const int64_t kel = key_operand_elems(N, D);
     at::Tensor cvt_buf = scratch<acc_t>(kel + hd + 2 * bq * D);
+    // Dropout: one row of keep multipliers (0 or 1/(1-p)) and the Philox words behind it.
+    at::Tensor drop_buf = scratch<acc_t>(drop.on ? N : 0);
+    at::Tensor words_buf = at::empty({drop.on ? dropout_words_elems(N) : 1}, at::kInt);
     acc_t* S = s_buf.data_ptr<acc_t>();
     acc_t* inv_sum = S + bq * N;  // 1 / row sum of exp, per query row of the block
     acc_t* M = mean_buf.data_ptr<acc_t>();
     acc_t* cvt = cvt_buf.data_ptr<acc_t>();
+    acc_t* keep = drop_buf.data_ptr<acc_t>();
+    uint32_t* words = reinterpret_cast<uint32_t*>(words_buf.data_ptr<int32_t>());
     // Teacher: its K^T (Dt x N), query rows, logits St and a copy of the student's logits SL.
     const int64_t Dt = teacher ? teacher->Dt : 0;
     const int64_t tkel = teacher ? key_operand_elems(N, Dt) : 0;
@@ -260,89 +280,112 @@ void forward_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
     acc_t* St = TQ + bq * Dt;
     acc_t* SL = St + bq * N;
     for (int64_t t; queue.next(&t);) {
-      const int64_t qb = t % nqb, i0 = qb * bq, m = std::min(bq, N - i0);
-      const int64_t b = all_heads ? t / nqb : t / nqb / H;
-      const int64_t h_begin = all_heads ? 0 : (t / nqb) % H;
-      const int64_t h_end = all_heads ? H : h_begin + 1;
-      for (int64_t h = h_begin; h < h_end; ++h) {
-        const int64_t bh = b * H + h;
-        const KeyOperand<acc_t> K = key_operand(k + bh * hd, N, D, cvt);
-        const acc_t* V = tile_as_acc(v + bh * hd, hd, cvt + kel);
-        const acc_t* Q = tile_as_acc(q + bh * hd + i0 * D, m * D, cvt + kel + hd);
-        acc_t* O = out_tile(out + bh * hd + i0 * D, cvt + kel + hd + bq * D);
-        // S = scale * Q K^T (m x N); rows become exp(S - rowmax), unnormalised.
-        score_gemm(m, scale, Q, K, S);
-        const int64_t mr = teacher ? teacher->rows_in_block(i0, m) : 0;
-        const bool logits_only = teacher && teacher->kind == MatchKind::MseLogits;
-        // Every-row KL and logit MSE reduce their loss from the raw logits still in S, before the
-        // softmax overwrites them, so S needs no copy (see match_rows.h).
-        const bool on_s = teacher && !teacher->cls_rows && teacher->kind != MatchKind::MseProbs;
-        if (mr > 0) {
-          const KeyOperand<acc_t> TK = key_operand(teacher->k + bh * N * Dt, N, Dt, TKt);
-          teacher_logits(*teacher, bh, N, i0, mr, TK, TQ, St);
-          if (on_s && logits_only) {  // needs no LSE
-            for (int64_t r = 0; r < mr; ++r) {
-              const int64_t ri = teacher->row_index(bh, N, i0) + r;
-              teacher->lse[ri] = acc_t(0);
-              teacher->row_loss[ri] =
-                  match_loss_row(teacher->kind, S + r * N, acc_t(0), St + r * N, acc_t(0), N);
-            }
-          } else if (!on_s) {
-            student_match_logits(*teacher, S, Q, K, mr, N, scale, SL);
-          }
-        }
-        // Every-row KL: the student's softmax and the divergence in one pass per row (below the
-        // loop for the other rows).
-        const bool kl_rows = on_s && !logits_only;
-        for (int64_t r = 0; r < (kl_rows ? mr : 0); ++r) {
-          const int64_t ri = teacher->row_index(bh, N, i0) + r;
-          acc_t mx, sum;
-          const acc_t cross =
-              kl_softmax_row(S + r * N, St + r * N, N, &mx, &sum, &teacher->lse[ri]);
-          const acc_t row_lse = mx + std::log(sum);
-          lse[bh * N + i0 + r] = row_lse;
-          inv_sum[r] = acc_t(1) / sum;
-          teacher->row_loss[ri] = cross - teacher->lse[ri] + row_lse;
-        }
-        for (int64_t i = kl_rows ? mr : 0; i < m; ++i) {
-          acc_t mx;
-          const acc_t sum = exp_row(S + i * N, N, &mx);
-          lse[bh * N + i0 + i] = mx + std::log(sum);
-          inv_sum[i] = acc_t(1) / sum;
-        }
-        for (int64_t r = 0; r < (on_s ? 0 : mr); ++r) {
-          const int64_t j0 = teacher->key0(), n = N - j0, ri = teacher->row_index(bh, N, i0) + r;
-          const acc_t* ss = SL + r * N + j0;
-          const acc_t* st = St + r * N + j0;
-          const acc_t slse = logits_only ? acc_t(0)
-                             : j0 == 0   ? lse[bh * N + i0 + r]
-                                         : logsumexp_row(ss, n);
-          const acc_t tlse = logits_only ? acc_t(0) : logsumexp_row(st, n);
-          teacher->lse[ri] = tlse;
-          teacher->row_loss[ri] = match_loss_row(teacher->kind, ss, slse, st, tlse, n);
-        }
-        // O = diag(1/sum) E V  (m x D): normalising the D-wide output, not the N-wide row.
-        score_gemm_nn<acc_t>(m, D, N, acc_t(1), S, N, V, D, O, D);
-        for (int64_t i = 0; i < m; ++i) scale_row(O + i * D, O + i * D, D, inv_sum[i]);
-        store_tile(out + bh * hd + i0 * D, O, m * D);
-
-        if (kind == ExportKind::Full) {
-          for (int64_t i = 0; i < m; ++i)
-            scale_row(maps + (bh * N + i0 + i) * N, S + i * N, N, inv_sum[i]);
-        } else if (kind == ExportKind::Cls && i0 == 0) {
-          scale_row(maps + bh * N, S, N, inv_sum[0]);
-        } else if (all_heads) {
-          // Sum of P over heads in head order; divided by H once below.
-          for (int64_t i = 0; i < m; ++i) {
-            if (h == 0) {
-              scale_row(M + i * N, S + i * N, N, inv_sum[i]);
-            } else {
-              axpy_row(M + i * N, S + i * N, N, inv_sum[i]);
-            }
-          }
-        }
+      // The task's batch element, heads and query blocks.
+      int64_t b, h_begin, h_end, qb_begin, qb_end;
+      if (whole_heads) {
+        b = t / H, h_begin = t % H, h_end = h_begin + 1, qb_begin = 0, qb_end = nqb;
+      } else {
+        qb_begin = t % nqb, qb_end = qb_begin + 1;
+        b = all_heads ? t / nqb : t / nqb / H;
+        h_begin = all_heads ? 0 : (t / nqb) % H;
+        h_end = all_heads ? H : h_begin + 1;
       }
-      if (all_heads) scale_row(maps + (b * N + i0) * N, M, m * N, acc_t(1) / acc_t(H));
+      if (whole_heads) std::fill(M, M + N, acc_t(0));
+      for (int64_t qb = qb_begin; qb < qb_end; ++qb) {
+        const int64_t i0 = qb * bq, m = std::min(bq, N - i0);
+        for (int64_t h = h_begin; h < h_end; ++h) {
+          const int64_t bh = b * H + h;
+          const KeyOperand<acc_t> K = key_operand(k + bh * hd, N, D, cvt);
+          const acc_t* V = tile_as_acc(v + bh * hd, hd, cvt + kel);
+          const acc_t* Q = tile_as_acc(q + bh * hd + i0 * D, m * D, cvt + kel + hd);
+          acc_t* O = out_tile(out + bh * hd + i0 * D, cvt + kel + hd + bq * D);
+          // S = scale * Q K^T (m x N), masked; rows become exp(S - rowmax), unnormalised.
+          score_gemm(m, scale, Q, K, S);
+          if (mask.on())
+            for (int64_t i = 0; i < m; ++i) mask.apply_row(S + i * N, N, b, h, i0 + i);
+          const int64_t mr = teacher ? teacher->rows_in_block(i0, m) : 0;
+          const bool logits_only = teacher && teacher->kind == MatchKind::MseLogits;
+          // Every-row KL and logit MSE reduce their loss from the raw logits still in S, before the
+          // softmax overwrites them, so S needs no copy (see match_rows.h).
+          const bool on_s = teacher && !teacher->cls_rows && teacher->kind != MatchKind::MseProbs;
+          if (mr > 0) {
+            const KeyOperand<acc_t> TK = key_operand(teacher->k + bh * N * Dt, N, Dt, TKt);
+            teacher_logits(*teacher, bh, N, i0, mr, TK, TQ, St);
+            if (on_s && logits_only) {  // needs no LSE
+              for (int64_t r = 0; r < mr; ++r) {
+                const int64_t ri = teacher->row_index(bh, N, i0) + r;
+                teacher->lse[ri] = acc_t(0);
+                teacher->row_loss[ri] =
+                    match_loss_row(teacher->kind, S + r * N, acc_t(0), St + r * N, acc_t(0), N);
+              }
+            } else if (!on_s) {
+              student_match_logits(*teacher, S, Q, K, mr, N, scale, SL);
+            }
+          }
+          // Every-row KL: the student's softmax and the divergence in one pass per row (below the
+          // loop for the other rows).
+          const bool kl_rows = on_s && !logits_only;
+          for (int64_t r = 0; r < (kl_rows ? mr : 0); ++r) {
+            const int64_t ri = teacher->row_index(bh, N, i0) + r;
+            acc_t mx, sum;
+            const acc_t cross =
+                kl_softmax_row(S + r * N, St + r * N, N, &mx, &sum, &teacher->lse[ri]);
+            const acc_t row_lse = mx + std::log(sum);
+            lse[bh * N + i0 + r] = row_lse;
+            inv_sum[r] = acc_t(1) / sum;
+            teacher->row_loss[ri] = cross - teacher->lse[ri] + row_lse;
+          }
+          for (int64_t i = kl_rows ? mr : 0; i < m; ++i) {
+            acc_t mx;
+            const acc_t sum = exp_row(S + i * N, N, &mx);
+            // A fully masked row (max -inf) has sum 0: lse -inf, and P, out and maps rows 0.
+            lse[bh * N + i0 + i] = mx + std::log(sum);
+            inv_sum[i] = sum > acc_t(0) ? acc_t(1) / sum : acc_t(0);
+          }
+          for (int64_t r = 0; r < (on_s ? 0 : mr); ++r) {
+            const int64_t j0 = teacher->key0(), n = N - j0, ri = teacher->row_index(bh, N, i0) + r;
+            const acc_t* ss = SL + r * N + j0;
+            const acc_t* st = St + r * N + j0;
+            const acc_t slse = logits_only ? acc_t(0)
+                               : j0 == 0   ? lse[bh * N + i0 + r]
+                                           : logsumexp_row(ss, n);
+            const acc_t tlse = logits_only ? acc_t(0) : logsumexp_row(st, n);
+            teacher->lse[ri] = tlse;
+            teacher->row_loss[ri] = match_loss_row(teacher->kind, ss, slse, st, tlse, n);
+          }
+          // The maps are P before dropout: written from the unnormalised rows and 1 / sum.
+          if (kind == ExportKind::Full) {
+            for (int64_t i = 0; i < m; ++i)
+              scale_row(maps + (bh * N + i0 + i) * N, S + i * N, N, inv_sum[i]);
+          } else if (kind == ExportKind::Cls && i0 == 0) {
+            scale_row(maps + bh * N, S, N, inv_sum[0]);
+          } else if (all_heads) {
+            // Sum of P over heads in head order; divided by H once below.
+            for (int64_t i = 0; i < m; ++i) {
+              if (h == 0) {
+                scale_row(M + i * N, S + i * N, N, inv_sum[i]);
+              } else {
+                axpy_row(M + i * N, S + i * N, N, inv_sum[i]);
+              }
+            }
+          } else if (whole_heads) {
+            // Column sums of P over the head's query rows, in row order; divided by N below.
+            for (int64_t i = 0; i < m; ++i) axpy_row(M, S + i * N, N, inv_sum[i]);
+          }
+          if (drop.on) {
+            for (int64_t i = 0; i < m; ++i) {
+              drop.row_multipliers(uint64_t((bh * N + i0 + i) * N), N, words, keep);
+              mul_row(S + i * N, keep, N);
+            }
+          }
+          // O = diag(1/sum) E V  (m x D): normalising the D-wide output, not the N-wide row.
+          score_gemm_nn<acc_t>(m, D, N, acc_t(1), S, N, V, D, O, D);
+          for (int64_t i = 0; i < m; ++i) scale_row(O + i * D, O + i * D, D, inv_sum[i]);
+          store_tile(out + bh * hd + i0 * D, O, m * D);
+        }
+        if (all_heads) scale_row(maps + (b * N + i0) * N, M, m * N, acc_t(1) / acc_t(H));
+      }
+      if (whole_heads) scale_row(maps + (b * H + h_begin) * N, M, N, acc_t(1) / acc_t(N));
     }
   });
 }
@@ -351,12 +394,16 @@ template <typename scalar_t, typename acc_t>
 void backward_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
                    const scalar_t* v, const scalar_t* out, const acc_t* lse, const acc_t* dlse,
                    const scalar_t* dmaps, scalar_t* dq, scalar_t* dk, scalar_t* dv, Dims d,
-                   acc_t scale, ExportKind kind,
+                   acc_t scale, ExportKind kind, const AttentionExtras<scalar_t>& extras = {},
                    const Teacher<scalar_t, acc_t>* teacher = nullptr) {
   const int64_t H = d.H, N = d.N, D = d.D, hd = N * D;
   const int64_t bq = query_block_rows(N);
   const int64_t nqb = (N + bq - 1) / bq;
   constexpr bool kConvert = !std::is_same_v<acc_t, scalar_t>;
+  const MaskView<scalar_t>& mask = extras.mask;
+  const DropoutStream& drop = extras.dropout;
+  scalar_t* dmask = extras.dmask;
+  const acc_t inv_scale = acc_t(1) / scale;
 
   TaskQueue queue(d.B * H);
   at::parallel_for(0, queue.workers(), 1, [&](int64_t, int64_t) {
@@ -380,6 +427,11 @@ void backward_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
     acc_t* TQ = TKt + tkel;
     acc_t* St = TQ + bq * Dt;
     acc_t* SL = St + bq * N;  // the student's CLS-row logits (see student_match_logits)
+    // Dropout: one row of keep multipliers (0 or 1/(1-p)), regenerated, and its Philox words.
+    at::Tensor drop_buf = scratch<acc_t>(drop.on ? N : 0);
+    at::Tensor words_buf = at::empty({drop.on ? dropout_words_elems(N) : 1}, at::kInt);
+    acc_t* keep = drop_buf.data_ptr<acc_t>();
+    uint32_t* words = reinterpret_cast<uint32_t*>(words_buf.data_ptr<int32_t>());
     for (int64_t bh; queue.next(&bh);) {
       const int64_t b = bh / H;
       const KeyOperand<acc_t> Kop = key_operand(k + bh * hd, N, D, cvt);
@@ -399,8 +451,10 @@ void backward_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
         const acc_t* O = dout ? tile_as_acc(out + bh * hd + i0 * D, m * D, blk + 2 * bq * D) : nullptr;
         acc_t* dQ = out_tile(dq + bh * hd + i0 * D, blk + 3 * bq * D);
 
-        // P holds the scaled logits, dP = dO V^T; each row pass then makes P and dS from them.
+        // P holds the scaled, masked logits, dP = dO V^T; each row pass then makes P and dS.
         score_gemm(m, scale, Q, Kop, P);
+        if (mask.on())
+          for (int64_t i = 0; i < m; ++i) mask.apply_row(P + i * N, N, b, bh % H, i0 + i);
         const int64_t mr = match ? teacher->rows_in_block(i0, m) : 0;
         // Every-row KL and logit MSE fold their gradient into the softmax backward's row pass
         // (match_rows.h); the other forms turn St into the gradient first.
@@ -433,6 +487,21 @@ void backward_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
           std::fill(dP, dP + m * N, acc_t(0));
         }
         for (int64_t i = 0; i < m; ++i) {
+          acc_t* Pi = P + i * N;
+          acc_t* dPi = dP + i * N;
+          scalar_t* dmask_row = dmask ? dmask + (row0 + i) * N : nullptr;
+          if (lse[row0 + i] == -std::numeric_limits<acc_t>::infinity()) {
+            // Every key masked: P's row is 0, so the row adds nothing to any gradient.
+            std::fill(Pi, Pi + N, acc_t(0));
+            std::fill(dPi, dPi + N, acc_t(0));
+            if (dmask_row) std::fill(dmask_row, dmask_row + N, scalar_t(0));
+            continue;
+          }
+          // Dropout: dP = (dO V^T) * keep / (1 - p); P itself is dropped after the row pass.
+          if (drop.on) {
+            drop.row_multipliers(uint64_t((row0 + i) * N), N, words, keep);
+            mul_row(dPi, keep, N);
+          }
           // delta_i = sum_j P_ij dP_ij = dO_i . O_i (+ the map's share), minus the LSE gradient.
           acc_t delta = (dO ? dot_row(dO + i * D, O + i * D, D) : acc_t(0)) -
                         (dlse ? dlse[row0 + i] : acc_t(0));
@@ -445,9 +514,10 @@ void backward_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
             g_scale = acc_t(1) / acc_t(H);
           } else if (dmaps && kind == ExportKind::Cls && i0 + i == 0) {
             g = dmaps + bh * N;
+          } else if (dmaps && kind == ExportKind::KeyMean) {
+            g = dmaps + bh * N;  // every query row contributes P_ij / N to key j's mean
+            g_scale = acc_t(1) / acc_t(N);
           }
-          acc_t* Pi = P + i * N;
-          acc_t* dPi = dP + i * N;
           if (g) {
             delta += exp_add_grad_row(Pi, dPi, tile_as_acc(g, N, g_row), N, lse[row0 + i], g_scale);
             softmax_grad_from_p_row(Pi, dPi, N, delta, scale);
@@ -467,6 +537,10 @@ void backward_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
           } else {
             softmax_grad_row(Pi, dPi, N, lse[row0 + i], delta, scale);
           }
+          // dPi holds dS = scale * dL/d(logits); the float mask is added to the logits after
+          // the scale, so its gradient is dS / scale.
+          if (dmask_row) scale_row(dmask_row, dPi, N, inv_scale);
+          if (drop.on) mul_row(Pi, keep, N);  // dV = (P * keep / (1 - p))^T dO
         }
         if (dO) score_gemm_tn<acc_t>(N, D, m, acc_t(1), P, N, dO, D, accumulate, dV, D);
         score_gemm_nn<acc_t>(m, D, N, acc_t(1), dP, N, K, D, dQ, D);

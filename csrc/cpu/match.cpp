@@ -89,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_match_fwd(
     kernels::forward_impl<scalar_t, acc_t>(
         qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(),
         out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), nullptr, d, static_cast<acc_t>(scale),
-        ExportKind::None, &t);
+        ExportKind::None, {}, &t);
   });
   return {out, lse, teacher_lse, row_loss};
 }
@@ -144,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_match_bwd(
         lse_c.const_data_ptr<acc_t>(),
         dlse_c.defined() ? dlse_c.const_data_ptr<acc_t>() : nullptr, nullptr, dq.data_ptr<scalar_t>(),
         dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), d, static_cast<acc_t>(scale),
-        ExportKind::None, &t);
+        ExportKind::None, {}, &t);
   });
   return {dq, dk, dv};
 }

@@ -7,6 +7,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -38,9 +39,6 @@ inline void for_each_vec(int64_t n, F&& f) {
   if (j < n) f(j, n - j);
 }
 
-// In place: s <- exp(s - max(s)), unnormalised. Returns the row sum (>= 1) and sets *row_max,
-// so the caller gets lse = max + log(sum) and normalises where it needs P (the output rows are
-// scaled after the P V product instead, which saves a pass over the N x N tile).
 // max_j s[j] (-inf for n = 0)
 template <typename T>
 T max_row(const T* s, int64_t n) {
@@ -53,11 +51,20 @@ T max_row(const T* s, int64_t n) {
   return at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, vmax);
 }
 
+// In place: s <- exp(s - max(s)), unnormalised. Returns the row sum (>= 1; 0 for a row whose
+// every entry is -inf, i.e. fully masked, which becomes 0) and sets *row_max, so the caller gets
+// lse = max + log(sum) and normalises where it needs P (the output rows are scaled after the
+// P V product instead, which saves a pass over the N x N tile).
 template <typename T>
 FASTATTNREG_ROW_PASS
 T exp_row(T* s, int64_t n, T* row_max) {
   using V = Vectorized<T>;
   const T mx = max_row(s, n);
+  *row_max = mx;
+  if (mx == -std::numeric_limits<T>::infinity()) {  // every key masked: P's row is 0
+    std::fill(s, s + n, T(0));
+    return T(0);
+  }
   const V vm(mx);
   V vsum(T(0));
   for_each_vec<T>(n, [&](int64_t j, int64_t c) {
@@ -65,7 +72,6 @@ T exp_row(T* s, int64_t n, T* row_max) {
     e.store(s + j, c);
     vsum = vsum + e;
   });
-  *row_max = mx;
   return hsum(vsum);
 }
 
@@ -82,6 +88,15 @@ void axpy_row(T* y, const T* x, int64_t n, T a) {
   const V va(a);
   for_each_vec<T>(n, [&](int64_t j, int64_t c) {
     at::vec::fmadd(V::loadu(x + j, c), va, V::loadu(y + j, c)).store(y + j, c);
+  });
+}
+
+// y[j] *= x[j]
+template <typename T>
+void mul_row(T* y, const T* x, int64_t n) {
+  using V = Vectorized<T>;
+  for_each_vec<T>(n, [&](int64_t j, int64_t c) {
+    (V::loadu(y + j, c) * V::loadu(x + j, c)).store(y + j, c);
   });
 }
 

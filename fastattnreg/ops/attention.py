@@ -73,8 +73,15 @@ def attention_ref(q, k, v, *, attn_mask=None, dropout_p=0.0, dropout_mask=None, 
                 "key_mean": probs.mean(dim=2)}[export]
         result.append(maps.to(dtype))
     if return_lse:
-        result.append(torch.logsumexp(logits.to(_lse_dtype(dtype)), dim=-1))
+        result.append(logsumexp_rows(logits.to(_lse_dtype(dtype))))
     return result[0] if len(result) == 1 else tuple(result)
+
+
+def logsumexp_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last axis; -inf, with a zero gradient, for a fully masked row."""
+    dead = logits.amax(dim=-1, keepdim=True) == float("-inf")
+    lse = torch.logsumexp(logits.masked_fill(dead, 0.0), dim=-1)
+    return lse.masked_fill(dead.squeeze(-1), float("-inf"))
 
 
 def mask_grad_shape(q: torch.Tensor, attn_mask, mask_grad: bool) -> tuple[int, ...]:
@@ -95,12 +102,12 @@ if _backend.cpp_available():
     @torch.library.register_fake("fastattnreg::attention_bwd")
     def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, dmaps, attn_mask, rng, scale, export,
                             dropout_p, mask_grad):
-        dmask_dtype = attn_mask.dtype if attn_mask is not None else q.dtype
+        # dmask has q's dtype: a float mask must have it, and a bool one gets no gradient.
         return (
             torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format),
-            q.new_empty(mask_grad_shape(q, attn_mask, mask_grad), dtype=dmask_dtype),
+            q.new_empty(mask_grad_shape(q, attn_mask, mask_grad)),
         )
 
     register_attention_autograd("attention_fwd", "attention_bwd")
