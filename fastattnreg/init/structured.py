@@ -2,16 +2,19 @@
 
 Every head starts out attending like one tap of a k x k convolution: on the g x g patch grid,
 token (r, c) attends to (r + m, c + n) for the head's offset (m, n). The queries and keys that
-do this are found on a pseudo input, the layer-normed fixed 2-D sin-cos position embedding
-P_e (g*g, C), and written into the q and k rows of every attention layer's `qkv`.
+do this are found on a pseudo input P_e (p + g*g, C), the model's position embedding as its
+first block's attention sees it (norm1(norm_pre(pos)), see pos_input.py), and written into the
+q and k rows of every attention layer's `qkv`. The method prescribes the fixed 2-D sin-cos
+embedding: by default it is written into the model's `pos_embed` first (pos_embed=
+"write_sincos"), so the heads are impulses on the embedding the model actually adds.
 
-The class token (any prefix token: timm's register tokens are treated alike). Its pseudo-input
-row is its position embedding (zero, as in VisionTransformer(pos_embed="sincos")) layer-normed,
-i.e. zero, and q/k biases are zeroed, so every logit in its row and column is exactly 0 whatever
-W_q, W_k are: the class query attends uniformly, and each patch query sees the class key at
-logit 0. Both methods therefore keep the class key in every patch row's softmax (target 0
-there, so the impulse must beat logit 0, as it has to at run time) and leave the class query's
-row out of the target and the loss (nothing could change it).
+Prefix tokens (class and register tokens). Their pseudo-input rows are what pos_embed adds to
+them, normed: zero under the sin-cos embedding (its prefix rows are zero) or no_embed_class,
+and with norm1's bias zero (its default) and q/k biases zeroed every logit in their rows and
+columns is then exactly 0 whatever W_q, W_k are: the class query attends uniformly, and each
+patch query sees the class key at logit 0. Both methods keep the prefix keys in every patch
+row's softmax (target 0 there, so the impulse must beat them, as it has to at run time) and
+leave the prefix queries' rows out of the target and the loss.
 """
 from __future__ import annotations
 
@@ -25,8 +28,9 @@ from torch import nn
 
 from ..models.pos_embed import sincos_pos_embed_2d
 from ..ops.checks import check_choice
-from .layers import (AttentionLayer, attention_layers, make_generator, num_prefix_tokens,
-                     patch_grid_size)
+from .layers import AttentionLayer, attention_layers, make_generator
+from .pos_input import (POS_EMBED_MODES, model_rows, pos_embed_layout, pseudo_input_of,
+                        sincos_rows, token_positions, write_pos_embed)
 
 METHODS = ("fit", "closed_form")
 OFFSET_MODES = ("random", "ordered")
@@ -46,10 +50,16 @@ class StructuredInitReport:
     converged: bool  # error <= target_error (both methods)
     layers: int  # attention layers written
     hits: list[float] = field(default_factory=list)  # per head: argmax hit rate on valid rows
+    # The embedding the fit used: "write_sincos" (the 2-D sin-cos one, now in model.pos_embed)
+    # or "as_is" (the model's own pos_embed, unchanged).
+    pos_embed: str = "write_sincos"
+    pos_embed_frozen: bool = False  # model.pos_embed has no gradient (a buffer, or frozen)
+    prefix_tokens: int = 0  # p: class and register tokens in front of the patches
 
 
 def pseudo_input(grid_size: int, dim: int) -> torch.Tensor:
-    """(g*g, C) layer-normed (no affine) 2-D sin-cos embedding, float64."""
+    """(g*g, C) layer-normed (no affine, eps 1e-6) 2-D sin-cos embedding, float64: the patch
+    rows of the pseudo input of a ViT with the sin-cos embedding and default norm1."""
     pe = sincos_pos_embed_2d(grid_size, dim, dtype=torch.float64)
     return nn.functional.layer_norm(pe, (dim,), eps=1e-6)
 
@@ -105,7 +115,7 @@ def _head_logits(pe: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, scale: fl
                  prefix: int) -> torch.Tensor:
     """s * P_e W_q^h (P_e W_k^h)^T for the patch queries of all heads: (H, N, N + p).
 
-    pe (N + p, C) with the p prefix rows first (see with_prefix); wq, wk (H, C, D).
+    pe (N + p, C) with the p prefix rows first; wq, wk (H, C, D).
     """
     return scale * (pe[prefix:] @ wq) @ (pe @ wk).transpose(1, 2)
 
@@ -125,7 +135,7 @@ def fit_qk(pe: torch.Tensor, targets: torch.Tensor, head_dim: int, scale: float,
            generator: torch.Generator):
     """Adam fit of W_q^h, W_k^h (C, D) per head to the targets in softmax space (float32).
 
-    pe (N + p, C) and targets (H, N, N + p) as with_prefix returns them.
+    pe (N + p, C) and targets (H, N, N + p), prefix rows and key columns first.
     Minimises fit_loss. Init uniform +-(1 / (D * H)) ** 0.5; every `rescale_every` steps each
     column is rescaled to the mean column norm it had at init (keeps the logits from growing
     without bound). Stops as soon as fit_error <= target_error (checked on the maps of the
@@ -163,10 +173,10 @@ def closed_form_qk(pe: torch.Tensor, targets: torch.Tensor, head_dim: int, scale
                    generator: torch.Generator):
     """Closed form: W = pinv(P_e) L pinv(P_e)^T / s, truncated to rank D by SVD, per head.
 
-    pe (N + p, C) and targets (H, N, N + p) as with_prefix returns them. L (H, N, N + p) is the
-    logit-space target of the patch queries: `peak_logit` on the impulse, N(0, noise^2)
-    elsewhere (rows shifted off the grid: noise only); the prefix rows of P_e are zero, so
-    their queries' targets would not matter. W ~ U S V^T gives W_q = U sqrt(S), W_k = V sqrt(S)
+    pe (N + p, C) and targets (H, N, N + p), prefix rows and key columns first. L (H, N, N + p)
+    is the logit-space target of the patch queries: `peak_logit` on the impulse, N(0, noise^2)
+    elsewhere (prefix keys and rows shifted off the grid: noise only); the prefix queries are
+    not fitted. W ~ U S V^T gives W_q = U sqrt(S), W_k = V sqrt(S)
     (both (C, D)). Two choices of ours, both because P_e is numerically low-rank (the layer-
     normed sin-cos embedding of a 16x16 grid at C=192 has ~17 singular values above 1e-3 of the
     largest): the pseudo-inverse drops singular values below `rtol` times the largest (the
@@ -194,13 +204,9 @@ def closed_form_qk(pe: torch.Tensor, targets: torch.Tensor, head_dim: int, scale
     return wq * c.view(-1, 1, 1), wk * c.view(-1, 1, 1)
 
 
-def with_prefix(pe: torch.Tensor, targets: torch.Tensor, prefix: int):
-    """Prepends `prefix` zero rows to the pseudo input (N + p, C) and zero key columns to the
-    targets, (H, N, N + p): the class token as the module docstring describes it."""
-    if prefix == 0:
-        return pe, targets
-    pe = torch.cat([pe.new_zeros(prefix, pe.shape[1]), pe])
-    return pe, torch.nn.functional.pad(targets, (prefix, 0))
+def with_prefix_keys(targets: torch.Tensor, prefix: int) -> torch.Tensor:
+    """(H, N, N) -> (H, N, N + p): zero target on the p prefix keys, which come first."""
+    return torch.nn.functional.pad(targets, (prefix, 0)) if prefix else targets
 
 
 def argmax_hits(maps: torch.Tensor, targets: torch.Tensor) -> list[float]:
@@ -240,12 +246,33 @@ def single_thread():
 
 
 def structured_init_(model: nn.Module, kernel_size: int = 3, method: str = "fit",
-                     offsets: str = "random", seed=None, *, grid_size: int | None = None,
+                     offsets: str = "random", seed=None, *, pos_embed: str = "write_sincos",
+                     freeze_pos_embed: bool = False, grid_size: int | None = None,
                      steps: int = 10_000, lr: float = 1e-2, target_error: float = 0.05,
                      rescale_every: int = 100, peak_logit: float = 10.0,
                      noise: float = 0.1, rtol: float = 1e-2,
                      margin: float = 8.0) -> StructuredInitReport:
     """Impulse-initialises the q and k weights of every attention layer of `model`, in place.
+
+    The heads are fitted on the model's own pseudo input: the position embedding it adds to
+    its tokens (`model.pos_embed`, (1, L, C), class/register rows first unless timm's
+    no_embed_class), through `norm_pre` when the model has one and the norm1 of the block
+    holding the first attention layer, as the model applies them (pos_input.py). The image
+    content (patches, the class and register tokens' own values) is not part of it. Every
+    block gets the same W_q, W_k, so a later block whose norm1 differs from the first's (not
+    at init, where all are equal) sees them on a differently scaled input.
+
+    pos_embed: which embedding that is.
+      "write_sincos" (default): the method's fixed 2-D sin-cos embedding is written into
+        model.pos_embed (a learned parameter, e.g. timm's default, or our sincos buffer, which
+        already holds it bit for bit), zero at the prefix rows it covers, and the fit runs on
+        it. A learned embedding stays trainable unless freeze_pos_embed.
+      "as_is": the fit runs on model.pos_embed as it is (e.g. a trained embedding); nothing
+        but q and k is written. On a random embedding the heads can only tell the tokens
+        apart while they are few next to the width (8x8 tokens at C=64: 94% argmax hits; 16x16
+        at C=64: no convergence in 10k steps, 72%): see report.hits and report.converged.
+    freeze_pos_embed: sets model.pos_embed.requires_grad_(False) (a parameter), keeping the
+    embedding the heads were fitted on fixed during training.
 
     method: "fit" (Adam on the softmax-space squared error, stopping once fit_error reaches
     `target_error` or after `steps`; lr 1e-2 rather than the paper's 1e-4, our choice, so that
@@ -253,13 +280,25 @@ def structured_init_(model: nn.Module, kernel_size: int = 3, method: str = "fit"
     SVD, see closed_form_qk; the follow-up paper uses offsets="ordered" with it). offsets:
     "random" per head (drawn from `seed`; None draws from torch's global RNG) or "ordered"
     (centre first, ring by ring). The same W_q, W_k go into every layer and the q and k biases
-    are set to zero; v, proj, the MLPs and the embeddings are not touched. Works on
-    fastattnreg's and timm's VisionTransformer (see layers.py); the class token is handled as
-    the module docstring says. Returns a StructuredInitReport (error, steps, time, offsets and
+    are set to zero; v, proj, the MLPs, norms and tokens are not touched. Works on fastattnreg's
+    and timm's VisionTransformer (see layers.py), with or without a class token, register
+    tokens, no_embed_class, dynamic_img_size (the fit is at the stored grid); prefix tokens as
+    the module docstring says. grid_size: patches per side, by default patch_embed.grid_size
+    (square), else inferred from pos_embed.
+
+    Everything is checked before any weight changes; ValueError (naming what was found and
+    what is needed) for: no pos_embed tensor, a non-square or uninferable grid, a pos_embed
+    whose rows or width do not fit the grid, prefix tokens and layers, no block `norm1` beside
+    the first attention layer, qk_norm, or layers of different sizes.
+
+    Returns a StructuredInitReport (error, steps, time, offsets, the embedding used and
     per-head argmax hit rates on the pseudo input).
     """
     check_choice("method", method, METHODS)
     check_choice("offsets", offsets, OFFSET_MODES)
+    check_choice("pos_embed", pos_embed, POS_EMBED_MODES)
+    if not isinstance(freeze_pos_embed, bool):
+        raise ValueError(f"freeze_pos_embed must be a bool; got {freeze_pos_embed!r}")
     if kernel_size not in (3, 5):
         raise ValueError(f"kernel_size must be 3 or 5; got {kernel_size}")
     if steps < 0 or rescale_every < 1 or lr <= 0:
@@ -272,17 +311,21 @@ def structured_init_(model: nn.Module, kernel_size: int = 3, method: str = "fit"
                                                              first.dim):
             raise ValueError("structured_init_ writes one fit into every layer; the layers' "
                              "(heads, head_dim, dim) differ")
-    g = patch_grid_size(model) if grid_size is None else int(grid_size)
+    start = time.perf_counter()
+    layout = pos_embed_layout(model, first.dim, grid_size)
+    g, prefix = layout.grid_size, layout.prefix
     if g <= kernel_size // 2:  # an offset of k // 2 would leave no query with a target
         raise ValueError(f"the patch grid ({g}x{g}) is too small for kernel_size={kernel_size}: "
                          f"it needs more than {kernel_size // 2} patches per side")
+    # (covered + g*g, C) float64: the embedding the fit uses (and, for "write_sincos", writes).
+    rows = sincos_rows(layout, first.dim) if pos_embed == "write_sincos" else model_rows(layout)
+    # (p + g*g, C) and (H, g*g, p + g*g): the patch queries against every key, prefix first.
+    pe = pseudo_input_of(model, first, token_positions(layout, rows))
+    if not torch.isfinite(pe).all():
+        raise ValueError("the pseudo input (pos_embed through norm_pre and norm1) is not finite")
     gen = make_generator(seed)
-    start = time.perf_counter()
     head_offsets = impulse_offsets(first.num_heads, kernel_size, offsets, gen)
-    prefix = num_prefix_tokens(model)
-    # (N + p, C) and (H, N, N + p): the patch queries against every key, prefix keys first.
-    pe, targets = with_prefix(pseudo_input(g, first.dim), impulse_targets(g, head_offsets),
-                              prefix)
+    targets = with_prefix_keys(impulse_targets(g, head_offsets), prefix)
     if method == "fit":
         with single_thread():
             wq, wk, error, taken = fit_qk(pe, targets, first.head_dim, first.scale, steps=steps,
@@ -295,10 +338,15 @@ def structured_init_(model: nn.Module, kernel_size: int = 3, method: str = "fit"
         taken = 0
     maps = _head_maps(pe, wq, wk, first.scale, prefix)
     error = fit_error(maps, targets).item()
+    if pos_embed == "write_sincos":
+        write_pos_embed(layout, rows)
+    if freeze_pos_embed:
+        layout.tensor.requires_grad_(False)
     for layer in layers:
         _write_qk(layer, wq, wk)
     return StructuredInitReport(
         method=method, kernel_size=kernel_size, grid_size=g, offsets=head_offsets,
         error=error, steps=taken, seconds=time.perf_counter() - start,
         converged=error <= target_error, layers=len(layers),
-        hits=argmax_hits(maps, targets))
+        hits=argmax_hits(maps, targets), pos_embed=pos_embed,
+        pos_embed_frozen=not layout.tensor.requires_grad, prefix_tokens=prefix)
