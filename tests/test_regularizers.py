@@ -359,7 +359,14 @@ def test_aal_cls_less_vit_uses_the_attention_each_patch_receives():
     cnn = _cnn()
     aal = AttentionLink(vit, cnn, ["4"], weight=1.0)
     x = torch.randn(2, 3, 32, 32)
+    # The kernels reduce the columns (export="key_mean"): no layer exports its full maps.
+    seen = []
+    hooks = [b.attn.register_forward_pre_hook(lambda m, a: seen.append(m.export))
+             for b in vit.blocks]
     logits, loss = aal(x)
+    for h in hooks:
+        h.remove()
+    assert seen == ["key_mean", "key_mean"]
     ref, ref_vit_maps, _ = _eager_aal(aal, vit, cnn, x, prefix=0, received=True, cnn_ends=(5,))
     assert tuple(logits.shape) == (2, 5)
     assert max_err(aal.vit_forward(x)[1], ref_vit_maps) <= 1e-6

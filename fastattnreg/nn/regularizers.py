@@ -140,8 +140,8 @@ class AttentionLink(nn.Module):
                           export="cls", O(B*H*N) memory), as in the paper; not renormalised.
       vit_map="received"  for ViTs without prefix tokens (global average pooling): the attention
                           each patch receives, averaged over all N queries, (1/N) sum_i P[i, j]
-                          (exported with export="full": O(B*H*N^2) memory, the cost of a
-                          naive map; the kernels have no column-mean export yet).
+                          (exported with export="key_mean": the kernels reduce the columns,
+                          O(B*H*N) memory).
       vit_map="auto"      "cls" when the ViT has prefix tokens (CLS, registers), else "received".
     Prefix tokens (num_prefix_tokens, default the ViT's own attribute, else inferred as
     N - isqrt(N)^2) are dropped from the keys; the rest are reshaped to the patch grid.
@@ -303,10 +303,10 @@ class AttentionLink(nn.Module):
     def vit_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, ViT maps (B, M*H, gh, gw)) from one forward of the ViT, maps with graph."""
         # The export kind depends on N (prefix tokens), known only once tokens exist: use "cls"
-        # unless the ViT is known to have no prefix token; a CLS-less ViT exports "full".
+        # unless the ViT is known to have no prefix token; a CLS-less ViT exports "key_mean".
         prefix_known = self.num_prefix_tokens
-        want_full = self.vit_map == "received" or (self.vit_map == "auto" and prefix_known == 0)
-        export = "full" if want_full else "cls"
+        received = self.vit_map == "received" or (self.vit_map == "auto" and prefix_known == 0)
+        export = "key_mean" if received else "cls"
         saved = [m.export for m in self._attn]
         try:
             for m in self._attn:
@@ -316,18 +316,16 @@ class AttentionLink(nn.Module):
             for i, m in zip(self.layers, self._attn):
                 if m.maps is None:
                     raise RuntimeError(f"vit FusedAttention layer {i} did not run in vit(x)")
-                maps.append(m.maps)  # (B, H, N) for "cls", (B, H, N, N) for "full"
+                maps.append(m.maps)  # (B, H, N): the CLS row, or what each key receives
         finally:
             for m, e in zip(self._attn, saved):
                 m.export, m.maps = e, None
         n_tokens = maps[0].shape[2]
         p, gh, gw = self._grid(n_tokens)
         kind = self._resolved_map(p)
-        if kind == "received" and export != "full":
+        if kind == "received" and export != "key_mean":
             raise RuntimeError("vit_map resolved to 'received' (no prefix tokens) after a 'cls' "
                                "export; pass num_prefix_tokens=0 or vit_map='received'")
-        if export == "full":
-            maps = [m.mean(dim=2) for m in maps]  # (B, H, N): attention received, over queries
         rows = torch.cat(maps, dim=1)[:, :, p:]  # (B, M*H, gh*gw): patch keys only
         return logits, rows.reshape(rows.shape[0], rows.shape[1], gh, gw)
 
