@@ -8,6 +8,9 @@ Providers, all at (B, H, N, D) with q, k, v requiring grad and random upstream g
   flash_attn             FlashAttention-2 (flash_attn_func), no maps, when installed    CUDA
   naive                  eager PyTorch keeping the maps, the way ViT regulariser code does it
   sdpa                   torch's scaled_dot_product_attention, no maps: the speed ceiling
+  *_keypad               the same with a bool key-padding mask (B, 1, 1, N): every odd batch
+                         element pads its last N/4 keys (fastattnreg, triton, sdpa)
+  *_drop                 the same with attention dropout p = 0.1 (fastattnreg, triton, sdpa)
 By default only the providers for --device run; one asked for on the wrong device is skipped
 with a note. Under each table: TFLOP/s per provider and mode, counting 4*B*H*N^2*D for the
 forward and 2.5x that for the backward (the FlashAttention convention; maps not counted).
@@ -35,7 +38,12 @@ TARGETS = (
     ("fastattnreg", "sdpa", "median_ms", 0.8),
     ("fastattnreg_head_mean", "naive", "median_ms", 0.8),
     ("fastattnreg", "sdpa", "peak_extra_mb", 1.1),
+    ("fastattnreg_keypad", "fastattnreg", "median_ms", 1.1),
+    ("fastattnreg_keypad", "sdpa_keypad", "median_ms", 0.8),
+    ("fastattnreg_drop", "fastattnreg", "median_ms", 1.3),
+    ("fastattnreg_drop", "sdpa_drop", "median_ms", 0.8),
 )
+DROPOUT_P = 0.1
 
 
 def _qkv(shape: Shape, dtype: torch.dtype, device: torch.device):
@@ -48,6 +56,14 @@ def _maps_grad(shape: Shape, dtype: torch.dtype, device: torch.device) -> torch.
     """A random upstream gradient for head-mean maps, (B, N, N)."""
     B, _, N, _ = shape
     return torch.randn((B, N, N), dtype=dtype, device=device)
+
+
+def key_padding_mask(shape: Shape, device: torch.device) -> torch.Tensor:
+    """(B, 1, 1, N) bool, True = takes part: odd batch elements pad their last N // 4 keys."""
+    B, _, N, _ = shape
+    mask = torch.ones((B, 1, 1, N), dtype=torch.bool, device=device)
+    mask[1::2, ..., N - N // 4:] = False
+    return mask
 
 
 def naive_attention(q, k, v):
@@ -75,6 +91,49 @@ def make_fastattnreg_head_mean(shape, dtype, device):
     return autograd_case(
         lambda q, k, v: fastattnreg.attention(q, k, v, export="head_mean", backend="cpp"),
         (q, k, v), (dout, dmaps))
+
+
+def _fused_case(backend, shape, dtype, device, **kwargs):
+    import fastattnreg
+
+    q, k, v = _qkv(shape, dtype, device)
+    dout = torch.randn(shape, dtype=dtype, device=device)
+    return autograd_case(lambda q, k, v: fastattnreg.attention(q, k, v, backend=backend, **kwargs),
+                         (q, k, v), (dout,))
+
+
+def make_fastattnreg_keypad(shape, dtype, device):
+    return _fused_case("cpp", shape, dtype, device, attn_mask=key_padding_mask(shape, device))
+
+
+def make_fastattnreg_drop(shape, dtype, device):
+    return _fused_case("cpp", shape, dtype, device, dropout_p=DROPOUT_P)
+
+
+def make_triton_keypad(shape, dtype, device):
+    _require_cuda("triton_keypad", device)
+    return _fused_case("triton", shape, dtype, device, attn_mask=key_padding_mask(shape, device))
+
+
+def make_triton_drop(shape, dtype, device):
+    _require_cuda("triton_drop", device)
+    return _fused_case("triton", shape, dtype, device, dropout_p=DROPOUT_P)
+
+
+def make_sdpa_keypad(shape, dtype, device):
+    q, k, v = _qkv(shape, dtype, device)
+    dout = torch.randn(shape, dtype=dtype, device=device)
+    mask = key_padding_mask(shape, device)
+    return autograd_case(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                         (q, k, v), (dout,))
+
+
+def make_sdpa_drop(shape, dtype, device):
+    q, k, v = _qkv(shape, dtype, device)
+    dout = torch.randn(shape, dtype=dtype, device=device)
+    return autograd_case(
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=DROPOUT_P),
+        (q, k, v), (dout,))
 
 
 def _require_cuda(name: str, device: torch.device) -> None:
@@ -136,9 +195,15 @@ PROVIDERS = {p.name: p for p in (
     Provider("flash_attn", make_flash_attn),
     Provider("naive", make_naive),
     Provider("sdpa", make_sdpa),
+    Provider("fastattnreg_keypad", make_fastattnreg_keypad),
+    Provider("triton_keypad", make_triton_keypad),
+    Provider("sdpa_keypad", make_sdpa_keypad),
+    Provider("fastattnreg_drop", make_fastattnreg_drop),
+    Provider("triton_drop", make_triton_drop),
+    Provider("sdpa_drop", make_sdpa_drop),
 )}
-CPU_ONLY = ("fastattnreg", "fastattnreg_head_mean")
-CUDA_ONLY = ("triton", "triton_head_mean", "flash_attn")
+CPU_ONLY = ("fastattnreg", "fastattnreg_head_mean", "fastattnreg_keypad", "fastattnreg_drop")
+CUDA_ONLY = ("triton", "triton_head_mean", "flash_attn", "triton_keypad", "triton_drop")
 # The forward's FLOPs are 4*B*H*N^2*D (two GEMMs); the backward's 2.5x (five GEMMs, one of them
 # recomputing S): the convention of FlashAttention's and Triton's benchmarks.
 FLOPS_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
