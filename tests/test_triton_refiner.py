@@ -94,7 +94,7 @@ def test_cuda_opcheck_and_compile_fullgraph():
             torch.cat(params[3:7]), torch.cat(params[7:11]), torch.cat(running[0]),
             torch.cat(running[1]), None, [1e-5] * 4, 0.2, 1.0)
     torch.library.opcheck(torch.ops.fastattnreg.triton_refined_attention_fwd.default,
-                          (*args, True, False))
+                          (*args, True, False, "none"))
     dout = torch.randn_like(qkv[0])
     eager = run_with_grads(refined_attention, qkv, params, clone_running(running), dout,
                            training=True, backend="triton")

@@ -101,13 +101,13 @@ def test_interp_values_eval_backward_without_saved_probs():
     qkv, params, running = _float32(*make_case(1, 2, 17, 16, 1, 3, seed=5))
     args = _raw_args(qkv, params, running)
     with torch.no_grad():
-        _, probs, y, mean, var = OPS.triton_refined_attention_fwd(*args, False, False)
-        _, probs_kept, _, _, _ = OPS.triton_refined_attention_fwd(*args, False, True)
+        _, probs, y, mean, var, _ = OPS.triton_refined_attention_fwd(*args, False, False, "none")
+        _, probs_kept, _, _, _, _ = OPS.triton_refined_attention_fwd(*args, False, True, "none")
     assert y.shape == (0,)  # the Triton kernels keep no Y: their backward recomputes it
     assert probs.shape == (0,) and probs_kept.shape == (1, 2, 17, 17)
     dout = torch.randn_like(qkv[0])
     bwd_args = (dout, *args[:8])
-    tail = (None, [1e-5] * 4, 0.25, 1.0, False)
+    tail = (None, [1e-5] * 4, 0.25, 1.0, False, None, "none")
     recomputed = OPS.triton_refined_attention_bwd(*bwd_args, probs, y, mean, var, *tail)
     kept = OPS.triton_refined_attention_bwd(*bwd_args, probs_kept, y, mean, var, *tail)
     for a, b in zip(recomputed, kept):
@@ -164,30 +164,34 @@ def test_interp_errors_raw_forward(index, value, match):
     qkv, params, running = _float32(*make_case(1, 2, 9, 16, 2, 3))
     args = _with(_raw_args(qkv, params, running), index, value)
     with pytest.raises(ValueError, match=match):
-        OPS.triton_refined_attention_fwd(*args, True, False)
+        OPS.triton_refined_attention_fwd(*args, True, False, "none")
 
 
 def test_interp_errors_qkv_and_backward():
     qkv, params, running = _float32(*make_case(1, 2, 9, 16, 2, 3))
     args = _raw_args(qkv, params, running)
     with pytest.raises(ValueError, match="head dim D must be in"):
-        OPS.triton_refined_attention_fwd(*(t[..., :8] for t in args[:3]), *args[3:], True, False)
+        OPS.triton_refined_attention_fwd(*(t[..., :8] for t in args[:3]), *args[3:], True, False,
+                                         "none")
     with pytest.raises(ValueError, match="dtype"):
-        OPS.triton_refined_attention_fwd(*(t.double() for t in args[:3]), *args[3:], True, False)
+        OPS.triton_refined_attention_fwd(*(t.double() for t in args[:3]), *args[3:], True, False,
+                                         "none")
     stats, no_y = torch.zeros(12), torch.empty(0)
     bwd = (torch.zeros_like(args[0]), *args[:8])
     tail = (None, [1e-5] * 4, 0.25, 1.0)
+    none = (None, "none")  # dmaps, export
     with pytest.raises(ValueError, match="probs must be the"):
-        OPS.triton_refined_attention_bwd(*bwd, torch.empty(0), no_y, stats, stats, *tail, True)
+        OPS.triton_refined_attention_bwd(*bwd, torch.empty(0), no_y, stats, stats, *tail, True,
+                                         *none)
     with pytest.raises(ValueError, match="probs must have shape"):
         OPS.triton_refined_attention_bwd(*bwd, torch.zeros(1, 2, 9, 8), no_y, stats, stats, *tail,
-                                         True)
+                                         True, *none)
     with pytest.raises(ValueError, match="mean must have shape"):
         OPS.triton_refined_attention_bwd(*bwd, torch.zeros(1, 2, 9, 9), no_y, stats[:5], stats,
-                                         *tail, True)
+                                         *tail, True, *none)
     with pytest.raises(ValueError, match="dout must have shape"):
         OPS.triton_refined_attention_bwd(torch.zeros(1, 2, 9, 8), *args[:8], torch.empty(0),
-                                         no_y, stats, stats, *tail, False)
+                                         no_y, stats, stats, *tail, False, *none)
 
 
 def test_interp_errors_public_function_names_triton():
@@ -206,14 +210,14 @@ def test_interp_registration_opcheck():
     args = (*[t.requires_grad_() for t in args[:8]], *args[8:])
     keep = torch.rand(1, 2, 9, 9) >= 0.3
     torch.library.opcheck(OPS.triton_refined_attention_fwd.default,
-                          (*_with(_with(args, 10, keep), 13, 1 / 0.7), True, False))
-    torch.library.opcheck(OPS.triton_refined_attention_fwd.default, (*args, False, True))
+                          (*_with(_with(args, 10, keep), 13, 1 / 0.7), True, False, "none"))
+    torch.library.opcheck(OPS.triton_refined_attention_fwd.default, (*args, False, True, "none"))
     with torch.no_grad():
-        _, probs, y, mean, var = OPS.triton_refined_attention_fwd(*args, True, False)
+        _, probs, y, mean, var, _ = OPS.triton_refined_attention_fwd(*args, True, False, "none")
     dout = torch.randn_like(qkv[0])
     torch.library.opcheck(OPS.triton_refined_attention_bwd.default,
                           (dout, *[t.detach() for t in args[:8]], probs, y, mean, var, None,
-                           [1e-5] * 4, 0.25, 1.0, True))
+                           [1e-5] * 4, 0.25, 1.0, True, None, "none"))
 
 
 def test_interp_registration_compile_fullgraph():
