@@ -28,7 +28,7 @@ requires_cuda = pytest.mark.skipif(
 
 
 @requires_triton
-@pytest.mark.parametrize("group", ["values", "reruns", "errors", "registration"])
+@pytest.mark.parametrize("group", ["values", "maps", "reruns", "errors", "registration"])
 def test_interpreted_kernels(group):
     """Runs tests/triton_refiner_cases.py -k interp_<group> under TRITON_INTERPRET=1."""
     assert_interpreted_group_passes(CASES, group)
