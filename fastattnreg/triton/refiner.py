@@ -67,7 +67,9 @@ compiled for sm_90a and sm_80 without a GPU (Triton 3.8, ptxas -v). On sm_90a at
 (K = 3) the stats kernels do not spill and the others spill 0.01-1.2 KB per thread (the out
 kernel's (HP, 16, D) fp32 accumulator, the backward's STAGE 1); at CP = 64 all but STAGE 1 of
 the stats spill 0.1-2.8 KB; 4 warps spilled 2-4x more. Shared memory peaks at 160 KiB (STAGE 1,
-CP = 64). Nothing has run on a GPU yet: neither speed nor the GPU numerics are measured.
+CP = 64). The out kernel with each EXPORT (0-3; fp32 and bf16 maps, K = 3, CP = 16, 8 warps)
+compiles for sm_90a the same way. Nothing has run on a GPU yet: neither speed nor the GPU
+numerics are measured.
 The backward's STAGE 1 costs K^2 (K^2 + 1) expansions per pixel (90 at K = 3, 650 at K = 5);
 keeping the ReLU6 masks of Y2 as bits and using the kernel's autocorrelation for the x^2 term
 would bring it to (2K - 1)^2, not done yet.
