@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "../checks.h"
@@ -76,6 +77,15 @@ std::vector<double> to_doubles(const at::Tensor& t) {
 
 at::Tensor acc_copy(const at::Tensor& t) { return t.to(acc_dtype(t.scalar_type())).contiguous(); }
 
+// The exports refined attention offers (a subset of what checks.h's parse_export knows, which
+// other ops may extend): anything else is refused here, naming the four.
+ExportKind parse_refiner_export(c10::string_view s) {
+  TORCH_CHECK_VALUE(s == "none" || s == "full" || s == "head_mean" || s == "cls",
+                    "export must be one of 'none', 'full', 'head_mean', 'cls'; got '",
+                    std::string(s), "'");
+  return parse_export(s);
+}
+
 // Shape of the exported maps for q (B, H, N, D): full (B, H, N, N), head_mean (B, N, N),
 // cls (B, H, N); none (0,).
 std::vector<int64_t> maps_shape(const at::Tensor& q, ExportKind kind) {
@@ -84,9 +94,8 @@ std::vector<int64_t> maps_shape(const at::Tensor& q, ExportKind kind) {
     case ExportKind::Full: return {B, H, N, N};
     case ExportKind::HeadMean: return {B, N, N};
     case ExportKind::Cls: return {B, H, N};
-    case ExportKind::None: break;
+    default: return {0};  // None (parse_refiner_export admits nothing else)
   }
-  return {0};
 }
 
 // The inputs every pass reads: q, k, v contiguous, the weights in the accumulation type, the
@@ -124,7 +133,7 @@ refined_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                       const std::optional<at::Tensor>& keep, at::ArrayRef<double> eps,
                       double scale, double drop_scale, bool training, bool save_probs,
                       c10::string_view export_kind) {
-  const ExportKind kind = parse_export(export_kind);
+  const ExportKind kind = parse_refiner_export(export_kind);
   const refiner::Dims d =
       check_args(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, eps, scale, drop_scale);
   check_param(running_mean, "running_mean", {2 * d.C + 2 * d.H}, q);
@@ -166,7 +175,7 @@ refined_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Ten
                       const std::optional<at::Tensor>& keep,
                       at::ArrayRef<double> eps, double scale, double drop_scale, bool training,
                       const std::optional<at::Tensor>& dmaps, c10::string_view export_kind) {
-  const ExportKind kind = parse_export(export_kind);
+  const ExportKind kind = parse_refiner_export(export_kind);
   const refiner::Dims d =
       check_args(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, eps, scale, drop_scale);
   const auto acc = acc_dtype(q.scalar_type());

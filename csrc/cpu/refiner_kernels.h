@@ -480,7 +480,7 @@ void export_maps(const Dims& d, Planes<T>& ws, int64_t b, Range rows,
         for (int64_t h = 0; h < H; ++h)
           store_run(maps.data + (b * H + h) * N, ws.at(ws.As, h, 0), N);
       break;
-    case ExportKind::None:
+    default:  // None: nothing exported
       break;
   }
 }
@@ -509,7 +509,7 @@ void add_maps_grad(const Dims& d, ExportKind kind, const scalar_t* dmaps, int64_
         for (int64_t j = 0; j < N; ++j) das[j] += T(g[j]);
       }
       break;
-    case ExportKind::None:
+    default:  // None: nothing exported
       break;
   }
 }
