@@ -33,16 +33,19 @@ TORCH_LIBRARY(fastattnreg, m) {
   // mask. out (B,H,N,D); probs (B,H,N,N) kept for the backward (empty when neither training nor
   // save_probs); y (B,H,N,N): the refinement's Y = W_r F kept for the backward where the kernel
   // keeps it (the C++ one in training; empty otherwise: the backward recomputes it); mean, var
-  // (2C + 2H): the statistics used (batch, biased var; or running).
+  // (2C + 2H): the statistics used (batch, biased var; or running); maps: the refined attention
+  // A* by `export` ("none": empty; "full" (B,H,N,N), "head_mean" (B,N,N), "cls" (B,H,N)).
   m.def(
       "refined_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor w_exp, Tensor w_dw, "
       "Tensor w_pro, Tensor bn_weight, Tensor bn_bias, Tensor running_mean, Tensor running_var, "
-      "Tensor? keep, float[] eps, float scale, float drop_scale, bool training, bool save_probs) "
-      "-> (Tensor out, Tensor probs, Tensor y, Tensor mean, Tensor var)");
+      "Tensor? keep, float[] eps, float scale, float drop_scale, bool training, bool save_probs, "
+      "str export) -> (Tensor out, Tensor probs, Tensor y, Tensor mean, Tensor var, Tensor maps)");
+  // The gradients from dout and dmaps (the maps' gradient, None where unused).
   m.def(
       "refined_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor w_exp, "
       "Tensor w_dw, Tensor w_pro, Tensor bn_weight, Tensor bn_bias, Tensor probs, Tensor y, "
-      "Tensor mean, Tensor var, Tensor? keep, float[] eps, float scale, float drop_scale, bool training) "
+      "Tensor mean, Tensor var, Tensor? keep, float[] eps, float scale, float drop_scale, "
+      "bool training, Tensor? dmaps, str export) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dw_exp, Tensor dw_dw, Tensor dw_pro, "
       "Tensor dbn_weight, Tensor dbn_bias)");
 }

@@ -168,7 +168,7 @@ def _raw_args(training, save_probs, dropout):
             torch.cat(params[3:7]).detach().requires_grad_(),
             torch.cat(params[7:11]).detach().requires_grad_(), torch.cat(running[0]),
             torch.cat(running[1]), keep, [1e-5, 1e-5, 1e-3, 1e-5], 0.4,
-            1 / 0.7 if dropout else 1.0, training, save_probs)
+            1 / 0.7 if dropout else 1.0, training, save_probs, "none")
 
 
 @pytest.mark.parametrize("training,save_probs,dropout",
@@ -320,10 +320,10 @@ def test_backward_uses_the_kept_y_and_checks_it():
     """The training forward keeps Y (B, H, N, N) for the backward; the backward gives bitwise the
     same gradients from it as when it recomputes Y (empty y), and names a y of the wrong shape."""
     args = _raw_args(True, False, False)
-    out, probs, y, mean, var = torch.ops.fastattnreg.refined_attention_fwd(*args)
-    assert y.shape == probs.shape
+    out, probs, y, mean, var, maps = torch.ops.fastattnreg.refined_attention_fwd(*args)
+    assert y.shape == probs.shape and maps.shape == (0,)  # export "none": no maps
     dout = torch.randn_like(out)
-    tail = (args[10], args[11], args[12], args[13], True)
+    tail = (args[10], args[11], args[12], args[13], True, None, "none")
     bwd = torch.ops.fastattnreg.refined_attention_bwd
     kept = bwd(dout, *args[:8], probs, y, mean, var, *tail)
     recomputed = bwd(dout, *args[:8], probs, y.new_empty(0), mean, var, *tail)

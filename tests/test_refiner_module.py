@@ -142,3 +142,89 @@ def test_batch_norm_in_another_mode_raises():
     m.DLA.bn2.eval()
     with pytest.raises(NotImplementedError, match="must be in the module's mode"):
         m(torch.randn(1, 5, 24))
+
+
+@pytest.mark.parametrize("export", ["full", "head_mean", "cls"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_maps_match_the_reference_from_the_modules_parameters(training, export):
+    from fastattnreg import refined_attention_ref
+
+    torch.manual_seed(0)
+    m = RefinerAttention(24, num_heads=3, qkv_bias=True, expansion=2, kernel_size=3,
+                         export=export, backend="cpp").double().train(training)
+    _randomise_batch_norms(m)
+    assert m.export == export and m.maps is None
+    bns = (m.DLA.bn1, m.DLA.bn2, m.DLA.bn3, m.adapt_bn)
+    running = ([bn.running_mean.clone() for bn in bns], [bn.running_var.clone() for bn in bns])
+    x = torch.randn(2, 17, 24, dtype=torch.float64)
+    m(x)
+    q, k, v = m.qkv(x).reshape(2, 17, 3, 3, 8).permute(2, 0, 3, 1, 4).unbind(0)
+    _, want = refined_attention_ref(
+        q, k, v, m.DLA.conv_exp.weight, m.DLA.depth_sep_conv.weight, m.DLA.conv_pro.weight,
+        [bn.weight for bn in bns], [bn.bias for bn in bns], *running, training=training,
+        momentum=0.1, eps=1e-5, scale=8 ** -0.5, export=export)
+    assert m.maps.shape == want.shape and max_err(m.maps, want) < 1e-11
+    # The maps keep their graph: their gradient reaches qkv and every refiner parameter.
+    params = [m.qkv.weight, m.DLA.conv_exp.weight, m.DLA.depth_sep_conv.weight,
+              m.DLA.conv_pro.weight, *[bn.weight for bn in bns], *[bn.bias for bn in bns]]
+    dmaps = torch.randn_like(want)
+    got = torch.autograd.grad((m.maps * dmaps).sum(), params)
+    ref = torch.autograd.grad((want * dmaps).sum(), params)
+    for a, b in zip(got, ref):
+        assert max_err(a, b) < 1e-9 * max(1.0, b.abs().max().item())
+    m.export = None  # switched off: the next forward leaves no new maps
+    m.maps = None
+    m(x)
+    assert m.maps is None
+
+
+def test_bad_export_raises():
+    with pytest.raises(ValueError, match="export must be one of"):
+        RefinerAttention(24, num_heads=3, export="rows")
+
+
+def test_attention_maps_of_a_refiner_vit_match_the_reference_backend():
+    from fastattnreg.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch2_8", attn="refiner", backend="cpp").eval()
+    ref = create_model("vit_tiny_patch2_8", attn="refiner", backend="reference").eval()
+    ref.load_state_dict(model.state_dict())
+    model.blocks[1].attn.export = "cls"  # a regulariser's setting must survive the call
+    x = torch.randn(2, 1, 8, 8, requires_grad=True)
+    full = model.attention_maps(x, export="full")
+    assert len(full) == 4 and full[0].shape == (2, 4, 17, 17)
+    assert model.blocks[0].attn.export is None and model.blocks[1].attn.export == "cls"
+    for a, b in zip(full, ref.attention_maps(x, export="full")):
+        assert max_err(a, b) < 1e-5 * max(1.0, b.abs().max().item())
+    mean = model.attention_maps(x, export="head_mean")
+    cls = model.attention_maps(x, export="cls")
+    for f, m, c in zip(full, mean, cls):
+        assert max_err(m, f.mean(1)) < 1e-6 and max_err(c, f[:, :, 0]) < 1e-6
+    full[2].square().sum().backward()  # differentiable, back to the images
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_compare_attention_figure_grids_of_a_refiner_vit():
+    """The `compare` figure's grids (train/plots.py) from a Refiner ViT's maps A*: the last
+    block's class-token row over the patches, and the rollout only while every map is
+    non-negative (a negative A* entry leaves it out)."""
+    from fastattnreg.models import attention_rollout, create_model
+    from fastattnreg.train.plots import attention_grids
+
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch2_8", attn="refiner", backend="cpp")
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        model(x)  # one training step moves the running statistics off their init
+    last, rolled = attention_grids(model, x)
+    with torch.no_grad():
+        maps = model.attention_maps(x, export="head_mean")
+    assert all(bool((m >= 0).all()) for m in maps)  # near init A* is still non-negative
+    assert last.shape == rolled.shape == (3, 4, 4)
+    assert torch.equal(last, maps[-1][:, 0, 1:].reshape(3, 4, 4))
+    assert torch.equal(rolled, attention_rollout(maps)[:, 0, 1:].reshape(3, 4, 4))
+    with torch.no_grad():
+        model.blocks[-1].attn.adapt_bn.bias.fill_(-1.0)  # A* of the last block goes negative
+    last, rolled = attention_grids(model, x)
+    assert rolled is None and bool((last < 0).any())

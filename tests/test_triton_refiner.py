@@ -5,7 +5,8 @@
     test here so a failure names its group and shows the child's report.
   * CUDA (skipped without a GPU): the shapes of test_refiner.py in float32 against float64,
     float16/bfloat16 within twice the eager reference's own error in that dtype (both against
-    float64), opcheck and torch.compile(fullgraph=True) of the triton_op registration.
+    float64), opcheck and torch.compile(fullgraph=True) of the triton_op registration, the
+    exported maps of A* and the gradients through them.
 """
 from pathlib import Path
 
@@ -28,7 +29,7 @@ requires_cuda = pytest.mark.skipif(
 
 
 @requires_triton
-@pytest.mark.parametrize("group", ["values", "reruns", "errors", "registration"])
+@pytest.mark.parametrize("group", ["values", "maps", "reruns", "errors", "registration"])
 def test_interpreted_kernels(group):
     """Runs tests/triton_refiner_cases.py -k interp_<group> under TRITON_INTERPRET=1."""
     assert_interpreted_group_passes(CASES, group)
@@ -94,7 +95,7 @@ def test_cuda_opcheck_and_compile_fullgraph():
             torch.cat(params[3:7]), torch.cat(params[7:11]), torch.cat(running[0]),
             torch.cat(running[1]), None, [1e-5] * 4, 0.2, 1.0)
     torch.library.opcheck(torch.ops.fastattnreg.triton_refined_attention_fwd.default,
-                          (*args, True, False))
+                          (*args, True, False, "none"))
     dout = torch.randn_like(qkv[0])
     eager = run_with_grads(refined_attention, qkv, params, clone_running(running), dout,
                            training=True, backend="triton")
@@ -105,3 +106,25 @@ def test_cuda_opcheck_and_compile_fullgraph():
     assert max_err(compiled[0], eager[0]) < 1e-5
     for a, b in zip(compiled[1], eager[1]):
         assert max_err(a, b) <= 1e-5 * max(1.0, b.abs().max().item())
+
+
+@requires_cuda
+@pytest.mark.parametrize("export", ["full", "head_mean", "cls"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_cuda_maps_and_their_gradients_against_float64(training, export):
+    qkv, params, running = make_case(2, 2, 65, 32, 3, 3, seed=13)
+    kw = {"training": training, "export": export}
+    ref_out, ref_maps = refined_attention_ref(*qkv, *params[:3], params[3:7], params[7:11],
+                                              *clone_running(running), **kw)
+    qkv_c, params_c, running_c = _cuda(qkv, params, running, torch.float32)
+    out, maps = refined_attention(*qkv_c, *params_c[:3], params_c[3:7], params_c[7:11],
+                                  *running_c, backend="triton", **kw)
+    tol = 2e-4  # 3xTF32 dots
+    assert max_err(maps.cpu(), ref_maps) <= tol * max(1.0, ref_maps.abs().max().item())
+    dmaps = torch.randn(ref_maps.shape, dtype=torch.float64)
+    want = torch.autograd.grad((ref_maps * dmaps).sum(), (*qkv, *params), allow_unused=True)
+    got = torch.autograd.grad((maps * dmaps.float().cuda()).sum(), (*qkv_c, *params_c))
+    scale = max(g.abs().max().item() for g in want if g is not None)
+    for name, g, r in zip(("dq", "dk", "dv") + PARAM_NAMES, got, want):
+        r = torch.zeros_like(g.cpu(), dtype=torch.float64) if r is None else r
+        assert max_err(g.cpu(), r) <= tol * max(1e-2 * scale, r.abs().max().item()), name

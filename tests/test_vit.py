@@ -145,11 +145,10 @@ def test_attention_maps_come_from_the_fused_kernel_and_restore_state():
         model.attention_maps(x, export="rows")
 
 
-def test_attention_maps_of_refiner_layers_say_they_are_missing():
-    model = create_model("vit_tiny_patch2_8", attn="refiner")
-    if hasattr(model.blocks[0].attn, "export"):
-        pytest.skip("RefinerAttention exports maps now; covered by its own tests")
-    with pytest.raises(RuntimeError, match="RefinerAttention does not export attention maps"):
+def test_attention_maps_name_a_layer_without_maps():
+    model = create_model("vit_tiny_patch2_8")
+    model.blocks[1].attn = torch.nn.Identity()
+    with pytest.raises(RuntimeError, match="Identity does not export attention maps"):
         model.attention_maps(torch.randn(1, 1, 8, 8))
 
 

@@ -6,7 +6,8 @@ kernels, so tests/test_triton_refiner.py runs this file in its own process, one 
     TRITON_INTERPRET=1 python -m pytest -q tests/triton_refiner_cases.py
 float32 kernels against refined_attention_ref in float64 on small shapes (N = 17: one partial
 32 x 32 pixel tile; N = 33: four, with halos across tile edges), kernel 3 and 5, expansion 1..4,
-train and eval, dropout through a given mask. The interpreter is slow (the backward's
+train and eval, dropout through a given mask; the exported maps of A* and the gradients through
+them. The interpreter is slow (the backward's
 depthwise-transposed pass recomputes K^4 expansions per pixel), so the shapes stay small.
 """
 import os
@@ -101,17 +102,86 @@ def test_interp_values_eval_backward_without_saved_probs():
     qkv, params, running = _float32(*make_case(1, 2, 17, 16, 1, 3, seed=5))
     args = _raw_args(qkv, params, running)
     with torch.no_grad():
-        _, probs, y, mean, var = OPS.triton_refined_attention_fwd(*args, False, False)
-        _, probs_kept, _, _, _ = OPS.triton_refined_attention_fwd(*args, False, True)
+        _, probs, y, mean, var, _ = OPS.triton_refined_attention_fwd(*args, False, False, "none")
+        _, probs_kept, _, _, _, _ = OPS.triton_refined_attention_fwd(*args, False, True, "none")
     assert y.shape == (0,)  # the Triton kernels keep no Y: their backward recomputes it
     assert probs.shape == (0,) and probs_kept.shape == (1, 2, 17, 17)
     dout = torch.randn_like(qkv[0])
     bwd_args = (dout, *args[:8])
-    tail = (None, [1e-5] * 4, 0.25, 1.0, False)
+    tail = (None, [1e-5] * 4, 0.25, 1.0, False, None, "none")
     recomputed = OPS.triton_refined_attention_bwd(*bwd_args, probs, y, mean, var, *tail)
     kept = OPS.triton_refined_attention_bwd(*bwd_args, probs_kept, y, mean, var, *tail)
     for a, b in zip(recomputed, kept):
         assert torch.equal(a, b)
+
+
+# -------------------------------------------------------------------------------------- maps
+
+
+def _compare_maps(shape, training, export, *, with_out=True, attn_drop=0.0, seed=0):
+    """Triton float32 maps of A* and the gradients through them (alone, or with out's) against
+    the reference in float64."""
+    B, H, N, D, expansion, ksize = shape
+    qkv, params, running = make_case(B, H, N, D, expansion, ksize, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    mask = torch.rand((B, H, N, N), generator=gen) >= attn_drop if attn_drop else None
+    kw = {"training": training, "attn_drop": attn_drop, "drop_mask": mask, "export": export}
+    ref_out, ref_maps = call(refined_attention_ref, qkv, params, clone_running(running), **kw)
+    qkv32, params32, running32 = _float32(qkv, params, running)
+    out, maps = call(_triton, qkv32, params32, running32, **kw)
+    assert maps.dtype == torch.float32 and maps.shape == ref_maps.shape
+    assert max_err(maps, ref_maps) <= FP32_TOL * max(1.0, ref_maps.abs().max().item()), "maps"
+    dmaps = torch.randn(ref_maps.shape, generator=gen, dtype=torch.float64)
+    dout = torch.randn(ref_out.shape, generator=gen, dtype=torch.float64)
+
+    def grads(o, m, inputs, dt):
+        loss = (m * dmaps.to(dt)).sum() + ((o * dout.to(dt)).sum() if with_out else 0)
+        g = torch.autograd.grad(loss, inputs, allow_unused=True)
+        return [torch.zeros_like(x) if a is None else a for a, x in zip(g, inputs)]
+
+    want = grads(ref_out, ref_maps, (*qkv, *params), torch.float64)
+    got = grads(out, maps, (*qkv32, *params32), torch.float32)
+    scale = max(1.0, max(g.abs().max().item() for g in want))
+    for name, g, w in zip(("dq", "dk", "dv") + PARAM_NAMES, got, want):
+        assert max_err(g, w) <= FP32_TOL * max(scale * 1e-2, w.abs().max().item()), name
+
+
+def test_interp_maps_full_train_maps_alone():
+    _compare_maps((1, 2, 17, 16, 2, 3), True, "full", with_out=False, seed=10)
+
+
+def test_interp_maps_head_mean_eval_with_out():
+    _compare_maps((2, 3, 17, 16, 1, 3), False, "head_mean", seed=11)
+
+
+def test_interp_maps_cls_train_kernel_5_dropout_with_out():
+    _compare_maps((1, 2, 17, 16, 2, 5), True, "cls", attn_drop=0.25, seed=12)
+
+
+def test_interp_maps_full_eval_four_tiles_forward_and_errors():
+    """N = 33: four 32 x 32 pixel tiles, each writing its own part of every map; raw-op errors."""
+    qkv, params, running = _float32(*make_case(1, 2, 33, 16, 1, 3, seed=13))
+    with torch.no_grad():
+        for export in ("full", "head_mean", "cls"):
+            _, maps = call(_triton, qkv, params, clone_running(running), training=False,
+                           export=export)
+            _, want = call(refined_attention_ref, [t.double() for t in qkv],
+                           [t.double() for t in params],
+                           ([t.double() for t in running[0]], [t.double() for t in running[1]]),
+                           training=False, export=export)
+            assert max_err(maps, want) <= FP32_TOL * max(1.0, want.abs().max().item()), export
+    args = _raw_args(qkv, params, running)
+    with pytest.raises(ValueError, match="export must be one of .*got 'rows'"):
+        OPS.triton_refined_attention_fwd(*args, False, True, "rows")
+    with torch.no_grad():
+        out, probs, y, mean, var, maps = OPS.triton_refined_attention_fwd(*args, False, True,
+                                                                           "cls")
+    head = (torch.zeros_like(out), *args[:8], probs, y, mean, var, None, [1e-5] * 4, 0.25, 1.0,
+            False)
+    with pytest.raises(ValueError, match=r"dmaps must have shape \(1, 2, 33\)"):
+        OPS.triton_refined_attention_bwd(*head, torch.zeros(1, 2, 33, 33), "cls")
+    with pytest.raises(ValueError, match="dmaps was given but export is 'none'"):
+        OPS.triton_refined_attention_bwd(*head, torch.zeros(1, 2, 33), "none")
 
 
 # ------------------------------------------------------------------------------------ reruns
@@ -164,30 +234,34 @@ def test_interp_errors_raw_forward(index, value, match):
     qkv, params, running = _float32(*make_case(1, 2, 9, 16, 2, 3))
     args = _with(_raw_args(qkv, params, running), index, value)
     with pytest.raises(ValueError, match=match):
-        OPS.triton_refined_attention_fwd(*args, True, False)
+        OPS.triton_refined_attention_fwd(*args, True, False, "none")
 
 
 def test_interp_errors_qkv_and_backward():
     qkv, params, running = _float32(*make_case(1, 2, 9, 16, 2, 3))
     args = _raw_args(qkv, params, running)
     with pytest.raises(ValueError, match="head dim D must be in"):
-        OPS.triton_refined_attention_fwd(*(t[..., :8] for t in args[:3]), *args[3:], True, False)
+        OPS.triton_refined_attention_fwd(*(t[..., :8] for t in args[:3]), *args[3:], True, False,
+                                         "none")
     with pytest.raises(ValueError, match="dtype"):
-        OPS.triton_refined_attention_fwd(*(t.double() for t in args[:3]), *args[3:], True, False)
+        OPS.triton_refined_attention_fwd(*(t.double() for t in args[:3]), *args[3:], True, False,
+                                         "none")
     stats, no_y = torch.zeros(12), torch.empty(0)
     bwd = (torch.zeros_like(args[0]), *args[:8])
     tail = (None, [1e-5] * 4, 0.25, 1.0)
+    none = (None, "none")  # dmaps, export
     with pytest.raises(ValueError, match="probs must be the"):
-        OPS.triton_refined_attention_bwd(*bwd, torch.empty(0), no_y, stats, stats, *tail, True)
+        OPS.triton_refined_attention_bwd(*bwd, torch.empty(0), no_y, stats, stats, *tail, True,
+                                         *none)
     with pytest.raises(ValueError, match="probs must have shape"):
         OPS.triton_refined_attention_bwd(*bwd, torch.zeros(1, 2, 9, 8), no_y, stats, stats, *tail,
-                                         True)
+                                         True, *none)
     with pytest.raises(ValueError, match="mean must have shape"):
         OPS.triton_refined_attention_bwd(*bwd, torch.zeros(1, 2, 9, 9), no_y, stats[:5], stats,
-                                         *tail, True)
+                                         *tail, True, *none)
     with pytest.raises(ValueError, match="dout must have shape"):
         OPS.triton_refined_attention_bwd(torch.zeros(1, 2, 9, 8), *args[:8], torch.empty(0),
-                                         no_y, stats, stats, *tail, False)
+                                         no_y, stats, stats, *tail, False, *none)
 
 
 def test_interp_errors_public_function_names_triton():
@@ -206,14 +280,14 @@ def test_interp_registration_opcheck():
     args = (*[t.requires_grad_() for t in args[:8]], *args[8:])
     keep = torch.rand(1, 2, 9, 9) >= 0.3
     torch.library.opcheck(OPS.triton_refined_attention_fwd.default,
-                          (*_with(_with(args, 10, keep), 13, 1 / 0.7), True, False))
-    torch.library.opcheck(OPS.triton_refined_attention_fwd.default, (*args, False, True))
+                          (*_with(_with(args, 10, keep), 13, 1 / 0.7), True, False, "none"))
+    torch.library.opcheck(OPS.triton_refined_attention_fwd.default, (*args, False, True, "none"))
     with torch.no_grad():
-        _, probs, y, mean, var = OPS.triton_refined_attention_fwd(*args, True, False)
+        _, probs, y, mean, var, _ = OPS.triton_refined_attention_fwd(*args, True, False, "none")
     dout = torch.randn_like(qkv[0])
     torch.library.opcheck(OPS.triton_refined_attention_bwd.default,
                           (dout, *[t.detach() for t in args[:8]], probs, y, mean, var, None,
-                           [1e-5] * 4, 0.25, 1.0, True))
+                           [1e-5] * 4, 0.25, 1.0, True, None, "none"))
 
 
 def test_interp_registration_compile_fullgraph():

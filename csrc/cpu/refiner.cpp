@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "../checks.h"
@@ -76,6 +77,27 @@ std::vector<double> to_doubles(const at::Tensor& t) {
 
 at::Tensor acc_copy(const at::Tensor& t) { return t.to(acc_dtype(t.scalar_type())).contiguous(); }
 
+// The exports refined attention offers (a subset of what checks.h's parse_export knows, which
+// other ops may extend): anything else is refused here, naming the four.
+ExportKind parse_refiner_export(c10::string_view s) {
+  TORCH_CHECK_VALUE(s == "none" || s == "full" || s == "head_mean" || s == "cls",
+                    "export must be one of 'none', 'full', 'head_mean', 'cls'; got '",
+                    std::string(s), "'");
+  return parse_export(s);
+}
+
+// Shape of the exported maps for q (B, H, N, D): full (B, H, N, N), head_mean (B, N, N),
+// cls (B, H, N); none (0,).
+std::vector<int64_t> maps_shape(const at::Tensor& q, ExportKind kind) {
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2);
+  switch (kind) {
+    case ExportKind::Full: return {B, H, N, N};
+    case ExportKind::HeadMean: return {B, N, N};
+    case ExportKind::Cls: return {B, H, N};
+    default: return {0};  // None (parse_refiner_export admits nothing else)
+  }
+}
+
 // The inputs every pass reads: q, k, v contiguous, the weights in the accumulation type, the
 // dropout mask (training only).
 struct Inputs {
@@ -103,12 +125,15 @@ struct Inputs {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> refined_attention_fwd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w_exp,
-    const at::Tensor& w_dw, const at::Tensor& w_pro, const at::Tensor& bn_weight,
-    const at::Tensor& bn_bias, const at::Tensor& running_mean, const at::Tensor& running_var,
-    const std::optional<at::Tensor>& keep, at::ArrayRef<double> eps, double scale,
-    double drop_scale, bool training, bool save_probs) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+refined_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const at::Tensor& w_exp, const at::Tensor& w_dw, const at::Tensor& w_pro,
+                      const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                      const at::Tensor& running_mean, const at::Tensor& running_var,
+                      const std::optional<at::Tensor>& keep, at::ArrayRef<double> eps,
+                      double scale, double drop_scale, bool training, bool save_probs,
+                      c10::string_view export_kind) {
+  const ExportKind kind = parse_refiner_export(export_kind);
   const refiner::Dims d =
       check_args(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, eps, scale, drop_scale);
   check_param(running_mean, "running_mean", {2 * d.C + 2 * d.H}, q);
@@ -122,18 +147,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> refined_a
   // refinement chain less in the backward's first pass (our choice; extra memory stays P + Y).
   auto y = training ? at::empty({d.B, d.H, d.N, d.N}, q.options().dtype(acc))
                     : at::empty({0}, q.options().dtype(acc));
+  // Every entry is written by the pass that forms A* (export_maps); none: an empty placeholder.
+  auto maps = at::empty(maps_shape(q, kind), q.options());
   std::vector<double> mean = to_doubles(running_mean), var = to_doubles(running_var);
   const std::vector<double> eps_v(eps.begin(), eps.end());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "refined_attention_fwd", [&] {
     using T = at::opmath_type<scalar_t>;
     const auto p = in.problem<scalar_t, T>(d, scale, drop_scale,
                                            probs.numel() ? probs.data_ptr<T>() : nullptr);
+    const refiner::MapsOut<scalar_t> maps_out{
+        kind, kind == ExportKind::None ? nullptr : maps.data_ptr<scalar_t>()};
     refiner::forward_impl(p, training, mean, var, eps_v, out.data_ptr<scalar_t>(),
-                          y.numel() ? y.data_ptr<T>() : nullptr);
+                          y.numel() ? y.data_ptr<T>() : nullptr, maps_out);
   });
   auto stats_opts = q.options().dtype(at::kDouble);
   auto mean_t = at::tensor(mean, stats_opts).to(acc), var_t = at::tensor(var, stats_opts).to(acc);
-  return {out, probs, y, mean_t, var_t};
+  return {out, probs, y, mean_t, var_t, maps};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -144,11 +173,21 @@ refined_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Ten
                       const at::Tensor& bn_bias, const at::Tensor& probs, const at::Tensor& y,
                       const at::Tensor& mean, const at::Tensor& var,
                       const std::optional<at::Tensor>& keep,
-                      at::ArrayRef<double> eps, double scale, double drop_scale, bool training) {
+                      at::ArrayRef<double> eps, double scale, double drop_scale, bool training,
+                      const std::optional<at::Tensor>& dmaps, c10::string_view export_kind) {
+  const ExportKind kind = parse_refiner_export(export_kind);
   const refiner::Dims d =
       check_args(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, eps, scale, drop_scale);
   const auto acc = acc_dtype(q.scalar_type());
   check_like(dout, "dout", q.sizes(), q.scalar_type());
+  at::Tensor dmaps_c;
+  if (dmaps.has_value()) {
+    TORCH_CHECK_VALUE(kind != ExportKind::None,
+                      "dmaps was given but export is 'none' (no maps were exported); pass "
+                      "dmaps=None or the export the forward used");
+    check_like(*dmaps, "dmaps", maps_shape(q, kind), q.scalar_type());
+    dmaps_c = dmaps->contiguous();
+  }
   // An eval-mode forward that did not save P (save_probs = false): recompute it here.
   TORCH_CHECK_VALUE(probs.numel() > 0 || !training,
                     "probs must be the (B, H, N, N) P saved by a training-mode forward; got shape ",
@@ -179,7 +218,8 @@ refined_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Ten
     const refiner::Grads<scalar_t, T> g{
         dout_c.const_data_ptr<scalar_t>(), dattn.data(), dq.data_ptr<scalar_t>(),
         dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), dwe.data_ptr<T>(), dwd.data_ptr<T>(),
-        dwp.data_ptr<T>(), dgamma.data_ptr<T>(), dbeta.data_ptr<T>()};
+        dwp.data_ptr<T>(), dgamma.data_ptr<T>(), dbeta.data_ptr<T>(),
+        dmaps_c.defined() ? dmaps_c.const_data_ptr<scalar_t>() : nullptr, kind};
     refiner::backward_impl(p, g, /*frozen=*/!training, mean_v, var_v, eps_v,
                            y_c.numel() > 0 ? y_c.const_data_ptr<T>() : nullptr);
   });

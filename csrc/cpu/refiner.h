@@ -23,17 +23,23 @@ namespace fastattnreg::cpu {
 //         then skips the refinement chain); stored when training, else empty (0,)
 //   mean, var (2C + 2H), accumulation type: the statistics each BatchNorm used; in training the
 //         batch mean and biased variance over (B, N, N), in eval a copy of the running ones.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> refined_attention_fwd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w_exp,
-    const at::Tensor& w_dw, const at::Tensor& w_pro, const at::Tensor& bn_weight,
-    const at::Tensor& bn_bias, const at::Tensor& running_mean, const at::Tensor& running_var,
-    const std::optional<at::Tensor>& keep, at::ArrayRef<double> eps, double scale,
-    double drop_scale, bool training, bool save_probs);
+//   maps  the refined attention A* (what meets V) by export_kind, q's dtype: "full" (B, H, N, N),
+//         "head_mean" (B, N, N) (mean over heads), "cls" (B, H, N) (row 0 of each head);
+//         "none": empty (0,), nothing computed.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+refined_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const at::Tensor& w_exp, const at::Tensor& w_dw, const at::Tensor& w_pro,
+                      const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                      const at::Tensor& running_mean, const at::Tensor& running_var,
+                      const std::optional<at::Tensor>& keep, at::ArrayRef<double> eps,
+                      double scale, double drop_scale, bool training, bool save_probs,
+                      c10::string_view export_kind = "none");
 
-// Gradients of q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias from dout, given what the forward
-// returned (probs, y, mean, var). training = false: the statistics were constants (eval mode);
-// then probs may be empty (an eval forward with save_probs = false) and is recomputed. y may be
-// empty (recomputed where needed).
+// Gradients of q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias from dout and (optionally) dmaps,
+// the gradient of the maps the forward exported with export_kind (its shape, q's dtype), given
+// what the forward returned (probs, y, mean, var). training = false: the statistics were
+// constants (eval mode); then probs may be empty (an eval forward with save_probs = false) and is
+// recomputed. y may be empty (recomputed where needed).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor>
 refined_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
@@ -42,6 +48,8 @@ refined_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Ten
                       const at::Tensor& bn_bias, const at::Tensor& probs, const at::Tensor& y,
                       const at::Tensor& mean, const at::Tensor& var,
                       const std::optional<at::Tensor>& keep,
-                      at::ArrayRef<double> eps, double scale, double drop_scale, bool training);
+                      at::ArrayRef<double> eps, double scale, double drop_scale, bool training,
+                      const std::optional<at::Tensor>& dmaps = std::nullopt,
+                      c10::string_view export_kind = "none");
 
 }  // namespace fastattnreg::cpu

@@ -16,9 +16,12 @@ namespace fastattnreg::cpu::refiner {
 template <typename scalar_t, typename T>
 struct Grads {
   const scalar_t* dout;  // (B, H, N, D)
-  T* dattn;              // (B, H, N, N) scratch: dA* = dout V^T, written by B1
+  T* dattn;              // (B, H, N, N) scratch: dA* = dout V^T (+ dmaps), written by B1
   scalar_t *dq, *dk, *dv;
   T *dw_exp, *dw_dw, *dw_pro, *dgamma, *dbeta;  // (C, H), (C, K, K), (H, C), packed x 2
+  // The gradient of the exported maps (shape by export_kind, see MapsOut), or nullptr.
+  const scalar_t* dmaps = nullptr;
+  ExportKind export_kind = ExportKind::None;
 };
 
 // Per BatchNorm channel: dx = k (du - cb - x_hat cg).
@@ -250,8 +253,9 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
     for (int64_t j = 0; j < K * K; ++j)
       w_dw_flipped[c * K * K + j] = p.w.w_dw[c * K * K + (K * K - 1 - j)];
 
-  // B1: dA* = dout V^T (stored); per head the sums of dA*, dA* z_hat, dA* y_hat, z_hat y_hat,
-  // z_hat, y_hat. dz is affine in dA* given the forward, so BN3's sums follow from them too.
+  // B1: dA* = dout V^T + the maps' gradient (stored); per head the sums of dA*, dA* z_hat,
+  // dA* y_hat, z_hat y_hat, z_hat, y_hat. dz is affine in dA* given the forward, so BN3's sums
+  // follow from them too.
   {
     constexpr int W = 6;
     std::vector<Sum> parts(tiles.count * H * W);
@@ -272,6 +276,7 @@ void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, 
         const T* dO = tile_as_acc(gr.dout + (bh * N + rows.lo) * D, m * D, ws.qb);
         T* das = gr.dattn + (bh * N + rows.lo) * N;
         score_gemm_nn<T>(m, N, D, T(1), dO, D, ws.kt, ws.kld, das, N);
+        if (gr.dmaps) add_maps_grad(d, gr.export_kind, gr.dmaps, b, h, rows, das);
         const int64_t a = pk.bna + h, c3 = pk.bn3 + h;
         VecSum<T> v[W];  // over the tile's rows of head h: contiguous runs
         const T* y = y_saved ? y_saved + (bh * N + rows.lo) * N : ws.at(ws.Y, h, rows.lo);

@@ -35,11 +35,12 @@ struct Sum {
 
 // mean, var: in eval mode the running statistics (read); in training mode the batch statistics
 // (written: biased variance, packed bn1 | bn2 | bn3 | adapt). y_out (training): Y = W_r F
-// (B, H, N, N), written by F3 for F4 and kept for the backward.
+// (B, H, N, N), written by F3 for F4 and kept for the backward. maps: the exported A*, written
+// by the pass that forms A* (the eval pass, or F4).
 template <typename scalar_t, typename T>
 void forward_impl(const Problem<scalar_t, T>& p, bool training, std::vector<double>& mean,
                   std::vector<double>& var, const std::vector<double>& eps, scalar_t* out,
-                  T* y_out) {
+                  T* y_out, const MapsOut<scalar_t>& maps = {}) {
   const Dims& d = p.d;
   const Packed pk(d);
   const Tiles tiles(d, p.block);
@@ -55,6 +56,7 @@ void forward_impl(const Problem<scalar_t, T>& p, bool training, std::vector<doub
       const Range rows = tiles.rows(t);
       chain_to_y(p, nm, pk, ws, b, rows, /*from_probs=*/false);
       refine(nm, pk, d, ws, rows);
+      export_maps(d, ws, b, rows, maps);
       attend(p, ws, b, rows, out);
     });
     return;
@@ -162,6 +164,7 @@ void forward_impl(const Problem<scalar_t, T>& p, bool training, std::vector<doub
     load_attn(p, ws, b, rows);
     load_rows(ybuf, d, ws, ws.Y, b, rows);
     refine(nm, pk, d, ws, rows);
+    export_maps(d, ws, b, rows, maps);
     attend(p, ws, b, rows, out);
   });
 }

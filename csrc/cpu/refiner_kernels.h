@@ -27,6 +27,9 @@
 //               convolution, for BN1 (see there)
 //            B3 (one task per batch element) dx2 on the halo, dE = W_d^T * dx2, dx1, dA,
 //               dS = P (dP - rowsum), dq, dk, dv; dW_e, dW_d, dW_r
+// Exported maps (export != "none"): the pass that forms A* (F4, or the eval pass) writes them from
+// its A* planes (export_maps); B1 adds their gradient into dA* right after dA* = dout V^T
+// (add_maps_grad), so the rest of the backward carries it to every input unchanged.
 // Extra memory in training: P and Y from the forward to the backward, dA* during the backward,
 // all (B, H, N, N); the dropout keep-mask (B, H, N, N) bool when attn_drop > 0. (Keeping Y
 // costs one map and saves the chain in B1, ~5% of a training step at (64, 3, 65, 64).) The dA*
@@ -45,8 +48,10 @@
 #include <array>
 #include <cstdlib>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
+#include "../checks.h"
 #include "attention_kernels.h"
 #include "blas.h"
 #include "kept_cache.h"
@@ -425,6 +430,87 @@ void refine(const Norms<T>& nm, const Packed& pk, const Dims& d, Planes<T>& ws, 
     const T* a = ws.a(h, rows.lo);
     T* out = ws.at(ws.As, h, rows.lo);
     for (int64_t j = 0; j < pix; ++j) out[j] = sa * (s3 * y[j] + t3 + a[j]) + ta;
+  }
+}
+
+// The exported maps of A*: kind and where they go (nullptr when kind is None), q's dtype.
+//   Full (B, H, N, N); HeadMean (B, N, N), the mean over heads; Cls (B, H, N), row 0 per head.
+template <typename scalar_t>
+struct MapsOut {
+  ExportKind kind = ExportKind::None;
+  scalar_t* data = nullptr;
+};
+
+// n values from the accumulation type into the maps' dtype.
+template <typename scalar_t, typename T>
+void store_run(scalar_t* dst, const T* src, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    std::copy(src, src + n, dst);
+  } else {
+    convert_row(dst, src, n);
+  }
+}
+
+// Writes the exported maps on `rows` of batch b from the As planes (refine()'s A*). HeadMean sums
+// the heads in head order into the dA planes' first channel (unused in the forward), then divides
+// by H; Cls writes only from the tile that holds row 0.
+template <typename scalar_t, typename T>
+void export_maps(const Dims& d, Planes<T>& ws, int64_t b, Range rows,
+                 const MapsOut<scalar_t>& maps) {
+  const int64_t N = d.N, H = d.H, pix = rows.size() * N;
+  switch (maps.kind) {
+    case ExportKind::Full:
+      for (int64_t h = 0; h < H; ++h)
+        store_run(maps.data + ((b * H + h) * N + rows.lo) * N, ws.at(ws.As, h, rows.lo), pix);
+      break;
+    case ExportKind::HeadMean: {
+      T* sum = ws.at(ws.dA, 0, rows.lo);
+      const T* first = ws.at(ws.As, 0, rows.lo);
+      std::copy(first, first + pix, sum);
+      for (int64_t h = 1; h < H; ++h) {
+        const T* a = ws.at(ws.As, h, rows.lo);
+        for (int64_t j = 0; j < pix; ++j) sum[j] += a[j];
+      }
+      for (int64_t j = 0; j < pix; ++j) sum[j] /= T(H);
+      store_run(maps.data + (b * N + rows.lo) * N, static_cast<const T*>(sum), pix);
+      break;
+    }
+    case ExportKind::Cls:
+      if (rows.lo == 0)
+        for (int64_t h = 0; h < H; ++h)
+          store_run(maps.data + (b * H + h) * N, ws.at(ws.As, h, 0), N);
+      break;
+    default:  // None: nothing exported
+      break;
+  }
+}
+
+// dA* += the gradient of the exported maps, on `rows` (m = rows.size()) of head h of batch b:
+// das points at row rows.lo of that head's dA* (m x N). HeadMean spreads dmaps / H over every
+// head; Cls adds to row 0 only.
+template <typename scalar_t, typename T>
+void add_maps_grad(const Dims& d, ExportKind kind, const scalar_t* dmaps, int64_t b, int64_t h,
+                   Range rows, T* das) {
+  const int64_t N = d.N, H = d.H, pix = rows.size() * N;
+  switch (kind) {
+    case ExportKind::Full: {
+      const scalar_t* g = dmaps + ((b * H + h) * N + rows.lo) * N;
+      for (int64_t j = 0; j < pix; ++j) das[j] += T(g[j]);
+      break;
+    }
+    case ExportKind::HeadMean: {
+      const scalar_t* g = dmaps + (b * N + rows.lo) * N;
+      for (int64_t j = 0; j < pix; ++j) das[j] += T(g[j]) / T(H);
+      break;
+    }
+    case ExportKind::Cls:
+      if (rows.lo == 0) {
+        const scalar_t* g = dmaps + (b * H + h) * N;
+        for (int64_t j = 0; j < N; ++j) das[j] += T(g[j]);
+      }
+      break;
+    default:  // None: nothing exported
+      break;
   }
 }
 

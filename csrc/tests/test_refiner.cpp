@@ -54,9 +54,14 @@ void check_case(const Case& c, at::ScalarType dt) {
   const double scale = 1.0 / std::sqrt(double(c.D)), drop_scale = c.dropout ? 1.0 / 0.7 : 1.0;
   std::optional<Tensor> keep;
   if (c.dropout) keep = at::rand({c.B, c.H, c.N, c.N}) >= 0.3;
-  auto [out, probs, y, mean, var] = fastattnreg::cpu::refined_attention_fwd(
+  auto [out, probs, y, mean, var, maps] = fastattnreg::cpu::refined_attention_fwd(
+      q, k, v, w.w_exp, w.w_dw, w.w_pro, w.gamma, w.beta, w.rmean, w.rvar, keep, eps, scale,
+      drop_scale, c.training, /*save_probs=*/true, "full");
+  // Without an export: the same out, and an empty maps placeholder.
+  const auto plain = fastattnreg::cpu::refined_attention_fwd(
       q, k, v, w.w_exp, w.w_dw, w.w_pro, w.gamma, w.beta, w.rmean, w.rvar, keep, eps, scale,
       drop_scale, c.training, /*save_probs=*/true);
+  EXPECT(at::equal(std::get<0>(plain), out) && std::get<5>(plain).numel() == 0);
 
   // Reference, float64 with autograd.
   auto leaf = [](const Tensor& t) { return t.to(at::kDouble).requires_grad_(); };
@@ -84,16 +89,17 @@ void check_case(const Case& c, at::ScalarType dt) {
 
   const double tol = dt == at::kDouble ? 1e-10 : 2e-4;
   EXPECT_CLOSE(out, ref_out, dt, tol, "out");
+  EXPECT_CLOSE(maps, refined, dt, tol, "maps (A*)");
   if (c.training) {
     EXPECT_CLOSE(mean, at::cat(batch_mean), mean.scalar_type(), tol, "batch mean");
     EXPECT_CLOSE(var, at::cat(batch_var), var.scalar_type(), tol, "batch var");
   }
-  const Tensor dout = at::randn_like(out);
+  const Tensor dout = at::randn_like(out), dmaps = at::randn_like(maps);
   EXPECT(y.numel() == (c.training ? c.B * c.H * c.N * c.N : 0));  // Y kept in training only
   auto [dq, dk, dv, dwe, dwd, dwp, dg, db] = fastattnreg::cpu::refined_attention_bwd(
       dout, q, k, v, w.w_exp, w.w_dw, w.w_pro, w.gamma, w.beta, probs, y, mean, var, keep, eps,
-      scale, drop_scale, c.training);
-  (ref_out * dout.to(at::kDouble)).sum().backward();
+      scale, drop_scale, c.training, dmaps, "full");
+  ((ref_out * dout.to(at::kDouble)).sum() + (refined * dmaps.to(at::kDouble)).sum()).backward();
   EXPECT_CLOSE(dq, q64.grad(), dt, tol, "dq");
   EXPECT_CLOSE(dk, k64.grad(), dt, tol, "dk");
   EXPECT_CLOSE(dv, v64.grad(), dt, tol, "dv");
@@ -108,7 +114,7 @@ void check_case(const Case& c, at::ScalarType dt) {
   for (const Tensor& y_given : {y, at::empty({0}, y.options())}) {
     auto again = fastattnreg::cpu::refined_attention_bwd(
         dout, q, k, v, w.w_exp, w.w_dw, w.w_pro, w.gamma, w.beta, probs, y_given, mean, var, keep,
-        eps, scale, drop_scale, c.training);
+        eps, scale, drop_scale, c.training, dmaps, "full");
     EXPECT(at::equal(std::get<0>(again), dq) && at::equal(std::get<3>(again), dwe) &&
            at::equal(std::get<6>(again), dg));
   }
@@ -129,6 +135,11 @@ void check_bad_input() {
   EXPECT_THROWS_WITH(fwd(w.w_exp, w.w_dw, at::randn({2, 5}), eps), "w_pro must have shape");
   EXPECT_THROWS_WITH(fwd(w.w_exp.to(at::kDouble), w.w_dw, w.w_pro, eps), "w_exp must have q's dtype");
   EXPECT_THROWS_WITH(fwd(w.w_exp, w.w_dw, w.w_pro, {1e-5}), "eps must hold 4 values");
+  EXPECT_THROWS_WITH(
+      fastattnreg::cpu::refined_attention_fwd(q, q, q, w.w_exp, w.w_dw, w.w_pro, w.gamma, w.beta,
+                                              w.rmean, w.rvar, std::nullopt, eps, 0.5, 1.0, true,
+                                              false, "rows"),
+      "export must be one of", "got 'rows'");
 }
 
 }  // namespace

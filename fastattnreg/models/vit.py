@@ -179,7 +179,8 @@ class VisionTransformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def attention_maps(self, x: torch.Tensor, export: str = "head_mean") -> list[torch.Tensor]:
-        """One attention map per block for images x, exported by the fused attention kernels.
+        """One attention map per block for images x, exported by the fused attention kernels
+        (softmax maps; for RefinerAttention the refined map A* that multiplies v).
 
         export: "full" (B, H, N, N), "head_mean" (B, N, N) or "cls" (B, H, N). The maps carry
         their autograd graph when grad mode is on. Every layer's previous `export` and `maps`

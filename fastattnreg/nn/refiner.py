@@ -16,6 +16,10 @@ their running statistics (track_running_stats=True, affine=True): anything else 
 Attention dropout (attn_drop > 0, training only): the keep-mask is drawn from torch's generator
 as a (B, H, N, N) bool tensor and read by the fused kernels, so it costs one byte per map entry
 and is drawn with a different random stream than nn.Dropout (same distribution).
+
+Maps: with `export` set ("full", "head_mean", "cls", as FusedAttention's), each forward leaves
+the refined attention A* (the map that meets v, after the convolutions, BatchNorms, residual and
+adapt_bn) on `module.maps`, autograd graph attached, written by the fused kernels.
 """
 from __future__ import annotations
 
@@ -24,7 +28,9 @@ from typing import Optional, Type
 import torch
 from torch import nn
 
+from ..ops.checks import check_choice
 from ..ops.refiner import refined_attention
+from ..ops.refiner_export import EXPORTS
 
 
 class RefinerConvs(nn.Module):
@@ -61,6 +67,7 @@ class RefinerAttention(nn.Module):
         norm_layer: Optional[Type[nn.Module]] = None,
         expansion: int = 3,
         kernel_size: int = 3,
+        export: Optional[str] = None,
         backend: str = "auto",
         device=None,
         dtype=None,
@@ -82,11 +89,14 @@ class RefinerAttention(nn.Module):
                              f"got {kernel_size!r}")
         if not 0.0 <= attn_drop < 1.0:
             raise ValueError(f"attn_drop must be a probability in [0, 1); got {attn_drop!r}")
+        check_choice("export", export, EXPORTS)
         self.num_heads = num_heads
         self.head_dim = attn_head_dim
         self.attn_dim = num_heads * attn_head_dim
         self.scale = attn_head_dim**-0.5
+        self.export = export
         self.backend = backend
+        self.maps: Optional[torch.Tensor] = None  # A* of the last forward, by `export`
 
         self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias, **dd)
         self.q_norm = norm_layer(attn_head_dim, **dd) if qk_norm else nn.Identity()
@@ -144,14 +154,19 @@ class RefinerAttention(nn.Module):
         def cast(t):  # autocast: the activations' dtype, e.g. bfloat16 under float32 params
             return t if t.dtype == q.dtype else t.to(q.dtype)
 
-        out = refined_attention(
+        result = refined_attention(
             q, k, v, cast(self.DLA.conv_exp.weight), cast(self.DLA.depth_sep_conv.weight),
             cast(self.DLA.conv_pro.weight), [cast(bn.weight) for bn in bns],
             [cast(bn.bias) for bn in bns], [bn.running_mean for bn in bns],
             [bn.running_var for bn in bns], training=self.training, momentum=momentum,
             eps=[bn.eps for bn in bns], scale=self.scale,
-            attn_drop=self.attn_drop.p if self.training else 0.0, backend=self.backend,
+            attn_drop=self.attn_drop.p if self.training else 0.0, export=self.export,
+            backend=self.backend,
         )
+        if self.export is None:
+            out = result
+        else:
+            out, self.maps = result
         x = out.transpose(1, 2).reshape(B, N, self.attn_dim)
         x = self.norm(x)
         if gate is not None:

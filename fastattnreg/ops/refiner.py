@@ -25,6 +25,7 @@ import torch
 from .. import backend as _backend
 from .checks import check_choice, check_qkv, check_scale
 from .refiner_autograd import register_refiner_autograd
+from .refiner_export import EXPORTS, check_dmaps, maps_shape
 from .refiner_ref import BN_NAMES, _per_bn, refined_attention_ref
 
 __all__ = ["refined_attention", "refined_attention_ref"]
@@ -40,7 +41,8 @@ if _backend.cpp_available():
 
     @torch.library.register_fake("fastattnreg::refined_attention_fwd")
     def _refined_fwd_fake(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean,
-                          running_var, keep, eps, scale, drop_scale, training, save_probs):
+                          running_var, keep, eps, scale, drop_scale, training, save_probs,
+                          export):
         B, H, N, _ = q.shape
         acc = _acc_dtype(q.dtype)
         probs_shape = (B, H, N, N) if training or save_probs else (0,)
@@ -48,11 +50,12 @@ if _backend.cpp_available():
         return (torch.empty_like(q, memory_format=torch.contiguous_format),
                 q.new_empty(probs_shape, dtype=acc), q.new_empty(y_shape, dtype=acc),
                 q.new_empty(bn_weight.shape, dtype=acc),
-                q.new_empty(bn_weight.shape, dtype=acc))
+                q.new_empty(bn_weight.shape, dtype=acc), q.new_empty(maps_shape(q, export)))
 
     @torch.library.register_fake("fastattnreg::refined_attention_bwd")
     def _refined_bwd_fake(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, y,
-                          mean, var, keep, eps, scale, drop_scale, training):
+                          mean, var, keep, eps, scale, drop_scale, training, dmaps, export):
+        check_dmaps(dmaps, q, export)
         return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
                      for t in (q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias))
 
@@ -155,7 +158,8 @@ def refined_attention(q, k, v, conv_exp_weight, conv_dw_weight, conv_pro_weight,
                       bn_weight: Sequence[torch.Tensor], bn_bias: Sequence[torch.Tensor],
                       running_mean: Sequence[torch.Tensor], running_var: Sequence[torch.Tensor],
                       *, training: bool, momentum=0.1, eps=1e-5, scale=None,
-                      attn_drop: float = 0.0, drop_mask=None, backend: str = "auto"):
+                      attn_drop: float = 0.0, drop_mask=None, export=None,
+                      backend: str = "auto"):
     """Refiner attention: softmax maps refined by expanded-head convolutions, then times v.
 
     Args:
@@ -175,11 +179,18 @@ def refined_attention(q, k, v, conv_exp_weight, conv_dw_weight, conv_pro_weight,
         attn_drop: attention-dropout probability, used only when training. The keep-mask is
             drawn here from torch's generator as a (B, H, N, N) bool tensor (or taken from
             `drop_mask`) and read by the kernels: one extra byte per map entry.
+        export: None, "full" (B, H, N, N), "head_mean" (B, N, N: mean over heads) or "cls"
+            (B, H, N: row 0 of each head), as fastattnreg.attention's: maps of the refined
+            attention A* = BN_a(BN3(W_r F) + A), the map that meets v, in q's dtype. Written by
+            the kernels' last forward pass; their gradient is folded into the backward's
+            dA* = dout V^T, so it reaches q, k, the conv weights and bn_weight/bn_bias.
         backend: "auto" | "cpp" | "triton" | "reference" (see fastattnreg.backend).
 
     Returns:
-        out (B, H, N, D). Gradients flow into q, k, v, the conv weights and bn_weight/bn_bias.
+        out (B, H, N, D), then the maps if `export` is set. Gradients flow into q, k, v, the conv
+        weights and bn_weight/bn_bias.
     """
+    check_choice("export", export, EXPORTS)
     check_choice("backend", backend, _backend.BACKENDS)
     check_scale("scale", scale)
     if not isinstance(q, torch.Tensor):
@@ -200,7 +211,7 @@ def refined_attention(q, k, v, conv_exp_weight, conv_dw_weight, conv_pro_weight,
         return refined_attention_ref(q, k, v, conv_exp_weight, conv_dw_weight, conv_pro_weight,
                                      bn_weight, bn_bias, running_mean, running_var,
                                      training=training, momentum=momentum, eps=eps, scale=scale,
-                                     attn_drop=attn_drop, drop_mask=drop_mask)
+                                     attn_drop=attn_drop, drop_mask=drop_mask, export=export)
     fwd = _forward_op(impl)
     scale = float(D ** -0.5 if scale is None else scale)
     eps4 = [float(e) for e in _per_bn("eps", eps)]
@@ -210,15 +221,16 @@ def refined_attention(q, k, v, conv_exp_weight, conv_dw_weight, conv_pro_weight,
     with torch.no_grad():
         packed_mean = torch.cat([t.to(q.dtype) for t in running_mean])
         packed_var = torch.cat([t.to(q.dtype) for t in running_var])
-    out, _, _, mean, var = fwd(
+    out, _, _, mean, var, maps = fwd(
         q, k, v, conv_exp_weight.reshape(C, H), conv_dw_weight.reshape(C, K, K),
         conv_pro_weight.reshape(H, C), torch.cat(list(bn_weight)), torch.cat(list(bn_bias)),
         packed_mean, packed_var, drop_mask if dropout else None, eps4, scale,
-        1.0 / (1.0 - attn_drop) if dropout else 1.0, training, save_probs)
+        1.0 / (1.0 - attn_drop) if dropout else 1.0, training, save_probs,
+        "none" if export is None else export)
     if training:
         _update_running_stats(running_mean, running_var, mean, var, _per_bn("momentum", momentum),
                               count=B * N * N, sizes=(C, C, H, H))
-    return out
+    return out if export is None else (out, maps)
 
 
 def _update_running_stats(running_mean, running_var, mean, var, momentum, count, sizes) -> None:

@@ -12,7 +12,7 @@ query and the key index (CLS included, zero "same" padding). With C = expansion 
     out = A* v                            (B, H, N, D)
 BatchNorm statistics are per channel over (B, N, N): batch statistics in training (the running
 statistics are updated in place exactly as nn.BatchNorm2d does, through F.batch_norm), the
-running statistics in eval.
+running statistics in eval. The exported maps are taken from A*, the refined map that meets v.
 """
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .checks import check_choice
+from .refiner_export import EXPORTS, export_maps
 
 BN_NAMES = ("bn1", "bn2", "bn3", "adapt_bn")
 
@@ -39,14 +42,16 @@ def refined_attention_ref(q, k, v, conv_exp_weight, conv_dw_weight, conv_pro_wei
                           running_mean: Sequence[torch.Tensor],
                           running_var: Sequence[torch.Tensor], *, training: bool,
                           momentum=0.1, eps=1e-5, scale=None, attn_drop: float = 0.0,
-                          drop_mask=None, upcast: bool = True):
+                          drop_mask=None, export=None, upcast: bool = True):
     """Refiner attention with every intermediate materialised; same arguments as
-    `refined_attention` (see there). Returns out (B, H, N, D).
+    `refined_attention` (see there). Returns out (B, H, N, D), then the maps of A* (q's dtype)
+    if `export` is set.
 
     drop_mask: (B, H, N, N) bool keep-mask for attention dropout (kept entries are scaled by
     1 / (1 - attn_drop)); drawn here with torch's generator when None. Used only in training
     with attn_drop > 0. upcast=True computes bfloat16/float16 in float32.
     """
+    check_choice("export", export, EXPORTS)
     momentum, eps = _per_bn("momentum", momentum), _per_bn("eps", eps)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dtype = q.dtype
@@ -81,5 +86,8 @@ def refined_attention_ref(q, k, v, conv_exp_weight, conv_dw_weight, conv_pro_wei
     e = F.relu6(bn(F.conv2d(attn, w_exp), 0))                                # (B, C, N, N)
     f = F.relu6(bn(F.conv2d(e, w_dw, padding=ksize // 2, groups=w_dw.shape[0]), 1))
     g = bn(F.conv2d(f, w_pro), 2)                                            # (B, H, N, N)
-    refined = bn(g + attn, 3)
-    return (refined @ v).to(dtype)
+    refined = bn(g + attn, 3)                                                # A* (B, H, N, N)
+    out = (refined @ v).to(dtype)
+    if export is None:
+        return out
+    return out, export_maps(refined, export).to(dtype)

@@ -15,6 +15,7 @@ import math
 import torch
 
 from ..triton import refiner as _kernels
+from .refiner_export import check_dmaps, maps_shape
 from .refiner_autograd import register_refiner_autograd
 from .triton_attention import _check_common, _check_like, define_triton_op, _unit_stride
 
@@ -23,14 +24,14 @@ BWD_NAME = "fastattnreg::triton_refined_attention_bwd"
 FWD_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor w_exp, Tensor w_dw, Tensor w_pro, Tensor bn_weight, "
     "Tensor bn_bias, Tensor running_mean, Tensor running_var, Tensor? keep, float[] eps, "
-    "float scale, float drop_scale, bool training, bool save_probs) "
-    "-> (Tensor out, Tensor probs, Tensor y, Tensor mean, Tensor var)"
+    "float scale, float drop_scale, bool training, bool save_probs, str export) "
+    "-> (Tensor out, Tensor probs, Tensor y, Tensor mean, Tensor var, Tensor maps)"
 )
 BWD_SCHEMA = (
     "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor w_exp, Tensor w_dw, Tensor w_pro, "
     "Tensor bn_weight, Tensor bn_bias, Tensor probs, Tensor y, Tensor mean, Tensor var, "
     "Tensor? keep, "
-    "float[] eps, float scale, float drop_scale, bool training) "
+    "float[] eps, float scale, float drop_scale, bool training, Tensor? dmaps, str export) "
     "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dw_exp, Tensor dw_dw, Tensor dw_pro, "
     "Tensor dbn_weight, Tensor dbn_bias)"
 )
@@ -79,7 +80,8 @@ def _check_args(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, eps, scal
 
 
 def _check_fwd(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, running_var, keep,
-               eps, scale, drop_scale, training) -> None:
+               eps, scale, drop_scale, training, export) -> None:
+    maps_shape(q, export)  # a known export string
     C, _ = _check_args(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, eps, scale,
                        drop_scale, training)
     H = q.shape[1]
@@ -88,11 +90,12 @@ def _check_fwd(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, ru
 
 
 def _check_bwd(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, mean, var, keep, eps,
-               scale, drop_scale, training) -> None:
+               scale, drop_scale, training, dmaps, export) -> None:
     C, _ = _check_args(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, eps, scale,
                        drop_scale, training)
     B, H, N, _ = q.shape
     _check_like(dout, "dout", q.shape, q.dtype, q.device)
+    check_dmaps(dmaps, q, export)
     if probs.numel() > 0 or training:
         if training and probs.numel() == 0:
             raise ValueError(f"probs must be the (B, H, N, N) P saved by a training-mode forward;"
@@ -106,45 +109,46 @@ def _check_bwd(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, mea
 
 
 def _triton_fwd(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, running_var, keep,
-                eps, scale, drop_scale, training, save_probs):
+                eps, scale, drop_scale, training, save_probs, export):
     _check_fwd(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, running_var, keep,
-               eps, scale, drop_scale, training)
+               eps, scale, drop_scale, training, export)
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
     keep = keep.contiguous() if training and keep is not None else None  # eval: no dropout
-    out, probs, mean, var = _kernels.refined_fwd(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias,
-                                                 running_mean, running_var, keep, eps, scale,
-                                                 drop_scale, training, save_probs)
+    out, probs, mean, var, maps = _kernels.refined_fwd(
+        q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, running_var, keep, eps,
+        scale, drop_scale, training, save_probs, export)
     # y: the Triton backward recomputes Y, so none is kept (the schema's y is for the C++ kernel).
-    return out, probs, probs.new_empty((0,)), mean, var
+    return out, probs, probs.new_empty((0,)), mean, var, maps
 
 
 def _triton_bwd(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, y, mean, var,
-                keep, eps, scale, drop_scale, training):
+                keep, eps, scale, drop_scale, training, dmaps, export):
     del y  # never kept by _triton_fwd
     _check_bwd(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, mean, var, keep, eps,
-               scale, drop_scale, training)
+               scale, drop_scale, training, dmaps, export)
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
     keep = keep.contiguous() if training and keep is not None else None
     return _kernels.refined_bwd(dout.contiguous(), q, k, v, w_exp, w_dw, w_pro, bn_weight,
                                 bn_bias, probs.contiguous(), mean, var, keep, eps, scale,
-                                drop_scale, training)
+                                drop_scale, training, dmaps, export)
 
 
 def _fwd_fake(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, running_var, keep,
-              eps, scale, drop_scale, training, save_probs):
+              eps, scale, drop_scale, training, save_probs, export):
     _check_fwd(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, running_var, keep,
-               eps, scale, drop_scale, training)
+               eps, scale, drop_scale, training, export)
     B, H, N, _ = q.shape
     f32 = {"dtype": torch.float32}
     probs_shape = (B, H, N, N) if training or save_probs else (0,)
     return (q.new_empty(q.shape), q.new_empty(probs_shape, **f32), q.new_empty((0,), **f32),
-            q.new_empty(bn_weight.shape, **f32), q.new_empty(bn_weight.shape, **f32))
+            q.new_empty(bn_weight.shape, **f32), q.new_empty(bn_weight.shape, **f32),
+            q.new_empty(maps_shape(q, export)))
 
 
 def _bwd_fake(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, y, mean, var, keep,
-              eps, scale, drop_scale, training):
+              eps, scale, drop_scale, training, dmaps, export):
     _check_bwd(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, mean, var, keep, eps,
-               scale, drop_scale, training)
+               scale, drop_scale, training, dmaps, export)
     return tuple(t.new_empty(t.shape) for t in (q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias))
 
 

@@ -5,11 +5,15 @@ attention.png  for a few test images (one per class, first seed's final model of
                method): the last block's head-mean attention of the class token over the patch
                grid, and the attention rollout over all blocks (fastattnreg.models); for a ViT
                without class token, the attention each patch receives, averaged over queries.
+               A Refiner ViT's maps are its refined attention A* (what multiplies v); A* comes
+               out of a BatchNorm and may have negative entries, and then the rollout (which
+               treats each map as row-stochastic weights) is left out for that model.
 """
 from __future__ import annotations
 
 import os
 import sys
+from typing import Optional
 
 import numpy as np
 import torch
@@ -60,19 +64,23 @@ def example_images(data, count: int = EXAMPLES) -> torch.Tensor:
 
 
 @torch.no_grad()
-def attention_grids(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """((B, g, g) last-block head-mean map, (B, g, g) rollout) of the ViT for images x."""
+def attention_grids(model, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """((B, g, g) last-block head-mean map, (B, g, g) rollout) of the ViT for images x. The
+    rollout is None when a block's map has a negative entry (a refined map A*): its rows are
+    then no weights to renormalise."""
     from ..models import attention_rollout
     model.eval()
     maps = model.attention_maps(x, export="head_mean")  # per block (B, N, N)
     g = model.patch_embed.grid_size[0]
     p = model.num_prefix_tokens
-    roll = attention_rollout(maps)  # (B, N, N)
+    roll = attention_rollout(maps) if all(bool((m >= 0).all()) for m in maps) else None
     if p >= 1:  # the class token's row over the patch keys
-        last, rolled = maps[-1][:, 0, p:], roll[:, 0, p:]
+        last = maps[-1][:, 0, p:]
+        rolled = roll[:, 0, p:] if roll is not None else None
     else:  # no class token: attention received by each patch, mean over queries
-        last, rolled = maps[-1].mean(dim=1), roll.mean(dim=1)
-    return last.reshape(-1, g, g), rolled.reshape(-1, g, g)
+        last = maps[-1].mean(dim=1)
+        rolled = roll.mean(dim=1) if roll is not None else None
+    return last.reshape(-1, g, g), None if rolled is None else rolled.reshape(-1, g, g)
 
 
 def plot_attention(out: str, methods: list[str], seed: int, config, path: str) -> None:
@@ -94,7 +102,13 @@ def plot_attention(out: str, methods: list[str], seed: int, config, path: str) -
         except RuntimeError as exc:  # a layer that exports no maps
             print(f"[plot] {method}: no attention maps ({exc})", file=sys.stderr)
             continue
-        rows += [(f"{method}\nhead-mean", last.numpy()), (f"{method}\nrollout", rolled.numpy())]
+        refined = ckpt["vit_config"].get("attn") == "refiner"  # its maps are A*
+        rows.append((f"{method}\nhead-mean{' A*' if refined else ''}", last.numpy()))
+        if rolled is None:
+            print(f"[plot] {method}: no rollout row (its maps have negative entries)",
+                  file=sys.stderr)
+        else:
+            rows.append((f"{method}\nrollout", rolled.numpy()))
     plt = _pyplot()
     n_rows, n_cols = 1 + len(rows), len(idx)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.6 * n_cols + 1, 1.6 * n_rows),

@@ -34,7 +34,10 @@ Kernels (each launched by the function of the same stem below):
   _out_kernel    one query block of one image: for each key block the whole chain to A* and
                  out += A* V (a batched (HP, BLOCK_M, BLOCK_N) @ (HP, BLOCK_N, D) tl.dot): eval
                  and training run refinement and A* V in one pass over query tiles; the
-                 (K-1)/2 halo rows are the shifted loads of P.
+                 (K-1)/2 halo rows are the shifted loads of P. With an export it also writes
+                 the maps of A* from the same registers: "full" each pixel of each head,
+                 "head_mean" the mean over heads, "cls" the pixels of query row 0 (each pixel
+                 belongs to one program: no atomics).
   _grad_kernel   (backward) one pixel tile, in reverse BatchNorm order:
                  STAGE 4: sums of dA* and dA* x^4 -> dgamma/dbeta of adapt_bn; writes A*.
                  STAGE 3: dX4 = BN_a backward (written: it is also dA's residual part); sums of
@@ -51,7 +54,9 @@ Kernels (each launched by the function of the same stem below):
 The BatchNorm backward is dx = a dy + c0 + c1 x^ with c0 = -a sum(dy) / M, c1 = -a sum(dy x^) / M
 in training (M = B N^2) and c0 = c1 = 0 in eval; dgamma = sum(dy x^), dbeta = sum(dy).
 
-Left to torch.matmul on the stored H-channel maps (fp32): dA* = dout V^T, dV = A*^T dout, and
+Left to torch on the stored H-channel maps (fp32): dA* = dout V^T plus the gradient of the
+exported maps (added where each map came from: every head, 1/H of it per head, or row 0), so
+the stages below carry it to every input; dV = A*^T dout, and
 dq, dk from dS = P (dP - rowsum(P dP)), dP = dA keep drop_scale. Every reduction goes through a
 (tiles, ...) partial buffer summed by torch in a fixed order: no atomics, reruns are bitwise equal.
 
@@ -62,7 +67,9 @@ compiled for sm_90a and sm_80 without a GPU (Triton 3.8, ptxas -v). On sm_90a at
 (K = 3) the stats kernels do not spill and the others spill 0.01-1.2 KB per thread (the out
 kernel's (HP, 16, D) fp32 accumulator, the backward's STAGE 1); at CP = 64 all but STAGE 1 of
 the stats spill 0.1-2.8 KB; 4 warps spilled 2-4x more. Shared memory peaks at 160 KiB (STAGE 1,
-CP = 64). Nothing has run on a GPU yet: neither speed nor the GPU numerics are measured.
+CP = 64). The out kernel with each EXPORT (0-3; fp32 and bf16 maps, K = 3, CP = 16, 8 warps)
+compiles for sm_90a the same way. Nothing has run on a GPU yet: neither speed nor the GPU
+numerics are measured.
 The backward's STAGE 1 costs K^2 (K^2 + 1) expansions per pixel (90 at K = 3, 650 at K = 5);
 keeping the ReLU6 masks of Y2 as bits and using the kernel's autocorrelation for the x^2 term
 would bring it to (2K - 1)^2, not done yet.
@@ -247,12 +254,35 @@ def _stats_kernel(P, Keep, WeT, Wd, WrT, Aff, Part, H, N, drop_scale,
 
 
 @triton.jit
-def _out_kernel(P, Keep, WeT, Wd, WrT, Aff, V, Out, stride_vb, stride_vh, stride_vn,
+def _store_maps(Maps, refined, b, H, N, i, j, offs_h, EXPORT: tl.constexpr,
+                UPCAST: tl.constexpr):
+    """The exported maps of A* (BLOCK_P, HP) at pixels (i, j) of image b, in Maps' dtype.
+    EXPORT 1: full (B, H, N, N); 2: head_mean (B, N, N); 3: cls (B, H, N), row i = 0 only."""
+    inside = _inside(i, j, N)
+    if EXPORT == 2:
+        vals = tl.sum(tl.where((offs_h < H)[None, :], refined, 0.0), 1) / H
+        offs = b.to(tl.int64) * N * N + i * N + j
+        mask = inside
+    else:
+        vals = refined
+        if EXPORT == 1:
+            offs, mask = _hmap(b, H, N, i, j, offs_h)
+        else:
+            offs = (b * H + offs_h[None, :]).to(tl.int64) * N + j[:, None]
+            mask = (inside & (i == 0))[:, None] & (offs_h < H)[None, :]
+    if UPCAST:
+        vals = _round_to_bf16(vals)
+    tl.store(Maps + offs, vals.to(Maps.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _out_kernel(P, Keep, WeT, Wd, WrT, Aff, V, Out, Maps, stride_vb, stride_vh, stride_vn,
                 H, N, drop_scale,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, KS: tl.constexpr,
                 HAS_KEEP: tl.constexpr, HP: tl.constexpr, CP: tl.constexpr, UPCAST: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Out[b, :, rows] = A*[b, :, rows, :] V[b]; grid (cdiv(N, BLOCK_M), B)."""
+                EXPORT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Out[b, :, rows] = A*[b, :, rows, :] V[b], and the maps of A* by EXPORT (0: none; see
+    _store_maps); grid (cdiv(N, BLOCK_M), B)."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     offs_p = tl.arange(0, BLOCK_M * BLOCK_N)
@@ -273,6 +303,8 @@ def _out_kernel(P, Keep, WeT, Wd, WrT, Aff, V, Out, stride_vb, stride_vh, stride
         x4 = _residual(x3, a, Aff, offs_h, CP)
         refined = x4 * _aff(Aff, 3, 0, offs_h, CP) + _aff(Aff, 3, 1, offs_h, CP)
         refined = tl.where(_inside(i, j, N)[:, None], refined, 0.0)  # (BLOCK_P, HP)
+        if EXPORT != 0:
+            _store_maps(Maps, refined, b, H, N, i, j, offs_h, EXPORT, UPCAST)
         # Pixel p = r * BLOCK_N + c: (BLOCK_P, HP) -> (HP, BLOCK_M, BLOCK_N), one matrix per head.
         refined = tl.permute(tl.reshape(refined, (BLOCK_M, BLOCK_N, HP)), (2, 0, 1))
         cols = start_n + offs_n
@@ -470,10 +502,19 @@ def _batch_stats(pb: _Problem, probs):
     return stats
 
 
+# The ops' export strings as _out_kernel's EXPORT.
+_EXPORT_CODES = {"none": 0, "full": 1, "head_mean": 2, "cls": 3}
+
+
+def _maps_shape(B: int, H: int, N: int, export: str) -> tuple[int, ...]:
+    return {"none": (0,), "full": (B, H, N, N), "head_mean": (B, N, N), "cls": (B, H, N)}[export]
+
+
 def refined_fwd(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, running_var,
-                keep, eps, scale, drop_scale, training, save_probs):
-    """(out, probs, mean, var) as fastattnreg::refined_attention_fwd (see ops/refiner_autograd.py),
-    less its y: these kernels keep no Y (ops/triton_refiner.py returns an empty one).
+                keep, eps, scale, drop_scale, training, save_probs, export="none"):
+    """(out, probs, mean, var, maps) as fastattnreg::refined_attention_fwd (see
+    ops/refiner_autograd.py), less its y: these kernels keep no Y (ops/triton_refiner.py returns
+    an empty one). maps: A* by `export` ("none": (0,), nothing computed), q's dtype.
 
     q, k, v (B, H, N, D) with stride 1 on D; w_exp (C, H), w_dw (C, K, K), w_pro (H, C);
     bn_weight, bn_bias, running_mean, running_var (2C + 2H,); keep (B, H, N, N) bool or None
@@ -488,24 +529,26 @@ def refined_fwd(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, r
         stats = list(zip(running_mean.double().split(pb.sizes),
                          running_var.double().split(pb.sizes)))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    maps = torch.empty(_maps_shape(pb.B, pb.H, pb.N, export), dtype=q.dtype, device=q.device)
     d_pad = max(16, triton.next_power_of_2(pb.D))
     meta = pb.meta()
     wrap_triton(_out_kernel)[(pb.grid[0], pb.B)](
-        *pb.common(probs, pb.affine_table(stats)), v, out, v.stride(0), v.stride(1), v.stride(2),
-        pb.H, pb.N, pb.drop_scale, HEAD_DIM=pb.D, D_PAD=d_pad,
-        UPCAST=_dot_options(q.dtype)["UPCAST"], **meta)
+        *pb.common(probs, pb.affine_table(stats)), v, out, maps if export != "none" else out,
+        v.stride(0), v.stride(1), v.stride(2), pb.H, pb.N, pb.drop_scale, HEAD_DIM=pb.D,
+        D_PAD=d_pad, UPCAST=_dot_options(q.dtype)["UPCAST"], EXPORT=_EXPORT_CODES[export], **meta)
     mean = torch.cat([m for m, _ in stats]).float()
     var = torch.cat([s for _, s in stats]).float()
     if not (training or save_probs):
         probs = probs.new_empty((0,))
-    return out, probs, mean, var
+    return out, probs, mean, var, maps
 
 
 def refined_bwd(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, mean, var, keep,
-                eps, scale, drop_scale, training):
+                eps, scale, drop_scale, training, dmaps=None, export="none"):
     """(dq, dk, dv, dw_exp, dw_dw, dw_pro, dbn_weight, dbn_bias) as
     fastattnreg::refined_attention_bwd. probs: the forward's P, or (0,) after an eval-mode
-    forward that did not keep it (recomputed here). mean/var: what the forward returned."""
+    forward that did not keep it (recomputed here). mean/var: what the forward returned.
+    dmaps: the gradient of the maps exported with `export`, or None."""
     pb = _Problem(q, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, eps, drop_scale)
     B, H, N, C, K, HP, CP = pb.B, pb.H, pb.N, pb.C, pb.K, pb.HP, pb.CP
     if probs.numel() == 0:
@@ -514,6 +557,13 @@ def refined_bwd(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, me
     f32 = {"dtype": torch.float32, "device": q.device}
     dout32 = dout.float()
     d_refined = torch.matmul(dout32, v.float().transpose(-2, -1))  # dA* (B, H, N, N)
+    if dmaps is not None:  # the exported maps' gradient, back where each map came from
+        if export == "full":
+            d_refined += dmaps.float()
+        elif export == "head_mean":
+            d_refined += (dmaps.float() / H)[:, None]
+        else:  # "cls": row 0 of each head
+            d_refined[:, :, 0, :] += dmaps.float()
     grads = [None] * 4  # (c0, c1) per BatchNorm, filled in reverse order
     sums = [None] * 4   # (sum dy, sum dy x^) per BatchNorm
 
