@@ -23,7 +23,9 @@ from typing import Sequence
 import torch
 
 from .. import backend as _backend
+from .autocast import autocast_dtype, cast_for_autocast
 from .checks import check_choice, check_qkv, check_scale
+from .jit import update_running_stats
 from .refiner_autograd import register_refiner_autograd
 from .refiner_ref import BN_NAMES, _per_bn, refined_attention_ref
 
@@ -179,11 +181,28 @@ def refined_attention(q, k, v, conv_exp_weight, conv_dw_weight, conv_pro_weight,
 
     Returns:
         out (B, H, N, D). Gradients flow into q, k, v, the conv weights and bn_weight/bn_bias.
+
+    Autocast: inside torch.autocast on q's device, q, k, v, the conv weights and the BatchNorm
+    affine parameters run in the autocast dtype (float32 ones are cast, by autograd-tracked
+    copies, so their gradients stay float32): the C++ kernels take the weights and affine
+    parameters in q's dtype only (float64 q is left alone, as autocast leaves float64). The
+    running statistics are never cast: the kernels read a packed copy and the update is
+    written into the given tensors in their own dtype.
     """
     check_choice("backend", backend, _backend.BACKENDS)
     check_scale("scale", scale)
     if not isinstance(q, torch.Tensor):
         raise ValueError(f"q must be a torch.Tensor; got {type(q).__name__}")
+    amp_dtype = autocast_dtype(q.device)
+    if amp_dtype is not None and q.is_floating_point() and q.dtype != torch.float64:
+        def cast(t):
+            return cast_for_autocast(t, q.device.type, amp_dtype)
+
+        q, k, v = cast(q), cast(k), cast(v)
+        conv_exp_weight, conv_dw_weight = cast(conv_exp_weight), cast(conv_dw_weight)
+        conv_pro_weight = cast(conv_pro_weight)
+        if isinstance(bn_weight, (list, tuple)) and isinstance(bn_bias, (list, tuple)):
+            bn_weight, bn_bias = [cast(t) for t in bn_weight], [cast(t) for t in bn_bias]
     if not isinstance(training, bool):
         raise ValueError(f"training must be a bool; got {training!r}")
     impl = _backend.resolve(backend, q.device)
@@ -216,16 +235,6 @@ def refined_attention(q, k, v, conv_exp_weight, conv_dw_weight, conv_pro_weight,
         packed_mean, packed_var, drop_mask if dropout else None, eps4, scale,
         1.0 / (1.0 - attn_drop) if dropout else 1.0, training, save_probs)
     if training:
-        _update_running_stats(running_mean, running_var, mean, var, _per_bn("momentum", momentum),
-                              count=B * N * N, sizes=(C, C, H, H))
+        update_running_stats(list(running_mean), list(running_var), mean, var,
+                             [float(m) for m in _per_bn("momentum", momentum)], B * N * N)
     return out
-
-
-def _update_running_stats(running_mean, running_var, mean, var, momentum, count, sizes) -> None:
-    """running <- (1 - momentum) running + momentum batch, with the unbiased batch variance."""
-    with torch.no_grad():
-        unbiased = var * (count / (count - 1))
-        for rm, rv, m, bm, bv in zip(running_mean, running_var, momentum, mean.split(sizes),
-                                     unbiased.split(sizes)):
-            rm.mul_(1.0 - m).add_(bm.to(rm.dtype), alpha=m)
-            rv.mul_(1.0 - m).add_(bv.to(rv.dtype), alpha=m)
