@@ -5,11 +5,13 @@ TorchScript, torch.export, torch.compile(fullgraph=True), forward_intermediates 
 feature extraction. Every transformed model is checked against the eager model it came from,
 in training mode (outputs, gradients, BatchNorm running statistics) and in eval mode.
 """
+import contextlib
 import copy
 import io
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 timm = pytest.importorskip("timm")
 from timm.models import create_feature_extractor, get_graph_node_names  # noqa: E402
@@ -259,6 +261,93 @@ def test_torch_compile_fullgraph_forward_and_backward(arch, layer):
     x = images().double()
     check_train_step(eager, compiled, x, tol=1e-10)
     check_eval(eager, compiled, x, tol=1e-10)
+
+
+# ------------------------------------------------------------------------------ autocast
+
+
+def _autocast_run(model, x, dy, spy=None):
+    """A training step under CPU bfloat16 autocast: (output, parameter gradients)."""
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16), (spy or contextlib.nullcontext()):
+        out = model(x)
+        out.float().backward(dy)
+    return out, [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("arch,layer", CASES, ids=IDS)
+def test_autocast_bfloat16_runs_the_kernels_in_bfloat16(arch, layer):
+    """The op sees bfloat16 q; outputs and gradients are within twice the error (vs float64) of
+    a bfloat16 reference: timm's own Attention (SDPA) for FusedAttention, the reference
+    backend under the same autocast for RefinerAttention."""
+    model = make_model(arch, layer).train()
+    if layer == "fused":
+        reference = timm_twin(arch, model).train()
+    else:
+        reference = copy.deepcopy(model)
+        for blk in reference.blocks:
+            blk.attn.backend = "reference"
+    truth = copy.deepcopy(model).double()
+    x = images()
+    want = truth(x.double())
+    dy = torch.randn_like(want)
+    want.backward(dy)
+    truth_grads = [p.grad for p in truth.parameters()]
+    before = buffers(model)
+    spy = OpDtypes()
+    out, grads = _autocast_run(model, x, dy.float(), spy)
+    ref, ref_grads = _autocast_run(reference, x, dy.float())
+    assert spy.dtypes(OPS[layer], 0) == {torch.bfloat16}
+    assert all(g.dtype == torch.float32 for g in grads)
+    for got, r, t in zip([out, *grads], [ref, *ref_grads], [want, *truth_grads]):
+        assert max_err(got, t) <= 2 * max_err(r, t) + 1e-3 * max(1.0, t.abs().max().item())
+    after = buffers(model)
+    for name in after:  # the refiner's BatchNorm statistics: float32 and updated
+        assert after[name].dtype == before[name].dtype, name
+        if name.endswith("running_mean") or name.endswith("running_var"):
+            assert after[name].dtype == torch.float32 and not torch.equal(after[name],
+                                                                          before[name]), name
+
+
+class OpDtypes(TorchDispatchMode):
+    """Records the dtype of every tensor argument of each fastattnreg op it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fastattnreg":
+            self.calls.append((func._schema.name,
+                               [a.dtype if isinstance(a, torch.Tensor) else None for a in args]))
+        return func(*args, **(kwargs or {}))
+
+    def dtypes(self, op, index):
+        return {args[index] for name, args in self.calls if name == op}
+
+
+def test_torch_compile_under_autocast():
+    torch._dynamo.reset()
+    eager = make_model("vit", "fused").eval()
+    compiled = torch.compile(copy.deepcopy(eager), fullgraph=True)
+    x = images()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = eager(x), compiled(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert close(got, want, 2e-2)
+
+
+def test_torchscript_under_autocast():
+    eager = make_model("vit", "refiner").eval()
+    scripted = torch.jit.script(copy.deepcopy(eager))
+    x = images()
+    spy = OpDtypes()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = eager(x)
+        with spy:
+            got = scripted(x)
+    assert spy.dtypes(OPS["refiner"], 0) == {torch.bfloat16}
+    assert close(got, want, 2e-2)
 
 
 # ----------------------------------------------------------- intermediates and features

@@ -11,6 +11,9 @@ autocast itself, float64 tensors, integer and bool tensors (the dropout stream's
 mask) and tensors on another device are left alone. The backward ops need no rule: autograd
 feeds them the forward's (already cast) tensors and gradients of the outputs' dtype.
 
+A kernel without a path for autocast's dtype (the C++ kernels have no float16) runs in
+float32 instead, as autocast runs the ops it lists as float32: the rule casts to float32.
+
 refined_attention has no op-level rule: its wrapper (ops/refiner.py) casts q, k, v and the
 weights with `cast_for_autocast` and never casts the BatchNorm running statistics, which it
 updates in place.
@@ -29,6 +32,9 @@ from . import match as _match  # noqa: F401
 _lib = torch.library.Library("fastattnreg", "IMPL")
 
 DEVICE_TYPES = ("cpu", "cuda")
+# The lower-precision dtypes each kernel family takes (csrc/checks.h, triton/attention.py).
+CPP_DTYPES = (torch.bfloat16,)
+TRITON_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
@@ -49,14 +55,21 @@ def cast_for_autocast(t, device_type: str, dtype: torch.dtype):
     return t
 
 
-def register_autocast_rule(name: str, device_type: str) -> None:
-    """Registers the cast-then-run kernel of torch.ops.fastattnreg.<name> for `device_type`."""
+def run_dtype(amp_dtype: torch.dtype, supported: tuple) -> torch.dtype:
+    """The dtype a kernel taking the lower-precision dtypes `supported` runs in under autocast
+    to `amp_dtype`: that dtype if it can, else float32."""
+    return amp_dtype if amp_dtype in supported else torch.float32
+
+
+def register_autocast_rule(name: str, device_type: str, supported: tuple) -> None:
+    """Registers the cast-then-run kernel of torch.ops.fastattnreg.<name> for `device_type`;
+    `supported`: the lower-precision dtypes its kernels take."""
     op = getattr(torch.ops.fastattnreg, name).default
     key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
     key = getattr(torch._C.DispatchKey, key_name)
 
     def run(*args):
-        dtype = torch.get_autocast_dtype(device_type)
+        dtype = run_dtype(torch.get_autocast_dtype(device_type), supported)
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
             return op(*(cast_for_autocast(a, device_type, dtype) for a in args))
 
@@ -79,14 +92,15 @@ def _registered(name: str) -> bool:
 
 def register_all() -> tuple[str, ...]:
     """Registers the rules of every attention op that exists here; returns their names."""
-    names = []
+    rules = []
     if _backend.cpp_available():
-        names += ["attention_fwd", "attention_match_fwd"]
-    names += [n for n in ("triton_attention_fwd", "triton_attention_match_fwd") if _registered(n)]
-    for name in names:
+        rules += [("attention_fwd", CPP_DTYPES), ("attention_match_fwd", CPP_DTYPES)]
+    rules += [(n, TRITON_DTYPES) for n in ("triton_attention_fwd", "triton_attention_match_fwd")
+              if _registered(n)]
+    for name, supported in rules:
         for device_type in DEVICE_TYPES:
-            register_autocast_rule(name, device_type)
-    return tuple(names)
+            register_autocast_rule(name, device_type, supported)
+    return tuple(name for name, _ in rules)
 
 
 REGISTERED = register_all()
