@@ -200,6 +200,25 @@ def test_fx_then_torchscript(arch, layer):
     check_eval(eager, torch.jit.script(traced), images(), run=lambda m, t: m(t)[node])
 
 
+def test_refiner_counters_and_cumulative_momentum_step_when_the_graph_runs():
+    """momentum=None (1 / num_batches_tracked) over three steps: FX, TorchScript, eager."""
+    torch.manual_seed(0)
+    eager = RefinerAttention(64, num_heads=4, backend="cpp").train()
+    for bn in (eager.DLA.bn1, eager.DLA.bn2, eager.DLA.bn3, eager.adapt_bn):
+        bn.momentum = None
+    traced = torch.fx.symbolic_trace(copy.deepcopy(eager))
+    scripted = torch.jit.script(copy.deepcopy(eager))
+    assert buffers(traced)["adapt_bn.num_batches_tracked"].item() == 0  # tracing ran nothing
+    for _ in range(3):
+        x = torch.randn(2, 17, 64)
+        want = eager(x)
+        for other in (traced, scripted):
+            assert close(other(x), want)
+    for other in (traced, scripted):
+        assert_same_buffers(buffers(other), buffers(eager))
+    assert buffers(eager)["DLA.bn2.num_batches_tracked"].item() == 3
+
+
 def test_fx_refuses_state_it_cannot_keep():
     model = make_model("vit", "fused")
     model.blocks[1].attn.export = "cls"

@@ -146,6 +146,8 @@ class FusedAttention(nn.Module):
                 raise RuntimeError(
                     "FusedAttention: export='" + export + "' cannot be combined with a "
                     "match teacher (attention_match returns no maps); set export=None")
+            if is_causal:
+                raise NotImplementedError("FusedAttention: is_causal=True is not supported yet")
             if attn_mask is not None:
                 raise NotImplementedError(
                     "FusedAttention: a match teacher (attention_match) takes no attn_mask yet; "
