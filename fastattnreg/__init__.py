@@ -11,6 +11,7 @@ from .ops.attention import attention, attention_ref
 from .ops.match import attention_match, attention_match_ref
 from . import init, models  # noqa: E402  (ViT models and initialisations)
 from .ops.refiner import refined_attention, refined_attention_ref
+from .ops import autocast as _autocast  # noqa: F401,E402  (the ops' autocast rules)
 
 __all__ = [
     "attention",

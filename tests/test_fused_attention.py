@@ -88,15 +88,8 @@ def test_maps_from_every_block_of_a_timm_vit():
 def test_unsupported_features_are_clear_errors():
     attn = FusedAttention(48, num_heads=3)
     x = torch.randn(2, 17, 48)
-    with pytest.raises(NotImplementedError, match=r"attn_mask is not supported .* shape \(2, 1, 17, 17\)"):
-        attn(x, attn_mask=torch.zeros(2, 1, 17, 17, dtype=torch.bool))
     with pytest.raises(NotImplementedError, match="is_causal"):
         attn(x, is_causal=True)
-    drop = FusedAttention(48, num_heads=3, attn_drop=0.1)
-    with pytest.raises(NotImplementedError, match=r"attn_drop=0.1"):
-        drop(x)
-    drop.eval()
-    assert drop(x).shape == x.shape  # no dropout in eval mode, so it runs
     with pytest.raises(ValueError, match=r"dim must be divisible by num_heads; got dim=50, num_heads=3"):
         FusedAttention(50, num_heads=3)
     with pytest.raises(ValueError, match=r"export must be one of .*got 'all'"):

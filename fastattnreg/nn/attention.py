@@ -2,8 +2,10 @@
 
 Same constructor keywords and parameter names as timm's Attention (`qkv`, `q_norm`, `k_norm`,
 `norm`, `gate`, `proj`), so `timm.models.VisionTransformer(attn_layer=FusedAttention)` builds and
-timm state dicts load with strict=True. With `export` set, the maps of the last forward stay on
-`module.maps` with their autograd graph, for a regulariser to use.
+timm state dicts load with strict=True. forward(x, attn_mask) takes timm's (SDPA's) mask: bool
+(True = takes part) or an additive float bias, broadcastable to (B, H, N, N); attention dropout
+(attn_drop) runs inside the fused kernels in training mode. With `export` set, the maps of the
+last forward stay on `module.maps` with their autograd graph, for a regulariser to use.
 
 Two slots let a regulariser (nn/regularizers.py: GTALoss) drive a layer without hooks; both are
 off by default and the owner clears them after each step so that no tensor outlives it:
@@ -13,20 +15,63 @@ off by default and the owner clears them after each step so that no tensor outli
                       forward calls `attention_match` against that teacher instead of
                       `attention` (same `out`) and stores the scalar loss, with its graph, on
                       `module.match_loss`.
-"""
-from __future__ import annotations
 
-from typing import Optional, Type
+Where timm's Attention goes, this goes: torch.jit.script (the forward calls the C++ ops
+directly when scripting, see ops/jit.py; the scripted model saves and loads), FX symbolic
+tracing (`fused_attention` is a leaf of the graph: torch.fx.wrap), torch.export, torch.compile
+and torch.autocast (the ops' autocast rules, ops/autocast.py). An FX graph cannot keep state on
+the module, so tracing a layer with `export`, `capture_qk` or a match teacher set raises.
+"""
+
+from typing import Optional, Tuple, Type
 
 import torch
 from torch import nn
 
 from ..ops.attention import EXPORTS, attention
 from ..ops.checks import check_choice
+from ..ops.jit import attention_match_script, attention_script
 from ..ops.match import attention_match
 
 
+def shape_str(t: torch.Tensor) -> str:
+    """"(2, 1, 17, 17)": a tensor's shape, written alike in Python and TorchScript."""
+    return "(" + ", ".join([str(s) for s in t.shape]) + ")"
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    attn_mask: Optional[torch.Tensor], is_causal: bool, dropout_p: float,
+                    scale: float, export: Optional[str], backend: str
+                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """attention(q, k, v, ...) as (out (B, H, N, D), maps or None): one call that FX keeps as a
+    single graph node (torch.fx.wrap below) and TorchScript compiles through ops/jit.py.
+    attn_mask and is_causal are checked here, not in the module: FX passes a traced model's
+    own attn_mask / is_causal inputs down as proxies, whose values are known only when the
+    graph runs."""
+    if is_causal:
+        raise NotImplementedError("FusedAttention: is_causal=True is not supported yet; pass a "
+                                  "causal attn_mask instead")
+    if torch.jit.is_scripting():
+        return attention_script(q, k, v, attn_mask, dropout_p, scale, export, backend)
+    else:
+        result = attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale,
+                           export=export, backend=backend)
+        if export is None:
+            return result, None
+        return result[0], result[1]
+
+
+torch.fx.wrap("fused_attention")
+
+
 class FusedAttention(nn.Module):
+    # Types of the state slots, for TorchScript (it cannot infer them from a None).
+    maps: Optional[torch.Tensor]
+    captured_qk: Optional[Tuple[torch.Tensor, torch.Tensor]]
+    match_teacher: Optional[Tuple[torch.Tensor, torch.Tensor, str, str, Optional[float]]]
+    match_loss: Optional[torch.Tensor]
+    export: Optional[str]
+
     def __init__(
         self,
         dim: int,
@@ -65,7 +110,7 @@ class FusedAttention(nn.Module):
         self.backend = backend
         self.maps: Optional[torch.Tensor] = None
         self.capture_qk = False
-        self.captured_qk: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.captured_qk: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         # (teacher_q, teacher_k, kind, rows, teacher_scale): see the module docstring.
         self.match_teacher: Optional[tuple] = None
         self.match_loss: Optional[torch.Tensor] = None
@@ -82,46 +127,66 @@ class FusedAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
     ) -> torch.Tensor:
-        if attn_mask is not None:
-            raise NotImplementedError(
-                "FusedAttention: attn_mask is not supported by the fused kernels yet; got a mask "
-                f"of shape {tuple(attn_mask.shape)} (use timm.layers.Attention for masked inputs)"
-            )
-        if is_causal:
-            raise NotImplementedError("FusedAttention: is_causal=True is not supported yet")
-        if self.training and self.attn_drop.p > 0:
-            raise NotImplementedError(
-                f"FusedAttention: attn_drop={self.attn_drop.p} needs dropout inside the fused "
-                "kernel, which is not supported yet; set attn_drop=0 (timm's default)"
-            )
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         # (B, N, 3 * H * D) -> three (B, H, N, D)
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
+        if not torch.jit.is_scripting():
+            if isinstance(q, torch.fx.Proxy):
+                self._refuse_fx_state()
         if self.capture_qk:
             self.captured_qk = (q.detach(), k.detach())
-        if self.match_teacher is not None:
-            if self.export is not None:
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        export = self.export  # locals: TorchScript refines Optional locals, not attributes
+        teacher = self.match_teacher
+        if teacher is not None:
+            if export is not None:
                 raise RuntimeError(
-                    f"FusedAttention: export={self.export!r} cannot be combined with a match "
-                    "teacher (attention_match returns no maps); set export=None"
+                    "FusedAttention: export='" + export + "' cannot be combined with a "
+                    "match teacher (attention_match returns no maps); set export=None")
+            if is_causal:
+                raise NotImplementedError("FusedAttention: is_causal=True is not supported yet")
+            if attn_mask is not None:
+                raise NotImplementedError(
+                    "FusedAttention: a match teacher (attention_match) takes no attn_mask yet; "
+                    "got a mask of shape " + shape_str(attn_mask))
+            if dropout_p > 0.0:
+                raise NotImplementedError(
+                    "FusedAttention: a match teacher (attention_match) takes no attention "
+                    "dropout yet; got attn_drop=" + str(dropout_p) + " in training mode")
+            teacher_q, teacher_k, kind, rows, teacher_scale = teacher
+            if torch.jit.is_scripting():
+                out, loss = attention_match_script(q, k, v, teacher_q, teacher_k, kind, rows,
+                                                   self.scale, teacher_scale, self.backend)
+            else:
+                out, loss = attention_match(
+                    q, k, v, teacher_q, teacher_k, kind=kind, rows=rows, scale=self.scale,
+                    teacher_scale=teacher_scale, backend=self.backend,
                 )
-            teacher_q, teacher_k, kind, rows, teacher_scale = self.match_teacher
-            out, self.match_loss = attention_match(
-                q, k, v, teacher_q, teacher_k, kind=kind, rows=rows, scale=self.scale,
-                teacher_scale=teacher_scale, backend=self.backend,
-            )
-        elif self.export is None:
-            out = attention(q, k, v, scale=self.scale, backend=self.backend)
+            self.match_loss = loss
         else:
-            out, self.maps = attention(
-                q, k, v, scale=self.scale, export=self.export, backend=self.backend
-            )
+            result = fused_attention(q, k, v, attn_mask, is_causal, dropout_p, self.scale,
+                                     export, self.backend)
+            out = result[0]
+            if export is not None:
+                self.maps = result[1]
         x = out.transpose(1, 2).reshape(B, N, self.attn_dim)
         x = self.norm(x)
         if gate is not None:
             x = x * gate
         x = self.proj(x)
         return self.proj_drop(x)
+
+    @torch.jit.unused
+    def _refuse_fx_state(self) -> None:
+        """Raises when FX traces a layer whose forward keeps state on the module."""
+        used = [name for name, on in (("export", self.export is not None),
+                                      ("capture_qk", self.capture_qk),
+                                      ("match_teacher", self.match_teacher is not None)) if on]
+        if used:
+            raise RuntimeError(
+                f"FusedAttention: FX cannot trace a layer with {', '.join(used)} set: the graph "
+                "cannot keep maps, captured q/k or a match loss on the module; clear them "
+                "(export=None, capture_qk=False, match_teacher=None) before tracing")

@@ -17,20 +17,90 @@ Attention dropout (attn_drop > 0, training only): the keep-mask is drawn from to
 as a (B, H, N, N) bool tensor and read by the fused kernels, so it costs one byte per map entry
 and is drawn with a different random stream than nn.Dropout (same distribution).
 
+Where timm's Attention goes, this goes: torch.jit.script (the C++ ops called directly, see
+ops/jit.py), FX symbolic tracing (`refiner_attention`, counters included, is one leaf node:
+torch.fx.wrap), torch.export, torch.compile and torch.autocast (refined_attention casts q, k, v
+and the weights, never the running statistics). attn_mask raises: the refiner kernels take none.
+
 Maps: with `export` set ("full", "head_mean", "cls", as FusedAttention's), each forward leaves
 the refined attention A* (the map that meets v, after the convolutions, BatchNorms, residual and
-adapt_bn) on `module.maps`, autograd graph attached, written by the fused kernels.
+adapt_bn) on `module.maps`, autograd graph attached, written by the fused kernels. An FX graph
+cannot keep state on the module, so tracing a layer with `export` set raises.
 """
-from __future__ import annotations
 
-from typing import Optional, Type
+from typing import List, Optional, Tuple, Type
 
 import torch
 from torch import nn
 
 from ..ops.checks import check_choice
+from ..ops.jit import refined_attention_script
 from ..ops.refiner import refined_attention
 from ..ops.refiner_export import EXPORTS
+from .attention import shape_str
+
+
+def bn_momenta(num_batches_tracked: List[torch.Tensor], momentum: List[float],
+               cumulative: List[bool], training: bool) -> List[float]:
+    """Each BatchNorm's factor for this step, as nn.BatchNorm2d's forward computes it: its
+    momentum, or 1 / num_batches_tracked after this step where cumulative (momentum=None);
+    0 in eval mode."""
+    out: List[float] = []
+    for i in range(len(momentum)):
+        if not training:
+            out.append(0.0)
+        elif cumulative[i]:
+            out.append(1.0 / (float(num_batches_tracked[i].item()) + 1.0))
+        else:
+            out.append(momentum[i])
+    return out
+
+
+def refiner_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      attn_mask: Optional[torch.Tensor], is_causal: bool,
+                      conv_exp_weight: torch.Tensor, conv_dw_weight: torch.Tensor,
+                      conv_pro_weight: torch.Tensor, bn_weight: List[torch.Tensor],
+                      bn_bias: List[torch.Tensor], running_mean: List[torch.Tensor],
+                      running_var: List[torch.Tensor], num_batches_tracked: List[torch.Tensor],
+                      momentum: List[float], cumulative: List[bool], eps: List[float],
+                      training: bool, scale: float, attn_drop: float, export: Optional[str],
+                      backend: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """refined_attention(...) plus the BatchNorms' step counters, (out (B, H, N, D), maps or
+    None by `export`): one call
+    that FX keeps as a single graph node (torch.fx.wrap below), so that the running statistics
+    and num_batches_tracked move when the graph runs, not when it is traced; TorchScript
+    compiles it through ops/jit.py. The counters move after the kernels succeed. attn_mask and
+    is_causal are refused here, not in the module: FX passes a traced model's own attn_mask /
+    is_causal inputs down as proxies, whose values are known only when the graph runs."""
+    if attn_mask is not None:
+        raise NotImplementedError(
+            "RefinerAttention: attn_mask is not supported by the fused refiner kernels; got a "
+            "mask of shape " + shape_str(attn_mask))
+    if is_causal:
+        raise NotImplementedError("RefinerAttention: is_causal=True is not supported")
+    momenta = bn_momenta(num_batches_tracked, momentum, cumulative, training)
+    if torch.jit.is_scripting():
+        out, maps = refined_attention_script(q, k, v, conv_exp_weight, conv_dw_weight,
+                                             conv_pro_weight, bn_weight, bn_bias, running_mean,
+                                             running_var, momenta, eps, training, scale,
+                                             attn_drop, export, backend)
+    else:
+        result = refined_attention(q, k, v, conv_exp_weight, conv_dw_weight, conv_pro_weight,
+                                   bn_weight, bn_bias, running_mean, running_var,
+                                   training=training, momentum=momenta, eps=eps, scale=scale,
+                                   attn_drop=attn_drop, export=export, backend=backend)
+        if export is None:
+            out, maps = result, None
+        else:
+            out, maps = result[0], result[1]
+    if training:
+        with torch.no_grad():
+            for count in num_batches_tracked:
+                count.add_(1)
+    return out, maps
+
+
+torch.fx.wrap("refiner_attention")
 
 
 class RefinerConvs(nn.Module):
@@ -51,6 +121,10 @@ class RefinerConvs(nn.Module):
 
 
 class RefinerAttention(nn.Module):
+    # Types of the state slots, for TorchScript (it cannot infer them from a None).
+    maps: Optional[torch.Tensor]
+    export: Optional[str]
+
     def __init__(
         self,
         dim: int,
@@ -94,9 +168,9 @@ class RefinerAttention(nn.Module):
         self.head_dim = attn_head_dim
         self.attn_dim = num_heads * attn_head_dim
         self.scale = attn_head_dim**-0.5
-        self.export = export
         self.backend = backend
-        self.maps: Optional[torch.Tensor] = None  # A* of the last forward, by `export`
+        self.export = export
+        self.maps = None  # A* of the last forward, by `export`
 
         self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias, **dd)
         self.q_norm = norm_layer(attn_head_dim, **dd) if qk_norm else nn.Identity()
@@ -109,67 +183,73 @@ class RefinerAttention(nn.Module):
         self.proj = nn.Linear(self.attn_dim, dim_out or dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def _batch_norms(self) -> tuple[nn.BatchNorm2d, ...]:
-        return (self.DLA.bn1, self.DLA.bn2, self.DLA.bn3, self.adapt_bn)
-
-    def _bn_momentum(self) -> list[float]:
-        """Counts the step on every BatchNorm and returns their momenta, as nn.BatchNorm2d does
-        in training mode (momentum=None: 1 / num_batches_tracked)."""
-        for bn in self._batch_norms():  # all checked before any counter moves
-            if not (bn.track_running_stats and bn.affine) or bn.running_mean is None:
-                raise NotImplementedError(
-                    "RefinerAttention: every BatchNorm needs affine=True and "
-                    "track_running_stats=True (the fused kernel keeps running statistics)")
-            if bn.training != self.training:
-                raise NotImplementedError(
-                    "RefinerAttention: the BatchNorms must be in the module's mode (training="
-                    f"{self.training}); got a BatchNorm with training={bn.training}")
-        momenta = []
-        for bn in self._batch_norms():
-            if self.training:
-                bn.num_batches_tracked.add_(1)
-                momenta.append(1.0 / float(bn.num_batches_tracked) if bn.momentum is None
-                               else bn.momentum)
-            else:
-                momenta.append(0.0)
-        return momenta
-
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None:
-            raise NotImplementedError(
-                "RefinerAttention: attn_mask is not supported by the fused kernels; got a mask "
-                f"of shape {tuple(attn_mask.shape)}")
-        if is_causal:
-            raise NotImplementedError("RefinerAttention: is_causal=True is not supported")
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         # (B, N, 3 * H * D) -> three (B, H, N, D)
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        bns = self._batch_norms()
-        momentum = self._bn_momentum()
-
-        def cast(t):  # autocast: the activations' dtype, e.g. bfloat16 under float32 params
-            return t if t.dtype == q.dtype else t.to(q.dtype)
-
-        result = refined_attention(
-            q, k, v, cast(self.DLA.conv_exp.weight), cast(self.DLA.depth_sep_conv.weight),
-            cast(self.DLA.conv_pro.weight), [cast(bn.weight) for bn in bns],
-            [cast(bn.bias) for bn in bns], [bn.running_mean for bn in bns],
-            [bn.running_var for bn in bns], training=self.training, momentum=momentum,
-            eps=[bn.eps for bn in bns], scale=self.scale,
-            attn_drop=self.attn_drop.p if self.training else 0.0, export=self.export,
-            backend=self.backend,
+        # The four BatchNorms in kernel order bn1, bn2, bn3, adapt_bn, all checked first.
+        weights: List[torch.Tensor] = []
+        biases: List[torch.Tensor] = []
+        means: List[torch.Tensor] = []
+        variances: List[torch.Tensor] = []
+        counts: List[torch.Tensor] = []
+        for bn in (self.DLA.bn1, self.DLA.bn2, self.DLA.bn3, self.adapt_bn):
+            # affine=False leaves weight None; track_running_stats=False the statistics.
+            weight, bias = bn.weight, bn.bias
+            mean, var, count = bn.running_mean, bn.running_var, bn.num_batches_tracked
+            if (weight is None or bias is None or mean is None or var is None
+                    or count is None):
+                raise NotImplementedError(
+                    "RefinerAttention: every BatchNorm needs affine=True and "
+                    "track_running_stats=True (the fused kernel keeps running statistics)")
+            if bn.training != self.training:
+                raise NotImplementedError(
+                    "RefinerAttention: the BatchNorms must be in the module's mode (training="
+                    + str(self.training) + "); got a BatchNorm with training="
+                    + str(bn.training))
+            weights.append(weight)
+            biases.append(bias)
+            means.append(mean)
+            variances.append(var)
+            counts.append(count)
+        # Spelled out: TorchScript reads a submodule's constants (momentum, eps) only by path.
+        # momentum=None (a cumulative average) travels as a flag: FX writes the lists into the
+        # graph as literals, which TorchScript types List[float] / List[bool].
+        settings: List[Optional[float]] = [self.DLA.bn1.momentum, self.DLA.bn2.momentum,
+                                           self.DLA.bn3.momentum, self.adapt_bn.momentum]
+        momenta: List[float] = []
+        cumulative: List[bool] = []
+        for m in settings:
+            momenta.append(0.0 if m is None else m)
+            cumulative.append(m is None)
+        eps: List[float] = [self.DLA.bn1.eps, self.DLA.bn2.eps, self.DLA.bn3.eps,
+                            self.adapt_bn.eps]
+        export = self.export  # a local: TorchScript refines Optional locals, not attributes
+        if export is not None and not torch.jit.is_scripting():
+            if isinstance(q, torch.fx.Proxy):
+                self._refuse_fx_export()
+        out, maps = refiner_attention(
+            q, k, v, attn_mask, is_causal, self.DLA.conv_exp.weight,
+            self.DLA.depth_sep_conv.weight, self.DLA.conv_pro.weight, weights, biases, means,
+            variances, counts, momenta, cumulative, eps, self.training, self.scale,
+            self.attn_drop.p if self.training else 0.0, export, self.backend,
         )
-        if self.export is None:
-            out = result
-        else:
-            out, self.maps = result
+        if export is not None:
+            self.maps = maps
         x = out.transpose(1, 2).reshape(B, N, self.attn_dim)
         x = self.norm(x)
         if gate is not None:
             x = x * gate
         x = self.proj(x)
         return self.proj_drop(x)
+
+    @torch.jit.unused
+    def _refuse_fx_export(self) -> None:
+        """Raises when FX traces a layer that leaves its maps on the module."""
+        raise RuntimeError(
+            f"RefinerAttention: export={self.export!r} keeps the maps on the module, which an "
+            "FX graph cannot do; set export=None before tracing")

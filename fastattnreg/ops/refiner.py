@@ -17,13 +17,16 @@ Shapes, C = expansion * H expanded channels, K the odd depthwise kernel size:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
 import torch
 
 from .. import backend as _backend
+from .autocast import CPP_DTYPES, autocast_dtype, cast_for_autocast, run_dtype
 from .checks import check_choice, check_qkv, check_scale
+from .jit import update_running_stats
 from .refiner_autograd import register_refiner_autograd
 from .refiner_export import EXPORTS, check_dmaps, maps_shape
 from .refiner_ref import BN_NAMES, _per_bn, refined_attention_ref
@@ -189,6 +192,14 @@ def refined_attention(q, k, v, conv_exp_weight, conv_dw_weight, conv_pro_weight,
     Returns:
         out (B, H, N, D), then the maps if `export` is set. Gradients flow into q, k, v, the conv
         weights and bn_weight/bn_bias.
+
+    Autocast: inside torch.autocast on q's device, q, k, v, the conv weights and the BatchNorm
+    affine parameters run in the autocast dtype (float32 ones are cast, by autograd-tracked
+    copies, so their gradients stay float32): the C++ kernels take the weights and affine
+    parameters in q's dtype only (float64 q is left alone, as autocast leaves float64; under
+    float16 autocast the C++ kernels, which have no float16 path, run in float32). The
+    running statistics are never cast: the kernels read a packed copy and the update is
+    written into the given tensors in their own dtype.
     """
     check_choice("export", export, EXPORTS)
     check_choice("backend", backend, _backend.BACKENDS)
@@ -198,6 +209,20 @@ def refined_attention(q, k, v, conv_exp_weight, conv_dw_weight, conv_pro_weight,
     if not isinstance(training, bool):
         raise ValueError(f"training must be a bool; got {training!r}")
     impl = _backend.resolve(backend, q.device)
+    amp_dtype = autocast_dtype(q.device)
+    if amp_dtype is not None and q.is_floating_point() and q.dtype != torch.float64:
+        # The C++ kernels have no float16 path: they run in float32 under float16 autocast.
+        if impl == "cpp":
+            amp_dtype = run_dtype(amp_dtype, CPP_DTYPES)
+
+        def cast(t):
+            return cast_for_autocast(t, q.device.type, amp_dtype)
+
+        q, k, v = cast(q), cast(k), cast(v)
+        conv_exp_weight, conv_dw_weight = cast(conv_exp_weight), cast(conv_dw_weight)
+        conv_pro_weight = cast(conv_pro_weight)
+        if isinstance(bn_weight, (list, tuple)) and isinstance(bn_bias, (list, tuple)):
+            bn_weight, bn_bias = [cast(t) for t in bn_weight], [cast(t) for t in bn_bias]
     check_qkv(q, k, v, impl)
     C, K = check_refiner_args(q, conv_exp_weight, conv_dw_weight, conv_pro_weight, bn_weight,
                               bn_bias, running_mean, running_var, momentum, eps, attn_drop,
@@ -208,10 +233,17 @@ def refined_attention(q, k, v, conv_exp_weight, conv_dw_weight, conv_pro_weight,
         drop_mask = torch.empty((B, H, N, N), dtype=torch.bool, device=q.device)
         drop_mask.bernoulli_(1.0 - attn_drop)
     if impl == "reference":
-        return refined_attention_ref(q, k, v, conv_exp_weight, conv_dw_weight, conv_pro_weight,
-                                     bn_weight, bn_bias, running_mean, running_var,
-                                     training=training, momentum=momentum, eps=eps, scale=scale,
-                                     attn_drop=attn_drop, drop_mask=drop_mask, export=export)
+        # With autocast off inside: the (already cast) inputs are upcast and computed in
+        # float32 as the kernels do, and F.batch_norm never sees autocast's bfloat16 conv
+        # outputs next to float32 running statistics, a mix it refuses on the CPU.
+        off = (torch.autocast(q.device.type, enabled=False) if amp_dtype is not None
+               else contextlib.nullcontext())
+        with off:
+            return refined_attention_ref(q, k, v, conv_exp_weight, conv_dw_weight,
+                                         conv_pro_weight, bn_weight, bn_bias, running_mean,
+                                         running_var, training=training, momentum=momentum,
+                                         eps=eps, scale=scale, attn_drop=attn_drop,
+                                         drop_mask=drop_mask, export=export)
     fwd = _forward_op(impl)
     scale = float(D ** -0.5 if scale is None else scale)
     eps4 = [float(e) for e in _per_bn("eps", eps)]
@@ -228,16 +260,6 @@ def refined_attention(q, k, v, conv_exp_weight, conv_dw_weight, conv_pro_weight,
         1.0 / (1.0 - attn_drop) if dropout else 1.0, training, save_probs,
         "none" if export is None else export)
     if training:
-        _update_running_stats(running_mean, running_var, mean, var, _per_bn("momentum", momentum),
-                              count=B * N * N, sizes=(C, C, H, H))
+        update_running_stats(list(running_mean), list(running_var), mean, var,
+                             [float(m) for m in _per_bn("momentum", momentum)], B * N * N)
     return out if export is None else (out, maps)
-
-
-def _update_running_stats(running_mean, running_var, mean, var, momentum, count, sizes) -> None:
-    """running <- (1 - momentum) running + momentum batch, with the unbiased batch variance."""
-    with torch.no_grad():
-        unbiased = var * (count / (count - 1))
-        for rm, rv, m, bm, bv in zip(running_mean, running_var, momentum, mean.split(sizes),
-                                     unbiased.split(sizes)):
-            rm.mul_(1.0 - m).add_(bm.to(rm.dtype), alpha=m)
-            rv.mul_(1.0 - m).add_(bv.to(rv.dtype), alpha=m)
