@@ -1,11 +1,13 @@
 """attention(backend="triton"): the Triton kernels against attention_ref.
 
 Two groups:
-  * interpreter (any machine with Triton): tests/triton_interpret_cases.py runs on CPU tensors in
-    a child process with TRITON_INTERPRET=1 (the variable must be set before Triton defines the
+  * interpreter (any machine with Triton): tests/triton_interpret_cases.py and, for masks,
+    dropout and their op checks, tests/triton_mask_dropout_cases.py run on CPU tensors in a
+    child process with TRITON_INTERPRET=1 (the variable must be set before Triton defines the
     kernels), one group per test here so a failure names its group and shows the child's report.
   * CUDA (skipped without a GPU): the shape grid of test_attention.py, fp16/bf16 by the
-    FlashAttention rule, opcheck and torch.compile(fullgraph=True) of the triton_op registration.
+    FlashAttention rule, masks and dropout, opcheck and torch.compile(fullgraph=True) of the
+    triton_op registration.
 Plus the package's import without Triton and the Triton ops without the C++ extension.
 """
 import itertools
@@ -21,13 +23,18 @@ import torch
 import fastattnreg
 from fastattnreg import attention_ref
 from conftest import max_err
+from interpreter_runner import assert_interpreted_group_passes
 from triton_attention_checks import (
     assert_low_precision_rule, errors_vs_float64, low_precision_errors, make_inputs, run_all,
     triton_attention,
 )
+from triton_mask_dropout_checks import (
+    MASK_KINDS, compare_with_reference, low_precision_mask_errors, make_mask,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = Path(__file__).resolve().parent / "triton_interpret_cases.py"
+MASK_CASES = Path(__file__).resolve().parent / "triton_mask_dropout_cases.py"
 requires_triton = pytest.mark.skipif(not fastattnreg.backend.triton_installed(),
                                      reason="Triton is not installed")
 requires_cuda = pytest.mark.skipif(
@@ -54,6 +61,13 @@ def test_interpreted_kernels(group):
     report = res.stdout[-8000:] + res.stderr[-4000:]
     assert res.returncode == 0, report
     assert " passed" in res.stdout and "skipped" not in res.stdout, report
+
+
+@requires_triton
+@pytest.mark.parametrize("group", ["masks", "dropout", "maskops"])
+def test_interpreted_masks_and_dropout(group):
+    """Runs tests/triton_mask_dropout_cases.py -k interp_<group> under TRITON_INTERPRET=1."""
+    assert_interpreted_group_passes(MASK_CASES, group)
 
 
 @requires_triton
@@ -116,7 +130,7 @@ def test_triton_backend_refuses_cpu_tensors_without_the_interpreter():
 SEQ_LENS = (1, 17, 65, 197, 257)
 HEAD_DIMS = (16, 48, 64, 80)
 BATCH_HEADS = ((1, 1), (2, 3), (3, 2), (1, 4))
-EXPORTS = (None, "full", "head_mean", "cls")
+EXPORTS = (None, "full", "head_mean", "cls", "key_mean")
 
 
 def _shape(n, d):
@@ -157,22 +171,79 @@ def test_cuda_reruns_are_bitwise_equal(export):
 
 
 @requires_cuda
-@pytest.mark.parametrize("export", ["none", "full", "head_mean", "cls"])
+@pytest.mark.parametrize("kind", ["key_padding", "full_bias"])
+def test_cuda_reruns_with_mask_and_dropout_are_bitwise_equal(kind):
+    q, k, v = make_inputs((4, 6, 197, 64), torch.bfloat16, "cuda")
+    mask = make_mask(kind, 4, 6, 197, torch.bfloat16, "cuda")
+    rng = torch.tensor([11, 12], device="cuda")
+    leaves = [q, k, v] + ([mask] if mask.requires_grad else [])
+
+    def run():
+        outs = list(torch.ops.fastattnreg.triton_attention_fwd(q, k, v, mask, rng, 0.125, "full",
+                                                               0.2))
+        return outs + list(torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs]))
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
+
+
+@requires_cuda
+@pytest.mark.parametrize("export", ["none", "full", "head_mean", "cls", "key_mean"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cuda_opcheck(export, dtype):
+@pytest.mark.parametrize("kind,p", [(None, 0.0), ("key_padding", 0.1), ("shared_bias", 0.0)])
+def test_cuda_opcheck(export, dtype, kind, p):
     q, k, v = [torch.randn(2, 3, 17, 48, device="cuda", dtype=dtype, requires_grad=True)
                for _ in range(3)]
+    mask = None if kind is None else make_mask(kind, 2, 3, 17, dtype, "cuda")
+    rng = torch.tensor([5, 7], device="cuda") if p > 0 else None
     torch.library.opcheck(torch.ops.fastattnreg.triton_attention_fwd.default,
-                          (q, k, v, 0.25, export))
+                          (q, k, v, mask, rng, 0.25, export, p))
     qd, kd, vd = q.detach(), k.detach(), v.detach()
-    out, lse, maps = torch.ops.fastattnreg.triton_attention_fwd(qd, kd, vd, 0.25, export)
+    md = None if mask is None else mask.detach()
+    out, lse, maps = torch.ops.fastattnreg.triton_attention_fwd(qd, kd, vd, md, rng, 0.25, export,
+                                                                p)
     dmaps = torch.randn_like(maps) if export != "none" else None
-    args = (torch.randn_like(out), qd, kd, vd, out, lse, torch.randn_like(lse), dmaps, 0.25, export)
+    args = (torch.randn_like(out), qd, kd, vd, out, lse, torch.randn_like(lse), dmaps, md, rng,
+            0.25, export, p, md is not None and md.dtype != torch.bool)
     torch.library.opcheck(torch.ops.fastattnreg.triton_attention_bwd.default, args)
 
 
 @requires_cuda
-@pytest.mark.parametrize("export", [None, "full", "head_mean", "cls"])
+@pytest.mark.parametrize("n", [17, 197, 257])
+@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_cuda_masks_and_dropout_float32_against_float64(n, kind, p):
+    export = EXPORTS[(SEQ_LENS.index(n) + MASK_KINDS.index(kind)) % len(EXPORTS)]
+    errors = compare_with_reference((2, 3, n, 64), kind, export, p, "cuda")
+    for name, err in errors.items():
+        assert err <= 1e-4, f"{name}: {err:.3g}"
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_cuda_masks_and_dropout_low_precision_rule(kind, p, dtype):
+    export = EXPORTS[MASK_KINDS.index(kind) % len(EXPORTS)]
+    errors = low_precision_mask_errors((2, 3, 197, 64), kind, export, p, "cuda", dtype)
+    assert_low_precision_rule(errors)
+
+
+@requires_cuda
+def test_cuda_dropout_keep_mask_read_back_from_one_hot_values():
+    """v = one-hot columns (N <= D): out = P * keep / (1 - p), so out != 0 is the kernels' mask."""
+    from fastattnreg.ops.dropout import dropout_keep_mask
+    B, H, N, D, p = 2, 3, 61, 64, 0.3
+    q, k = [torch.randn(B, H, N, D, device="cuda") * 0.3 for _ in range(2)]
+    v = torch.eye(N, D, device="cuda").expand(B, H, N, D).contiguous()
+    rng = torch.tensor([2**45 + 1, 2**33 + 2], device="cuda")
+    out, _, full = torch.ops.fastattnreg.triton_attention_fwd(q, k, v, None, rng, 0.25, "full", p)
+    assert (full > 0).all()
+    assert torch.equal((out[..., :N] != 0).cpu(), dropout_keep_mask((B, H, N, N), p, rng.cpu()))
+
+
+@requires_cuda
+@pytest.mark.parametrize("export", [None, "full", "head_mean", "cls", "key_mean"])
 def test_cuda_compile_fullgraph_inductor(export):
     """Inductor sees the kernels through wrap_triton (triton_op), forward and backward."""
     torch._dynamo.reset()
@@ -197,3 +268,30 @@ def test_cuda_auto_backend_picks_triton():
     q, k, v = make_inputs((2, 3, 17, 48), torch.float32, "cuda", requires_grad=False)
     assert fastattnreg.backend.resolve("auto", q.device) == "triton"
     assert torch.equal(fastattnreg.attention(q, k, v), triton_attention(q, k, v))
+
+
+@requires_cuda
+def test_cuda_compile_fullgraph_with_mask_and_dropout():
+    """Inductor around the triton_ops with a float bias requiring grad and dropout: the rng is
+    drawn in the graph and loaded by the kernels. Inductor draws random numbers its own way
+    unless fallback_random is set; with it, the same seed repeats the eager numbers."""
+    torch._dynamo.reset()
+    q, k, v = make_inputs((2, 3, 65, 48), torch.float32, "cuda")
+    bias = make_mask("shared_bias", 2, 3, 65, torch.float32, "cuda")
+
+    def loss_fn(q, k, v, bias):
+        out, maps, lse = fastattnreg.attention(q, k, v, attn_mask=bias, dropout_p=0.2,
+                                               export="key_mean", return_lse=True)
+        return (out ** 2).sum() + (maps ** 2).sum() + (lse ** 2).sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    torch.manual_seed(3)
+    with torch._inductor.config.patch(fallback_random=True):
+        loss = compiled(q, k, v, bias)
+        grads = torch.autograd.grad(loss, (q, k, v, bias))
+    torch.manual_seed(3)
+    eager = loss_fn(q, k, v, bias)
+    eager_grads = torch.autograd.grad(eager, (q, k, v, bias))
+    assert abs(loss.item() - eager.item()) <= 1e-5 * max(1.0, abs(eager.item()))
+    for g, e in zip(grads, eager_grads):
+        assert max_err(g, e) <= 1e-5 * max(1.0, e.abs().max().item())

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs TRITON_INTERPRET=1 set before the import and Triton installed",
 )
 
-EXPORTS = (None, "full", "head_mean", "cls")
+EXPORTS = (None, "full", "head_mean", "cls", "key_mean")
 # (B, H, N, D): B*H up to 6; every N and D of the brief at least once.
 SHAPES = ((1, 1, 1, 16), (2, 3, 17, 48), (3, 2, 65, 64), (1, 4, 65, 16), (2, 1, 130, 48))
 FP32_TOL = 1e-4
@@ -45,7 +45,8 @@ def test_interp_values_float32_against_float64(shape, export):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape,export", [((2, 3, 17, 48), "full"), ((1, 2, 130, 64), "head_mean"),
-                                          ((1, 1, 1, 16), "cls"), ((2, 1, 65, 16), None)])
+                                          ((1, 1, 1, 16), "cls"), ((2, 1, 65, 16), None),
+                                          ((1, 2, 65, 32), "key_mean")])
 def test_interp_values_low_precision_rule(shape, export, dtype):
     """bf16 runs its dots in fp32 in the interpreter (the interpreter's bf16 dot is wrong), on
     bf16-rounded operands as on the GPU; fp16 runs as is."""
@@ -53,7 +54,7 @@ def test_interp_values_low_precision_rule(shape, export, dtype):
 
 
 @pytest.mark.parametrize("used", ["out", "maps", "lse"])
-@pytest.mark.parametrize("export", ["full", "head_mean", "cls"])
+@pytest.mark.parametrize("export", ["full", "head_mean", "cls", "key_mean"])
 def test_interp_values_gradient_through_one_output(used, export):
     """Only one output carries a gradient: the others arrive as None and are skipped."""
     q, k, v = make_inputs((2, 3, 65, 16), torch.float32, "cpu")
@@ -73,9 +74,12 @@ def test_interp_values_maps_are_consistent_probabilities():
     _, full = triton_attention(q, k, v, export="full")
     _, head_mean = triton_attention(q, k, v, export="head_mean")
     _, cls = triton_attention(q, k, v, export="cls")
+    _, key_mean = triton_attention(q, k, v, export="key_mean")
     assert (full >= 0).all() and max_err(full.sum(-1), torch.ones(2, 3, 65)) < 1e-5
     assert max_err(head_mean, full.mean(1)) < 1e-6
     assert torch.equal(cls, full[:, :, 0, :])
+    assert max_err(key_mean, full.mean(2)) < 1e-6
+    assert max_err(key_mean.sum(-1), torch.ones(2, 3)) < 1e-5
 
 
 def test_interp_values_noncontiguous_and_custom_scale():
@@ -144,10 +148,12 @@ def test_interp_errors_bad_tensors(make, match):
 @pytest.mark.parametrize(
     "args,error,match",
     [
-        ((*_qkv(), 0.25, "rows"), ValueError, r"export must be one of .*got 'rows'"),
-        ((*_qkv(), float("inf"), "none"), ValueError, r"scale must be a finite number; got inf"),
-        ((*_qkv((1, 1, 5, 8)), 0.25, "none"), ValueError, r"head dim D must be in \[16, 128\]"),
-        ((*_qkv((65536, 1, 1, 16)), 0.25, "none"), ValueError,
+        ((*_qkv(), None, None, 0.25, "rows", 0.0), ValueError, r"export must be one of .*got 'rows'"),
+        ((*_qkv(), None, None, float("inf"), "none", 0.0), ValueError,
+         r"scale must be a finite number; got inf"),
+        ((*_qkv((1, 1, 5, 8)), None, None, 0.25, "none", 0.0), ValueError,
+         r"head dim D must be in \[16, 128\]"),
+        ((*_qkv((65536, 1, 1, 16)), None, None, 0.25, "none", 0.0), ValueError,
          r"batch x heads must be at most 65535 .* got B=65536 x H=1 = 65536"),
     ],
 )
@@ -159,17 +165,19 @@ def test_interp_errors_raw_forward_op(args, error, match):
 
 def test_interp_errors_raw_backward_op():
     q, k, v = _qkv()
-    out, lse, maps = torch.ops.fastattnreg.triton_attention_fwd(q, k, v, 0.25, "cls")
+    out, lse, maps = torch.ops.fastattnreg.triton_attention_fwd(q, k, v, None, None, 0.25, "cls",
+                                                                0.0)
     bwd = torch.ops.fastattnreg.triton_attention_bwd
+    rest = (None, None, 0.25)
     with pytest.raises(ValueError, match=r"dmaps must have shape \(1, 2, 17\); got \(1, 17\)"):
-        bwd(None, q, k, v, out, lse, None, maps[:, 0], 0.25, "cls")
+        bwd(None, q, k, v, out, lse, None, maps[:, 0], *rest, "cls", 0.0, False)
     with pytest.raises(ValueError, match=r"lse must be torch.float32; got torch.float64"):
-        bwd(out, q, k, v, out, lse.double(), None, None, 0.25, "none")
+        bwd(out, q, k, v, out, lse.double(), None, None, *rest, "none", 0.0, False)
     with pytest.raises(ValueError, match=r"dmaps was given but export is 'none'"):
-        bwd(None, q, k, v, out, lse, None, maps, 0.25, "none")
+        bwd(None, q, k, v, out, lse, None, maps, *rest, "none", 0.0, False)
     match = r"dout must have shape \(1, 2, 17, 16\); got \(1, 2, 16, 16\)"
     with pytest.raises(ValueError, match=match):
-        bwd(out[:, :, :16], q, k, v, out, lse, None, None, 0.25, "none")
+        bwd(out[:, :, :16], q, k, v, out, lse, None, None, *rest, "none", 0.0, False)
 
 
 # ------------------------------------------------------------------------------ registration
@@ -177,20 +185,20 @@ def test_interp_errors_raw_backward_op():
 # this checks their schemas, fake kernels and autograd, not Triton-on-CUDA tracing.
 
 
-@pytest.mark.parametrize("export", ["none", "full", "head_mean", "cls"])
+@pytest.mark.parametrize("export", ["none", "full", "head_mean", "cls", "key_mean"])
 def test_interp_registration_opcheck(export):
     q, k, v = [torch.randn(1, 2, 17, 16, requires_grad=True) for _ in range(3)]
     fwd = torch.ops.fastattnreg.triton_attention_fwd.default
-    torch.library.opcheck(fwd, (q, k, v, 0.25, export))
+    torch.library.opcheck(fwd, (q, k, v, None, None, 0.25, export, 0.0))
     out, lse, maps = torch.ops.fastattnreg.triton_attention_fwd(q.detach(), k.detach(), v.detach(),
-                                                                0.25, export)
+                                                                None, None, 0.25, export, 0.0)
     dmaps = torch.randn_like(maps) if export != "none" else None
     args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse,
-            torch.randn_like(lse), dmaps, 0.25, export)
+            torch.randn_like(lse), dmaps, None, None, 0.25, export, 0.0, False)
     torch.library.opcheck(torch.ops.fastattnreg.triton_attention_bwd.default, args)
 
 
-@pytest.mark.parametrize("export", [None, "head_mean", "cls"])
+@pytest.mark.parametrize("export", [None, "head_mean", "cls", "key_mean"])
 def test_interp_registration_compile_fullgraph(export):
     torch._dynamo.reset()
     q, k, v = make_inputs((2, 3, 17, 16), torch.float32, "cpu")

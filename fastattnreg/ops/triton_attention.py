@@ -6,13 +6,14 @@ to the same namespace as a fragment, whether fastattnreg._C is loaded or not.
 
   * On CUDA the ops are `torch.library.triton_op`s: the implementation only allocates and
     launches kernels through `wrap_triton`, so it doubles as the fake kernel and torch.compile
-    sees (and may fuse around) the kernels themselves.
+    sees (and may fuse around) the kernels themselves. The dropout stream's (seed, offset) stays
+    a device tensor that the kernels load: no host read, no graph break.
   * Under TRITON_INTERPRET=1 (CPU tensors, the test suite) they are opaque
     `torch.library.custom_op`s with the fake kernels below: wrap_triton hands interpreted kernels
     back unwrapped, and those cannot run on fake tensors, so torch.compile must not trace in.
 
-The autograd rule (setup_context, backward) mirrors the C++ one in ops/attention.py: only q, k, v,
-out and the float32 LSE are saved; P is recomputed in the backward.
+The autograd rule is the shared one of ops/attention_autograd.py: only q, k, v, out, the float32
+LSE, the mask and the dropout rng are saved; P and the keep-mask are recomputed in the backward.
 Imported only when Triton is installed (see fastattnreg.backend).
 """
 from __future__ import annotations
@@ -24,17 +25,24 @@ import torch
 from ..triton import attention as _kernels
 from ..triton.attention import attention_bwd as _launch_bwd
 from ..triton.attention import attention_fwd as _launch_fwd
+from ..triton.dropout import Dropout
 from .attention_autograd import register_attention_autograd
-from .checks import check_qkv
+from .checks import check_attn_mask, check_dropout_p, check_qkv
+from .dropout import dropout_threshold
 
 FWD_NAME = "fastattnreg::triton_attention_fwd"
 BWD_NAME = "fastattnreg::triton_attention_bwd"
-FWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, float scale, str export) -> (Tensor, Tensor, Tensor)"
+# The C++ ops' schemas (csrc/registration.cpp), argument and output names included.
+FWD_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? rng, float scale, str export, "
+    "float dropout_p) -> (Tensor out, Tensor lse, Tensor maps)"
+)
 BWD_SCHEMA = (
     "(Tensor? dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
-    "Tensor? dmaps, float scale, str export) -> (Tensor, Tensor, Tensor)"
+    "Tensor? dmaps, Tensor? attn_mask, Tensor? rng, float scale, str export, float dropout_p, "
+    "bool mask_grad) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)"
 )
-EXPORT_NAMES = ("none", "full", "head_mean", "cls")
+EXPORT_NAMES = ("none", "full", "head_mean", "cls", "key_mean")
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -70,8 +78,35 @@ def _check_like(t, name, shape, dtype, device) -> None:
         raise ValueError(f"{name} must be on {device}; got {t.device}")
 
 
-def _check_bwd(dout, q, k, v, out, lse, dlse, dmaps, scale, export) -> None:
+def _check_extras(q, attn_mask, rng, dropout_p) -> None:
+    """The mask (ops.checks.check_attn_mask), dropout_p in [0, 1) and, when dropout_p > 0, the
+    stream's rng: int64 (seed, offset) of shape (2,) on q's device."""
+    check_attn_mask(attn_mask, q)
+    check_dropout_p(dropout_p)
+    if rng is None:
+        if dropout_p > 0:
+            raise ValueError(
+                f"rng must be an int64 tensor (seed, offset) of shape (2,) on q's device when "
+                f"dropout_p > 0; got None with dropout_p={dropout_p}"
+            )
+        return
+    if rng.dtype != torch.int64 or tuple(rng.shape) != (2,):
+        raise ValueError(
+            f"rng must be an int64 tensor (seed, offset) of shape (2,); got {rng.dtype} of shape "
+            f"{tuple(rng.shape)}"
+        )
+    if rng.device != q.device:
+        raise ValueError(f"rng must be on q's device {q.device}; got {rng.device}")
+
+
+def _check_fwd(q, k, v, attn_mask, rng, scale, export, dropout_p) -> None:
     _check_common(q, k, v, scale, export)
+    _check_extras(q, attn_mask, rng, dropout_p)
+
+
+def _check_bwd(dout, q, k, v, out, lse, dlse, dmaps, attn_mask, rng, scale, export, dropout_p,
+               mask_grad) -> None:
+    _check_fwd(q, k, v, attn_mask, rng, scale, export, dropout_p)
     B, H, N, _ = q.shape
     _check_like(out, "out", q.shape, q.dtype, q.device)
     _check_like(lse, "lse", (B, H, N), torch.float32, q.device)
@@ -83,6 +118,24 @@ def _check_bwd(dout, q, k, v, out, lse, dlse, dmaps, scale, export) -> None:
         if export == "none":
             raise ValueError("dmaps was given but export is 'none'")
         _check_like(dmaps, "dmaps", _kernels.maps_shape(export, B, H, N), q.dtype, q.device)
+    if mask_grad and attn_mask is not None and attn_mask.dtype == torch.bool:
+        raise ValueError("mask_grad=True needs a float attn_mask (an additive bias); got a "
+                         "torch.bool mask, which has no gradient")
+
+
+def _dmask_like(q, attn_mask, mask_grad):
+    """Shape and dtype of the backward's dmask: (B, H, N, N) in the mask's dtype when mask_grad
+    (and a mask is given), else an empty (0,)."""
+    B, H, N, _ = q.shape
+    shape = (B, H, N, N) if mask_grad and attn_mask is not None else (0,)
+    return shape, q.dtype if attn_mask is None else attn_mask.dtype
+
+
+def _dropout(rng, dropout_p):
+    # dropout_p == 0 runs the kernels without the stream at all (bitwise the no-dropout run).
+    if dropout_p == 0:
+        return None
+    return Dropout(rng, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p))
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
@@ -98,32 +151,40 @@ def _contiguous(t):
 # ------------------------------------------------------------------------- implementations
 
 
-def _triton_attention_fwd(q, k, v, scale, export):
-    _check_common(q, k, v, scale, export)
+def _triton_attention_fwd(q, k, v, attn_mask, rng, scale, export, dropout_p):
+    _check_fwd(q, k, v, attn_mask, rng, scale, export, dropout_p)
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
-    return _launch_fwd(q, k, v, scale, export)
+    # The mask is read through its own strides, broadcast axes included: never copied.
+    return _launch_fwd(q, k, v, scale, export, attn_mask, _dropout(rng, dropout_p))
 
 
-def _triton_attention_bwd(dout, q, k, v, out, lse, dlse, dmaps, scale, export):
-    _check_bwd(dout, q, k, v, out, lse, dlse, dmaps, scale, export)
+def _triton_attention_bwd(dout, q, k, v, out, lse, dlse, dmaps, attn_mask, rng, scale, export,
+                          dropout_p, mask_grad):
+    _check_bwd(dout, q, k, v, out, lse, dlse, dmaps, attn_mask, rng, scale, export, dropout_p,
+               mask_grad)
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
     # Gradients can arrive as expanded or strided views; the kernels read them contiguous.
     dout, out, lse = _contiguous(dout), out.contiguous(), lse.contiguous()
     dlse, dmaps = _contiguous(dlse), _contiguous(dmaps)
-    return _launch_bwd(dout, q, k, v, out, lse, dlse, dmaps, scale, export)
+    return _launch_bwd(dout, q, k, v, out, lse, dlse, dmaps, scale, export, attn_mask,
+                       _dropout(rng, dropout_p), mask_grad)
 
 
-def _fwd_fake(q, k, v, scale, export):
-    _check_common(q, k, v, scale, export)
+def _fwd_fake(q, k, v, attn_mask, rng, scale, export, dropout_p):
+    _check_fwd(q, k, v, attn_mask, rng, scale, export, dropout_p)
     B, H, N, D = q.shape
     out = q.new_empty((B, H, N, D))
     lse = q.new_empty((B, H, N), dtype=torch.float32)
     return out, lse, q.new_empty(_kernels.maps_shape(export, B, H, N))
 
 
-def _bwd_fake(dout, q, k, v, out, lse, dlse, dmaps, scale, export):
-    _check_bwd(dout, q, k, v, out, lse, dlse, dmaps, scale, export)
-    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+def _bwd_fake(dout, q, k, v, out, lse, dlse, dmaps, attn_mask, rng, scale, export, dropout_p,
+              mask_grad):
+    _check_bwd(dout, q, k, v, out, lse, dlse, dmaps, attn_mask, rng, scale, export, dropout_p,
+               mask_grad)
+    shape, dtype = _dmask_like(q, attn_mask, mask_grad)
+    return (q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape),
+            q.new_empty(shape, dtype=dtype))
 
 
 def define_triton_op(name: str, impl, schema: str, fake):

@@ -84,7 +84,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import attention as _attention
-from .attention import INTERPRET, LOG2E, MAX_GRID_Z, _dot_options, _round_to_bf16
+from .attention import INTERPRET, MAX_GRID_Z, _dot_options, _round_to_bf16
 
 _N_AFF_ROWS = 6  # rows of the affine table per BatchNorm: a, b, mean, rstd, c0, c1
 # Channel dots: 3xTF32 keeps fp32 accuracy on tensor cores (the interpreter computes exactly).
@@ -469,14 +469,10 @@ class _Problem:
 def probs_fwd(q, k, v, scale: float) -> torch.Tensor:
     """P = softmax(scale q k^T) (B, H, N, N) float32: the attention kernels' LSE pass, then their
     map kernel writing fp32 (its `out` is not used; A* V is the refined output)."""
-    B, H, N, D = q.shape
+    B, H, N, _ = q.shape
     _, lse, _ = _attention.attention_fwd(q, k, v, scale, "none")
     probs = torch.empty((B, H, N, N), dtype=torch.float32, device=q.device)
-    wrap_triton(_attention._maps_kernel)[
-        lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), B * H)
-    ](q, k, lse, probs, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-      k.stride(2), H * N * N, N * N, N, H, N, N, scale * LOG2E, 1.0, HEAD_MEAN=False, HEAD_DIM=D,
-      **_dot_options(q.dtype))
+    _attention.write_maps(q, k, lse, probs, "full", scale)
     return probs
 
 
