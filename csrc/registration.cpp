@@ -18,16 +18,19 @@ TORCH_LIBRARY(fastattnreg, m) {
       "bool mask_grad) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
   // Student attention plus its divergence from a teacher's attention, per matched row:
   // out (B,H,N,D), lse (B,H,N), teacher_lse (B,H,R), row_loss (B,H,R); R = N ("all") or 1 ("cls").
+  // attn_mask (as attention_fwd's) applies to the student's and the teacher's logits alike.
   m.def(
       "attention_match_fwd(Tensor q, Tensor k, Tensor v, Tensor teacher_q, Tensor teacher_k, "
-      "float scale, float teacher_scale, str kind, str rows) "
+      "Tensor? attn_mask, float scale, float teacher_scale, str kind, str rows) "
       "-> (Tensor out, Tensor lse, Tensor teacher_lse, Tensor row_loss)");
   // dq, dk, dv from the gradients of out, lse and the per-row losses; the teacher gets none
-  // (teacher_lse depends on the teacher alone, so its gradient has nowhere to go).
+  // (teacher_lse depends on the teacher alone, so its gradient has nowhere to go), and neither
+  // does the mask (it shapes the teacher's logits too).
   m.def(
       "attention_match_bwd(Tensor? dout, Tensor? dlse, Tensor? drow_loss, Tensor q, Tensor k, Tensor v, "
       "Tensor out, Tensor lse, Tensor teacher_q, Tensor teacher_k, Tensor teacher_lse, "
-      "float scale, float teacher_scale, str kind, str rows) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "Tensor? attn_mask, float scale, float teacher_scale, str kind, str rows) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)");
   // Refiner attention (methods.md §1), C = expansion * H: w_exp (C,H), w_dw (C,K,K), w_pro (H,C);
   // the four BatchNorms packed (2C + 2H) = bn1 | bn2 | bn3 | adapt; keep: the (B,H,N,N) dropout
   // mask. out (B,H,N,D); probs (B,H,N,N) kept for the backward (empty when neither training nor

@@ -11,7 +11,7 @@ import torch
 
 timm = pytest.importorskip("timm")
 
-from fastattnreg import FusedAttention, RefinerAttention, attention_ref  # noqa: E402
+from fastattnreg import FusedAttention, RefinerAttention, attention_match_ref, attention_ref  # noqa: E402
 from fastattnreg.ops.attention import _maps_shape  # noqa: E402
 from fastattnreg.ops.dropout import draw_rng, dropout_keep_mask  # noqa: E402
 from conftest import max_err, requires_cpp  # noqa: E402
@@ -147,18 +147,24 @@ def test_torchscript_dropout_draws_as_eager():
 # ------------------------------------------------------------------------------ clear errors
 
 
-def test_match_teacher_refuses_a_mask_and_dropout():
+def test_match_teacher_takes_a_mask_and_refuses_dropout():
     layer = FusedAttention(DIM, num_heads=HEADS, attn_drop=0.1, backend="cpp")
     x = torch.randn(2, N, DIM)
     t = torch.randn(2, HEADS, N, DIM // HEADS)
     layer.match_teacher = (t, t, "kl", "all", None)
-    with pytest.raises(NotImplementedError, match=r"no attn_mask yet; got a mask of shape "
-                                                  r"\(2, 1, 1, 17\)"):
-        layer(x, attn_mask=key_padding_mask())
     with pytest.raises(NotImplementedError, match=r"no attention dropout yet; got attn_drop=0.1"):
         layer(x)
-    layer.eval()  # no dropout in eval mode: the teacher runs
-    assert layer(x).shape == x.shape and layer.match_loss is not None
+    layer.eval()  # no dropout in eval mode: the teacher runs, with the mask on both sides
+    mask = key_padding_mask()
+    out = layer(x, attn_mask=mask)
+    layer.match_teacher = None
+    assert torch.equal(out, layer(x, attn_mask=mask))
+    qkv = layer.qkv(x).reshape(2, N, 3, HEADS, DIM // HEADS).permute(2, 0, 3, 1, 4)
+    q, k = qkv[0], qkv[1]
+    layer.match_teacher = (t, t, "kl", "all", None)
+    layer(x, attn_mask=mask)
+    want = attention_match_ref(q, k, qkv[2], t, t, attn_mask=mask, kind="kl")[1]
+    assert torch.allclose(layer.match_loss, want, atol=1e-5)
 
 
 def test_refiner_refuses_a_mask_naming_its_shape():

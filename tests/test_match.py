@@ -87,13 +87,13 @@ def test_gradcheck_float64(kind, rows):
 def test_opcheck(kind, rows):
     q, k, v, tq, tk = _case((2, 2, 17, 16, 8), torch.float64)
     torch.library.opcheck(torch.ops.fastattnreg.attention_match_fwd.default,
-                          (q, k, v, tq, tk, 0.25, 0.35, kind, rows))
+                          (q, k, v, tq, tk, None, 0.25, 0.35, kind, rows))
     out, lse, tlse, row_loss = torch.ops.fastattnreg.attention_match_fwd(
-        q.detach(), k.detach(), v.detach(), tq, tk, 0.25, 0.35, kind, rows)
+        q.detach(), k.detach(), v.detach(), tq, tk, None, 0.25, 0.35, kind, rows)
     torch.library.opcheck(
         torch.ops.fastattnreg.attention_match_bwd.default,
         (torch.randn_like(out), torch.randn_like(lse), torch.randn_like(row_loss), q.detach(), k.detach(), v.detach(),
-         out, lse, tq, tk, tlse, 0.25, 0.35, kind, rows))
+         out, lse, tq, tk, tlse, None, 0.25, 0.35, kind, rows))
 
 
 @requires_cpp
@@ -174,6 +174,7 @@ def test_raw_op_checks_too():
     q = torch.randn(1, 2, 5, 8)
     with pytest.raises(ValueError, match=r"teacher_q tokens N must equal the student's 5"):
         torch.ops.fastattnreg.attention_match_fwd(q, q, q, torch.randn(1, 2, 6, 8),
-                                                  torch.randn(1, 2, 6, 8), 0.3, 0.3, "kl", "all")
+                                                  torch.randn(1, 2, 6, 8), None, 0.3, 0.3, "kl",
+                                                  "all")
     with pytest.raises(ValueError, match=r"kind must be one of 'kl', 'mse_probs', 'mse_logits'"):
-        torch.ops.fastattnreg.attention_match_fwd(q, q, q, q, q, 0.3, 0.3, "l2", "all")
+        torch.ops.fastattnreg.attention_match_fwd(q, q, q, q, q, None, 0.3, 0.3, "l2", "all")

@@ -203,27 +203,33 @@ struct Teacher {
   int64_t key0() const { return cls_rows ? 1 : 0; }
 };
 
-// St (mr x N) = scale_t * TQ TK^T for the first mr rows of the query block at i0 of head bh.
-// tk holds the head's teacher keys, tq_buf room for mr x Dt query rows in acc_t.
+// St (mr x N) = scale_t * TQ TK^T for the first mr rows of the query block at i0 of head
+// bh = b * H + h, masked like the student's logits. tk holds the head's teacher keys, tq_buf
+// room for mr x Dt query rows in acc_t.
 template <typename scalar_t, typename acc_t>
-void teacher_logits(const Teacher<scalar_t, acc_t>& t, int64_t bh, int64_t N, int64_t i0,
-                    int64_t mr, const KeyOperand<acc_t>& tk, acc_t* tq_buf, acc_t* st) {
+void teacher_logits(const Teacher<scalar_t, acc_t>& t, const MaskView<scalar_t>& mask, int64_t b,
+                    int64_t h, int64_t bh, int64_t N, int64_t i0, int64_t mr,
+                    const KeyOperand<acc_t>& tk, acc_t* tq_buf, acc_t* st) {
   const int64_t hdt = N * t.Dt;
   const acc_t* TQ = tile_as_acc(t.q + bh * hdt + i0 * t.Dt, mr * t.Dt, tq_buf);
   score_gemm(mr, t.scale, TQ, tk, st);
+  if (mask.on())
+    for (int64_t r = 0; r < mr; ++r) mask.apply_row(st + r * N, N, b, h, i0 + r);
 }
 
 // The student's logits of the matched rows, into sl (mr x N). For every row they are the score
 // tile S itself (copied: the softmax overwrites S). For the CLS row they are recomputed by a
 // one-row GEMM of the same shape as the teacher's, so a teacher that is a copy of the student
 // gives bitwise-equal logits and a loss of exactly 0 (BLAS may round a 1-row product
-// differently from the same row inside an m-row product).
+// differently from the same row inside an m-row product). The mask is applied as to S.
 template <typename scalar_t, typename acc_t>
-void student_match_logits(const Teacher<scalar_t, acc_t>& t, const acc_t* S, const acc_t* Q,
+void student_match_logits(const Teacher<scalar_t, acc_t>& t, const MaskView<scalar_t>& mask,
+                          int64_t b, int64_t h, const acc_t* S, const acc_t* Q,
                           const KeyOperand<acc_t>& K, int64_t mr, int64_t N, acc_t scale,
                           acc_t* sl) {
   if (t.cls_rows) {
     score_gemm(1, scale, Q, K, sl);
+    if (mask.on()) mask.apply_row(sl, N, b, h, 0);
   } else {
     std::copy(S, S + mr * N, sl);
   }
@@ -310,7 +316,7 @@ void forward_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
           const bool on_s = teacher && !teacher->cls_rows && teacher->kind != MatchKind::MseProbs;
           if (mr > 0) {
             const KeyOperand<acc_t> TK = key_operand(teacher->k + bh * N * Dt, N, Dt, TKt);
-            teacher_logits(*teacher, bh, N, i0, mr, TK, TQ, St);
+            teacher_logits(*teacher, mask, b, h, bh, N, i0, mr, TK, TQ, St);
             if (on_s && logits_only) {  // needs no LSE
               for (int64_t r = 0; r < mr; ++r) {
                 const int64_t ri = teacher->row_index(bh, N, i0) + r;
@@ -319,7 +325,7 @@ void forward_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
                     match_loss_row(teacher->kind, S + r * N, acc_t(0), St + r * N, acc_t(0), N);
               }
             } else if (!on_s) {
-              student_match_logits(*teacher, S, Q, K, mr, N, scale, SL);
+              student_match_logits(*teacher, mask, b, h, S, Q, K, mr, N, scale, SL);
             }
           }
           // Every-row KL: the student's softmax and the divergence in one pass per row (below the
@@ -332,8 +338,9 @@ void forward_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
                 kl_softmax_row(S + r * N, St + r * N, N, &mx, &sum, &teacher->lse[ri]);
             const acc_t row_lse = mx + std::log(sum);
             lse[bh * N + i0 + r] = row_lse;
-            inv_sum[r] = acc_t(1) / sum;
-            teacher->row_loss[ri] = cross - teacher->lse[ri] + row_lse;
+            // A fully masked row (sum 0): P's row is 0 and the row's loss 0.
+            inv_sum[r] = sum > acc_t(0) ? acc_t(1) / sum : acc_t(0);
+            teacher->row_loss[ri] = sum > acc_t(0) ? cross - teacher->lse[ri] + row_lse : acc_t(0);
           }
           for (int64_t i = kl_rows ? mr : 0; i < m; ++i) {
             acc_t mx;
@@ -351,7 +358,10 @@ void forward_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
                                            : logsumexp_row(ss, n);
             const acc_t tlse = logits_only ? acc_t(0) : logsumexp_row(st, n);
             teacher->lse[ri] = tlse;
-            teacher->row_loss[ri] = match_loss_row(teacher->kind, ss, slse, st, tlse, n);
+            // Every matched key masked: slse is -inf and the row's loss 0.
+            const bool dead = slse == -std::numeric_limits<acc_t>::infinity();
+            teacher->row_loss[ri] =
+                dead ? acc_t(0) : match_loss_row(teacher->kind, ss, slse, st, tlse, n);
           }
           // The maps are P before dropout: written from the unnormalised rows and 1 / sum.
           if (kind == ExportKind::Full) {
@@ -462,12 +472,12 @@ void backward_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
         // the gradient, so it is kept off the fused path.)
         const bool fused = match && !dmaps && !teacher->cls_rows &&
                            teacher->kind != MatchKind::MseProbs;
-        if (mr > 0) teacher_logits(*teacher, bh, N, i0, mr, TK, TQ, St);
+        if (mr > 0) teacher_logits(*teacher, mask, b, bh % H, bh, N, i0, mr, TK, TQ, St);
         if (mr > 0 && !fused) {
           // Loss gradient w.r.t. the student's logits, from the logits still in P.
           const acc_t* student = P;
           if (teacher->cls_rows) {
-            student_match_logits(*teacher, P, Q, Kop, mr, N, scale, SL);
+            student_match_logits(*teacher, mask, b, bh % H, P, Q, Kop, mr, N, scale, SL);
             student = SL;
           }
           for (int64_t r = 0; r < mr; ++r) {
@@ -476,6 +486,10 @@ void backward_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
             const acc_t slse = teacher->kind == MatchKind::MseLogits ? acc_t(0)
                                : j0 == 0                             ? lse[row0 + r]
                                                                      : logsumexp_row(ss, n);
+            if (slse == -std::numeric_limits<acc_t>::infinity()) {
+              std::fill(St + r * N, St + (r + 1) * N, acc_t(0));  // fully masked: no gradient
+              continue;
+            }
             match_grad_row(teacher->kind, ss, slse, St + r * N + j0, teacher->lse[ri], n,
                            teacher->drow_loss[ri]);
             if (j0 == 1) St[r * N] = acc_t(0);  // the CLS row's own key is not matched

@@ -4,8 +4,11 @@
 // expanded in memory.
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <cstdint>
 #include <limits>
+#include <optional>
 
 namespace fastattnreg::cpu {
 
@@ -39,5 +42,38 @@ struct MaskView {
     }
   }
 };
+
+// The mask broadcast to (B, H, N, N) as a view (strides 0 along broadcast axes): checked, never
+// copied. Returns an undefined tensor for no mask.
+inline at::Tensor mask_view(const std::optional<at::Tensor>& attn_mask, const at::Tensor& q) {
+  if (!attn_mask.has_value()) return {};
+  const at::Tensor& m = *attn_mask;
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2);
+  TORCH_CHECK_VALUE(m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type(),
+                    "attn_mask must be bool (True = takes part) or q's dtype ", q.scalar_type(),
+                    " (an additive bias); got ", m.scalar_type());
+  TORCH_CHECK_VALUE(m.dim() >= 2 && m.dim() <= 4, "attn_mask must have 2 to 4 dims and ",
+                    "broadcast to (B, H, N, N) = [", B, ", ", H, ", ", N, ", ", N, "]; got shape ",
+                    m.sizes());
+  const int64_t target[4] = {B, H, N, N};
+  for (int64_t i = 0; i < m.dim(); ++i) {
+    const int64_t s = m.size(i), t = target[4 - m.dim() + i];
+    TORCH_CHECK_VALUE(s == 1 || s == t, "attn_mask of shape ", m.sizes(),
+                      " does not broadcast to (B, H, N, N) = [", B, ", ", H, ", ", N, ", ", N,
+                      "]");
+  }
+  TORCH_CHECK_VALUE(m.is_cpu(), "attn_mask must be a CPU tensor like q; got ", m.device());
+  return m.expand({B, H, N, N});
+}
+
+template <typename scalar_t>
+MaskView<scalar_t> make_mask_view(const at::Tensor& view) {
+  MaskView<scalar_t> mv;
+  if (!view.defined()) return mv;
+  mv.data = view.const_data_ptr();
+  mv.is_bool = view.scalar_type() == at::kBool;
+  mv.sB = view.stride(0), mv.sH = view.stride(1), mv.sI = view.stride(2), mv.sJ = view.stride(3);
+  return mv;
+}
 
 }  // namespace fastattnreg::cpu

@@ -11,11 +11,13 @@
 
 #include "../checks.h"
 #include "attention_kernels.h"
+#include "attention_mask.h"
 #include "match.h"
 
 namespace fastattnreg::cpu {
 namespace {
 
+using kernels::AttentionExtras;
 using kernels::Dims;
 using kernels::Teacher;
 
@@ -63,12 +65,13 @@ at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDoub
 // Returns out (B,H,N,D), lse (B,H,N), teacher_lse (B,H,R) and row_loss (B,H,R), R = N or 1.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_match_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& teacher_q,
-    const at::Tensor& teacher_k, double scale, double teacher_scale, c10::string_view kind,
-    c10::string_view rows) {
+    const at::Tensor& teacher_k, const std::optional<at::Tensor>& attn_mask, double scale,
+    double teacher_scale, c10::string_view kind, c10::string_view rows) {
   check_qkv_cpu(q, k, v);
   const MatchKind mk = parse_kind(kind);
   const bool cls = parse_cls_rows(rows);
   check_teacher(q, teacher_q, teacher_k, cls);
+  const at::Tensor mask = mask_view(attn_mask, q);
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be a finite number; got ", scale);
   TORCH_CHECK_VALUE(std::isfinite(teacher_scale), "teacher_scale must be a finite number; got ",
                     teacher_scale);
@@ -89,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_match_fwd(
     kernels::forward_impl<scalar_t, acc_t>(
         qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(),
         out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), nullptr, d, static_cast<acc_t>(scale),
-        ExportKind::None, {}, &t);
+        ExportKind::None, AttentionExtras<scalar_t>{make_mask_view<scalar_t>(mask)}, &t);
   });
   return {out, lse, teacher_lse, row_loss};
 }
@@ -100,12 +103,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_match_bwd(
     const std::optional<at::Tensor>& drow_loss,
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& teacher_q, const at::Tensor& teacher_k,
-    const at::Tensor& teacher_lse, double scale, double teacher_scale, c10::string_view kind,
-    c10::string_view rows) {
+    const at::Tensor& teacher_lse, const std::optional<at::Tensor>& attn_mask, double scale,
+    double teacher_scale, c10::string_view kind, c10::string_view rows) {
   check_qkv_cpu(q, k, v);
   const MatchKind mk = parse_kind(kind);
   const bool cls = parse_cls_rows(rows);
   check_teacher(q, teacher_q, teacher_k, cls);
+  const at::Tensor mask = mask_view(attn_mask, q);
   const Dims d{q.size(0), q.size(1), q.size(2), q.size(3)};
   const int64_t R = cls ? 1 : d.N;
   const auto acc = acc_dtype(q.scalar_type());
@@ -144,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_match_bwd(
         lse_c.const_data_ptr<acc_t>(),
         dlse_c.defined() ? dlse_c.const_data_ptr<acc_t>() : nullptr, nullptr, dq.data_ptr<scalar_t>(),
         dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), d, static_cast<acc_t>(scale),
-        ExportKind::None, {}, &t);
+        ExportKind::None, AttentionExtras<scalar_t>{make_mask_view<scalar_t>(mask)}, &t);
   });
   return {dq, dk, dv};
 }

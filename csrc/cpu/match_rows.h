@@ -3,8 +3,12 @@
 // logits. Rows are given as scaled logits (ss: student, st: teacher, length n) plus each one's
 // log-sum-exp over the same n keys, so probabilities are exp(s - lse) and log-probabilities
 // s - lse: no log of a probability is ever taken. Vectorised like rowops.h.
+// Masked keys (attention masks) come as logits of -inf in both rows: they take no part in any
+// divergence (their terms are set to 0 where -inf - (-inf) would give NaN). A row whose every
+// key is masked has an LSE of -inf; its callers give it loss 0 and no gradient.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -14,12 +18,13 @@ namespace fastattnreg::cpu {
 
 enum class MatchKind { KL, MseProbs, MseLogits };
 
-// log sum_j exp(s[j]), j < n
+// log sum_j exp(s[j]), j < n; -inf when every s[j] is -inf
 template <typename T>
 FASTATTNREG_ROW_PASS
 T logsumexp_row(const T* s, int64_t n) {
   using V = Vectorized<T>;
   const T mx = max_row(s, n);
+  if (mx == -std::numeric_limits<T>::infinity()) return mx;
   const V vm(mx);
   V vsum(T(0));
   for_each_vec<T>(n, [&](int64_t j, int64_t c) {
@@ -36,19 +41,19 @@ template <typename T>
 FASTATTNREG_ROW_PASS
 T match_loss_row(MatchKind kind, const T* ss, T slse, const T* st, T tlse, int64_t n) {
   using V = Vectorized<T>;
-  const V vs(slse), vt(tlse), zero(T(0));
+  const V vs(slse), vt(tlse), zero(T(0)), neg_inf(-std::numeric_limits<T>::infinity());
   V acc = zero;
   for_each_vec<T>(n, [&](int64_t j, int64_t c) {
     const V a = V::loadu(ss + j, c), b = V::loadu(st + j, c);
     V term;
     if (kind == MatchKind::KL) {
       const V log_pt = b - vt;
-      term = vexp(log_pt) * (log_pt - (a - vs));
+      term = V::blendv(vexp(log_pt) * (log_pt - (a - vs)), zero, b == neg_inf);
     } else if (kind == MatchKind::MseProbs) {
       const V diff = vexp(a - vs) - vexp(b - vt);
       term = diff * diff;
     } else {
-      const V diff = a - b;
+      const V diff = V::blendv(a - b, zero, b == neg_inf);
       term = diff * diff;
     }
     acc = acc + V::set(zero, term, c);  // tail lanes hold exp(0 - lse) garbage: drop them
@@ -66,6 +71,7 @@ FASTATTNREG_ROW_PASS
 void match_grad_row(MatchKind kind, const T* ss, T slse, T* st, T tlse, int64_t n, T g) {
   using V = Vectorized<T>;
   const V vs(slse), vt(tlse), vg(g), two_g(T(2) * g), zero(T(0));
+  const V neg_inf(-std::numeric_limits<T>::infinity());
   if (kind == MatchKind::KL) {
     for_each_vec<T>(n, [&](int64_t j, int64_t c) {
       const V d = vexp(V::loadu(ss + j, c) - vs) - vexp(V::loadu(st + j, c) - vt);
@@ -73,7 +79,8 @@ void match_grad_row(MatchKind kind, const T* ss, T slse, T* st, T tlse, int64_t 
     });
   } else if (kind == MatchKind::MseLogits) {
     for_each_vec<T>(n, [&](int64_t j, int64_t c) {
-      (two_g * (V::loadu(ss + j, c) - V::loadu(st + j, c))).store(st + j, c);
+      const V t = V::loadu(st + j, c);
+      (two_g * V::blendv(V::loadu(ss + j, c) - t, zero, t == neg_inf)).store(st + j, c);
     });
   } else {
     V vc = zero;  // sum_k ps_k G_k
@@ -101,7 +108,8 @@ void match_grad_row(MatchKind kind, const T* ss, T slse, T* st, T tlse, int64_t 
 // Two passes over the pair of rows (both maxima, then both exps) where a student softmax and a
 // separate teacher pass took four. The teacher's sum of exp runs the student's operations in the
 // same lane order, so a teacher that copies the student gets tlse == lse bitwise, a returned 0
-// (every st_j - s_j is 0) and a loss of exactly 0.
+// (every st_j - s_j is 0) and a loss of exactly 0. A fully masked row (every s_j and st_j -inf)
+// becomes 0 with *s_sum = 0, *tlse = -inf and returns 0.
 template <typename T>
 FASTATTNREG_ROW_PASS
 T kl_softmax_row(T* s, const T* st, int64_t n, T* s_max, T* s_sum, T* tlse) {
@@ -114,6 +122,13 @@ T kl_softmax_row(T* s, const T* st, int64_t n, T* s_max, T* s_sum, T* tlse) {
   });
   auto vmax = [](V& a, V& b) { return at::vec::maximum(a, b); };
   const T ms = at::vec::vec_reduce_all<T>(vmax, vms), mt = at::vec::vec_reduce_all<T>(vmax, vmt);
+  if (ms == -std::numeric_limits<T>::infinity()) {
+    std::fill(s, s + n, T(0));
+    *s_max = ms;
+    *s_sum = T(0);
+    *tlse = mt;
+    return T(0);
+  }
   const V vs(ms), vt(mt);
   V ssum = zero, tsum = zero, vdot = zero;
   for_each_vec<T>(n, [&](int64_t j, int64_t c) {
@@ -123,7 +138,8 @@ T kl_softmax_row(T* s, const T* st, int64_t n, T* s_max, T* s_sum, T* tlse) {
     es.store(s + j, c);
     ssum = ssum + es;
     tsum = tsum + et;
-    vdot = at::vec::fmadd(et, t - a, vdot);  // tail lanes: et = 0
+    // tail lanes: et = 0; masked keys: et = 0 and t - a = NaN, so the term is set to 0
+    vdot = at::vec::fmadd(et, V::blendv(t - a, zero, t == neg_inf), vdot);
   });
   *s_max = ms;
   *s_sum = hsum(ssum);
@@ -158,12 +174,13 @@ FASTATTNREG_ROW_PASS
 void softmax_grad_mse_logits_row(T* s, T* dp, const T* st, int64_t n, T lse, T delta, T scale,
                                  T g) {
   using V = Vectorized<T>;
-  const V vl(lse), vd(delta), vs(scale), two_g(T(2) * g);
+  const V vl(lse), vd(delta), vs(scale), two_g(T(2) * g), zero(T(0));
+  const V neg_inf(-std::numeric_limits<T>::infinity());
   for_each_vec<T>(n, [&](int64_t j, int64_t c) {
-    const V x = V::loadu(s + j, c);
+    const V x = V::loadu(s + j, c), t = V::loadu(st + j, c);
     const V p = vexp(x - vl);
     p.store(s + j, c);
-    (vs * at::vec::fmadd(p, V::loadu(dp + j, c) - vd, two_g * (x - V::loadu(st + j, c))))
+    (vs * at::vec::fmadd(p, V::loadu(dp + j, c) - vd, two_g * V::blendv(x - t, zero, t == neg_inf)))
         .store(dp + j, c);
   });
 }

@@ -48,7 +48,7 @@ void check_match(const Shape& s, at::ScalarType dtype, const std::string& kind,
   const Tensor tq = at::randn({s.B, s.H, s.N, s.Dt}, opts), tk = at::randn({s.B, s.H, s.N, s.Dt}, opts);
   const double scale = 1.0 / std::sqrt(double(s.D)), tscale = 1.0 / std::sqrt(double(s.Dt));
   auto [out, lse, tlse, row_loss] =
-      fastattnreg::cpu::attention_match_fwd(q, k, v, tq, tk, scale, tscale, kind, rows);
+      fastattnreg::cpu::attention_match_fwd(q, k, v, tq, tk, std::nullopt, scale, tscale, kind, rows);
 
   // Reference with autograd in float64.
   auto q64 = q.to(at::kDouble).requires_grad_(), k64 = k.to(at::kDouble).requires_grad_(),
@@ -63,7 +63,8 @@ void check_match(const Shape& s, at::ScalarType dtype, const std::string& kind,
 
   const Tensor dout = at::randn_like(out), drow = at::randn_like(row_loss);
   auto [dq, dk, dv] = fastattnreg::cpu::attention_match_bwd(
-      dout, std::nullopt, drow, q, k, v, out, lse, tq, tk, tlse, scale, tscale, kind, rows);
+      dout, std::nullopt, drow, q, k, v, out, lse, tq, tk, tlse, std::nullopt, scale, tscale,
+      kind, rows);
   ((ref_out * dout.to(at::kDouble)).sum() + (ref_loss * drow.to(at::kDouble)).sum()).backward();
   EXPECT_CLOSE(dq, q64.grad(), dtype, tol, "dq");
   EXPECT_CLOSE(dk, k64.grad(), dtype, tol, "dk");
@@ -73,11 +74,11 @@ void check_match(const Shape& s, at::ScalarType dtype, const std::string& kind,
 void check_teacher_copy_is_exactly_zero(const std::string& kind, const std::string& rows) {
   const Tensor q = at::randn({2, 3, 65, 48}), k = at::randn({2, 3, 65, 48}), v = at::randn({2, 3, 65, 48});
   auto [out, lse, tlse, row_loss] =
-      fastattnreg::cpu::attention_match_fwd(q, k, v, q.clone(), k.clone(), 0.2, 0.2, kind, rows);
+      fastattnreg::cpu::attention_match_fwd(q, k, v, q.clone(), k.clone(), std::nullopt, 0.2, 0.2, kind, rows);
   EXPECT_MSG(row_loss.abs().max().item<double>() == 0.0, "row loss ", row_loss.abs().max().item<double>());
   auto [dq, dk, dv] = fastattnreg::cpu::attention_match_bwd(
       std::nullopt, std::nullopt, at::ones_like(row_loss), q, k, v, out, lse, q.clone(),
-      k.clone(), tlse, 0.2, 0.2, kind, rows);
+      k.clone(), tlse, std::nullopt, 0.2, 0.2, kind, rows);
   EXPECT_MSG(dq.abs().max().item<double>() == 0.0 && dk.abs().max().item<double>() == 0.0,
              "gradient of a zero loss is not zero");
 }
@@ -85,14 +86,14 @@ void check_teacher_copy_is_exactly_zero(const std::string& kind, const std::stri
 void check_bad_input() {
   const Tensor q = at::randn({1, 2, 5, 8});
   EXPECT_THROWS_WITH(fastattnreg::cpu::attention_match_fwd(q, q, q, at::randn({1, 2, 6, 8}),
-                                                           at::randn({1, 2, 6, 8}), 0.3, 0.3, "kl", "all"),
+                                                           at::randn({1, 2, 6, 8}), std::nullopt, 0.3, 0.3, "kl", "all"),
                      "teacher_q tokens N must equal");
-  EXPECT_THROWS_WITH(fastattnreg::cpu::attention_match_fwd(q, q, q, q, q, 0.3, 0.3, "js", "all"),
+  EXPECT_THROWS_WITH(fastattnreg::cpu::attention_match_fwd(q, q, q, q, q, std::nullopt, 0.3, 0.3, "js", "all"),
                      "kind must be one of");
-  EXPECT_THROWS_WITH(fastattnreg::cpu::attention_match_fwd(q, q, q, q, q, 0.3, 0.3, "kl", "row"),
+  EXPECT_THROWS_WITH(fastattnreg::cpu::attention_match_fwd(q, q, q, q, q, std::nullopt, 0.3, 0.3, "kl", "row"),
                      "rows must be 'all' or 'cls'");
   const Tensor one = at::randn({1, 1, 1, 8});
-  EXPECT_THROWS_WITH(fastattnreg::cpu::attention_match_fwd(one, one, one, one, one, 0.3, 0.3, "kl", "cls"),
+  EXPECT_THROWS_WITH(fastattnreg::cpu::attention_match_fwd(one, one, one, one, one, std::nullopt, 0.3, 0.3, "kl", "cls"),
                      "needs N >= 2");
 }
 

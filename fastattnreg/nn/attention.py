@@ -148,22 +148,19 @@ class FusedAttention(nn.Module):
                     "match teacher (attention_match returns no maps); set export=None")
             if is_causal:
                 raise NotImplementedError("FusedAttention: is_causal=True is not supported yet")
-            if attn_mask is not None:
-                raise NotImplementedError(
-                    "FusedAttention: a match teacher (attention_match) takes no attn_mask yet; "
-                    "got a mask of shape " + shape_str(attn_mask))
             if dropout_p > 0.0:
                 raise NotImplementedError(
                     "FusedAttention: a match teacher (attention_match) takes no attention "
                     "dropout yet; got attn_drop=" + str(dropout_p) + " in training mode")
             teacher_q, teacher_k, kind, rows, teacher_scale = teacher
             if torch.jit.is_scripting():
-                out, loss = attention_match_script(q, k, v, teacher_q, teacher_k, kind, rows,
-                                                   self.scale, teacher_scale, self.backend)
+                out, loss = attention_match_script(q, k, v, teacher_q, teacher_k, attn_mask,
+                                                   kind, rows, self.scale, teacher_scale,
+                                                   self.backend)
             else:
                 out, loss = attention_match(
-                    q, k, v, teacher_q, teacher_k, kind=kind, rows=rows, scale=self.scale,
-                    teacher_scale=teacher_scale, backend=self.backend,
+                    q, k, v, teacher_q, teacher_k, attn_mask=attn_mask, kind=kind, rows=rows,
+                    scale=self.scale, teacher_scale=teacher_scale, backend=self.backend,
                 )
             self.match_loss = loss
         else:

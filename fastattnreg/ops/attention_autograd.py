@@ -13,6 +13,13 @@ from __future__ import annotations
 import torch
 
 
+def sum_mask_grad(dmask: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, N) -> the mask's own shape: summed over every broadcast axis, in float32 at
+    least, then cast to the mask's dtype."""
+    acc = torch.promote_types(dmask.dtype, torch.float32)
+    return dmask.to(acc).sum_to_size(attn_mask.shape).to(attn_mask.dtype)
+
+
 def register_attention_autograd(fwd_name: str, bwd_name: str) -> None:
     """Registers autograd for torch.ops.fastattnreg.<fwd_name> using <bwd_name> as backward."""
 
@@ -35,12 +42,7 @@ def register_attention_autograd(fwd_name: str, bwd_name: str) -> None:
         bwd = getattr(torch.ops.fastattnreg, bwd_name)  # looked up per call: tests may spy on it
         dq, dk, dv, dmask = bwd(dout, q, k, v, out, lse, dlse, dmaps, attn_mask, rng, scale,
                                 export, dropout_p, mask_grad)
-        if mask_grad:
-            # (B, H, N, N) -> the mask's shape: sum over every broadcast axis, in float32 at least.
-            acc = torch.promote_types(dmask.dtype, torch.float32)
-            dmask = dmask.to(acc).sum_to_size(attn_mask.shape).to(attn_mask.dtype)
-        else:
-            dmask = None
+        dmask = sum_mask_grad(dmask, attn_mask) if mask_grad else None
         return dq, dk, dv, dmask, None, None, None, None
 
     torch.library.register_autograd(f"fastattnreg::{fwd_name}", backward,

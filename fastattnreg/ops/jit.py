@@ -49,13 +49,14 @@ def attention_script(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor
 
 
 def attention_match_script(q: Tensor, k: Tensor, v: Tensor, teacher_q: Tensor,
-                           teacher_k: Tensor, kind: str, rows: str, scale: float,
-                           teacher_scale: Optional[float], backend: str) -> Tuple[Tensor, Tensor]:
+                           teacher_k: Tensor, attn_mask: Optional[Tensor], kind: str, rows: str,
+                           scale: float, teacher_scale: Optional[float],
+                           backend: str) -> Tuple[Tensor, Tensor]:
     """attention_match(...): (out (B, H, N, D), the mean per-row divergence, a scalar)."""
     require_cpp(backend, q, "attention_match")
     t_scale = float(teacher_q.shape[-1]) ** -0.5 if teacher_scale is None else teacher_scale
     out, _, _, row_loss = torch.ops.fastattnreg.attention_match_fwd(
-        q, k, v, teacher_q.detach(), teacher_k.detach(), scale, t_scale, kind, rows)
+        q, k, v, teacher_q.detach(), teacher_k.detach(), attn_mask, scale, t_scale, kind, rows)
     return out, row_loss.mean()
 
 

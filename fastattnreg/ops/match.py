@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from .. import backend as _backend
-from .checks import check_choice, check_qkv, check_scale
+from .attention import masked_logits, softmax_rows
+from .checks import check_attn_mask, check_choice, check_qkv, check_scale
 
 KINDS = ("kl", "mse_probs", "mse_logits")
 ROWS = ("all", "cls")
@@ -31,33 +32,56 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def attention_match_ref(q, k, v, teacher_q, teacher_k, *, kind="kl", rows="all", scale=None,
-                        teacher_scale=None):
-    """Plain PyTorch with materialised maps: (out, loss), loss in float32 (float64 for float64)."""
+def check_match_mask_needs_no_grad(attn_mask) -> None:
+    """attention_match's mask shapes the teacher's logits too, and the teacher gets no gradient:
+    a float mask that requires grad is refused rather than given half its gradient."""
+    if attn_mask is not None and attn_mask.requires_grad:
+        raise ValueError(
+            "attn_mask of attention_match must not require grad: the mask also shapes the "
+            "teacher's logits, whose gradient is not computed; pass attn_mask.detach(), or use "
+            "attention() for a learned bias")
+
+
+def attention_match_ref(q, k, v, teacher_q, teacher_k, *, attn_mask=None, kind="kl", rows="all",
+                        scale=None, teacher_scale=None):
+    """Plain PyTorch with materialised maps: (out, loss), loss in float32 (float64 for float64).
+
+    attn_mask (as attention()'s) applies to the student's and the teacher's logits alike; the
+    keys it masks (logit -inf in both) take no part in any row's divergence, and a matched row
+    with every key masked contributes 0 (it still counts in the mean). It gets no gradient.
+    """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     teacher_scale = teacher_q.shape[-1] ** -0.5 if teacher_scale is None else teacher_scale
     acc = _acc_dtype(q.dtype)
-    s_logits = (q.to(acc) @ k.to(acc).transpose(-2, -1)) * scale  # (B, H, N, N)
-    out = (s_logits.softmax(-1) @ v.to(acc)).to(q.dtype)
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask.detach() if attn_mask.dtype == torch.bool else attn_mask.detach().to(acc)
+    s_logits = masked_logits((q.to(acc) @ k.to(acc).transpose(-2, -1)) * scale, mask)
+    out = (softmax_rows(s_logits) @ v.to(acc)).to(q.dtype)
     with torch.no_grad():  # the teacher gets no gradient
-        t_logits = (teacher_q.to(acc) @ teacher_k.to(acc).transpose(-2, -1)) * teacher_scale
+        t_logits = masked_logits(
+            (teacher_q.to(acc) @ teacher_k.to(acc).transpose(-2, -1)) * teacher_scale, mask)
     if rows == "cls":
         s_logits, t_logits = s_logits[:, :, :1, 1:], t_logits[:, :, :1, 1:]
+    live = torch.isfinite(t_logits)  # (B, H, R, n): the keys that take part
+    dead = ~live.any(dim=-1)  # (B, H, R): rows whose every key is masked
     if kind == "mse_logits":
-        per_row = (s_logits - t_logits).square().sum(-1)
+        per_row = (s_logits - t_logits).masked_fill(~live, 0.0).square().sum(-1)
     else:
-        log_ps, log_pt = s_logits.log_softmax(-1), t_logits.log_softmax(-1)
+        log_ps = s_logits.masked_fill(dead.unsqueeze(-1), 0.0).log_softmax(-1)
+        log_pt = t_logits.masked_fill(dead.unsqueeze(-1), 0.0).log_softmax(-1)
         if kind == "kl":
-            per_row = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+            per_row = (log_pt.exp() * (log_pt - log_ps)).masked_fill(~live, 0.0).sum(-1)
         else:
             per_row = (log_ps.exp() - log_pt.exp()).square().sum(-1)
-    return out, per_row.mean()
+    return out, per_row.masked_fill(dead, 0.0).mean()
 
 
 if _backend.cpp_available():
 
     @torch.library.register_fake("fastattnreg::attention_match_fwd")
-    def _match_fwd_fake(q, k, v, teacher_q, teacher_k, scale, teacher_scale, kind, rows):
+    def _match_fwd_fake(q, k, v, teacher_q, teacher_k, attn_mask, scale, teacher_scale, kind,
+                        rows):
         B, H, N, _ = q.shape
         R = 1 if rows == "cls" else N
         acc = _acc_dtype(q.dtype)
@@ -70,24 +94,25 @@ if _backend.cpp_available():
 
     @torch.library.register_fake("fastattnreg::attention_match_bwd")
     def _match_bwd_fake(dout, dlse, drow_loss, q, k, v, out, lse, teacher_q, teacher_k, teacher_lse,
-                        scale, teacher_scale, kind, rows):
+                        attn_mask, scale, teacher_scale, kind, rows):
         return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
     def _setup_context(ctx, inputs, output):
-        q, k, v, teacher_q, teacher_k, scale, teacher_scale, kind, rows = inputs
+        q, k, v, teacher_q, teacher_k, attn_mask, scale, teacher_scale, kind, rows = inputs
+        check_match_mask_needs_no_grad(attn_mask)
         out, lse, teacher_lse, _ = output
         # O(B*H*N) beyond the inputs: out, the student's LSE and the teacher's row LSEs.
-        ctx.save_for_backward(q, k, v, out, lse, teacher_q, teacher_k, teacher_lse)
+        ctx.save_for_backward(q, k, v, out, lse, teacher_q, teacher_k, teacher_lse, attn_mask)
         ctx.args = (scale, teacher_scale, kind, rows)
         ctx.set_materialize_grads(False)
 
     def _match_backward(ctx, dout, dlse, dteacher_lse, drow_loss):
-        q, k, v, out, lse, teacher_q, teacher_k, teacher_lse = ctx.saved_tensors
+        q, k, v, out, lse, teacher_q, teacher_k, teacher_lse, attn_mask = ctx.saved_tensors
         # dteacher_lse is dropped: the teacher's LSE does not depend on the student.
         dq, dk, dv = torch.ops.fastattnreg.attention_match_bwd(
-            dout, dlse, drow_loss, q, k, v, out, lse, teacher_q, teacher_k, teacher_lse, *ctx.args
-        )
-        return dq, dk, dv, None, None, None, None, None, None
+            dout, dlse, drow_loss, q, k, v, out, lse, teacher_q, teacher_k, teacher_lse,
+            attn_mask, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
     torch.library.register_autograd(
         "fastattnreg::attention_match_fwd", _match_backward, setup_context=_setup_context
@@ -98,13 +123,16 @@ if _backend.triton_installed():
     from . import triton_match as _triton_match  # noqa: F401  (registers the ops)
 
 
-def attention_match(q, k, v, teacher_q, teacher_k, *, kind="kl", rows="all", scale=None,
-                    teacher_scale=None, backend="auto"):
+def attention_match(q, k, v, teacher_q, teacher_k, *, attn_mask=None, kind="kl", rows="all",
+                    scale=None, teacher_scale=None, backend="auto"):
     """The student's attention output and its mean per-row divergence from the teacher's.
 
-    Returns (out, loss): out (B, H, N, D) like `attention(q, k, v)`, loss a scalar (float32, or
-    float64 for float64 inputs). Gradients reach q, k, v through both; the teacher gets none.
-    See the module docstring for `kind` and `rows`.
+    Returns (out, loss): out (B, H, N, D) like `attention(q, k, v, attn_mask=attn_mask)`, loss a
+    scalar (float32, or float64 for float64 inputs). Gradients reach q, k, v through both; the
+    teacher gets none. attn_mask (attention()'s meaning) applies to both models' logits: masked
+    keys take no part in the divergence, and a matched row with every key masked contributes 0
+    (it still counts in the mean). The mask gets no gradient (a float one that requires grad is
+    refused). See the module docstring for `kind` and `rows`.
     """
     check_choice("kind", kind, KINDS)
     check_choice("rows", rows, ROWS)
@@ -126,16 +154,19 @@ def attention_match(q, k, v, teacher_q, teacher_k, *, kind="kl", rows="all", sca
             f"teacher_q must have the student's dtype and device ({q.dtype}, {q.device}); "
             f"got ({teacher_q.dtype}, {teacher_q.device})"
         )
+    check_attn_mask(attn_mask, q)
+    check_match_mask_needs_no_grad(attn_mask)
     if rows == "cls" and q.shape[2] < 2:
         raise ValueError(f"rows='cls' matches query 0 over keys 1..N-1 and needs N >= 2; got N = {q.shape[2]}")
     if impl == "reference":
-        return attention_match_ref(q, k, v, teacher_q.detach(), teacher_k.detach(), kind=kind,
-                                   rows=rows, scale=scale, teacher_scale=teacher_scale)
+        return attention_match_ref(q, k, v, teacher_q.detach(), teacher_k.detach(),
+                                   attn_mask=attn_mask, kind=kind, rows=rows, scale=scale,
+                                   teacher_scale=teacher_scale)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     teacher_scale = float(teacher_q.shape[-1] ** -0.5 if teacher_scale is None else teacher_scale)
     ops = torch.ops.fastattnreg
     fwd = ops.triton_attention_match_fwd if impl == "triton" else ops.attention_match_fwd
     # C++: (out, lse, teacher_lse, row_loss); Triton adds the student's matched-row LSE.
-    out, _, _, row_loss = fwd(q, k, v, teacher_q.detach(), teacher_k.detach(), scale,
+    out, _, _, row_loss = fwd(q, k, v, teacher_q.detach(), teacher_k.detach(), attn_mask, scale,
                               teacher_scale, kind, rows)[:4]
     return out, row_loss.mean()
