@@ -148,7 +148,8 @@ def test_interp_errors_bad_tensors(make, match):
 @pytest.mark.parametrize(
     "args,error,match",
     [
-        ((*_qkv(), None, None, 0.25, "rows", 0.0), ValueError, r"export must be one of .*got 'rows'"),
+        ((*_qkv(), None, None, 0.25, "rows", 0.0), ValueError,
+         r"export must be one of .*got 'rows'"),
         ((*_qkv(), None, None, float("inf"), "none", 0.0), ValueError,
          r"scale must be a finite number; got inf"),
         ((*_qkv((1, 1, 5, 8)), None, None, 0.25, "none", 0.0), ValueError,

@@ -319,7 +319,8 @@ def test_interp_maskops_schemas_equal_the_cpp_ops(name):
         assert str(cpp_op._schema) == "fastattnreg::" + _cpp_schema(name)
 
 
-@pytest.mark.parametrize("kind,p,export", [("key_padding", 0.0, "full"), ("shared_bias", 0.3, "cls"),
+@pytest.mark.parametrize("kind,p,export", [("key_padding", 0.0, "full"),
+                                           ("shared_bias", 0.3, "cls"),
                                            ("full_bias", 0.0, "key_mean"),
                                            ("head_bool", 0.5, "none")])
 def test_interp_maskops_opcheck(kind, p, export):

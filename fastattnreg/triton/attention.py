@@ -47,6 +47,12 @@ tile, as autotuning there is pointless and bigger tiles run faster):
   Evidence: each config was compiled for sm_90a and sm_80 (Triton 3.8, ptxas -v) on a machine
   without a GPU; the lists keep those that fit shared memory without spilling for some dtype
   and D. Their speed has not been measured yet.
+  Masks and dropout add registers: a mask tile is read through a (BLOCK_M, BLOCK_N) tile of
+  pointers, and dropout runs one Philox4x32-10 per entry. Compiled for sm_90a (ptxas -v, fp16
+  and fp32, D 64 and 128), the 64- and 128-row tiles then spill (up to ~9 KB per thread in the
+  forward with dropout) while 64 x 32, 32 x 32 and 16 x 32 stay spill-free for fp16/bf16 (fp32
+  at D = 128 spills a little in every config, as it does without masks); the autotuner picks
+  among them. The unmasked kernels compile to the same register use as before.
 Head dims that are not powers of two (48, 80) are padded to the next power of two (D_PAD) and
 masked; every load is masked on rows, columns and head dim, so any N from 1 up works.
 """
