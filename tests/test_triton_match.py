@@ -1,15 +1,14 @@
 """attention_match(backend="triton"): the Triton kernels against attention_match_ref.
 
-  * interpreter (any machine with Triton): tests/triton_match_cases.py runs on CPU tensors in a
-    child process with TRITON_INTERPRET=1 (set before Triton defines the kernels), one group per
-    test here so a failure names its group and shows the child's report.
-  * CUDA (skipped without a GPU): the shapes of test_match.py in float32 against float64, the
-    teacher copy, opcheck and torch.compile(fullgraph=True) of the triton_op registration.
+  * interpreter (any machine with Triton): tests/triton_match_cases.py and, with attention
+    masks, tests/triton_match_mask_cases.py run on CPU tensors in a child process with
+    TRITON_INTERPRET=1 (set before Triton defines the kernels; tests/interpreter_runner.py), one
+    group per test here so a failure names its group and shows the child's report.
+  * CUDA (skipped without a GPU): the shapes of test_match.py in float32 against float64, with
+    and without masks, the teacher copy, opcheck and torch.compile(fullgraph=True) of the
+    triton_op registration.
 """
 import itertools
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,9 +17,11 @@ import torch
 import fastattnreg
 from fastattnreg import attention_match, attention_match_ref
 from conftest import max_err
+from interpreter_runner import assert_interpreted_group_passes
+from match_mask_checks import MASK_KINDS, errors_against_reference, make_match_mask
 
-ROOT = Path(__file__).resolve().parent.parent
 CASES = Path(__file__).resolve().parent / "triton_match_cases.py"
+MASK_CASES = Path(__file__).resolve().parent / "triton_match_mask_cases.py"
 requires_triton = pytest.mark.skipif(not fastattnreg.backend.triton_installed(),
                                      reason="Triton is not installed")
 requires_cuda = pytest.mark.skipif(
@@ -35,13 +36,14 @@ ROWS = ("all", "cls")
 @pytest.mark.parametrize("group", ["values", "reruns", "errors", "registration"])
 def test_interpreted_kernels(group):
     """Runs tests/triton_match_cases.py -k interp_<group> under TRITON_INTERPRET=1."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          str(CASES), "-k", f"interp_{group}"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=900)
-    report = res.stdout[-8000:] + res.stderr[-4000:]
-    assert res.returncode == 0, report
-    assert " passed" in res.stdout and "skipped" not in res.stdout, report
+    assert_interpreted_group_passes(CASES, group)
+
+
+@requires_triton
+@pytest.mark.parametrize("group", ["maskvalues", "maskzero", "maskops"])
+def test_interpreted_mask_kernels(group):
+    """Runs tests/triton_match_mask_cases.py -k interp_<group> under TRITON_INTERPRET=1."""
+    assert_interpreted_group_passes(MASK_CASES, group)
 
 
 # --------------------------------------------------------------------------------------- CUDA
@@ -85,13 +87,42 @@ def test_cuda_teacher_copy_gives_exactly_zero(kind, rows, dtype):
 
 
 @requires_cuda
+@pytest.mark.parametrize("shape", [(2, 2, 17, 16, 16), (1, 2, 65, 32, 32), (2, 3, 197, 64, 48)])
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+@pytest.mark.parametrize("kind,rows", list(itertools.product(KINDS, ROWS)))
+def test_cuda_masks_float32_against_float64(shape, mask_kind, kind, rows):
+    errors = errors_against_reference(shape, mask_kind, kind, rows, "cuda")
+    tol = 2e-4  # 3xTF32 dots
+    for name, (err, size) in errors.items():
+        assert err <= tol * max(1.0, size), f"{name}: {err:.3g} (size {size:.3g})"
+
+
+@requires_cuda
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+@pytest.mark.parametrize("kind,rows", list(itertools.product(KINDS, ROWS)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_teacher_copy_gives_exactly_zero_under_a_mask(mask_kind, kind, rows, dtype):
+    q, k, v = (torch.randn(2, 3, 197, 64, device="cuda", dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    mask = make_match_mask(mask_kind, 2, 3, 197, dtype, "cuda")
+    _, loss = attention_match(q, k, v, q.detach().clone(), k.detach().clone(), attn_mask=mask,
+                              kind=kind, rows=rows, backend="triton")
+    assert loss.item() == 0.0
+    for g in torch.autograd.grad(loss, (q, k)):
+        assert g.abs().max().item() == 0.0
+
+
+@requires_cuda
 def test_cuda_opcheck_and_compile_fullgraph():
     q, k, v = (torch.randn(2, 2, 65, 32, device="cuda", requires_grad=True) for _ in range(3))
     tq, tk = (torch.randn(2, 2, 65, 48, device="cuda") for _ in range(2))
-    torch.library.opcheck(torch.ops.fastattnreg.triton_attention_match_fwd.default,
-                          (q, k, v, tq, tk, 0.2, 0.15, "kl", "all"))
+    bias = make_match_mask("shared_bias", 2, 2, 65, torch.float32, "cuda")
+    for mask in (None, bias):
+        torch.library.opcheck(torch.ops.fastattnreg.triton_attention_match_fwd.default,
+                              (q, k, v, tq, tk, mask, 0.2, 0.15, "kl", "all"))
     torch._dynamo.reset()
-    fn = torch.compile(lambda *a: attention_match(*a, kind="kl", backend="triton"), fullgraph=True)
+    fn = torch.compile(lambda *a: attention_match(*a, attn_mask=bias, kind="kl",
+                                                  backend="triton"), fullgraph=True)
     out, loss = fn(q, k, v, tq, tk)
-    out_r, loss_r = attention_match_ref(q, k, v, tq, tk, kind="kl")
+    out_r, loss_r = attention_match_ref(q, k, v, tq, tk, attn_mask=bias, kind="kl")
     assert max_err(out, out_r) < 1e-3 and abs(loss.item() - loss_r.item()) < 1e-3

@@ -176,18 +176,18 @@ def test_interp_errors_raw_ops():
     q, k, v, tq, tk = _f32()
     fwd = torch.ops.fastattnreg.triton_attention_match_fwd
     with pytest.raises(ValueError, match=r"kind must be one of .*got 'l2'"):
-        fwd(q, k, v, tq, tk, 0.25, 0.25, "l2", "all")
+        fwd(q, k, v, tq, tk, None, 0.25, 0.25, "l2", "all")
     with pytest.raises(ValueError, match=r"rows must be one of .*got 'first'"):
-        fwd(q, k, v, tq, tk, 0.25, 0.25, "kl", "first")
+        fwd(q, k, v, tq, tk, None, 0.25, 0.25, "kl", "first")
     with pytest.raises(ValueError, match=r"scale must be a finite number; got nan"):
-        fwd(q, k, v, tq, tk, 0.25, float("nan"), "kl", "all")
-    out, lse, trow, row_loss, srow = fwd(q, k, v, tq, tk, 0.25, 0.25, "kl", "cls")
+        fwd(q, k, v, tq, tk, None, 0.25, float("nan"), "kl", "all")
+    out, lse, trow, row_loss, srow = fwd(q, k, v, tq, tk, None, 0.25, 0.25, "kl", "cls")
     bwd = torch.ops.fastattnreg.triton_attention_match_bwd
     with pytest.raises(ValueError, match=r"drow_loss must have shape \(1, 2, 1\); got \(1, 2\)"):
-        bwd(None, None, row_loss[..., 0], q, k, v, out, lse, tq, tk, trow, srow, 0.25, 0.25,
-            "kl", "cls")
+        bwd(None, None, row_loss[..., 0], q, k, v, out, lse, tq, tk, trow, srow, None, 0.25,
+            0.25, "kl", "cls")
     with pytest.raises(ValueError, match=r"teacher_row_lse must have shape \(1, 2, 1\)"):
-        bwd(out, None, None, q, k, v, out, lse, tq, tk, lse, srow, 0.25, 0.25, "kl", "cls")
+        bwd(out, None, None, q, k, v, out, lse, tq, tk, lse, srow, None, 0.25, 0.25, "kl", "cls")
 
 
 # ------------------------------------------------------------------------------ registration
@@ -198,11 +198,11 @@ def test_interp_registration_opcheck(kind, rows):
     q, k, v, tq, tk = _f32((1, 2, 17, 16, 32))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     fwd = torch.ops.fastattnreg.triton_attention_match_fwd
-    torch.library.opcheck(fwd.default, (q, k, v, tq, tk, 0.25, 0.2, kind, rows))
-    out, lse, trow, row_loss, srow = fwd(q.detach(), k.detach(), v.detach(), tq, tk, 0.25, 0.2,
-                                         kind, rows)
+    torch.library.opcheck(fwd.default, (q, k, v, tq, tk, None, 0.25, 0.2, kind, rows))
+    out, lse, trow, row_loss, srow = fwd(q.detach(), k.detach(), v.detach(), tq, tk, None, 0.25,
+                                         0.2, kind, rows)
     args = (torch.randn_like(out), torch.randn_like(lse), torch.randn_like(row_loss), q.detach(),
-            k.detach(), v.detach(), out, lse, tq, tk, trow, srow, 0.25, 0.2, kind, rows)
+            k.detach(), v.detach(), out, lse, tq, tk, trow, srow, None, 0.25, 0.2, kind, rows)
     torch.library.opcheck(torch.ops.fastattnreg.triton_attention_match_bwd.default, args)
 
 

@@ -8,7 +8,12 @@ only allocates and launches through `wrap_triton`, so it is its own fake kernel)
 The forward returns one tensor more than the C++ op attention_match_fwd: the student's LSE over
 the matched keys (B, H, R). For rows="cls" it differs from the full LSE (keys 1..N-1 only) and
 the backward needs it; for rows="all" it is a copy of `lse` (O(B*H*N), a few KB). Both row LSEs
-are non-differentiable outputs. Saved for the backward: q, k, v, out, lse, the teacher's q, k and the two (B, H, R) row LSEs; never P.
+are non-differentiable outputs. Saved for the backward: q, k, v, out, lse, the teacher's q, k,
+the two (B, H, R) row LSEs and the mask; never P.
+
+attn_mask (as the C++ ops': bool or an additive bias of q's dtype, broadcastable to (B, H, N, N))
+applies to the student's and the teacher's logits alike and gets no gradient: the autograd rule
+returns None for it and refuses a mask that requires grad (check_match_mask_needs_no_grad).
 Imported only when Triton is installed (see fastattnreg.backend).
 """
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import torch
 
 from ..triton import match as _kernels
+from .checks import check_attn_mask
+from .match import check_match_mask_needs_no_grad
 from .triton_attention import (
     _check_common, _check_like, _contiguous, _unit_stride, define_triton_op,
 )
@@ -23,13 +30,15 @@ from .triton_attention import (
 FWD_NAME = "fastattnreg::triton_attention_match_fwd"
 BWD_NAME = "fastattnreg::triton_attention_match_bwd"
 FWD_SCHEMA = (
-    "(Tensor q, Tensor k, Tensor v, Tensor teacher_q, Tensor teacher_k, float scale, "
-    "float teacher_scale, str kind, str rows) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "(Tensor q, Tensor k, Tensor v, Tensor teacher_q, Tensor teacher_k, Tensor? attn_mask, "
+    "float scale, float teacher_scale, str kind, str rows) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 BWD_SCHEMA = (
     "(Tensor? dout, Tensor? dlse, Tensor? drow_loss, Tensor q, Tensor k, Tensor v, Tensor out, "
     "Tensor lse, Tensor teacher_q, Tensor teacher_k, Tensor teacher_row_lse, "
-    "Tensor student_row_lse, float scale, float teacher_scale, str kind, str rows) "
+    "Tensor student_row_lse, Tensor? attn_mask, float scale, float teacher_scale, str kind, "
+    "str rows) "
     "-> (Tensor, Tensor, Tensor)"
 )
 ROWS = ("all", "cls")
@@ -38,7 +47,7 @@ ROWS = ("all", "cls")
 # ------------------------------------------------------------------------------------ checks
 
 
-def _check_fwd(q, k, v, tq, tk, scale, teacher_scale, kind, rows) -> None:
+def _check_fwd(q, k, v, tq, tk, attn_mask, scale, teacher_scale, kind, rows) -> None:
     _check_common(q, k, v, scale, "none")
     _check_common(tq, tk, tk, teacher_scale, "none")
     if kind not in _kernels.KINDS:
@@ -53,11 +62,12 @@ def _check_fwd(q, k, v, tq, tk, scale, teacher_scale, kind, rows) -> None:
                          f"{q.device}); got ({tq.dtype}, {tq.device})")
     if rows == "cls" and q.shape[2] < 2:
         raise ValueError(f"rows='cls' needs N >= 2; got N = {q.shape[2]}")
+    check_attn_mask(attn_mask, q)
 
 
-def _check_bwd(dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, trow_lse, srow_lse, scale,
-               teacher_scale, kind, rows) -> None:
-    _check_fwd(q, k, v, tq, tk, scale, teacher_scale, kind, rows)
+def _check_bwd(dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, trow_lse, srow_lse, attn_mask,
+               scale, teacher_scale, kind, rows) -> None:
+    _check_fwd(q, k, v, tq, tk, attn_mask, scale, teacher_scale, kind, rows)
     B, H, N, _ = q.shape
     R = _kernels.matched_rows(rows, N)
     _check_like(out, "out", q.shape, q.dtype, q.device)
@@ -75,26 +85,27 @@ def _check_bwd(dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, trow_lse, srow_
 # ------------------------------------------------------------------------- implementations
 
 
-def _match_fwd(q, k, v, tq, tk, scale, teacher_scale, kind, rows):
-    _check_fwd(q, k, v, tq, tk, scale, teacher_scale, kind, rows)
+def _match_fwd(q, k, v, tq, tk, attn_mask, scale, teacher_scale, kind, rows):
+    _check_fwd(q, k, v, tq, tk, attn_mask, scale, teacher_scale, kind, rows)
     q, k, v, tq, tk = (_unit_stride(t) for t in (q, k, v, tq, tk))
-    return _kernels.match_fwd(q, k, v, tq, tk, scale, teacher_scale, kind, rows)
+    # The mask is read through its own strides, broadcast axes included: never copied.
+    return _kernels.match_fwd(q, k, v, tq, tk, attn_mask, scale, teacher_scale, kind, rows)
 
 
-def _match_bwd(dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, trow_lse, srow_lse, scale,
-               teacher_scale, kind, rows):
-    _check_bwd(dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, trow_lse, srow_lse, scale,
-               teacher_scale, kind, rows)
+def _match_bwd(dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, trow_lse, srow_lse, attn_mask,
+               scale, teacher_scale, kind, rows):
+    _check_bwd(dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, trow_lse, srow_lse, attn_mask,
+               scale, teacher_scale, kind, rows)
     q, k, v, tq, tk = (_unit_stride(t) for t in (q, k, v, tq, tk))
     # Gradients can arrive as expanded views (the mean's backward); the kernels read them dense.
     dout, dlse, drow_loss = _contiguous(dout), _contiguous(dlse), _contiguous(drow_loss)
     out, lse, trow_lse, srow_lse = (t.contiguous() for t in (out, lse, trow_lse, srow_lse))
     return _kernels.match_bwd(dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, trow_lse,
-                              srow_lse, scale, teacher_scale, kind, rows)
+                              srow_lse, attn_mask, scale, teacher_scale, kind, rows)
 
 
-def _fwd_fake(q, k, v, tq, tk, scale, teacher_scale, kind, rows):
-    _check_fwd(q, k, v, tq, tk, scale, teacher_scale, kind, rows)
+def _fwd_fake(q, k, v, tq, tk, attn_mask, scale, teacher_scale, kind, rows):
+    _check_fwd(q, k, v, tq, tk, attn_mask, scale, teacher_scale, kind, rows)
     B, H, N, D = q.shape
     R = _kernels.matched_rows(rows, N)
     f32 = {"dtype": torch.float32}
@@ -103,10 +114,10 @@ def _fwd_fake(q, k, v, tq, tk, scale, teacher_scale, kind, rows):
             q.new_empty((B, H, R), **f32))
 
 
-def _bwd_fake(dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, trow_lse, srow_lse, scale,
-              teacher_scale, kind, rows):
-    _check_bwd(dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, trow_lse, srow_lse, scale,
-               teacher_scale, kind, rows)
+def _bwd_fake(dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, trow_lse, srow_lse, attn_mask,
+              scale, teacher_scale, kind, rows):
+    _check_bwd(dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, trow_lse, srow_lse, attn_mask,
+               scale, teacher_scale, kind, rows)
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
@@ -117,9 +128,10 @@ triton_attention_match_bwd = define_triton_op(BWD_NAME, _match_bwd, BWD_SCHEMA, 
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, tq, tk, scale, teacher_scale, kind, rows = inputs
+    q, k, v, tq, tk, attn_mask, scale, teacher_scale, kind, rows = inputs
+    check_match_mask_needs_no_grad(attn_mask)
     out, lse, trow_lse, _, srow_lse = output
-    ctx.save_for_backward(q, k, v, out, lse, tq, tk, trow_lse, srow_lse)
+    ctx.save_for_backward(q, k, v, out, lse, tq, tk, trow_lse, srow_lse, attn_mask)
     # The matched-row LSEs exist for the backward; they are not differentiable outputs (the
     # teacher's does not depend on the student at all).
     ctx.mark_non_differentiable(trow_lse, srow_lse)
@@ -128,10 +140,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, dlse, _dtrow_lse, drow_loss, _dsrow_lse):
-    q, k, v, out, lse, tq, tk, trow_lse, srow_lse = ctx.saved_tensors
+    q, k, v, out, lse, tq, tk, trow_lse, srow_lse, attn_mask = ctx.saved_tensors
     dq, dk, dv = torch.ops.fastattnreg.triton_attention_match_bwd(
-        dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, trow_lse, srow_lse, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None
+        dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, trow_lse, srow_lse, attn_mask,
+        *ctx.args)
+    # The teacher and the mask get no gradient (the mask shapes the teacher's logits too).
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd(FWD_NAME, _backward, setup_context=_setup_context)

@@ -191,23 +191,34 @@ def _store_tile(base, rows, n_rows, offs_d, value, HEAD_DIM: tl.constexpr, EVEN_
 
 
 @triton.jit
-def _logits(q, k, rows, cols, N, qk_scale, mask_ptr, stride_ai, stride_aj, MASK: tl.constexpr,
-            UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Logit tile S (BLOCK_M, BLOCK_N), fp32, log2 units: qk_scale * q k^T, plus the float bias
-    times log2(e) (MASK = 2), -inf where the bool mask is False (MASK = 1); -inf on keys >= N.
+def _apply_mask(s, rows, cols, N, mask_ptr, stride_ai, stride_aj, MASK: tl.constexpr,
+                LOG2_UNITS: tl.constexpr):
+    """Logit tile s (BLOCK_M, BLOCK_N), fp32, with the mask applied: plus the float bias
+    (MASK = 2; times log2(e) when LOG2_UNITS, for logits in log2 units), -inf where the bool
+    mask is False (MASK = 1); -inf on keys >= N.
 
     mask_ptr: the mask at (b, h, 0, 0) of a (B, H, N, N) broadcast view (bool read as uint8);
     stride_ai, stride_aj: its query and key strides (0 where broadcast)."""
-    s = _dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale
     valid = (cols < N)[None, :]
     if MASK != 0:
         inside = (rows < N)[:, None] & valid
         ptrs = mask_ptr + rows[:, None] * stride_ai + cols[None, :] * stride_aj
         if MASK == 1:
             valid = valid & (tl.load(ptrs, mask=inside, other=0) != 0)
-        else:
+        elif LOG2_UNITS:
             s += tl.load(ptrs, mask=inside, other=0.0).to(tl.float32) * _LOG2E
+        else:
+            s += tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)
     return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _logits(q, k, rows, cols, N, qk_scale, mask_ptr, stride_ai, stride_aj, MASK: tl.constexpr,
+            UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Logit tile S (BLOCK_M, BLOCK_N), fp32, log2 units: qk_scale * q k^T with the mask applied
+    by _apply_mask (mask_ptr and strides as there)."""
+    s = _dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale
+    return _apply_mask(s, rows, cols, N, mask_ptr, stride_ai, stride_aj, MASK, True)
 
 
 @triton.jit
@@ -232,24 +243,6 @@ def _map_grad(G, b, h, rows, cols, N, g_rows, stride_gb, stride_gh, stride_gi, g
     mask = (rows < g_rows)[:, None] & (cols < N)[None, :]
     g = tl.load(base + rows[:, None] * stride_gi + cols[None, :], mask=mask, other=0.0)
     return g.to(tl.float32) * g_scale
-
-
-@triton.jit
-def _online_softmax_step(q, k, v, cols, N, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr,
-                         PRECISION: tl.constexpr):
-    """One key block of the forward's online softmax (log2 domain, fp32): the running row max
-    m_i, row sum l_i and unnormalised output acc (BLOCK_M, D_PAD) updated with keys `cols`.
-    Without masks or dropout (the match kernels'); attention's own is _masked_softmax_step."""
-    s = _dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale
-    s = tl.where((cols < N)[None, :], s, float("-inf"))
-    # Key 0 is in the first block, so m_new is finite for every row from the first step on.
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    # P goes into the second GEMM in the input dtype (FlashAttention-2); V stays as loaded.
-    acc = acc * alpha[:, None] + _dot(_operand(p, v, UPCAST), v, UPCAST, PRECISION)
-    return m_new, l_i, acc
 
 
 # ----------------------------------------------------------------------------------- forward

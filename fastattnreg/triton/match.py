@@ -19,9 +19,19 @@ dS = P * (dP - delta) + L (dS is a gradient with respect to the scaled logits, a
 A teacher that is a copy of the student gives ss == st and slse == tlse bit for bit (the teacher's
 LSE is computed by the same instructions as the student's), so the loss and L are exactly 0.
 
+Masks (MASK constexpr: 0 none, 1 bool, 2 additive float bias, as in attention.py) are read through
+the strides of a (B, H, N, N) broadcast view, never materialised, and apply to the student's and
+the teacher's logits alike (_apply_mask; the bias in natural units where the logits are, in log2
+units inside the online softmax). A masked key has logit -inf in both rows: its probabilities are
+0 and its kl / mse_logits term and gradient are set to 0 (where -inf - -inf would be NaN). A
+matched row whose every key is masked has a row LSE of -inf; 0 stands in for it inside exp, so
+its loss and gradient come out 0 without NaN (_lse_or_zero). Its student output is 0 and its lse
+-inf, as attention()'s.
+
 Kernels (each launched by the function of the same stem below):
-  _match_fwd_kernel   one query block of one head: the student's online softmax -> out, lse, and
-                      for rows="all" (kl, mse_probs) the teacher's LSE by the same online pass.
+  _match_fwd_kernel   one query block of one head: the student's online softmax -> out, lse (the
+                      instructions of attention's _fwd_kernel without dropout), and for
+                      rows="all" (kl, mse_probs) the teacher's LSE by the same online pass.
   _match_loss_kernel  one block of matched rows: for rows="cls" both LSEs over keys 1..N-1 first,
                       then the student's and the teacher's probabilities tile by tile over the
                       keys and the row loss reduced in the same loop.
@@ -41,13 +51,14 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .attention import (
-    _DELTA_TILES, _DKDV_TILES, _DQ_TILES, _FWD_TILES, _LN2, _LOG2E, INTERPRET, LOG2E, _dot,
-    _dot_options, _load_tile, _online_softmax_step, _operand, _store_tile, _strides,
+    _DELTA_TILES, _DKDV_TILES, _DQ_TILES, _FWD_TILES, _LN2, _LOG2E, INTERPRET, LOG2E, _apply_mask,
+    _dot, _dot_options, _load_tile, _logits, _mask_args, _operand, _probs, _store_tile, _strides,
 )
 from .attention import _tuned as _attention_tuned
 
 KINDS = {"kl": 0, "mse_probs": 1, "mse_logits": 2}
-_TUNING_KEY = ["N", "HEAD_DIM", "TEACHER_DIM", "KIND", "CLS", "HAS_DO", "HAS_DLSE", "HAS_DL"]
+_TUNING_KEY = ["N", "HEAD_DIM", "TEACHER_DIM", "KIND", "CLS", "HAS_DO", "HAS_DLSE", "HAS_DL",
+               "MASK"]
 
 
 def _teacher_dim_pad(args):
@@ -76,22 +87,35 @@ def _matched(rows, cols, N, R, CLS: tl.constexpr):
 
 
 @triton.jit
+def _lse_or_zero(lse):
+    """Row LSEs (BLOCK_M,) with 0 standing in for -inf (a matched row whose every key is masked):
+    exp(-inf - 0) = 0 then gives its probabilities, where exp(-inf - -inf) would give NaN."""
+    return tl.where(lse == float("-inf"), 0.0, lse)
+
+
+@triton.jit
 def _loss_terms(ss, st, slse, tlse, KIND: tl.constexpr):
-    """Per-pair terms of the row loss (summed over keys by the caller), fp32."""
+    """Per-pair terms of the row loss (summed over keys by the caller), fp32; ss, st natural-unit
+    logits with -inf on masked keys, whose terms are 0."""
+    slse = _lse_or_zero(slse)
+    tlse = _lse_or_zero(tlse)
     if KIND == 0:
         log_pt = st - tlse[:, None]
-        return tl.exp(log_pt) * (log_pt - (ss - slse[:, None]))
+        return tl.where(st == float("-inf"), 0.0, tl.exp(log_pt) * (log_pt - (ss - slse[:, None])))
     elif KIND == 1:
         diff = tl.exp(ss - slse[:, None]) - tl.exp(st - tlse[:, None])
         return diff * diff
     else:
-        diff = ss - st
+        diff = tl.where(st == float("-inf"), 0.0, ss - st)
         return diff * diff
 
 
 @triton.jit
 def _loss_grad(ss, st, slse, tlse, g, c, KIND: tl.constexpr):
-    """Gradient of g * (row loss) with respect to the student's scaled logits ss, fp32."""
+    """Gradient of g * (row loss) with respect to the student's scaled logits ss, fp32; 0 on
+    masked keys (ps = pt = 0 there, and mse_logits' difference is set to 0)."""
+    slse = _lse_or_zero(slse)
+    tlse = _lse_or_zero(tlse)
     if KIND == 0:
         return g[:, None] * (tl.exp(ss - slse[:, None]) - tl.exp(st - tlse[:, None]))
     elif KIND == 1:
@@ -99,7 +123,7 @@ def _loss_grad(ss, st, slse, tlse, g, c, KIND: tl.constexpr):
         G = 2.0 * g[:, None] * (ps - tl.exp(st - tlse[:, None]))
         return ps * (G - c[:, None])
     else:
-        return 2.0 * g[:, None] * (ss - st)
+        return 2.0 * g[:, None] * tl.where(st == float("-inf"), 0.0, ss - st)
 
 
 @triton.jit
@@ -113,13 +137,46 @@ def _row_c(C, offs, mask, KIND: tl.constexpr):
 
 
 @triton.jit
-def _online_lse_step(m, l, s, valid):
-    """One key block of a natural-log online log-sum-exp; s (BLOCK_M, BLOCK_N), valid its mask.
-    The first block must hold a valid key for every row so that m is finite from then on."""
-    s = tl.where(valid, s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, 1))
-    l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
-    return m_new, l
+def _softmax_step(s, v, m_i, l_i, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One key block of the student's online softmax (log2 domain, fp32) from its masked logit
+    tile s (BLOCK_M, BLOCK_N): the running row max m_i, row sum l_i and unnormalised output acc
+    (BLOCK_M, D_PAD). The instructions of attention's _fwd_kernel without dropout, so out and lse
+    equal attention()'s. m_new is -inf while every key so far is masked (l_i and acc still 0):
+    0 stands in for it, so exp2 gives 0 rather than NaN."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    # P goes into the second GEMM in the input dtype (FlashAttention-2); V stays as loaded.
+    acc = acc * alpha[:, None] + _dot(_operand(p, v, UPCAST), v, UPCAST, PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _lse_step(m_i, l_i, s, LOG2: tl.constexpr):
+    """One key block of an online log-sum-exp over the logit tile s (BLOCK_M, BLOCK_N), -inf on
+    keys that take no part: exp2 (log2 units: the row sum's instructions of _softmax_step, so a
+    teacher that copies the student gets its l_i bit for bit) or exp (natural units)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if LOG2:
+        l_i = l_i * tl.exp2(m_i - m_ref) + tl.sum(tl.exp2(s - m_ref[:, None]), 1)
+    else:
+        l_i = l_i * tl.exp(m_i - m_ref) + tl.sum(tl.exp(s - m_ref[:, None]), 1)
+    return m_new, l_i
+
+
+@triton.jit
+def _lse_end(m_i, l_i, LOG2: tl.constexpr):
+    """The natural-log LSE of an online pass; -inf for a row with no key (l_i = 0)."""
+    dead = l_i == 0.0
+    l_safe = tl.where(dead, 1.0, l_i)
+    if LOG2:
+        lse = (m_i + tl.log2(l_safe)) * _LN2
+    else:
+        lse = m_i + tl.log(l_safe)
+    return tl.where(dead, float("-inf"), lse)
 
 
 # ----------------------------------------------------------------------------------- forward
@@ -127,18 +184,20 @@ def _online_lse_step(m, l, s, valid):
 
 @_tuned(_FWD_TILES)
 @triton.jit
-def _match_fwd_kernel(Q, K, V, TQ, TK, Out, Lse, TLse,
+def _match_fwd_kernel(Q, K, V, TQ, TK, Mask, Out, Lse, TLse,
                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                       stride_vb, stride_vh, stride_vn,
                       stride_tqb, stride_tqh, stride_tqn, stride_tkb, stride_tkh, stride_tkn,
+                      stride_ab, stride_ah, stride_ai, stride_aj,
                       H, N, qk_scale, tqk_scale,
-                      TEACHER_LSE: tl.constexpr,
+                      TEACHER_LSE: tl.constexpr, MASK: tl.constexpr,
                       HEAD_DIM: tl.constexpr, TEACHER_DIM: tl.constexpr,
                       UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
                       EVEN_D: tl.constexpr, TD_PAD: tl.constexpr, EVEN_TD: tl.constexpr):
-    """out and lse as attention's forward; TEACHER_LSE: the teacher's LSE of every row (rows
-    "all"), by the same log2-domain online pass as the student's (bitwise equal for a copy)."""
+    """out and lse as attention's forward with the mask; TEACHER_LSE: the teacher's LSE of
+    every row (rows "all"), masked alike, by the same log2-domain online pass as the student's
+    (bitwise equal for a copy)."""
     pid_m = tl.program_id(0)
     z = tl.program_id(1)
     b = (z // H).to(tl.int64)
@@ -150,6 +209,7 @@ def _match_fwd_kernel(Q, K, V, TQ, TK, Out, Lse, TLse,
     q = _load_tile(Q + b * stride_qb + h * stride_qh, rows, stride_qn, N, offs_d, HEAD_DIM, EVEN_D)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
+    mask_ptr = Mask + b * stride_ab + h * stride_ah
     if TEACHER_LSE:
         tq = _load_tile(TQ + b * stride_tqb + h * stride_tqh, rows, stride_tqn, N, offs_td,
                         TEACHER_DIM, EVEN_TD)
@@ -164,37 +224,40 @@ def _match_fwd_kernel(Q, K, V, TQ, TK, Out, Lse, TLse,
         cols = start_n + offs_n
         k = _load_tile(k_base, cols, stride_kn, N, offs_d, HEAD_DIM, EVEN_D)
         v = _load_tile(v_base, cols, stride_vn, N, offs_d, HEAD_DIM, EVEN_D)
-        m_i, l_i, acc = _online_softmax_step(q, k, v, cols, N, m_i, l_i, acc, qk_scale, UPCAST,
-                                             PRECISION)
+        s = _logits(q, k, rows, cols, N, qk_scale, mask_ptr, stride_ai, stride_aj, MASK, UPCAST,
+                    PRECISION)
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, UPCAST, PRECISION)
         if TEACHER_LSE:
             tk = _load_tile(tk_base, cols, stride_tkn, N, offs_td, TEACHER_DIM, EVEN_TD)
-            t = _dot(tq, tl.trans(tk), UPCAST, PRECISION) * tqk_scale
-            t = tl.where((cols < N)[None, :], t, float("-inf"))
-            tm_new = tl.maximum(tm_i, tl.max(t, 1))
-            tl_i = tl_i * tl.exp2(tm_i - tm_new) + tl.sum(tl.exp2(t - tm_new[:, None]), 1)
-            tm_i = tm_new
+            t = _logits(tq, tk, rows, cols, N, tqk_scale, mask_ptr, stride_ai, stride_aj, MASK,
+                        UPCAST, PRECISION)
+            tm_i, tl_i = _lse_step(tm_i, tl_i, t, True)
 
+    # A row whose every key is masked ends with l_i = 0 and acc = 0: out 0 and LSE -inf.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     z64 = z.to(tl.int64)
-    _store_tile(Out + z64 * N * HEAD_DIM, rows, N, offs_d, acc / l_i[:, None], HEAD_DIM, EVEN_D,
+    _store_tile(Out + z64 * N * HEAD_DIM, rows, N, offs_d, acc / l_safe[:, None], HEAD_DIM, EVEN_D,
                 UPCAST)
-    tl.store(Lse + z64 * N + rows, (m_i + tl.log2(l_i)) * _LN2, mask=rows < N)
+    tl.store(Lse + z64 * N + rows, _lse_end(m_i, l_i, True), mask=rows < N)
     if TEACHER_LSE:
-        tl.store(TLse + z64 * N + rows, (tm_i + tl.log2(tl_i)) * _LN2, mask=rows < N)
+        tl.store(TLse + z64 * N + rows, _lse_end(tm_i, tl_i, True), mask=rows < N)
 
 
 @_tuned(_DELTA_TILES)
 @triton.jit
-def _match_loss_kernel(Q, K, TQ, TK, Lse, TLse, SRowLse, TRowLse, RowLoss,
+def _match_loss_kernel(Q, K, TQ, TK, Mask, Lse, TLse, SRowLse, TRowLse, RowLoss,
                        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                        stride_tqb, stride_tqh, stride_tqn, stride_tkb, stride_tkh, stride_tkn,
+                       stride_ab, stride_ah, stride_ai, stride_aj,
                        H, N, R, scale, teacher_scale,
-                       KIND: tl.constexpr, CLS: tl.constexpr,
+                       KIND: tl.constexpr, CLS: tl.constexpr, MASK: tl.constexpr,
                        HEAD_DIM: tl.constexpr, TEACHER_DIM: tl.constexpr,
                        UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
                        EVEN_D: tl.constexpr, TD_PAD: tl.constexpr, EVEN_TD: tl.constexpr):
     """Row losses of matched rows [pid_m * BLOCK_M, ...) < R, and the row LSEs they used
-    (SRowLse, TRowLse: (B, H, R); 0 for mse_logits, which uses none)."""
+    (SRowLse, TRowLse: (B, H, R); -inf for a row with every matched key masked; 0 for
+    mse_logits, which uses none)."""
     pid_m = tl.program_id(0)
     z = tl.program_id(1)
     z64 = z.to(tl.int64)
@@ -209,27 +272,30 @@ def _match_loss_kernel(Q, K, TQ, TK, Lse, TLse, SRowLse, TRowLse, RowLoss,
                     TEACHER_DIM, EVEN_TD)
     k_base = K + b * stride_kb + h * stride_kh
     tk_base = TK + b * stride_tkb + h * stride_tkh
+    mask_ptr = Mask + b * stride_ab + h * stride_ah
 
     slse = tl.zeros((BLOCK_M,), tl.float32)
     tlse = tl.zeros((BLOCK_M,), tl.float32)
     if KIND != 2:
         if CLS:
-            # Both softmaxes renormalised over keys 1..N-1 (key 1 is in the first block).
+            # Both softmaxes renormalised over keys 1..N-1, masked keys left out.
             sm = tl.full((BLOCK_M,), float("-inf"), tl.float32)
             sl = tl.zeros((BLOCK_M,), tl.float32)
             tm = tl.full((BLOCK_M,), float("-inf"), tl.float32)
             tsum = tl.zeros((BLOCK_M,), tl.float32)
             for start_n in range(0, N, BLOCK_N):
                 cols = start_n + offs_n
-                valid = ((cols >= 1) & (cols < N))[None, :]
+                patch = (cols >= 1)[None, :]
                 k = _load_tile(k_base, cols, stride_kn, N, offs_d, HEAD_DIM, EVEN_D)
                 tk = _load_tile(tk_base, cols, stride_tkn, N, offs_td, TEACHER_DIM, EVEN_TD)
-                sm, sl = _online_lse_step(sm, sl, _dot(q, tl.trans(k), UPCAST, PRECISION) * scale,
-                                          valid)
-                tm, tsum = _online_lse_step(
-                    tm, tsum, _dot(tq, tl.trans(tk), UPCAST, PRECISION) * teacher_scale, valid)
-            slse = sm + tl.log(sl)
-            tlse = tm + tl.log(tsum)
+                ss = _apply_mask(_dot(q, tl.trans(k), UPCAST, PRECISION) * scale, rows, cols, N,
+                                 mask_ptr, stride_ai, stride_aj, MASK, False)
+                st = _apply_mask(_dot(tq, tl.trans(tk), UPCAST, PRECISION) * teacher_scale, rows,
+                                 cols, N, mask_ptr, stride_ai, stride_aj, MASK, False)
+                sm, sl = _lse_step(sm, sl, tl.where(patch, ss, float("-inf")), False)
+                tm, tsum = _lse_step(tm, tsum, tl.where(patch, st, float("-inf")), False)
+            slse = _lse_end(sm, sl, False)
+            tlse = _lse_end(tm, tsum, False)
         else:
             slse = tl.load(Lse + z64 * N + rows, mask=rows < R, other=0.0)
             tlse = tl.load(TLse + z64 * N + rows, mask=rows < R, other=0.0)
@@ -239,8 +305,10 @@ def _match_loss_kernel(Q, K, TQ, TK, Lse, TLse, SRowLse, TRowLse, RowLoss,
         cols = start_n + offs_n
         k = _load_tile(k_base, cols, stride_kn, N, offs_d, HEAD_DIM, EVEN_D)
         tk = _load_tile(tk_base, cols, stride_tkn, N, offs_td, TEACHER_DIM, EVEN_TD)
-        ss = _dot(q, tl.trans(k), UPCAST, PRECISION) * scale
-        st = _dot(tq, tl.trans(tk), UPCAST, PRECISION) * teacher_scale
+        ss = _apply_mask(_dot(q, tl.trans(k), UPCAST, PRECISION) * scale, rows, cols, N, mask_ptr,
+                         stride_ai, stride_aj, MASK, False)
+        st = _apply_mask(_dot(tq, tl.trans(tk), UPCAST, PRECISION) * teacher_scale, rows, cols,
+                         N, mask_ptr, stride_ai, stride_aj, MASK, False)
         terms = _loss_terms(ss, st, slse, tlse, KIND)
         loss += tl.sum(tl.where(_matched(rows, cols, N, R, CLS), terms, 0.0), 1)
     out_rows = z64 * R + rows
@@ -254,18 +322,19 @@ def _match_loss_kernel(Q, K, TQ, TK, Lse, TLse, SRowLse, TRowLse, RowLoss,
 
 @_tuned(_DELTA_TILES)
 @triton.jit
-def _match_delta_kernel(Q, K, TQ, TK, Out, DOut, DLse, SRowLse, TRowLse, DRow, Delta, C,
+def _match_delta_kernel(Q, K, TQ, TK, Mask, Out, DOut, DLse, SRowLse, TRowLse, DRow, Delta, C,
                         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                         stride_tqb, stride_tqh, stride_tqn, stride_tkb, stride_tkh, stride_tkn,
+                        stride_ab, stride_ah, stride_ai, stride_aj,
                         H, N, R, scale, teacher_scale,
-                        KIND: tl.constexpr, CLS: tl.constexpr,
+                        KIND: tl.constexpr, CLS: tl.constexpr, MASK: tl.constexpr,
                         HAS_DO: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_DL: tl.constexpr,
                         HEAD_DIM: tl.constexpr, TEACHER_DIM: tl.constexpr,
                         UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
                         EVEN_D: tl.constexpr, TD_PAD: tl.constexpr, EVEN_TD: tl.constexpr):
     """delta_i = dO_i . O_i - dlse_i (B, H, N); for mse_probs also c_i = sum_j ps_ij G_ij over
-    the matched keys of matched rows (B, H, R), G = 2 g (ps - pt)."""
+    the matched keys of matched rows (B, H, R), G = 2 g (ps - pt) (0 on masked keys)."""
     pid_m = tl.program_id(0)
     z = tl.program_id(1)
     z64 = z.to(tl.int64)
@@ -284,12 +353,13 @@ def _match_delta_kernel(Q, K, TQ, TK, Out, DOut, DLse, SRowLse, TRowLse, DRow, D
             b = (z // H).to(tl.int64)
             h = (z % H).to(tl.int64)
             offs_td = tl.arange(0, TD_PAD)
+            mask_ptr = Mask + b * stride_ab + h * stride_ah
             q = _load_tile(Q + b * stride_qb + h * stride_qh, rows, stride_qn, R, offs_d,
                            HEAD_DIM, EVEN_D)
             tq = _load_tile(TQ + b * stride_tqb + h * stride_tqh, rows, stride_tqn, R, offs_td,
                             TEACHER_DIM, EVEN_TD)
-            slse = tl.load(SRowLse + z64 * R + rows, mask=rows < R, other=0.0)
-            tlse = tl.load(TRowLse + z64 * R + rows, mask=rows < R, other=0.0)
+            slse = _lse_or_zero(tl.load(SRowLse + z64 * R + rows, mask=rows < R, other=0.0))
+            tlse = _lse_or_zero(tl.load(TRowLse + z64 * R + rows, mask=rows < R, other=0.0))
             g = tl.load(DRow + z64 * R + rows, mask=rows < R, other=0.0)
             c = tl.zeros((BLOCK_M,), tl.float32)
             for start_n in range(0, N, BLOCK_N):
@@ -298,9 +368,12 @@ def _match_delta_kernel(Q, K, TQ, TK, Out, DOut, DLse, SRowLse, TRowLse, DRow, D
                                HEAD_DIM, EVEN_D)
                 tk = _load_tile(TK + b * stride_tkb + h * stride_tkh, cols, stride_tkn, N,
                                 offs_td, TEACHER_DIM, EVEN_TD)
-                ps = tl.exp(_dot(q, tl.trans(k), UPCAST, PRECISION) * scale - slse[:, None])
-                pt = tl.exp(_dot(tq, tl.trans(tk), UPCAST, PRECISION) * teacher_scale
-                            - tlse[:, None])
+                ss = _apply_mask(_dot(q, tl.trans(k), UPCAST, PRECISION) * scale, rows, cols, N,
+                                 mask_ptr, stride_ai, stride_aj, MASK, False)
+                st = _apply_mask(_dot(tq, tl.trans(tk), UPCAST, PRECISION) * teacher_scale,
+                                 rows, cols, N, mask_ptr, stride_ai, stride_aj, MASK, False)
+                ps = tl.exp(ss - slse[:, None])
+                pt = tl.exp(st - tlse[:, None])
                 pg = ps * (2.0 * g[:, None] * (ps - pt))
                 c += tl.sum(tl.where(_matched(rows, cols, N, R, CLS), pg, 0.0), 1)
             tl.store(C + z64 * R + rows, c, mask=rows < R)
@@ -308,12 +381,14 @@ def _match_delta_kernel(Q, K, TQ, TK, Out, DOut, DLse, SRowLse, TRowLse, DRow, D
 
 @_tuned(_DKDV_TILES)
 @triton.jit
-def _match_dkdv_kernel(Q, K, V, TQ, TK, DOut, Lse, Delta, SRowLse, TRowLse, DRow, C, DK, DV,
+def _match_dkdv_kernel(Q, K, V, TQ, TK, Mask, DOut, Lse, Delta, SRowLse, TRowLse, DRow, C, DK,
+                       DV,
                        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                        stride_vb, stride_vh, stride_vn,
                        stride_tqb, stride_tqh, stride_tqn, stride_tkb, stride_tkh, stride_tkn,
+                       stride_ab, stride_ah, stride_ai, stride_aj,
                        H, N, R, qk_scale, scale, teacher_scale,
-                       KIND: tl.constexpr, CLS: tl.constexpr,
+                       KIND: tl.constexpr, CLS: tl.constexpr, MASK: tl.constexpr,
                        HAS_DO: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_DL: tl.constexpr,
                        HEAD_DIM: tl.constexpr, TEACHER_DIM: tl.constexpr,
                        UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -337,6 +412,7 @@ def _match_dkdv_kernel(Q, K, V, TQ, TK, DOut, Lse, Delta, SRowLse, TRowLse, DRow
     q_base = Q + b * stride_qb + h * stride_qh
     tq_base = TQ + b * stride_tqb + h * stride_tqh
     do_base = DOut + z64 * N * HEAD_DIM
+    mask_ptr = Mask + b * stride_ab + h * stride_ah
     dk = tl.zeros((BLOCK_N, D_PAD), tl.float32)
     dv = tl.zeros((BLOCK_N, D_PAD), tl.float32)
     for start_m in range(0, N, BLOCK_M):
@@ -345,8 +421,8 @@ def _match_dkdv_kernel(Q, K, V, TQ, TK, DOut, Lse, Delta, SRowLse, TRowLse, DRow
         lse2 = tl.load(Lse + z64 * N + rows, mask=rows < N, other=0.0) * _LOG2E
         delta = tl.load(Delta + z64 * N + rows, mask=rows < N, other=0.0)
         raw = _dot(q, tl.trans(k), UPCAST, PRECISION)  # q k^T, (BLOCK_M, BLOCK_N)
-        p = tl.exp2(raw * qk_scale - lse2[:, None])
-        p = tl.where((rows < N)[:, None] & (cols < N)[None, :], p, 0.0)
+        s = _apply_mask(raw * qk_scale, rows, cols, N, mask_ptr, stride_ai, stride_aj, MASK, True)
+        p = _probs(s, lse2, rows, N)
         dp = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         if HAS_DO:
             do = _load_tile(do_base, rows, HEAD_DIM, N, offs_d, HEAD_DIM, EVEN_D)
@@ -356,12 +432,15 @@ def _match_dkdv_kernel(Q, K, V, TQ, TK, DOut, Lse, Delta, SRowLse, TRowLse, DRow
         if HAS_DL:
             if start_m < R:
                 tq = _load_tile(tq_base, rows, stride_tqn, R, offs_td, TEACHER_DIM, EVEN_TD)
-                st = _dot(tq, tl.trans(tk), UPCAST, PRECISION) * teacher_scale
+                st = _apply_mask(_dot(tq, tl.trans(tk), UPCAST, PRECISION) * teacher_scale,
+                                 rows, cols, N, mask_ptr, stride_ai, stride_aj, MASK, False)
+                ss = _apply_mask(raw * scale, rows, cols, N, mask_ptr, stride_ai, stride_aj, MASK,
+                                 False)
                 slse = tl.load(SRowLse + z64 * R + rows, mask=rows < R, other=0.0)
                 tlse = tl.load(TRowLse + z64 * R + rows, mask=rows < R, other=0.0)
                 g = tl.load(DRow + z64 * R + rows, mask=rows < R, other=0.0)
                 c = _row_c(C, z64 * R + rows, rows < R, KIND)
-                lg = _loss_grad(raw * scale, st, slse, tlse, g, c, KIND)
+                lg = _loss_grad(ss, st, slse, tlse, g, c, KIND)
                 ds += tl.where(_matched(rows, cols, N, R, CLS), lg, 0.0)
         dk += _dot(tl.trans(_operand(ds, q, UPCAST)), q, UPCAST, PRECISION)
     _store_tile(DK + z64 * N * HEAD_DIM, cols, N, offs_d, dk * scale, HEAD_DIM, EVEN_D, UPCAST)
@@ -370,12 +449,13 @@ def _match_dkdv_kernel(Q, K, V, TQ, TK, DOut, Lse, Delta, SRowLse, TRowLse, DRow
 
 @_tuned(_DQ_TILES)
 @triton.jit
-def _match_dq_kernel(Q, K, V, TQ, TK, DOut, Lse, Delta, SRowLse, TRowLse, DRow, C, DQ,
+def _match_dq_kernel(Q, K, V, TQ, TK, Mask, DOut, Lse, Delta, SRowLse, TRowLse, DRow, C, DQ,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn,
                      stride_tqb, stride_tqh, stride_tqn, stride_tkb, stride_tkh, stride_tkn,
+                     stride_ab, stride_ah, stride_ai, stride_aj,
                      H, N, R, qk_scale, scale, teacher_scale,
-                     KIND: tl.constexpr, CLS: tl.constexpr,
+                     KIND: tl.constexpr, CLS: tl.constexpr, MASK: tl.constexpr,
                      HAS_DO: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_DL: tl.constexpr,
                      HEAD_DIM: tl.constexpr, TEACHER_DIM: tl.constexpr,
                      UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -408,13 +488,14 @@ def _match_dq_kernel(Q, K, V, TQ, TK, DOut, Lse, Delta, SRowLse, TRowLse, DRow, 
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     tk_base = TK + b * stride_tkb + h * stride_tkh
+    mask_ptr = Mask + b * stride_ab + h * stride_ah
     dq = tl.zeros((BLOCK_M, D_PAD), tl.float32)
     for start_n in range(0, N, BLOCK_N):
         cols = start_n + offs_n
         k = _load_tile(k_base, cols, stride_kn, N, offs_d, HEAD_DIM, EVEN_D)
         raw = _dot(q, tl.trans(k), UPCAST, PRECISION)
-        p = tl.exp2(raw * qk_scale - lse2[:, None])
-        p = tl.where((rows < N)[:, None] & (cols < N)[None, :], p, 0.0)
+        s = _apply_mask(raw * qk_scale, rows, cols, N, mask_ptr, stride_ai, stride_aj, MASK, True)
+        p = _probs(s, lse2, rows, N)
         dp = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         if HAS_DO:
             v = _load_tile(v_base, cols, stride_vn, N, offs_d, HEAD_DIM, EVEN_D)
@@ -423,8 +504,11 @@ def _match_dq_kernel(Q, K, V, TQ, TK, DOut, Lse, Delta, SRowLse, TRowLse, DRow, 
         if HAS_DL:
             if has_loss:
                 tk = _load_tile(tk_base, cols, stride_tkn, N, offs_td, TEACHER_DIM, EVEN_TD)
-                st = _dot(tq, tl.trans(tk), UPCAST, PRECISION) * teacher_scale
-                lg = _loss_grad(raw * scale, st, slse, tlse, g, c, KIND)
+                st = _apply_mask(_dot(tq, tl.trans(tk), UPCAST, PRECISION) * teacher_scale,
+                                 rows, cols, N, mask_ptr, stride_ai, stride_aj, MASK, False)
+                ss = _apply_mask(raw * scale, rows, cols, N, mask_ptr, stride_ai, stride_aj, MASK,
+                                 False)
+                lg = _loss_grad(ss, st, slse, tlse, g, c, KIND)
                 ds += tl.where(_matched(rows, cols, N, R, CLS), lg, 0.0)
         dq += _dot(_operand(ds, k, UPCAST), k, UPCAST, PRECISION)
     _store_tile(DQ + z64 * N * HEAD_DIM, rows, N, offs_d, dq * scale, HEAD_DIM, EVEN_D, UPCAST)
@@ -438,12 +522,15 @@ def matched_rows(rows: str, N: int) -> int:
     return 1 if rows == "cls" else N
 
 
-def match_fwd(q, k, v, tq, tk, scale: float, teacher_scale: float, kind: str, rows: str):
+def match_fwd(q, k, v, tq, tk, attn_mask, scale: float, teacher_scale: float, kind: str,
+              rows: str):
     """(out, lse, teacher_row_lse, row_loss, student_row_lse).
 
-    out (B,H,N,D) in q's dtype; lse (B,H,N) float32 over every key; the rest (B,H,R) float32:
-    the row LSEs over the matched keys (0 for mse_logits) and the per-row loss. q, k, v, tq, tk:
-    CUDA tensors (CPU under TRITON_INTERPRET=1) with stride 1 on the head dim.
+    out (B,H,N,D) in q's dtype; lse (B,H,N) float32 over every key (-inf where every key is
+    masked); the rest (B,H,R) float32: the row LSEs over the matched keys (-inf where each of
+    them is masked; 0 for mse_logits) and the per-row loss (0 for such rows). q, k, v, tq, tk:
+    CUDA tensors (CPU under TRITON_INTERPRET=1) with stride 1 on the head dim. attn_mask: None,
+    bool or a float bias of q's dtype, broadcastable to (B, H, N, N), any strides (read in place).
     """
     B, H, N, D = q.shape
     Dt = tq.shape[-1]
@@ -457,22 +544,24 @@ def match_fwd(q, k, v, tq, tk, scale: float, teacher_scale: float, kind: str, ro
     tlse = torch.empty((B, H, N) if teacher_lse_all else (1,), dtype=torch.float32, device=dev)
     srow_lse, trow_lse, row_loss = (torch.empty((B, H, R), dtype=torch.float32, device=dev)
                                     for _ in range(3))
+    mask, mask_strides, mask_kind = _mask_args(attn_mask, q, B, H, N)
     opts = _dot_options(q.dtype)
     strides = (*_strides(q), *_strides(k))
     teacher_strides = (*_strides(tq), *_strides(tk))
     wrap_triton(_match_fwd_kernel)[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
-        q, k, v, tq, tk, out, lse, tlse, *strides, *_strides(v), *teacher_strides, H, N,
-        scale * LOG2E, teacher_scale * LOG2E, TEACHER_LSE=teacher_lse_all, HEAD_DIM=D,
-        TEACHER_DIM=Dt, **opts)
+        q, k, v, tq, tk, mask, out, lse, tlse, *strides, *_strides(v), *teacher_strides,
+        *mask_strides, H, N, scale * LOG2E, teacher_scale * LOG2E, TEACHER_LSE=teacher_lse_all,
+        MASK=mask_kind, HEAD_DIM=D, TEACHER_DIM=Dt, **opts)
     wrap_triton(_match_loss_kernel)[lambda meta: (triton.cdiv(R, meta["BLOCK_M"]), B * H)](
-        q, k, tq, tk, lse, tlse, srow_lse, trow_lse, row_loss, *strides, *teacher_strides,
-        H, N, R, scale, teacher_scale, KIND=kind_id, CLS=cls, HEAD_DIM=D, TEACHER_DIM=Dt,
-        **opts)
+        q, k, tq, tk, mask, lse, tlse, srow_lse, trow_lse, row_loss, *strides, *teacher_strides,
+        *mask_strides, H, N, R, scale, teacher_scale, KIND=kind_id, CLS=cls, MASK=mask_kind,
+        HEAD_DIM=D, TEACHER_DIM=Dt, **opts)
     return out, lse, trow_lse, row_loss, srow_lse
 
 
 def match_bwd(dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, teacher_row_lse,
-              student_row_lse, scale: float, teacher_scale: float, kind: str, rows: str):
+              student_row_lse, attn_mask, scale: float, teacher_scale: float, kind: str,
+              rows: str):
     """dq, dk, dv (B,H,N,D) in q's dtype from the gradients of out, lse and the row losses
     (each optional). Gradients and saved tensors are contiguous; see match_fwd for the rest."""
     B, H, N, D = q.shape
@@ -488,18 +577,20 @@ def match_bwd(dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, teacher_row_lse,
     dout = dout if has_do else out
     dlse = dlse if has_dlse else lse
     drow_loss = drow_loss if has_dl else student_row_lse
+    mask, mask_strides, mask_kind = _mask_args(attn_mask, q, B, H, N)
     opts = _dot_options(q.dtype)
-    flags = {"KIND": kind_id, "CLS": cls, "HAS_DO": has_do, "HAS_DLSE": has_dlse,
-             "HAS_DL": has_dl, "HEAD_DIM": D, "TEACHER_DIM": Dt, **opts}
+    flags = {"KIND": kind_id, "CLS": cls, "MASK": mask_kind, "HAS_DO": has_do,
+             "HAS_DLSE": has_dlse, "HAS_DL": has_dl, "HEAD_DIM": D, "TEACHER_DIM": Dt, **opts}
     qk = (*_strides(q), *_strides(k))
     teacher = (*_strides(tq), *_strides(tk))
     wrap_triton(_match_delta_kernel)[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
-        q, k, tq, tk, out, dout, dlse, student_row_lse, teacher_row_lse, drow_loss, delta, c,
-        *qk, *teacher, H, N, R, scale, teacher_scale, **flags)
-    common = (*qk, *_strides(v), *teacher, H, N, R, scale * LOG2E, scale, teacher_scale)
+        q, k, tq, tk, mask, out, dout, dlse, student_row_lse, teacher_row_lse, drow_loss, delta,
+        c, *qk, *teacher, *mask_strides, H, N, R, scale, teacher_scale, **flags)
+    common = (*qk, *_strides(v), *teacher, *mask_strides, H, N, R, scale * LOG2E, scale,
+              teacher_scale)
     saved = (lse, delta, student_row_lse, teacher_row_lse, drow_loss, c)
     wrap_triton(_match_dkdv_kernel)[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
-        q, k, v, tq, tk, dout, *saved, dk, dv, *common, **flags)
+        q, k, v, tq, tk, mask, dout, *saved, dk, dv, *common, **flags)
     wrap_triton(_match_dq_kernel)[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
-        q, k, v, tq, tk, dout, *saved, dq, *common, **flags)
+        q, k, v, tq, tk, mask, dout, *saved, dq, *common, **flags)
     return dq, dk, dv
