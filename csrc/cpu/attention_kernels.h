@@ -268,15 +268,13 @@ void forward_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
     // float.
     const int64_t kel = key_operand_elems(N, D);
     at::Tensor cvt_buf = scratch<acc_t>(kel + hd + 2 * bq * D);
-    // Dropout: one row of keep multipliers (0 or 1/(1-p)) and the Philox words behind it.
-    at::Tensor drop_buf = scratch<acc_t>(drop.on ? N : 0);
-    at::Tensor words_buf = at::empty({drop.on ? dropout_words_elems(N) : 1}, at::kInt);
+    // Dropout: the keep bits of one query block (its rows are consecutive in the stream).
+    at::Tensor bits_buf = at::empty({drop.on ? keep_bits_words(bq * N) : 1}, at::kLong);
     acc_t* S = s_buf.data_ptr<acc_t>();
     acc_t* inv_sum = S + bq * N;  // 1 / row sum of exp, per query row of the block
     acc_t* M = mean_buf.data_ptr<acc_t>();
     acc_t* cvt = cvt_buf.data_ptr<acc_t>();
-    acc_t* keep = drop_buf.data_ptr<acc_t>();
-    uint32_t* words = reinterpret_cast<uint32_t*>(words_buf.data_ptr<int32_t>());
+    uint64_t* keep = reinterpret_cast<uint64_t*>(bits_buf.data_ptr<int64_t>());
     // Teacher: its K^T (Dt x N), query rows, logits St and a copy of the student's logits SL.
     const int64_t Dt = teacher ? teacher->Dt : 0;
     const int64_t tkel = teacher ? key_operand_elems(N, Dt) : 0;
@@ -383,10 +381,10 @@ void forward_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
             for (int64_t i = 0; i < m; ++i) axpy_row(M, S + i * N, N, inv_sum[i]);
           }
           if (drop.on) {
-            for (int64_t i = 0; i < m; ++i) {
-              drop.row_multipliers(uint64_t((bh * N + i0 + i) * N), N, words, keep);
-              mul_row(S + i * N, keep, N);
-            }
+            const uint64_t e0 = uint64_t((bh * N + i0) * N);
+            drop.keep_bits(e0, m * N, keep);
+            for (int64_t i = 0; i < m; ++i)
+              drop.apply(S + i * N, N, keep, int64_t(e0 & 3) + i * N);
           }
           // O = diag(1/sum) E V  (m x D): normalising the D-wide output, not the N-wide row.
           score_gemm_nn<acc_t>(m, D, N, acc_t(1), S, N, V, D, O, D);
@@ -437,11 +435,9 @@ void backward_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
     acc_t* TQ = TKt + tkel;
     acc_t* St = TQ + bq * Dt;
     acc_t* SL = St + bq * N;  // the student's CLS-row logits (see student_match_logits)
-    // Dropout: one row of keep multipliers (0 or 1/(1-p)), regenerated, and its Philox words.
-    at::Tensor drop_buf = scratch<acc_t>(drop.on ? N : 0);
-    at::Tensor words_buf = at::empty({drop.on ? dropout_words_elems(N) : 1}, at::kInt);
-    acc_t* keep = drop_buf.data_ptr<acc_t>();
-    uint32_t* words = reinterpret_cast<uint32_t*>(words_buf.data_ptr<int32_t>());
+    // Dropout: the keep bits of one query block, regenerated (its rows are consecutive).
+    at::Tensor bits_buf = at::empty({drop.on ? keep_bits_words(bq * N) : 1}, at::kLong);
+    uint64_t* keep = reinterpret_cast<uint64_t*>(bits_buf.data_ptr<int64_t>());
     for (int64_t bh; queue.next(&bh);) {
       const int64_t b = bh / H;
       const KeyOperand<acc_t> Kop = key_operand(k + bh * hd, N, D, cvt);
@@ -500,6 +496,7 @@ void backward_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
         } else {
           std::fill(dP, dP + m * N, acc_t(0));
         }
+        if (drop.on) drop.keep_bits(uint64_t(row0 * N), m * N, keep);  // the block's rows
         for (int64_t i = 0; i < m; ++i) {
           acc_t* Pi = P + i * N;
           acc_t* dPi = dP + i * N;
@@ -512,10 +509,8 @@ void backward_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
             continue;
           }
           // Dropout: dP = (dO V^T) * keep / (1 - p); P itself is dropped after the row pass.
-          if (drop.on) {
-            drop.row_multipliers(uint64_t((row0 + i) * N), N, words, keep);
-            mul_row(dPi, keep, N);
-          }
+          const int64_t keep_bit0 = int64_t(uint64_t(row0 * N) & 3) + i * N;
+          if (drop.on) drop.apply(dPi, N, keep, keep_bit0);
           // delta_i = sum_j P_ij dP_ij = dO_i . O_i (+ the map's share), minus the LSE gradient.
           acc_t delta = (dO ? dot_row(dO + i * D, O + i * D, D) : acc_t(0)) -
                         (dlse ? dlse[row0 + i] : acc_t(0));
@@ -554,7 +549,7 @@ void backward_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
           // dPi holds dS = scale * dL/d(logits); the float mask is added to the logits after
           // the scale, so its gradient is dS / scale.
           if (dmask_row) scale_row(dmask_row, dPi, N, inv_scale);
-          if (drop.on) mul_row(Pi, keep, N);  // dV = (P * keep / (1 - p))^T dO
+          if (drop.on) drop.apply(Pi, N, keep, keep_bit0);  // dV = (P * keep / (1 - p))^T dO
         }
         if (dO) score_gemm_tn<acc_t>(N, D, m, acc_t(1), P, N, dO, D, accumulate, dV, D);
         score_gemm_nn<acc_t>(m, D, N, acc_t(1), dP, N, K, D, dQ, D);

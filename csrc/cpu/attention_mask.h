@@ -6,9 +6,15 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <type_traits>
+
+#if defined(__AVX512BW__)
+#include <immintrin.h>
+#endif
 
 namespace fastattnreg::cpu {
 
@@ -27,6 +33,23 @@ struct MaskView {
     if (is_bool) {
       const bool* m = static_cast<const bool*>(data) + at;
       const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+      // 16 mask bytes -> a lane mask in one test; GCC leaves the byte-select loop scalar.
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (sJ == 1) {
+          const __m512 vinf = _mm512_set1_ps(neg_inf);
+          for (int64_t j = 0; j < n; j += 16) {
+            const int64_t lanes = std::min<int64_t>(16, n - j);
+            const __mmask16 live = __mmask16((uint32_t(1) << lanes) - 1);
+            const __m128i bytes = _mm_maskz_loadu_epi8(live, m + j);
+            const __mmask16 keep = _mm_test_epi8_mask(bytes, bytes);
+            const __m512 v = _mm512_maskz_loadu_ps(live, s + j);
+            _mm512_mask_storeu_ps(s + j, live, _mm512_mask_blend_ps(keep, vinf, v));
+          }
+          return;
+        }
+      }
+#endif
       if (sJ == 1) {
         for (int64_t j = 0; j < n; ++j) s[j] = m[j] ? s[j] : neg_inf;
       } else {

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -36,6 +37,10 @@ inline void philox4x32(uint32_t c[4], uint32_t k0, uint32_t k1) {
   }
 }
 
+// Words DropoutStream::keep_bits needs for rows of n entries: the bits of ceil((n + 3) / 4)
+// counters, plus one word that bit_window may read past them.
+inline int64_t keep_bits_words(int64_t n) { return (n + 6) / 64 + 3; }
+
 // The stream of one call: seed, offset and the keep threshold; off when p == 0.
 struct DropoutStream {
   bool on = false;
@@ -54,15 +59,74 @@ struct DropoutStream {
     return s;
   }
 
-  // words[w] for w in [0, 4 * count): the output words of counters c_begin .. c_begin+count-1,
-  // counter c's four words at 4 (c - c_begin) .. 4 (c - c_begin) + 3.
-  void words(uint64_t c_begin, int64_t count, uint32_t* out) const {
-    const uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
-    const uint32_t o0 = uint32_t(offset), o1 = uint32_t(offset >> 32);
+  // Keep bits of the entries e0 .. e0 + n - 1: entry e0 + j's bit is bit (e0 % 4) + j of
+  // `bits` (64 per word, counter c_begin = e0 / 4 at bit 0). bits: keep_bits_words(n) words.
+  void keep_bits(uint64_t e0, int64_t n, uint64_t* bits) const {
+    const uint64_t c_begin = e0 >> 2;
+    const int64_t count = int64_t(((e0 + uint64_t(n) + 3) >> 2) - c_begin);
+    std::fill(bits, bits + keep_bits_words(n), uint64_t(0));
     int64_t c = 0;
 #if defined(__AVX512F__)
-    // 16 counters at a time. The 32 x 32 -> 64-bit products go through _mm512_mul_epu32, which
-    // multiplies the even 32-bit lanes; the odd lanes are shifted down and multiplied apart.
+    for (; c + 64 <= count; c += 64) keep_bits_16x<4>(c_begin + uint64_t(c), bits + c / 16);
+    for (; c + 16 <= count; c += 16) keep_bits_16x<1>(c_begin + uint64_t(c), bits + c / 16);
+#endif
+    const uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+    for (; c < count; ++c) {
+      const uint64_t ctr = c_begin + uint64_t(c);
+      uint32_t x[4] = {uint32_t(ctr), uint32_t(ctr >> 32), uint32_t(offset),
+                       uint32_t(offset >> 32)};
+      philox4x32(x, k0, k1);
+      for (int w = 0; w < 4; ++w)
+        if (x[w] >= threshold) bits[(4 * c + w) / 64] |= uint64_t(1) << ((4 * c + w) % 64);
+    }
+  }
+
+  // In place: row[j] = keep ? row[j] / (1 - p) : 0 for j < n, keep = bit bit0 + j of `bits`.
+  template <typename T>
+  void apply(T* row, int64_t n, const uint64_t* bits, int64_t bit0) const {
+    const T s = static_cast<T>(keep_scale);
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+      constexpr int64_t W = std::is_same_v<T, float> ? 16 : 8;
+      for (; j < n; j += W) {
+        const int64_t lanes = std::min<int64_t>(W, n - j);
+        const uint64_t m = bit_window(bits, bit0 + j) & ((uint64_t(1) << lanes) - 1);
+        if constexpr (std::is_same_v<T, float>) {
+          const __mmask16 k = __mmask16(m), live = __mmask16((uint64_t(1) << lanes) - 1);
+          const __m512 v = _mm512_maskz_loadu_ps(live, row + j);
+          _mm512_mask_storeu_ps(row + j, live, _mm512_maskz_mul_ps(k, v, _mm512_set1_ps(s)));
+        } else {
+          const __mmask8 k = __mmask8(m), live = __mmask8((uint64_t(1) << lanes) - 1);
+          const __m512d v = _mm512_maskz_loadu_pd(live, row + j);
+          _mm512_mask_storeu_pd(row + j, live, _mm512_maskz_mul_pd(k, v, _mm512_set1_pd(s)));
+        }
+      }
+      return;
+    }
+#endif
+    for (; j < n; ++j) {
+      const int64_t b = bit0 + j;
+      row[j] = (bits[b / 64] >> (b % 64)) & 1 ? row[j] * s : T(0);
+    }
+  }
+
+ private:
+  // The 64 bits starting at bit b (the word after the one holding b supplies the rest).
+  static uint64_t bit_window(const uint64_t* bits, int64_t b) {
+    const int64_t w = b / 64, sh = b % 64;
+    return sh == 0 ? bits[w] : (bits[w] >> sh) | (bits[w + 1] << (64 - sh));
+  }
+
+#if defined(__AVX512F__)
+  // The keep bits of the 64 K entries of counters base .. base + 16 K - 1 into out[0, K):
+  // Philox on K groups of 16 counters side by side (each round is a chain of dependent
+  // multiplies; K independent chains keep the multiplier busy), one compare per output word,
+  // and the four 16-bit masks of a group interleaved so that entry 4 l + w (counter l, word w)
+  // lands on bit 4 l + w. The 32 x 32 -> 64-bit products go through _mm512_mul_epu32, which
+  // multiplies the even 32-bit lanes; the odd lanes are shifted down and multiplied apart.
+  template <int K>
+  __attribute__((target("bmi2"))) void keep_bits_16x(uint64_t base, uint64_t* out) const {
     const __m512i ra = _mm512_set1_epi32(int(kPhiloxRoundA));
     const __m512i rb = _mm512_set1_epi32(int(kPhiloxRoundB));
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -71,59 +135,45 @@ struct DropoutStream {
       const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), _mm512_srli_epi64(b, 32));
       return _mm512_mask_blend_epi32(0xAAAA, even, odd);
     };
-    alignas(64) uint32_t lanes[4][16];
-    for (; c + 16 <= count; c += 16) {
-      const uint64_t base = c_begin + uint64_t(c);
-      // Counter words: low and high halves of base + lane (the high half carries on a wrap of
-      // the low one), then the offset.
-      const __m512i lo = _mm512_add_epi32(_mm512_set1_epi32(int(uint32_t(base))), lane);
+    __m512i x0[K], x1[K], x2[K], x3[K];
+    for (int g = 0; g < K; ++g) {
+      // Counter words: low and high halves of the group's base + lane (the high half carries
+      // on a wrap of the low one), then the offset.
+      const uint64_t gb = base + 16 * uint64_t(g);
+      const __m512i lo = _mm512_add_epi32(_mm512_set1_epi32(int(uint32_t(gb))), lane);
       const __m512i carry = _mm512_maskz_set1_epi32(
-          _mm512_cmplt_epu32_mask(lo, _mm512_set1_epi32(int(uint32_t(base)))), 1);
-      __m512i x0 = lo;
-      __m512i x1 = _mm512_add_epi32(_mm512_set1_epi32(int(uint32_t(base >> 32))), carry);
-      __m512i x2 = _mm512_set1_epi32(int(o0));
-      __m512i x3 = _mm512_set1_epi32(int(o1));
-      uint32_t key0 = k0, key1 = k1;
-      for (int r = 0; r < kPhiloxRounds; ++r) {
-        const __m512i hb = mulhi(rb, x2), ha = mulhi(ra, x0);
-        const __m512i lb = _mm512_mullo_epi32(rb, x2), la = _mm512_mullo_epi32(ra, x0);
-        x0 = _mm512_xor_si512(_mm512_xor_si512(hb, x1), _mm512_set1_epi32(int(key0)));
-        x2 = _mm512_xor_si512(_mm512_xor_si512(ha, x3), _mm512_set1_epi32(int(key1)));
-        x1 = lb;
-        x3 = la;
-        key0 += kPhiloxKeyA;
-        key1 += kPhiloxKeyB;
+          _mm512_cmplt_epu32_mask(lo, _mm512_set1_epi32(int(uint32_t(gb)))), 1);
+      x0[g] = lo;
+      x1[g] = _mm512_add_epi32(_mm512_set1_epi32(int(uint32_t(gb >> 32))), carry);
+      x2[g] = _mm512_set1_epi32(int(uint32_t(offset)));
+      x3[g] = _mm512_set1_epi32(int(uint32_t(offset >> 32)));
+    }
+    uint32_t key0 = uint32_t(seed), key1 = uint32_t(seed >> 32);
+    for (int r = 0; r < kPhiloxRounds; ++r) {
+      const __m512i k0v = _mm512_set1_epi32(int(key0)), k1v = _mm512_set1_epi32(int(key1));
+      for (int g = 0; g < K; ++g) {
+        const __m512i hb = mulhi(rb, x2[g]), ha = mulhi(ra, x0[g]);
+        const __m512i lb = _mm512_mullo_epi32(rb, x2[g]), la = _mm512_mullo_epi32(ra, x0[g]);
+        x0[g] = _mm512_xor_si512(_mm512_xor_si512(hb, x1[g]), k0v);
+        x2[g] = _mm512_xor_si512(_mm512_xor_si512(ha, x3[g]), k1v);
+        x1[g] = lb;
+        x3[g] = la;
       }
-      _mm512_store_si512(lanes[0], x0);
-      _mm512_store_si512(lanes[1], x1);
-      _mm512_store_si512(lanes[2], x2);
-      _mm512_store_si512(lanes[3], x3);
-      uint32_t* o = out + 4 * c;
-      for (int l = 0; l < 16; ++l)
-        for (int w = 0; w < 4; ++w) o[4 * l + w] = lanes[w][l];
+      key0 += kPhiloxKeyA;
+      key1 += kPhiloxKeyB;
     }
+    const __m512i t = _mm512_set1_epi32(int(threshold));
+    for (int g = 0; g < K; ++g) {
+      const uint64_t m0 = _mm512_cmpge_epu32_mask(x0[g], t);
+      const uint64_t m1 = _mm512_cmpge_epu32_mask(x1[g], t);
+      const uint64_t m2 = _mm512_cmpge_epu32_mask(x2[g], t);
+      const uint64_t m3 = _mm512_cmpge_epu32_mask(x3[g], t);
+      out[g] = _pdep_u64(m0, 0x1111111111111111ull) | _pdep_u64(m1, 0x2222222222222222ull) |
+               _pdep_u64(m2, 0x4444444444444444ull) | _pdep_u64(m3, 0x8888888888888888ull);
+    }
+  }
 #endif
-    for (; c < count; ++c) {
-      const uint64_t ctr = c_begin + uint64_t(c);
-      uint32_t x[4] = {uint32_t(ctr), uint32_t(ctr >> 32), o0, o1};
-      philox4x32(x, k0, k1);
-      std::copy(x, x + 4, out + 4 * c);
-    }
-  }
-
-  // mult[j] = keep(e0 + j) ? 1/(1-p) : 0 for j in [0, n); words_buf has room for n + 8 words.
-  template <typename T>
-  void row_multipliers(uint64_t e0, int64_t n, uint32_t* words_buf, T* mult) const {
-    const uint64_t c_begin = e0 >> 2;
-    const int64_t count = int64_t(((e0 + uint64_t(n) + 3) >> 2) - c_begin);
-    words(c_begin, count, words_buf);
-    const uint32_t* u = words_buf + (e0 & 3);
-    const T s = static_cast<T>(keep_scale);
-    for (int64_t j = 0; j < n; ++j) mult[j] = u[j] >= threshold ? s : T(0);
-  }
 };
 
-// Room row_multipliers needs in its words buffer for rows of n entries.
-inline int64_t dropout_words_elems(int64_t n) { return n + 8; }
 
 }  // namespace fastattnreg::cpu

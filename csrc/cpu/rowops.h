@@ -91,15 +91,6 @@ void axpy_row(T* y, const T* x, int64_t n, T a) {
   });
 }
 
-// y[j] *= x[j]
-template <typename T>
-void mul_row(T* y, const T* x, int64_t n) {
-  using V = Vectorized<T>;
-  for_each_vec<T>(n, [&](int64_t j, int64_t c) {
-    (V::loadu(y + j, c) * V::loadu(x + j, c)).store(y + j, c);
-  });
-}
-
 // sum_j a[j] * b[j]
 template <typename T>
 T dot_row(const T* a, const T* b, int64_t n) {
