@@ -1,15 +1,31 @@
 """Builds fastattnreg._C, the C++ CPU kernels, with torch.utils.cpp_extension and ninja.
 
-Install with `pip install --no-build-isolation -e .` once torch is in the environment: with build
-isolation pip would fetch a second torch into a throw-away build env.
+Install with `pip install --no-build-isolation .` (or `-e .`) once torch is in the environment:
+the extension must be compiled against the torch it will run with, and pip's default build
+isolation runs this file in a throw-away environment without it. There, and wherever torch is
+not installed, this file prints one line saying so and exits with status 1 before anything else.
 """
 import glob
 import os
 import platform
+import sys
 
-import torch
-from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+NO_TORCH_MESSAGE = (
+    "fastattnreg: the build needs the installed torch, which this Python cannot import (pip's "
+    "build isolation hides it): install torch, then run `pip install --no-build-isolation .` "
+    "(or -e .)"
+)
+
+try:
+    import torch
+except ModuleNotFoundError as exc:
+    if exc.name != "torch":  # torch is there but one of its own imports is missing: show that
+        raise
+    print(NO_TORCH_MESSAGE, file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+from setuptools import setup  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension  # noqa: E402
 
 
 def kernel_flags():

@@ -3,6 +3,9 @@
 "auto" picks the C++ kernels for CPU tensors when the extension is built, the Triton kernels for
 CUDA tensors when Triton is installed, else the plain-PyTorch reference. The environment variable
 FASTATTNREG_BACKEND overrides "auto" (e.g. FASTATTNREG_BACKEND=reference to compare runs).
+Without the C++ extension the package still imports (one warning; the reference and Triton
+backends work), unless FASTATTNREG_REQUIRE_CPP=1: then `import fastattnreg` raises ImportError,
+so a test run or job that needs the C++ kernels fails at once instead of quietly falling back.
 "triton" also runs CPU tensors when TRITON_INTERPRET=1 was set before fastattnreg was imported
 (Triton's interpreter: slow, for tests); the variable is read once, as Triton itself reads it
 when the kernels are defined.
@@ -17,12 +20,19 @@ import torch
 
 BACKENDS = ("auto", "cpp", "triton", "reference")
 ENV_VAR = "FASTATTNREG_BACKEND"
+REQUIRE_CPP_VAR = "FASTATTNREG_REQUIRE_CPP"
 
 _cpp_error: str | None = None
 try:
     importlib.import_module("fastattnreg._C")  # runs the TORCH_LIBRARY registrations
     _cpp_loaded = True
 except ImportError as exc:  # not built, or built against another torch
+    if os.environ.get(REQUIRE_CPP_VAR, "0") == "1":
+        raise ImportError(
+            f"fastattnreg: the C++ extension fastattnreg._C did not load ({exc}) and "
+            f"{REQUIRE_CPP_VAR}=1 requires it. Build it with `pip install "
+            "--no-build-isolation -e .` (or `python setup.py build_ext --inplace`)."
+        ) from exc
     _cpp_loaded = False
     _cpp_error = str(exc)
     warnings.warn(

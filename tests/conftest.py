@@ -1,8 +1,25 @@
-"""Shared fixtures and helpers for the test suite."""
+"""Shared fixtures, skip markers and helpers for the test suite.
+
+Skips: CUDA-only tests use `requires_cuda` / `requires_cuda_triton`, whose reasons start with
+"needs CUDA"; with FASTATTNREG_NO_SKIPS=1 (scripts/run_tests.sh) every other skip fails the run
+(tests/skip_policy.py).
+"""
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import fastattnreg
+import skip_policy
+
+CUDA_SKIP_REASON = f"{skip_policy.CUDA_SKIP_PREFIX}: no CUDA device is present"
+
+
+def pytest_configure(config):
+    skip_policy.register(config)
 
 
 @pytest.fixture(autouse=True)
@@ -13,6 +30,40 @@ def _seed():
 requires_cpp = pytest.mark.skipif(
     not fastattnreg.cpp_available(), reason="fastattnreg._C is not built"
 )
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_SKIP_REASON)
+requires_triton = pytest.mark.skipif(not fastattnreg.backend.triton_installed(),
+                                     reason="Triton is not installed")
+
+
+def _cuda_triton_skip_reason():
+    # Without CUDA the test is CUDA-only (an allowed skip); with CUDA but without Triton it is a
+    # broken install, whose skip FASTATTNREG_NO_SKIPS=1 refuses.
+    if not torch.cuda.is_available():
+        return CUDA_SKIP_REASON
+    if not fastattnreg.backend.triton_installed():
+        return "Triton is not installed (a CUDA device is present)"
+    return None
+
+
+# CUDA tests of the Triton kernels.
+requires_cuda_triton = pytest.mark.skipif(_cuda_triton_skip_reason() is not None,
+                                          reason=_cuda_triton_skip_reason() or "")
+
+
+def rerun_without_triton_interpreter(request) -> bool:
+    """For tests of what happens without Triton's interpreter. When this process runs it
+    (TRITON_INTERPRET=1 before the import), runs the calling test again in a child pytest with
+    TRITON_INTERPRET unset, asserts that it passed and returns True; otherwise returns False and
+    the test goes on in this process."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          request.node.nodeid], cwd=request.config.rootpath, env=env,
+                         capture_output=True, text=True, timeout=300)
+    report = res.stdout[-6000:] + res.stderr[-3000:]
+    assert res.returncode == 0 and re.search(r"^1 passed\b", res.stdout, re.M), report
+    return True
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,4 +1,5 @@
 """Bad input to attention() gets a ValueError/RuntimeError naming the argument, value and limit."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -113,8 +114,9 @@ def test_package_works_without_the_extension():
     """With _C missing: one clear warning at import, the reference path works, 'cpp' is refused."""
     code = textwrap.dedent(
         """
-        import sys, warnings
+        import os, sys, warnings
         sys.modules["fastattnreg._C"] = None  # makes `import fastattnreg._C` raise ImportError
+        os.environ.pop("FASTATTNREG_REQUIRE_CPP", None)  # this child tests the fallback
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             import fastattnreg
@@ -135,3 +137,28 @@ def test_package_works_without_the_extension():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr
+
+
+def test_import_fails_without_the_extension_when_it_is_required():
+    """FASTATTNREG_REQUIRE_CPP=1 (scripts/run_tests.sh) turns the missing _C into an ImportError
+    at `import fastattnreg` that names the variable and the build command."""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["fastattnreg._C"] = None  # makes `import fastattnreg._C` raise ImportError
+        try:
+            import fastattnreg
+        except ImportError as e:
+            print("REFUSED:", e)
+        else:
+            raise AssertionError("import fastattnreg should fail")
+        """
+    )
+    env = {**os.environ, "FASTATTNREG_REQUIRE_CPP": "1"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert res.returncode == 0, res.stderr
+    line = res.stdout.strip()
+    assert line.startswith("REFUSED: fastattnreg: the C++ extension fastattnreg._C did not load")
+    assert "FASTATTNREG_REQUIRE_CPP=1 requires it" in line
+    assert "pip install --no-build-isolation -e ." in line

@@ -12,15 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import fastattnreg
-
 # `benchmarks` is a repo-root folder, not an installed package: make it importable under a bare
 # `pytest` too (python -m pytest already puts the current directory first).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import bench_attention, bench_match, harness  # noqa: E402
+from conftest import requires_cpp  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not fastattnreg.cpp_available(),
-                                reason="fastattnreg._C is not built")
+pytestmark = requires_cpp
 
 
 def test_bench_attention_writes_csv_and_plot(tmp_path, capsys):

@@ -1,11 +1,16 @@
 """Builds the C++ unit tests (csrc/tests, CMakeLists.txt) against the installed torch and runs
 them with ctest.
 
+cmake, ctest and ninja are taken from the folder of sys.executable first (the pip `cmake` and
+`ninja` packages that scripts/setup_env.sh installs into .venv/bin), then from PATH. Without
+cmake/ctest the test skips, and fails under FASTATTNREG_REQUIRE_CPP=1 (scripts/run_tests.sh).
+
 The build lives in build/cmake-tests (git-ignored) and is reused across runs, so a second run
 only recompiles what changed. The kernel compile flags come from setup.py (one source of truth:
 `FASTATTNREG_PRINT_FLAGS=1 python setup.py` prints them).
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,6 +56,15 @@ def _run(cmd, timeout, what, env=None, cwd=ROOT, merge_stderr=True):
     return proc.stdout
 
 
+def find_tool(name):
+    """Path of the executable `name`: next to sys.executable (this venv's bin folder; the path is
+    not resolved, so a venv's python symlink still points at the venv), else on PATH, else None."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which(name)
+
+
 def _torch_prefix_and_kernel_flags():
     """torch's CMake prefix path and the kernel flags, from one Python process (one torch import).
     setup.py prints the flags on stdout and exits; torch's warnings go to stderr."""
@@ -67,6 +81,15 @@ def _torch_prefix_and_kernel_flags():
     return lines[0], lines[-1]
 
 
+def _cmake_version(cmake):
+    """"X.Y.Z" of `cmake --version` (the pip cmake's bin/cmake is a Python launcher of a binary
+    elsewhere, so paths cannot be compared with the CMAKE_COMMAND of a build tree)."""
+    out = _run([cmake, "--version"], 60, "cmake --version", merge_stderr=False)
+    match = re.search(r"version (\d+)\.(\d+)\.(\d+)", out)
+    assert match, f"unexpected `cmake --version` output: {out!r}"
+    return ".".join(match.groups())
+
+
 def _cached(var):
     cache = BUILD_DIR / "CMakeCache.txt"
     if not cache.exists():
@@ -79,15 +102,24 @@ def _cached(var):
 
 @pytest.mark.slow
 def test_cpp_unit():
-    if shutil.which("cmake") is None or shutil.which("ctest") is None:
-        pytest.skip("cmake/ctest not installed")
+    cmake, ctest, ninja = find_tool("cmake"), find_tool("ctest"), find_tool("ninja")
+    if cmake is None or ctest is None:
+        where = f"next to {sys.executable} or on PATH"
+        if os.environ.get("FASTATTNREG_REQUIRE_CPP", "0") == "1":
+            pytest.fail(f"cmake/ctest not found {where}, and FASTATTNREG_REQUIRE_CPP=1 requires "
+                        "the C++ unit tests: `pip install cmake` (scripts/setup_env.sh does)")
+        pytest.skip(f"cmake/ctest not found {where}")
 
     prefix, flags = _torch_prefix_and_kernel_flags()
     wanted = {"CMAKE_PREFIX_PATH": prefix, "FASTATTNREG_KERNEL_FLAGS": flags}
 
-    # A build tree configured for another checkout (a moved or copied repo) cannot be reused.
+    # A build tree configured for another checkout (a moved or copied repo) or by another cmake
+    # version (e.g. the system cmake before the pip one) is not reused.
     home = _cached("CMAKE_HOME_DIRECTORY")
-    if home is not None and Path(home).resolve() != ROOT:
+    cached_version = ".".join(str(_cached(f"CMAKE_CACHE_{part}_VERSION"))
+                              for part in ("MAJOR", "MINOR", "PATCH"))
+    if home is not None and (Path(home).resolve() != ROOT or
+                             cached_version != _cmake_version(cmake)):
         shutil.rmtree(BUILD_DIR)
 
     # Configure on a fresh tree, after a configure that did not finish (no generated files), or
@@ -95,7 +127,7 @@ def test_cpp_unit():
     # by itself if CMakeLists.txt changed.
     generated = (BUILD_DIR / "CTestTestfile.cmake").exists()
     if not generated or any(_cached(var) != value for var, value in wanted.items()):
-        cmd = ["cmake", "-S", ROOT, "-B", BUILD_DIR, "-DCMAKE_BUILD_TYPE=Release"]
+        cmd = [cmake, "-S", ROOT, "-B", BUILD_DIR, "-DCMAKE_BUILD_TYPE=Release"]
         cmd += [f"-D{var}={value}" for var, value in wanted.items()]
         if (CUDA_ROOT / "bin" / "nvcc").exists():
             # The pip torch is a CUDA build; its CMake config needs a toolkit (BUILD-NOTES.md).
@@ -104,15 +136,39 @@ def test_cpp_unit():
                 f"-DCMAKE_CUDA_COMPILER={CUDA_ROOT / 'bin' / 'nvcc'}",
                 "-DTORCH_CUDA_ARCH_LIST=9.0",
             ]
-        if _cached("CMAKE_GENERATOR") is None and shutil.which("ninja"):
-            cmd += ["-G", "Ninja"]
+        if _cached("CMAKE_GENERATOR") is None and ninja is not None:
+            # Named by path: .venv/bin, where the pip ninja lives, need not be on PATH.
+            cmd += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
         _run(cmd, CONFIGURE_TIMEOUT_S, "cmake configure")
 
-    _run(["cmake", "--build", BUILD_DIR, "-j", "2"], BUILD_TIMEOUT_S, "cmake build")
+    _run([cmake, "--build", BUILD_DIR, "-j", "2"], BUILD_TIMEOUT_S, "cmake build")
     out = _run(
-        ["ctest", "--output-on-failure", "--timeout", "600"],
+        [ctest, "--output-on-failure", "--timeout", "600"],
         CTEST_TIMEOUT_S,
         "ctest",
         cwd=BUILD_DIR,
     )
     print(out)
+
+
+def test_find_tool_looks_next_to_the_interpreter_first(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "cmake"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    assert find_tool("cmake") == str(tool)
+    assert find_tool("ctest") == shutil.which("ctest")  # not there: PATH
+    tool.chmod(0o644)  # not executable: not taken
+    assert find_tool("cmake") == shutil.which("cmake")
+
+
+def test_missing_cmake_fails_when_cpp_is_required_else_skips(monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "find_tool", lambda name: None)
+    monkeypatch.setenv("FASTATTNREG_REQUIRE_CPP", "1")
+    with pytest.raises(pytest.fail.Exception, match="cmake/ctest not found"):
+        test_cpp_unit()
+    monkeypatch.setenv("FASTATTNREG_REQUIRE_CPP", "0")
+    with pytest.raises(pytest.skip.Exception, match="cmake/ctest not found"):
+        test_cpp_unit()

@@ -22,7 +22,8 @@ import torch
 
 import fastattnreg
 from fastattnreg import attention_ref
-from conftest import max_err
+from conftest import max_err, requires_triton, rerun_without_triton_interpreter
+from conftest import requires_cuda_triton as requires_cuda  # CUDA tests of the Triton kernels
 from interpreter_runner import assert_interpreted_group_passes
 from triton_attention_checks import (
     assert_low_precision_rule, errors_vs_float64, low_precision_errors, make_inputs, run_all,
@@ -35,12 +36,6 @@ from triton_mask_dropout_checks import (
 ROOT = Path(__file__).resolve().parent.parent
 CASES = Path(__file__).resolve().parent / "triton_interpret_cases.py"
 MASK_CASES = Path(__file__).resolve().parent / "triton_mask_dropout_cases.py"
-requires_triton = pytest.mark.skipif(not fastattnreg.backend.triton_installed(),
-                                     reason="Triton is not installed")
-requires_cuda = pytest.mark.skipif(
-    not (torch.cuda.is_available() and fastattnreg.triton_available()),
-    reason="needs a CUDA device and Triton",
-)
 
 
 def _child(args, extra_env=None, timeout=600):
@@ -75,8 +70,9 @@ def test_triton_ops_register_without_the_cpp_extension():
     """The Triton ops live in the fastattnreg namespace as a fragment; they must not need _C."""
     code = textwrap.dedent(
         """
-        import sys, warnings
+        import os, sys, warnings
         sys.modules["fastattnreg._C"] = None  # makes `import fastattnreg._C` raise ImportError
+        os.environ.pop("FASTATTNREG_REQUIRE_CPP", None)  # this child tests the fallback
         warnings.simplefilter("ignore")
         import torch, fastattnreg
         assert not fastattnreg.cpp_available() and fastattnreg.triton_available()
@@ -116,9 +112,9 @@ def test_package_works_without_triton():
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-4000:]
 
 
-def test_triton_backend_refuses_cpu_tensors_without_the_interpreter():
-    if fastattnreg.triton_available() and os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("this process runs the interpreter")
+def test_triton_backend_refuses_cpu_tensors_without_the_interpreter(request):
+    if rerun_without_triton_interpreter(request):
+        return
     q = torch.randn(1, 2, 5, 16)
     match = r"backend='triton' (is not available|runs CUDA tensors)"
     with pytest.raises(RuntimeError, match=match):

@@ -14,20 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import fastattnreg
 from fastattnreg import attention_match, attention_match_ref
-from conftest import max_err
+from conftest import max_err, requires_triton
+from conftest import requires_cuda_triton as requires_cuda  # CUDA tests of the Triton kernels
 from interpreter_runner import assert_interpreted_group_passes
 from match_mask_checks import MASK_KINDS, errors_against_reference, make_match_mask
 
 CASES = Path(__file__).resolve().parent / "triton_match_cases.py"
 MASK_CASES = Path(__file__).resolve().parent / "triton_match_mask_cases.py"
-requires_triton = pytest.mark.skipif(not fastattnreg.backend.triton_installed(),
-                                     reason="Triton is not installed")
-requires_cuda = pytest.mark.skipif(
-    not (torch.cuda.is_available() and fastattnreg.triton_available()),
-    reason="needs a CUDA device and Triton",
-)
 KINDS = ("kl", "mse_probs", "mse_logits")
 ROWS = ("all", "cls")
 

@@ -13,19 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import fastattnreg
 from fastattnreg import refined_attention, refined_attention_ref
-from conftest import max_err
+from conftest import max_err, requires_triton
+from conftest import requires_cuda_triton as requires_cuda  # CUDA tests of the Triton kernels
 from interpreter_runner import assert_interpreted_group_passes
 from test_refiner import PARAM_NAMES, clone_running, make_case, run_with_grads
 
 CASES = Path(__file__).resolve().parent / "triton_refiner_cases.py"
-requires_triton = pytest.mark.skipif(not fastattnreg.backend.triton_installed(),
-                                     reason="Triton is not installed")
-requires_cuda = pytest.mark.skipif(
-    not (torch.cuda.is_available() and fastattnreg.triton_available()),
-    reason="needs a CUDA device and Triton",
-)
 
 
 @requires_triton
