@@ -4,7 +4,7 @@ and link, the frozen guide (a source ViT or a CNN), training and caching guides 
 Cached guides live in `cache_dir/<kind>-<hash of their TrainConfig>/`, each an ordinary run
 folder (checkpoint.pt, metrics.json, log.csv) written by the same trainer; a folder counts as a
 cache hit only when its metrics.json says status "complete", so a killed guide run is resumed,
-never used half-trained.
+never used half-trained, and only when that metrics.json records the same configuration.
 """
 from __future__ import annotations
 
@@ -161,24 +161,34 @@ def cached_run(cfg: TrainConfig, name: str, *, cache_dir: str, ctx, log, progres
     """The final checkpoint of run `cfg` in cache_dir/name, training it first when absent.
 
     Under DDP only rank 0 trains a missing guide (one process, no communication); the other
-    ranks wait at a barrier and then read the cache.
+    ranks wait at a barrier without the short timeout (ctx.wait_for_main) and then read the
+    cache.
     """
     from .trainer import DistContext, train_run
     folder = os.path.join(cache_dir, name)
-    if ctx.is_main and not _complete(folder):
+    if ctx.is_main and not _complete(folder, cfg):
         log(f"[cache] training {cfg.method} guide into {folder}")
-        resume = os.path.isfile(os.path.join(folder, "checkpoint.pt"))
+        resume = _same_checkpoint(folder, cfg)
         train_run(cfg, folder, resume=resume, ctx=DistContext(device=ctx.device), log=log,
                   progress=progress, name=name, cache_dir=cache_dir)
     elif ctx.is_main:
         log(f"[cache] using {cfg.method} guide from {folder}")
-    ctx.barrier()
+    ctx.wait_for_main()
     return load_checkpoint(os.path.join(folder, "checkpoint.pt"), f"cached guide {folder}")
 
 
-def _complete(folder: str) -> bool:
+def _complete(folder: str, cfg: TrainConfig) -> bool:
     try:
         with open(os.path.join(folder, "metrics.json")) as f:
-            return json.load(f).get("status") == "complete"
+            m = json.load(f)
     except (OSError, ValueError):
         return False
+    return m.get("status") == "complete" and m.get("config") == cfg.to_dict()
+
+
+def _same_checkpoint(folder: str, cfg: TrainConfig) -> bool:
+    """Whether folder holds a checkpoint of cfg to continue (else the guide starts again)."""
+    path = os.path.join(folder, "checkpoint.pt")
+    if not os.path.isfile(path):
+        return False
+    return load_checkpoint(path, f"cached guide {folder}")["config"] == cfg.to_dict()

@@ -6,7 +6,9 @@ out/
   results.csv              one row per run; summary.csv one row per method
   accuracy.png             test accuracy per epoch, mean over seeds with a +-std band
   attention.png            head-mean CLS attention (last block) and rollout over test images
-With --resume, finished runs are read back and unfinished ones continue from their checkpoint.
+With --resume, a finished run is read back only when the configuration in its metrics.json
+equals the requested one; an unfinished run continues from its checkpoint when the checkpoint's
+configuration equals it; any other run starts again from epoch 0 (and stderr says why).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import os
 import statistics
 import time
 
-from .checkpoint import save_json, save_text
+from .checkpoint import load_checkpoint, remove_stale_temps, save_json, save_text
 from .trainer import versions
 
 RUNS = "runs"
@@ -34,20 +36,53 @@ def _finished(folder: str):
         return None
 
 
+def _changed(recorded: dict, wanted: dict) -> list[str]:
+    """The configuration fields whose values differ (missing ones included)."""
+    return sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
+
+
+def resume_plan(folder: str, config) -> tuple[str, str]:
+    """('reuse' | 'continue' | 'restart', reason) for one run of `compare --resume`."""
+    wanted = config.to_dict()
+    done = _finished(folder)
+    if done is not None:
+        diff = _changed(done.get("config", {}), wanted)
+        if not diff:
+            return "reuse", ""
+        why = f"finished earlier with other settings ({', '.join(diff)})"
+    else:
+        why = ""
+    path = os.path.join(folder, "checkpoint.pt")
+    if os.path.isfile(path):
+        diff = _changed(load_checkpoint(path, f"--resume {folder}")["config"], wanted)
+        if not diff:
+            return "continue", why
+        why = why or f"its checkpoint has other settings ({', '.join(diff)})"
+    return "restart", why
+
+
 def run_compare(configs: dict, methods: list[str], seeds: list[int], out: str, *, resume: bool,
                 ctx, log, progress: bool, cache_dir: str) -> dict:
     from .trainer import train_run
     t_start = time.perf_counter()
+    if ctx.is_main and resume:
+        remove_stale_temps(out)
     results = {}
     for method in methods:
         for seed in seeds:
             folder = run_dir(out, method, seed)
-            done = _finished(folder) if resume else None
-            if done is not None:
+            plan, why = resume_plan(folder, configs[(method, seed)]) if resume else ("new", "")
+            if resume:
+                ctx.barrier()  # every rank decides before rank 0 touches the folder
+            if plan == "reuse":
                 log(f"[compare] {method} seed {seed}: finished earlier, read back")
-                results[(method, seed)] = done
+                results[(method, seed)] = _finished(folder)
                 continue
-            again = resume and os.path.isfile(os.path.join(folder, "checkpoint.pt"))
+            if plan == "restart" and why:
+                log(f"[compare] {method} seed {seed}: {why}; training it again")
+            elif plan == "continue" and why:
+                log(f"[compare] {method} seed {seed}: {why}; continuing its checkpoint")
+            again = plan == "continue"
             results[(method, seed)] = train_run(
                 configs[(method, seed)], folder, resume=again, ctx=ctx, log=log,
                 progress=progress, name=f"{method}-s{seed}", cache_dir=cache_dir)
