@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -209,3 +210,8 @@ def test_resume_plan_of_an_unfinished_run(tmp_path):
     assert resume_plan(str(folder), cfg) == ("continue", "")
     assert resume_plan(str(folder), cfg.with_(weight_decay=0.0)) == (
         "restart", "its checkpoint has other settings (weight_decay)")
+    ckpt = torch.load(folder / "checkpoint.pt", weights_only=True)
+    ckpt["rng"]["numpy"] = np.random.get_state()  # a numpy array: not weights-only loadable
+    torch.save(ckpt, folder / "checkpoint.pt")
+    plan, why = resume_plan(str(folder), cfg)
+    assert plan == "restart" and "refused to load" in why

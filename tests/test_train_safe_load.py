@@ -12,10 +12,12 @@ import torch
 
 pytest.importorskip("sklearn")
 from fastattnreg.train.checkpoint import rng_state, set_rng_state  # noqa: E402
-from fastattnreg.train.cli import main  # noqa: E402
+from fastattnreg.train.config import TrainConfig  # noqa: E402
 from fastattnreg.train.data import load_data, read_cifar_batch  # noqa: E402
+from fastattnreg.train.trainer import train_run  # noqa: E402
+from conftest import requires_cpp  # noqa: E402
 from test_cli import fails_cleanly  # noqa: E402
-from test_train import TINY_ARGS, _fake_cifar  # noqa: E402
+from test_train import TINY, TINY_ARGS, _fake_cifar, history  # noqa: E402
 
 
 class MakesADirectory:
@@ -115,3 +117,27 @@ def test_rng_states_survive_a_weights_only_round_trip():
     set_rng_state(state)
     assert draw() == first
     assert state["python"]["gauss_next"] is not None and state["numpy"]["has_gauss"] == 1
+
+
+@requires_cpp
+def test_a_cached_guide_that_cannot_be_loaded_safely_is_trained_again(tmp_path):
+    """A cached link CNN whose checkpoint holds a numpy array (as an older version stored its
+    RNG states) is refused, trained again, and gives the same run as the first time."""
+    lines = []
+    cfg = TrainConfig(**{**TINY, "method": "link"})
+
+    def go(name):
+        return train_run(cfg, str(tmp_path / name), cache_dir=str(tmp_path / "cache"),
+                         progress=False, log=lines.append)
+
+    first = go("a")
+    (guide,) = os.listdir(tmp_path / "cache")
+    path = tmp_path / "cache" / guide / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["rng"]["numpy"] = np.random.get_state()
+    torch.save(ckpt, path)
+    lines.clear()
+    second = go("b")
+    assert any("refused to load" in line and "training it again" in line for line in lines)
+    assert history(second) == history(first)
+    torch.load(path, weights_only=True)  # the cache holds a safe checkpoint again

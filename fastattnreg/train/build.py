@@ -160,21 +160,27 @@ def _shapes(model: nn.Module) -> dict:
 def cached_run(cfg: TrainConfig, name: str, *, cache_dir: str, ctx, log, progress) -> dict:
     """The final checkpoint of run `cfg` in cache_dir/name, training it first when absent.
 
+    A cached checkpoint that cannot be loaded safely (e.g. written by an older version with
+    numpy arrays in it) is trained again, which gives the same guide (the runs are
+    deterministic).
+
     Under DDP only rank 0 trains a missing guide (one process, no communication); the other
     ranks wait at a barrier without the short timeout (ctx.wait_for_main) and then read the
     cache.
     """
     from .trainer import DistContext, train_run
     folder = os.path.join(cache_dir, name)
-    if ctx.is_main and not _complete(folder, cfg):
+    what = f"cached guide {folder}"
+    path = os.path.join(folder, "checkpoint.pt")
+    if ctx.is_main and not (_complete(folder, cfg) and _loads(path, what, log)):
         log(f"[cache] training {cfg.method} guide into {folder}")
-        resume = _same_checkpoint(folder, cfg)
+        resume = _same_checkpoint(path, cfg, what)
         train_run(cfg, folder, resume=resume, ctx=DistContext(device=ctx.device), log=log,
                   progress=progress, name=name, cache_dir=cache_dir)
     elif ctx.is_main:
         log(f"[cache] using {cfg.method} guide from {folder}")
     ctx.wait_for_main()
-    return load_checkpoint(os.path.join(folder, "checkpoint.pt"), f"cached guide {folder}")
+    return load_checkpoint(path, what)
 
 
 def _complete(folder: str, cfg: TrainConfig) -> bool:
@@ -186,9 +192,21 @@ def _complete(folder: str, cfg: TrainConfig) -> bool:
     return m.get("status") == "complete" and m.get("config") == cfg.to_dict()
 
 
-def _same_checkpoint(folder: str, cfg: TrainConfig) -> bool:
-    """Whether folder holds a checkpoint of cfg to continue (else the guide starts again)."""
-    path = os.path.join(folder, "checkpoint.pt")
+def _loads(path: str, what: str, log) -> bool:
+    try:
+        load_checkpoint(path, what)
+        return True
+    except CheckpointError as exc:
+        log(f"[cache] {exc}; training it again")
+        return False
+
+
+def _same_checkpoint(path: str, cfg: TrainConfig, what: str) -> bool:
+    """Whether path holds a loadable checkpoint of cfg to continue (else the guide starts
+    again)."""
     if not os.path.isfile(path):
         return False
-    return load_checkpoint(path, f"cached guide {folder}")["config"] == cfg.to_dict()
+    try:
+        return load_checkpoint(path, what)["config"] == cfg.to_dict()
+    except CheckpointError:
+        return False

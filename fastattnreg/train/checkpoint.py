@@ -130,10 +130,13 @@ def safe_torch_load(path: str, what: str) -> Any:
     except Exception as exc:  # noqa: BLE001 - corrupt / truncated / not a torch file / unsafe
         named = _GLOBAL.search(str(exc))  # the weights-only unpickler met a global: refuse it
         if named:
+            older = (" (a checkpoint of an older fastattnreg, which stored numpy RNG states as "
+                     "arrays, cannot be resumed: train it again)"
+                     if named.group(1).startswith("numpy") else "")
             raise CheckpointError(
                 f"{what}: refused to load {path!r}: it names {named.group(1)}, not a tensor or "
                 "plain container (a checkpoint of this tool holds only those; loading anything "
-                "else could run code)") from None
+                f"else could run code){older}") from None
         raise CheckpointError(f"{what}: cannot read checkpoint {path!r} "
                               f"({_first_line(exc)})") from None
 

@@ -17,7 +17,8 @@ import os
 import statistics
 import time
 
-from .checkpoint import load_checkpoint, remove_stale_temps, save_json, save_text
+from .checkpoint import (CheckpointError, load_checkpoint, remove_stale_temps, save_json,
+                         save_text)
 from .trainer import versions
 
 RUNS = "runs"
@@ -42,19 +43,27 @@ def _changed(recorded: dict, wanted: dict) -> list[str]:
 
 
 def resume_plan(folder: str, config) -> tuple[str, str]:
-    """('reuse' | 'continue' | 'restart', reason) for one run of `compare --resume`."""
+    """('reuse' | 'continue' | 'restart', reason) for one run of `compare --resume`: a run is
+    reused or continued only when its recorded configuration equals `config` and its
+    checkpoint loads safely (the plots read it too)."""
     wanted = config.to_dict()
+    path = os.path.join(folder, "checkpoint.pt")
+    recorded = None
+    if os.path.isfile(path):
+        try:
+            recorded = load_checkpoint(path, f"{folder}: checkpoint")["config"]
+        except CheckpointError as exc:
+            return "restart", str(exc)
     done = _finished(folder)
+    why = ""
     if done is not None:
         diff = _changed(done.get("config", {}), wanted)
-        if not diff:
+        if not diff and recorded is not None and not _changed(recorded, wanted):
             return "reuse", ""
-        why = f"finished earlier with other settings ({', '.join(diff)})"
-    else:
-        why = ""
-    path = os.path.join(folder, "checkpoint.pt")
-    if os.path.isfile(path):
-        diff = _changed(load_checkpoint(path, f"--resume {folder}")["config"], wanted)
+        why = (f"finished earlier with other settings ({', '.join(diff)})" if diff else
+               "finished earlier but its checkpoint is missing")
+    if recorded is not None:
+        diff = _changed(recorded, wanted)
         if not diff:
             return "continue", why
         why = why or f"its checkpoint has other settings ({', '.join(diff)})"
