@@ -137,6 +137,10 @@ def test_resume_refuses_a_folder_that_is_no_run(capsys, tmp_path):
     assert main(["train", "--resume", *TINY_ARGS] + out_args(tmp_path)) == 2
     assert "holds no checkpoint.pt (files: notes.txt)" in capsys.readouterr().err
     assert os.listdir(tmp_path / "out") == ["notes.txt"]
+    os.unlink(tmp_path / "out" / "notes.txt")
+    (tmp_path / "out" / "metrics.json").write_text("{}")  # a run's result, its checkpoint gone
+    assert main(["train", "--resume", *TINY_ARGS] + out_args(tmp_path)) == 2
+    assert "holds no checkpoint.pt (files: metrics.json)" in capsys.readouterr().err
 
 
 def digest(path):

@@ -33,9 +33,8 @@ from torch import nn
 
 from .build import build
 from . import testhooks
-from .checkpoint import (OUTPUT_FILES, CheckpointError, is_temp, load_checkpoint,
-                         remove_stale_temps, rng_state, save_json, save_text, save_torch,
-                         set_rng_state)
+from .checkpoint import (CheckpointError, is_temp, load_checkpoint, remove_stale_temps,
+                         rng_state, save_json, save_text, save_torch, set_rng_state)
 from .config import TrainConfig
 from .data import augment, epoch_batches, load_data
 
@@ -169,7 +168,8 @@ def resumable(out_dir: str) -> bool:
     files). CheckpointError when out_dir holds other files but no checkpoint."""
     if os.path.exists(os.path.join(out_dir, "checkpoint.pt")):
         return True
-    others = sorted(n for n in os.listdir(out_dir) if n not in OUTPUT_FILES and not is_temp(n))
+    # what a run leaves before its first checkpoint: the log header and temporary files
+    others = sorted(n for n in os.listdir(out_dir) if n != "log.csv" and not is_temp(n))
     if others:
         raise CheckpointError(f"--resume: {out_dir!r} holds no checkpoint.pt (files: "
                               f"{', '.join(others[:4])}); is it a run folder of this tool?")
