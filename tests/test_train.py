@@ -50,7 +50,7 @@ def history(metrics):
 
 
 def model_state(folder):
-    return torch.load(os.path.join(folder, "checkpoint.pt"), weights_only=False)["model"]
+    return torch.load(os.path.join(folder, "checkpoint.pt"), weights_only=True)["model"]
 
 
 # ------------------------------------------------------------------------------ methods

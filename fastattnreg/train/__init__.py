@@ -2,7 +2,9 @@
 
 data.py (digits / CIFAR-10 / ImageFolder in memory), methods.py (methods and combinations),
 build.py (model, task and cached guides), trainer.py (the loop, checkpoints, DDP),
-compare.py (methods x seeds, table), plots.py, checkpoint.py (atomic files), cli.py.
+compare.py (methods x seeds, table), plots.py, checkpoint.py (atomic files, safe loading),
+validate.py (command-line checks before anything is written), testhooks.py (fault injection
+for the tests), cli.py.
 """
 from .config import TrainConfig
 from .trainer import train_run

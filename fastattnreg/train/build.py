@@ -4,7 +4,7 @@ and link, the frozen guide (a source ViT or a CNN), training and caching guides 
 Cached guides live in `cache_dir/<kind>-<hash of their TrainConfig>/`, each an ordinary run
 folder (checkpoint.pt, metrics.json, log.csv) written by the same trainer; a folder counts as a
 cache hit only when its metrics.json says status "complete", so a killed guide run is resumed,
-never used half-trained.
+never used half-trained, and only when that metrics.json records the same configuration.
 """
 from __future__ import annotations
 
@@ -160,25 +160,53 @@ def _shapes(model: nn.Module) -> dict:
 def cached_run(cfg: TrainConfig, name: str, *, cache_dir: str, ctx, log, progress) -> dict:
     """The final checkpoint of run `cfg` in cache_dir/name, training it first when absent.
 
+    A cached checkpoint that cannot be loaded safely (e.g. written by an older version with
+    numpy arrays in it) is trained again, which gives the same guide (the runs are
+    deterministic).
+
     Under DDP only rank 0 trains a missing guide (one process, no communication); the other
-    ranks wait at a barrier and then read the cache.
+    ranks wait at a barrier without the short timeout (ctx.wait_for_main) and then read the
+    cache.
     """
     from .trainer import DistContext, train_run
     folder = os.path.join(cache_dir, name)
-    if ctx.is_main and not _complete(folder):
+    what = f"cached guide {folder}"
+    path = os.path.join(folder, "checkpoint.pt")
+    if ctx.is_main and not (_complete(folder, cfg) and _loads(path, what, log)):
         log(f"[cache] training {cfg.method} guide into {folder}")
-        resume = os.path.isfile(os.path.join(folder, "checkpoint.pt"))
+        resume = _same_checkpoint(path, cfg, what)
         train_run(cfg, folder, resume=resume, ctx=DistContext(device=ctx.device), log=log,
                   progress=progress, name=name, cache_dir=cache_dir)
     elif ctx.is_main:
         log(f"[cache] using {cfg.method} guide from {folder}")
-    ctx.barrier()
-    return load_checkpoint(os.path.join(folder, "checkpoint.pt"), f"cached guide {folder}")
+    ctx.wait_for_main()
+    return load_checkpoint(path, what)
 
 
-def _complete(folder: str) -> bool:
+def _complete(folder: str, cfg: TrainConfig) -> bool:
     try:
         with open(os.path.join(folder, "metrics.json")) as f:
-            return json.load(f).get("status") == "complete"
+            m = json.load(f)
     except (OSError, ValueError):
+        return False
+    return m.get("status") == "complete" and m.get("config") == cfg.to_dict()
+
+
+def _loads(path: str, what: str, log) -> bool:
+    try:
+        load_checkpoint(path, what)
+        return True
+    except CheckpointError as exc:
+        log(f"[cache] {exc}; training it again")
+        return False
+
+
+def _same_checkpoint(path: str, cfg: TrainConfig, what: str) -> bool:
+    """Whether path holds a loadable checkpoint of cfg to continue (else the guide starts
+    again)."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        return load_checkpoint(path, what)["config"] == cfg.to_dict()
+    except CheckpointError:
         return False

@@ -1,30 +1,38 @@
 """Command line: `fastattnreg train ...` and `fastattnreg compare ...` (also `python -m
 fastattnreg`, and `torchrun --nproc_per_node N -m fastattnreg train ...` for DDP).
 
-Every argument is checked before anything is written: a bad command line (unknown method,
-missing data path, --train-fraction outside (0, 1], unreadable checkpoint, ...) prints one line
-`fastattnreg: error: ...` on stderr and exits with status 2, leaving no output folder behind.
+Every argument is checked before anything is written (validate.py): a bad command line
+(unknown method, missing data path, a number out of range or not finite, a model that does not
+fit the data, a missing optional package, an unreadable or unsafe checkpoint, ...) prints one
+line `fastattnreg: error: ...` on stderr and exits with status 2, leaving no output folder
+behind. A failure while training (a loss that is not finite, a DDP peer that died, anything
+unexpected) also prints one line and exits with status 1; FASTATTNREG_DEBUG=1 adds the
+traceback.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import sys
+import traceback
 from typing import Optional, Sequence
 
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import STRUCTURED_LR, TrainConfig, default_lr
-from .data import AUGMENTS, DataError, check_fraction, parse_data_spec
+from .data import AUGMENTS, DataError, parse_data_spec
 from .methods import MethodError, parse_method, parse_overrides
+from .validate import (UsageError, check_models, check_numbers, check_overrides, check_packages,
+                       check_seeds, ddp_timeout_default, needed_packages)
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1
 DEFAULTS = TrainConfig()
+GUIDE_WAIT = datetime.timedelta(days=7)  # how long other ranks wait for rank 0's guide training
 
-
-class UsageError(Exception):
-    """A bad command line; its message is printed as one line."""
+__all__ = ["UsageError", "main", "make_parser"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,6 +89,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per process (torch.set_num_threads; default torch's)")
+    p.add_argument("--ddp-timeout", type=float, default=ddp_timeout_default(),
+                   help="seconds a DDP rank waits for the others in a collective before it "
+                        "fails (default: FASTATTNREG_DDP_TIMEOUT or 300)")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -102,11 +113,6 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------ validation
-
-def _positive(name: str, value, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise UsageError(f"{name} must be {'>= 0' if allow_zero else '> 0'}; got {value}")
-
 
 def resolve_device(text: str) -> str:
     if text == "auto":
@@ -136,18 +142,10 @@ def config_from_args(args, method: str, seed: int) -> TrainConfig:
 
 
 def validate_common(args) -> None:
+    """The data source and the model preset (numbers: check_numbers, before this)."""
     parse_data_spec(args.data)
-    check_fraction(args.train_fraction)
-    for name in ("epochs", "batch_size", "img_size", "gta_source_epochs", "cnn_epochs"):
-        _positive("--" + name.replace("_", "-"), getattr(args, name))
-    if args.lr is not None:
-        _positive("--lr", args.lr)
-    _positive("--cnn-lr", args.cnn_lr)
-    for name in ("weight_decay", "warmup_epochs", "label_smoothing", "gta_weight", "link_weight"):
-        _positive("--" + name.replace("_", "-"), getattr(args, name), allow_zero=True)
-    if args.label_smoothing >= 1:
-        raise UsageError(f"--label-smoothing must be < 1; got {args.label_smoothing}")
     overrides = parse_overrides(args.model_opt)
+    check_overrides(overrides)
     if args.model != "auto" or overrides:
         from ..models import preset_config
         name = args.model if args.model != "auto" else TrainConfig(data=args.data).resolved_model()
@@ -155,6 +153,16 @@ def validate_common(args) -> None:
             preset_config(name, **overrides)
         except ValueError as exc:
             raise UsageError(f"--model {name}: {exc}") from None
+
+
+def validate_run(args, command: str, configs: list) -> None:
+    """What is checked once the configurations exist: guides, optional packages, and a dry
+    run of each method's model on a tiny batch."""
+    from .build import check_guides
+    for config in {c.method: c for c in configs}.values():
+        check_guides(config)
+    check_packages(needed_packages(command, args.data, args.train_fraction, configs))
+    check_models(configs, args.data, args.img_size)
 
 
 def check_out_dir(out: str, resume: bool, overwrite: bool, marker: str = "metrics.json") -> None:
@@ -178,17 +186,20 @@ def default_name(args, method: Optional[str] = None, seed: Optional[int] = None)
 # ------------------------------------------------------------------------------ commands
 
 def cmd_train(args, ctx) -> int:
-    from .build import check_guides
-    from .trainer import train_run
+    from .trainer import resumable, train_run
     spec = parse_method(args.method)
     validate_common(args)
     config = config_from_args(args, spec.name, args.seed)
-    check_guides(config)
+    validate_run(args, "train", [config])
     out = args.out or os.path.join("runs", default_name(args, spec.name, args.seed))
     check_out_dir(out, args.resume, args.overwrite)
-    if args.resume:
+    resume = args.resume and resumable(out)
+    if resume:
         load_checkpoint(os.path.join(out, "checkpoint.pt"), "--resume")
-    metrics = train_run(config, out, resume=args.resume, ctx=ctx, log=_logger(ctx),
+    elif args.resume:
+        _logger(ctx)(f"--resume: {out!r} holds no checkpoint yet (stopped before its first "
+                     "epoch ended); starting at epoch 1")
+    metrics = train_run(config, out, resume=resume, ctx=ctx, log=_logger(ctx),
                         progress=not args.no_progress, cache_dir=args.cache_dir)
     if ctx.is_main:
         f = metrics["final"]
@@ -198,7 +209,6 @@ def cmd_train(args, ctx) -> int:
 
 
 def cmd_compare(args, ctx) -> int:
-    from .build import check_guides
     from .compare import run_compare
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
@@ -213,10 +223,10 @@ def cmd_compare(args, ctx) -> int:
         raise UsageError(f"--seeds must be comma-separated integers; got {args.seeds!r}") from None
     if not seeds or len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds must name distinct integers; got {args.seeds!r}")
+    check_seeds(seeds)
     validate_common(args)
     configs = {(n, s): config_from_args(args, n, s) for n in names for s in seeds}
-    for n in names:
-        check_guides(configs[(n, seeds[0])])
+    validate_run(args, "compare", [configs[(n, seeds[0])] for n in names])
     out = args.out or os.path.join("runs", default_name(args))
     check_out_dir(out, args.resume, args.overwrite)
     run_compare(configs, names, seeds, out, resume=args.resume, ctx=ctx, log=_logger(ctx),
@@ -229,8 +239,13 @@ def _logger(ctx):
     return _stderr if ctx.is_main else (lambda line: None)
 
 
-def init_distributed():
-    """DistContext from torchrun's environment (WORLD_SIZE > 1): gloo on CPU, nccl on GPU."""
+def init_distributed(timeout_s: float):
+    """DistContext from torchrun's environment (WORLD_SIZE > 1): gloo on CPU, nccl on GPU.
+
+    Every collective of the default group fails after timeout_s seconds, so when one rank dies
+    the others stop within that time instead of waiting forever; the rendezvous has the same
+    limit. Waiting for rank 0's guide training uses a separate gloo group with GUIDE_WAIT.
+    """
     from .trainer import DistContext
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -238,40 +253,74 @@ def init_distributed():
     rank = int(os.environ["RANK"])
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and os.environ.get("FASTATTNREG_DDP_CPU") != "1"
-    torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    torch.distributed.init_process_group("nccl" if use_cuda else "gloo",
+                                         timeout=datetime.timedelta(seconds=timeout_s))
+    wait_group = torch.distributed.new_group(backend="gloo", timeout=GUIDE_WAIT)
     device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    return DistContext(rank=rank, world=world, device=device)
+    return DistContext(rank=rank, world=world, device=device, wait_group=wait_group)
+
+
+def _error(message: str) -> None:
+    msg = " ".join(str(message).split())  # one line, whatever the message held
+    print(f"fastattnreg: error: {msg}", file=sys.stderr)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .trainer import DistContext
+    """The command line's exit status. A DDP rank that fails leaves at once with os._exit:
+    tearing its process groups down could wait on a peer that no longer answers."""
+    holder: list = []
+    rc = _main(argv, holder)
+    if rc != 0 and holder and holder[0].world > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
+
+
+def _main(argv, holder: list) -> int:
+    from .trainer import DistContext, TrainingError
+    ctx = None
     try:
         args = make_parser().parse_args(argv)
+        check_numbers(args)
         if args.threads is not None:
-            _positive("--threads", args.threads)
             torch.set_num_threads(args.threads)
-        ctx = init_distributed()
+        ctx = init_distributed(args.ddp_timeout)
         if ctx is None:
             ctx = DistContext(device=torch.device(resolve_device(args.device)))
-        elif args.device not in ("auto", ctx.device.type):
+        holder.append(ctx)
+        if ctx.world > 1 and args.device not in ("auto", ctx.device.type):
             raise UsageError(f"--device {args.device} under torchrun: the device follows the "
                              f"process group ({ctx.device.type})")
         args.device = str(ctx.device.type)
-        try:
-            return (cmd_train if args.command == "train" else cmd_compare)(args, ctx)
-        finally:
-            if ctx.world > 1:
-                torch.distributed.destroy_process_group()
+        rc = (cmd_train if args.command == "train" else cmd_compare)(args, ctx)
+        if ctx.world > 1:  # only after success: a failed rank leaves without a last collective
+            torch.distributed.destroy_process_group()
+        return rc
     except (UsageError, DataError, MethodError, CheckpointError) as exc:
-        msg = " ".join(str(exc).split())  # one line, whatever the message held
-        print(f"fastattnreg: error: {msg}", file=sys.stderr)
+        _error(_ranked(exc, ctx))
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("fastattnreg: interrupted (the last checkpoint is complete; continue with "
               "--resume)", file=sys.stderr)
         return 130
+    except TrainingError as exc:
+        _error(_ranked(exc, ctx))
+        return EXIT_FAILED
+    except Exception as exc:  # noqa: BLE001 - anything else: one line too, never a traceback
+        if os.environ.get("FASTATTNREG_DEBUG") == "1":
+            traceback.print_exc()
+        hint = "" if os.environ.get("FASTATTNREG_DEBUG") == "1" else \
+            " (FASTATTNREG_DEBUG=1 shows the traceback)"
+        _error(_ranked(f"{type(exc).__name__}: {exc}{hint}", ctx))
+        return EXIT_FAILED
+
+
+def _ranked(message, ctx) -> str:
+    """The message, prefixed with the rank under DDP (every rank prints its own)."""
+    return f"[rank {ctx.rank}] {message}" if ctx is not None and ctx.world > 1 else str(message)
 
 
 if __name__ == "__main__":

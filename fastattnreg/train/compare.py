@@ -6,7 +6,9 @@ out/
   results.csv              one row per run; summary.csv one row per method
   accuracy.png             test accuracy per epoch, mean over seeds with a +-std band
   attention.png            head-mean CLS attention (last block) and rollout over test images
-With --resume, finished runs are read back and unfinished ones continue from their checkpoint.
+With --resume, a finished run is read back only when the configuration in its metrics.json
+equals the requested one; an unfinished run continues from its checkpoint when the checkpoint's
+configuration equals it; any other run starts again from epoch 0 (and stderr says why).
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import os
 import statistics
 import time
 
-from .checkpoint import save_json, save_text
+from .checkpoint import (CheckpointError, load_checkpoint, remove_stale_temps, save_json,
+                         save_text)
 from .trainer import versions
 
 RUNS = "runs"
@@ -34,20 +37,61 @@ def _finished(folder: str):
         return None
 
 
+def _changed(recorded: dict, wanted: dict) -> list[str]:
+    """The configuration fields whose values differ (missing ones included)."""
+    return sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
+
+
+def resume_plan(folder: str, config) -> tuple[str, str]:
+    """('reuse' | 'continue' | 'restart', reason) for one run of `compare --resume`: a run is
+    reused or continued only when its recorded configuration equals `config` and its
+    checkpoint loads safely (the plots read it too)."""
+    wanted = config.to_dict()
+    path = os.path.join(folder, "checkpoint.pt")
+    recorded = None
+    if os.path.isfile(path):
+        try:
+            recorded = load_checkpoint(path, f"{folder}: checkpoint")["config"]
+        except CheckpointError as exc:
+            return "restart", str(exc)
+    done = _finished(folder)
+    why = ""
+    if done is not None:
+        diff = _changed(done.get("config", {}), wanted)
+        if not diff and recorded is not None and not _changed(recorded, wanted):
+            return "reuse", ""
+        why = (f"finished earlier with other settings ({', '.join(diff)})" if diff else
+               "finished earlier but its checkpoint is missing")
+    if recorded is not None:
+        diff = _changed(recorded, wanted)
+        if not diff:
+            return "continue", why
+        why = why or f"its checkpoint has other settings ({', '.join(diff)})"
+    return "restart", why
+
+
 def run_compare(configs: dict, methods: list[str], seeds: list[int], out: str, *, resume: bool,
                 ctx, log, progress: bool, cache_dir: str) -> dict:
     from .trainer import train_run
     t_start = time.perf_counter()
+    if ctx.is_main and resume:
+        remove_stale_temps(out)
     results = {}
     for method in methods:
         for seed in seeds:
             folder = run_dir(out, method, seed)
-            done = _finished(folder) if resume else None
-            if done is not None:
+            plan, why = resume_plan(folder, configs[(method, seed)]) if resume else ("new", "")
+            if resume:
+                ctx.barrier()  # every rank decides before rank 0 touches the folder
+            if plan == "reuse":
                 log(f"[compare] {method} seed {seed}: finished earlier, read back")
-                results[(method, seed)] = done
+                results[(method, seed)] = _finished(folder)
                 continue
-            again = resume and os.path.isfile(os.path.join(folder, "checkpoint.pt"))
+            if plan == "restart" and why:
+                log(f"[compare] {method} seed {seed}: {why}; training it again")
+            elif plan == "continue" and why:
+                log(f"[compare] {method} seed {seed}: {why}; continuing its checkpoint")
+            again = plan == "continue"
             results[(method, seed)] = train_run(
                 configs[(method, seed)], folder, resume=again, ctx=ctx, log=log,
                 progress=progress, name=f"{method}-s{seed}", cache_dir=cache_dir)

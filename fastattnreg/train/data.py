@@ -23,6 +23,7 @@ the whole training split.
 """
 from __future__ import annotations
 
+import codecs
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -101,6 +102,21 @@ def parse_data_spec(spec: str) -> tuple[str, Optional[str]]:
     return kind, path
 
 
+def data_info_of(spec: str, img_size: int = 32) -> dict:
+    """{img_size, in_chans, num_classes} of a valid `spec` without loading its images (what a
+    dry run of the model needs before any output is written)."""
+    kind, path = parse_data_spec(spec)
+    if kind == "digits":
+        return {"img_size": 8, "in_chans": 1, "num_classes": 10}
+    if kind == "cifar10":
+        return {"img_size": 32, "in_chans": 3, "num_classes": 10}
+    train = os.path.join(path, "train")
+    classes = [e.name for e in os.scandir(train) if e.is_dir()]
+    if not classes:
+        raise DataError(f"--data folder:{path}: {train!r} holds no class folders")
+    return {"img_size": img_size, "in_chans": 3, "num_classes": len(classes)}
+
+
 def check_fraction(fraction: float) -> float:
     if not (isinstance(fraction, (int, float)) and 0.0 < fraction <= 1.0):
         raise DataError(f"--train-fraction must be in (0, 1]; got {fraction!r}")
@@ -168,13 +184,51 @@ def _cifar_dir(path: str) -> str:
 _CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 
 
+def _numpy_globals() -> dict:
+    """The callables a pickled numpy array or scalar names, found from numpy itself (their
+    module moved from numpy.core to numpy._core in numpy 2; files name either)."""
+    reconstruct = np.zeros(1).__reduce__()[0]  # multiarray._reconstruct
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]  # numeric._frombuffer (pickle protocol 5)
+    scalar = np.float64(0).__reduce__()[0]  # multiarray.scalar
+    out = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+           ("_codecs", "encode"): codecs.encode}  # bytes in python-3 protocol-2 pickles
+    for core in ("numpy.core", "numpy._core"):
+        out[(core + ".multiarray", "_reconstruct")] = reconstruct
+        out[(core + ".multiarray", "scalar")] = scalar
+        out[(core + ".numeric", "_frombuffer")] = frombuffer
+    return out
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR-10 batch holds: dicts, lists, bytes, str, numbers and numpy
+    arrays (rebuilt through numpy's own reconstruct functions). Any other global a pickle
+    names (a function whose call would run code) is refused before it is looked up."""
+
+    _allowed = None
+
+    def find_class(self, module: str, name: str):
+        if _CifarUnpickler._allowed is None:
+            _CifarUnpickler._allowed = _numpy_globals()
+        try:
+            return _CifarUnpickler._allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refused to load {module}.{name}: a CIFAR-10 batch holds only numpy arrays, "
+                "lists, bytes, strings and numbers") from None
+
+
+def read_cifar_batch(file) -> dict:
+    """One CIFAR-10 batch file (python 2 / 3 pickle) through _CifarUnpickler."""
+    return _CifarUnpickler(file, encoding="bytes").load()
+
+
 def _load_cifar10(path: str):
     d = _cifar_dir(path)
 
     def read(name):
         try:
             with open(os.path.join(d, name), "rb") as f:
-                batch = pickle.load(f, encoding="bytes")
+                batch = read_cifar_batch(f)
             data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
             labels = np.asarray(batch[b"labels"], dtype=np.int64)
         except Exception as exc:  # noqa: BLE001 - any unreadable file becomes one line

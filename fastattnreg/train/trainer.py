@@ -4,7 +4,10 @@ a CSV row, metrics.json and an atomic checkpoint after every epoch; exact --resu
 Determinism: the model is built from torch.manual_seed(seed); the data order and augmentation
 draw from two torch.Generators seeded from the seed; all of them (and python / numpy / torch
 RNG states) are saved in each checkpoint, so a resumed run continues with the same numbers as
-an uninterrupted one (on the CPU, bitwise).
+an uninterrupted one (on the CPU, bitwise), whenever the previous process was killed.
+
+A loss that is not finite stops the run with a TrainingError before anything of that epoch is
+written: the last checkpoint stays the last good one.
 
 DDP (torchrun): every rank draws the same global batch of `batch_size` images, augments it with
 the shared generator and keeps its shard (indices rank::world). Each rank's loss is its local
@@ -29,8 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .build import build
-from .checkpoint import (CheckpointError, load_checkpoint, rng_state, save_json, save_text,
-                         save_torch, set_rng_state)
+from . import testhooks
+from .checkpoint import (CheckpointError, is_temp, load_checkpoint, remove_stale_temps,
+                         rng_state, save_json, save_text, save_torch, set_rng_state)
 from .config import TrainConfig
 from .data import augment, epoch_batches, load_data
 
@@ -41,11 +45,18 @@ CSV_FIELDS = ("epoch", "lr", "train_loss", "train_reg", "train_acc", "test_loss"
               "epoch_time_s")
 
 
+class TrainingError(RuntimeError):
+    """A run that cannot go on (a loss that is not finite); one-line message."""
+
+
 @dataclass
 class DistContext:
     rank: int = 0
     world: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # A gloo group with a long timeout: the other ranks wait in it while rank 0 trains a guide
+    # (minutes to hours), which the default group's short timeout would cut off.
+    wait_group: object = None
 
     @property
     def is_main(self) -> bool:
@@ -54,6 +65,11 @@ class DistContext:
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()
+
+    def wait_for_main(self) -> None:
+        """A barrier that waits as long as rank 0's guide training takes (wait_group)."""
+        if self.world > 1:
+            torch.distributed.barrier(group=self.wait_group)
 
     def all_sum(self, values: list[float]) -> list[float]:
         if self.world == 1:
@@ -144,6 +160,20 @@ FROZEN_PREFIXES = ("source.", "link.cnn.")
 
 def _model_prefix(task: nn.Module, model: nn.Module) -> str:
     return next(name for name, m in task.named_modules() if m is model) + "."
+
+
+def resumable(out_dir: str) -> bool:
+    """Whether --resume continues out_dir from its checkpoint (True) or starts it from epoch 0
+    (False: a run killed before its first checkpoint left only a log header or temporary
+    files). CheckpointError when out_dir holds other files but no checkpoint."""
+    if os.path.exists(os.path.join(out_dir, "checkpoint.pt")):
+        return True
+    # what a run leaves before its first checkpoint: the log header and temporary files
+    others = sorted(n for n in os.listdir(out_dir) if n != "log.csv" and not is_temp(n))
+    if others:
+        raise CheckpointError(f"--resume: {out_dir!r} holds no checkpoint.pt (files: "
+                              f"{', '.join(others[:4])}); is it a run folder of this tool?")
+    return False
 
 
 def extra_state(task: nn.Module, model: nn.Module) -> dict:
@@ -244,7 +274,15 @@ def train_run(config: TrainConfig, out_dir: str, *, resume: bool = False,
             "reference_path": notes}
     if ctx.is_main:
         os.makedirs(out_dir, exist_ok=True)
-        if not resume:
+        gone = remove_stale_temps(out_dir)  # a killed write leaves one
+        if gone:
+            log(f"[{name}] removed {len(gone)} temporary file(s) of an interrupted write")
+        if resume:  # the log and metrics as of the checkpoint (a kill may have come between)
+            _write_logs(out_dir, base, history, config)
+        else:  # a fresh run: no file of an earlier run in this folder stays behind
+            for stale in ("checkpoint.pt", "metrics.json"):
+                if os.path.exists(os.path.join(out_dir, stale)):
+                    os.unlink(os.path.join(out_dir, stale))
             save_text(",".join(CSV_FIELDS) + "\n", os.path.join(out_dir, "log.csv"))
 
     from tqdm import tqdm
@@ -256,7 +294,9 @@ def train_run(config: TrainConfig, out_dir: str, *, resume: bool = False,
         task.train()
         t0 = time.perf_counter()
         sums = [0.0, 0.0, 0.0, 0.0]  # ce sum, reg sum (per image), correct, images
-        for idx in global_batches(n_train, config, data_gen, ctx.world):
+        for step, idx in enumerate(global_batches(n_train, config, data_gen, ctx.world)):
+            if epoch == start and step == 0:
+                testhooks.maybe_fail(ctx.rank)
             xb = augment(data.x_train[idx], config.augment, aug_gen)
             mine = slice(ctx.rank, None, ctx.world)
             x = data.normalise(xb[mine]).to(device)
@@ -268,13 +308,20 @@ def train_run(config: TrainConfig, out_dir: str, *, resume: bool = False,
             ((ce + reg) * scale).backward()
             opt.step()
             sched.step()
-            sums[0] += ce.item() * len(y)
-            sums[1] += float(reg.detach()) * len(y)
+            ce_value, reg_value = ce.item(), float(reg.detach())
+            if not math.isfinite(ce_value + reg_value):
+                _stop(name, epoch, f"step {step + 1}: the training loss is not finite "
+                      f"(cross-entropy {ce_value:g}, regulariser {reg_value:g})", history,
+                      config)
+            sums[0] += ce_value * len(y)
+            sums[1] += reg_value * len(y)
             sums[2] += (logits.argmax(dim=1) == y).sum().item()
             sums[3] += len(y)
         epoch_time = time.perf_counter() - t0
         ce_sum, reg_sum, correct, seen = ctx.all_sum(sums)
         test_loss, test_acc = evaluate(model, data, device)
+        if not math.isfinite(test_loss):
+            _stop(name, epoch, f"the test loss is not finite ({test_loss:g})", history, config)
         row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
                "train_loss": ce_sum / seen, "train_reg": reg_sum / seen,
                "train_acc": correct / seen, "test_loss": test_loss, "test_acc": test_acc,
@@ -311,10 +358,22 @@ def _metrics(base: dict, history: list[dict], config: TrainConfig) -> dict:
     return out
 
 
+def _stop(name: str, epoch: int, what: str, history: list, config: TrainConfig) -> None:
+    last = f"after epoch {len(history)}" if history else "none was written"
+    raise TrainingError(f"[{name}] epoch {epoch + 1}/{config.epochs}, {what}; the run stops "
+                        f"and its last checkpoint ({last}) is left as it was (a lower --lr or "
+                        "more --warmup-epochs may help)")
+
+
 def _write_epoch(out_dir, row, base, history, config, epoch, ckpt) -> None:
     # Order matters for a kill at any point: the checkpoint first, then the CSV and metrics
     # derived from it (a resume rewrites both from the checkpoint's history).
     save_torch(ckpt, os.path.join(out_dir, "checkpoint.pt"))
+    _write_logs(out_dir, base, history, config)
+
+
+def _write_logs(out_dir, base, history, config) -> None:
+    """log.csv and metrics.json from the history (one row per finished epoch)."""
     lines = [",".join(CSV_FIELDS)] + [",".join(f"{h[k]:.6g}" if isinstance(h[k], float)
                                               else str(h[k]) for k in CSV_FIELDS) for h in history]
     save_text("\n".join(lines) + "\n", os.path.join(out_dir, "log.csv"))
