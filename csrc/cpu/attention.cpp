@@ -59,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q
                                                              c10::string_view export_kind,
                                                              double dropout_p) {
   check_qkv_cpu(q, k, v);
-  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be a finite number; got ", scale);
+  check_scale(scale, q.scalar_type());
   const ExportKind kind = parse_export(export_kind);
   const at::Tensor mask = mask_view(attn_mask, q);
   const DropoutStream drop = dropout_stream(dropout_p, rng);
@@ -87,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     c10::string_view export_kind, double dropout_p, bool mask_grad) {
   check_qkv_cpu(q, k, v);
   check_like(out, "out", q.sizes(), q.scalar_type());
-  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be a finite number; got ", scale);
+  check_scale(scale, q.scalar_type());
   const ExportKind kind = parse_export(export_kind);
   const at::Tensor mask = mask_view(attn_mask, q);
   const DropoutStream drop = dropout_stream(dropout_p, rng);

@@ -72,9 +72,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_match_fwd(
   const bool cls = parse_cls_rows(rows);
   check_teacher(q, teacher_q, teacher_k, cls);
   const at::Tensor mask = mask_view(attn_mask, q);
-  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be a finite number; got ", scale);
-  TORCH_CHECK_VALUE(std::isfinite(teacher_scale), "teacher_scale must be a finite number; got ",
-                    teacher_scale);
+  check_scale(scale, q.scalar_type());
+  check_scale(teacher_scale, q.scalar_type(), "teacher_scale");
   const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   const auto tqc = teacher_q.contiguous(), tkc = teacher_k.contiguous();
   const Dims d{q.size(0), q.size(1), q.size(2), q.size(3)};
@@ -110,6 +109,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_match_bwd(
   const bool cls = parse_cls_rows(rows);
   check_teacher(q, teacher_q, teacher_k, cls);
   const at::Tensor mask = mask_view(attn_mask, q);
+  check_scale(scale, q.scalar_type());
+  check_scale(teacher_scale, q.scalar_type(), "teacher_scale");
   const Dims d{q.size(0), q.size(1), q.size(2), q.size(3)};
   const int64_t R = cls ? 1 : d.N;
   const auto acc = acc_dtype(q.scalar_type());

@@ -6,7 +6,9 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -56,8 +58,9 @@ refiner::Dims check_args(const at::Tensor& q, const at::Tensor& k, const at::Ten
   TORCH_CHECK_VALUE(eps.size() == 4, "eps must hold 4 values (bn1, bn2, bn3, adapt); got ",
                     eps.size());
   for (double e : eps)
-    TORCH_CHECK_VALUE(std::isfinite(e) && e >= 0, "eps must be finite and >= 0; got ", e);
-  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be a finite number; got ", scale);
+    TORCH_CHECK_VALUE(std::isfinite(e) && e > 0, "eps must be finite and > 0 (it keeps ",
+                      "1 / sqrt(var + eps) finite for a zero variance); got ", e);
+  check_scale(scale, q.scalar_type());
   TORCH_CHECK_VALUE(std::isfinite(drop_scale) && drop_scale >= 1,
                     "drop_scale = 1 / (1 - attn_drop) must be finite and >= 1; got ", drop_scale);
   if (keep.has_value()) {
@@ -73,6 +76,36 @@ refiner::Dims check_args(const at::Tensor& q, const at::Tensor& k, const at::Ten
 std::vector<double> to_doubles(const at::Tensor& t) {
   const auto c = t.detach().to(at::kDouble).contiguous();
   return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
+}
+
+// The packed running statistics (2C + 2H, bn1 | bn2 | bn3 | adapt): q's dtype or the accumulation
+// type (float32 statistics of a bfloat16 layer are read unrounded), every mean finite and every
+// variance finite and >= 0. Both modes check them: eval reads them, and training would carry a
+// NaN or a negative variance on into every later eval step.
+void check_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
+                         const refiner::Dims& d, const at::Tensor& q) {
+  const std::vector<int64_t> shape{2 * d.C + 2 * d.H};
+  const auto acc = acc_dtype(q.scalar_type());
+  for (const auto* t : {&running_mean, &running_var}) {
+    const char* name = t == &running_mean ? "running_mean" : "running_var";
+    TORCH_CHECK_VALUE(t->sizes() == shape, name, " must have shape ", shape, " (bn1 | bn2 | bn3 | ",
+                      "adapt_bn packed); got ", t->sizes());
+    TORCH_CHECK_VALUE(t->scalar_type() == q.scalar_type() || t->scalar_type() == acc, name,
+                      " must have q's dtype ", q.scalar_type(), " or ", acc, "; got ",
+                      t->scalar_type());
+    TORCH_CHECK_VALUE(t->is_cpu(), name, " must be a CPU tensor; got ", t->device());
+  }
+  const std::vector<double> mean = to_doubles(running_mean), var = to_doubles(running_var);
+  static const char* bn_names[] = {"bn1", "bn2", "bn3", "adapt_bn"};
+  const int64_t ends[] = {d.C, 2 * d.C, 2 * d.C + d.H, 2 * d.C + 2 * d.H};
+  for (size_t i = 0; i < mean.size(); ++i) {
+    const int64_t bn = std::upper_bound(std::begin(ends), std::end(ends), int64_t(i)) - ends;
+    const int64_t ch = bn == 0 ? int64_t(i) : int64_t(i) - ends[bn - 1];
+    TORCH_CHECK_VALUE(std::isfinite(mean[i]), "running_mean of ", bn_names[bn], " channel ", ch,
+                      " must be finite; got ", mean[i]);
+    TORCH_CHECK_VALUE(std::isfinite(var[i]) && var[i] >= 0, "running_var of ", bn_names[bn],
+                      " channel ", ch, " must be finite and >= 0; got ", var[i]);
+  }
 }
 
 at::Tensor acc_copy(const at::Tensor& t) { return t.to(acc_dtype(t.scalar_type())).contiguous(); }
@@ -136,8 +169,7 @@ refined_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const ExportKind kind = parse_refiner_export(export_kind);
   const refiner::Dims d =
       check_args(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, eps, scale, drop_scale);
-  check_param(running_mean, "running_mean", {2 * d.C + 2 * d.H}, q);
-  check_param(running_var, "running_var", {2 * d.C + 2 * d.H}, q);
+  check_running_stats(running_mean, running_var, d, q);
   const auto acc = acc_dtype(q.scalar_type());
   const Inputs in(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, training);
   auto out = at::empty_like(in.q, at::MemoryFormat::Contiguous);
