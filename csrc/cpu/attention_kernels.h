@@ -26,6 +26,7 @@
 #include "attention_mask.h"
 #include "blas.h"
 #include "dropout_stream.h"
+#include "fork_guard.h"
 #include "match_rows.h"
 #include "rowops.h"
 #include "score_gemm.h"
@@ -162,9 +163,13 @@ void score_gemm(int64_t m, acc_t alpha, const acc_t* X, const KeyOperand<acc_t>&
 class TaskQueue {
  public:
   explicit TaskQueue(int64_t tasks) : tasks_(tasks) {}
-  // How many workers to start: one per thread, never more than there are tasks.
+  // How many workers to start: one per thread, never more than there are tasks; one in a child
+  // forked after this process ran a team, where a new OpenMP team never starts (fork_guard.h).
   int64_t workers() const {
-    return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks_));
+    if (ForkGuard::get().team_lost()) return 1;
+    const int64_t n = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks_));
+    if (n > 1) ForkGuard::get().note_parallel_team();
+    return n;
   }
   bool next(int64_t* task) {
     *task = next_.fetch_add(1, std::memory_order_relaxed);
