@@ -177,9 +177,9 @@ def _match_fwd_kernel(Q, K, V, TQ, TK, Out, Lse, TLse,
     z64 = z.to(tl.int64)
     _store_tile(Out + z64 * N * HEAD_DIM, rows, N, offs_d, acc / l_i[:, None], HEAD_DIM, EVEN_D,
                 UPCAST)
-    tl.store(Lse + z64 * N + rows, (m_i + tl.log2(l_i)) * _LN2, mask=rows < N)
+    tl.store(Lse + (z64 * N + rows), (m_i + tl.log2(l_i)) * _LN2, mask=rows < N)
     if TEACHER_LSE:
-        tl.store(TLse + z64 * N + rows, (tm_i + tl.log2(tl_i)) * _LN2, mask=rows < N)
+        tl.store(TLse + (z64 * N + rows), (tm_i + tl.log2(tl_i)) * _LN2, mask=rows < N)
 
 
 @_tuned(_DELTA_TILES)
@@ -231,8 +231,8 @@ def _match_loss_kernel(Q, K, TQ, TK, Lse, TLse, SRowLse, TRowLse, RowLoss,
             slse = sm + tl.log(sl)
             tlse = tm + tl.log(tsum)
         else:
-            slse = tl.load(Lse + z64 * N + rows, mask=rows < R, other=0.0)
-            tlse = tl.load(TLse + z64 * N + rows, mask=rows < R, other=0.0)
+            slse = tl.load(Lse + (z64 * N + rows), mask=rows < R, other=0.0)
+            tlse = tl.load(TLse + (z64 * N + rows), mask=rows < R, other=0.0)
 
     loss = tl.zeros((BLOCK_M,), tl.float32)
     for start_n in range(0, N, BLOCK_N):
@@ -277,8 +277,8 @@ def _match_delta_kernel(Q, K, TQ, TK, Out, DOut, DLse, SRowLse, TRowLse, DRow, D
         do = _load_tile(DOut + z64 * N * HEAD_DIM, rows, HEAD_DIM, N, offs_d, HEAD_DIM, EVEN_D)
         delta += tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
-        delta -= tl.load(DLse + z64 * N + rows, mask=rows < N, other=0.0)
-    tl.store(Delta + z64 * N + rows, delta, mask=rows < N)
+        delta -= tl.load(DLse + (z64 * N + rows), mask=rows < N, other=0.0)
+    tl.store(Delta + (z64 * N + rows), delta, mask=rows < N)
     if KIND == 1 and HAS_DL:
         if pid_m * BLOCK_M < R:
             b = (z // H).to(tl.int64)
@@ -288,9 +288,9 @@ def _match_delta_kernel(Q, K, TQ, TK, Out, DOut, DLse, SRowLse, TRowLse, DRow, D
                            HEAD_DIM, EVEN_D)
             tq = _load_tile(TQ + b * stride_tqb + h * stride_tqh, rows, stride_tqn, R, offs_td,
                             TEACHER_DIM, EVEN_TD)
-            slse = tl.load(SRowLse + z64 * R + rows, mask=rows < R, other=0.0)
-            tlse = tl.load(TRowLse + z64 * R + rows, mask=rows < R, other=0.0)
-            g = tl.load(DRow + z64 * R + rows, mask=rows < R, other=0.0)
+            slse = tl.load(SRowLse + (z64 * R + rows), mask=rows < R, other=0.0)
+            tlse = tl.load(TRowLse + (z64 * R + rows), mask=rows < R, other=0.0)
+            g = tl.load(DRow + (z64 * R + rows), mask=rows < R, other=0.0)
             c = tl.zeros((BLOCK_M,), tl.float32)
             for start_n in range(0, N, BLOCK_N):
                 cols = start_n + tl.arange(0, BLOCK_N)
@@ -303,7 +303,7 @@ def _match_delta_kernel(Q, K, TQ, TK, Out, DOut, DLse, SRowLse, TRowLse, DRow, D
                             - tlse[:, None])
                 pg = ps * (2.0 * g[:, None] * (ps - pt))
                 c += tl.sum(tl.where(_matched(rows, cols, N, R, CLS), pg, 0.0), 1)
-            tl.store(C + z64 * R + rows, c, mask=rows < R)
+            tl.store(C + (z64 * R + rows), c, mask=rows < R)
 
 
 @_tuned(_DKDV_TILES)
@@ -342,8 +342,8 @@ def _match_dkdv_kernel(Q, K, V, TQ, TK, DOut, Lse, Delta, SRowLse, TRowLse, DRow
     for start_m in range(0, N, BLOCK_M):
         rows = start_m + offs_m
         q = _load_tile(q_base, rows, stride_qn, N, offs_d, HEAD_DIM, EVEN_D)
-        lse2 = tl.load(Lse + z64 * N + rows, mask=rows < N, other=0.0) * _LOG2E
-        delta = tl.load(Delta + z64 * N + rows, mask=rows < N, other=0.0)
+        lse2 = tl.load(Lse + (z64 * N + rows), mask=rows < N, other=0.0) * _LOG2E
+        delta = tl.load(Delta + (z64 * N + rows), mask=rows < N, other=0.0)
         raw = _dot(q, tl.trans(k), UPCAST, PRECISION)  # q k^T, (BLOCK_M, BLOCK_N)
         p = tl.exp2(raw * qk_scale - lse2[:, None])
         p = tl.where((rows < N)[:, None] & (cols < N)[None, :], p, 0.0)
@@ -357,9 +357,9 @@ def _match_dkdv_kernel(Q, K, V, TQ, TK, DOut, Lse, Delta, SRowLse, TRowLse, DRow
             if start_m < R:
                 tq = _load_tile(tq_base, rows, stride_tqn, R, offs_td, TEACHER_DIM, EVEN_TD)
                 st = _dot(tq, tl.trans(tk), UPCAST, PRECISION) * teacher_scale
-                slse = tl.load(SRowLse + z64 * R + rows, mask=rows < R, other=0.0)
-                tlse = tl.load(TRowLse + z64 * R + rows, mask=rows < R, other=0.0)
-                g = tl.load(DRow + z64 * R + rows, mask=rows < R, other=0.0)
+                slse = tl.load(SRowLse + (z64 * R + rows), mask=rows < R, other=0.0)
+                tlse = tl.load(TRowLse + (z64 * R + rows), mask=rows < R, other=0.0)
+                g = tl.load(DRow + (z64 * R + rows), mask=rows < R, other=0.0)
                 c = _row_c(C, z64 * R + rows, rows < R, KIND)
                 lg = _loss_grad(raw * scale, st, slse, tlse, g, c, KIND)
                 ds += tl.where(_matched(rows, cols, N, R, CLS), lg, 0.0)
@@ -392,8 +392,8 @@ def _match_dq_kernel(Q, K, V, TQ, TK, DOut, Lse, Delta, SRowLse, TRowLse, DRow, 
     offs_d = tl.arange(0, D_PAD)
     offs_td = tl.arange(0, TD_PAD)
     q = _load_tile(Q + b * stride_qb + h * stride_qh, rows, stride_qn, N, offs_d, HEAD_DIM, EVEN_D)
-    lse2 = tl.load(Lse + z64 * N + rows, mask=rows < N, other=0.0) * _LOG2E
-    delta = tl.load(Delta + z64 * N + rows, mask=rows < N, other=0.0)
+    lse2 = tl.load(Lse + (z64 * N + rows), mask=rows < N, other=0.0) * _LOG2E
+    delta = tl.load(Delta + (z64 * N + rows), mask=rows < N, other=0.0)
     if HAS_DO:
         do = _load_tile(DOut + z64 * N * HEAD_DIM, rows, HEAD_DIM, N, offs_d, HEAD_DIM, EVEN_D)
     # The loss term reaches only blocks with matched rows (for CLS the first one).
@@ -401,9 +401,9 @@ def _match_dq_kernel(Q, K, V, TQ, TK, DOut, Lse, Delta, SRowLse, TRowLse, DRow, 
     if HAS_DL:
         tq = _load_tile(TQ + b * stride_tqb + h * stride_tqh, rows, stride_tqn, R, offs_td,
                         TEACHER_DIM, EVEN_TD)
-        slse = tl.load(SRowLse + z64 * R + rows, mask=rows < R, other=0.0)
-        tlse = tl.load(TRowLse + z64 * R + rows, mask=rows < R, other=0.0)
-        g = tl.load(DRow + z64 * R + rows, mask=rows < R, other=0.0)
+        slse = tl.load(SRowLse + (z64 * R + rows), mask=rows < R, other=0.0)
+        tlse = tl.load(TRowLse + (z64 * R + rows), mask=rows < R, other=0.0)
+        g = tl.load(DRow + (z64 * R + rows), mask=rows < R, other=0.0)
         c = _row_c(C, z64 * R + rows, rows < R, KIND)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
