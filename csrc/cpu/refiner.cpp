@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "aligned.h"
 #include "refiner_backward.h"
 #include "refiner_forward.h"
 
@@ -108,7 +109,9 @@ void check_running_stats(const at::Tensor& running_mean, const at::Tensor& runni
   }
 }
 
-at::Tensor acc_copy(const at::Tensor& t) { return t.to(acc_dtype(t.scalar_type())).contiguous(); }
+at::Tensor acc_copy(const at::Tensor& t) {
+  return aligned_contiguous(t.to(acc_dtype(t.scalar_type())));
+}
 
 // The exports refined attention offers (a subset of what checks.h's parse_export knows, which
 // other ops may extend): anything else is refused here, naming the four.
@@ -139,10 +142,11 @@ struct Inputs {
          const at::Tensor& w_exp_, const at::Tensor& w_dw_, const at::Tensor& w_pro_,
          const at::Tensor& bn_weight, const at::Tensor& bn_bias,
          const std::optional<at::Tensor>& keep_, bool training)
-      : q(q_.contiguous()), k(k_.contiguous()), v(v_.contiguous()), w_exp(acc_copy(w_exp_)),
+      : q(aligned_contiguous(q_)), k(aligned_contiguous(k_)), v(aligned_contiguous(v_)),
+        w_exp(acc_copy(w_exp_)),
         w_dw(acc_copy(w_dw_)), w_pro(acc_copy(w_pro_)), gamma(acc_copy(bn_weight)),
         beta(acc_copy(bn_bias)),
-        keep(training && keep_.has_value() ? keep_->contiguous() : at::Tensor()) {}
+        keep(training && keep_.has_value() ? aligned_contiguous(*keep_) : at::Tensor()) {}
 
   template <typename scalar_t, typename T>
   refiner::Problem<scalar_t, T> problem(const refiner::Dims& d, double scale, double drop_scale,
@@ -218,7 +222,7 @@ refined_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Ten
                       "dmaps was given but export is 'none' (no maps were exported); pass "
                       "dmaps=None or the export the forward used");
     check_like(*dmaps, "dmaps", maps_shape(q, kind), q.scalar_type());
-    dmaps_c = dmaps->contiguous();
+    dmaps_c = aligned_contiguous(*dmaps);
   }
   // An eval-mode forward that did not save P (save_probs = false): recompute it here.
   TORCH_CHECK_VALUE(probs.numel() > 0 || !training,
@@ -233,8 +237,8 @@ refined_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Ten
   check_like(mean, "mean", {2 * d.C + 2 * d.H}, acc);
   check_like(var, "var", {2 * d.C + 2 * d.H}, acc);
   const Inputs in(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, training);
-  const auto dout_c = dout.contiguous(), probs_c = probs_full.contiguous();
-  const auto y_c = y.numel() > 0 ? y.contiguous() : y;
+  const auto dout_c = aligned_contiguous(dout), probs_c = aligned_contiguous(probs_full);
+  const auto y_c = y.numel() > 0 ? aligned_contiguous(y) : y;
   auto dq = at::empty_like(in.q, at::MemoryFormat::Contiguous);
   auto dk = at::empty_like(in.k, at::MemoryFormat::Contiguous);
   auto dv = at::empty_like(in.v, at::MemoryFormat::Contiguous);
