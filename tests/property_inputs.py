@@ -22,14 +22,30 @@ LAYOUTS = ("contiguous", "timm", "offset", "expanded_batch", "expanded_heads", "
 MASK_SHAPES = ("NN", "B11N", "1HNN", "BHNN", "B1NN")
 
 
+def _spread(edges, max_value: int, edge_share: float):
+    """A value from `edges` with probability edge_share, else uniform in [1, max_value].
+
+    Drawn through a seeded random.Random: hypothesis's own integer and choice draws lean
+    strongly towards small values (four in five attention examples had a single query block),
+    while the thresholds of interest sit at the top of the range. Failing examples still print
+    their drawn sizes (the tests label them)."""
+
+    @st.composite
+    def draw_one(draw):
+        rnd = draw(st.randoms(use_true_random=True))
+        if rnd.random() < edge_share:
+            return rnd.choice(edges)
+        return rnd.randint(1, max_value)
+
+    return draw_one()
+
+
 def seq_lens(max_n: int = 600):
-    return st.one_of(st.sampled_from([n for n in SEQ_EDGES if n <= max_n]),
-                     st.integers(1, max_n))
+    return _spread([n for n in SEQ_EDGES if n <= max_n], max_n, 0.6)
 
 
 def head_dims(max_d: int = 256):
-    return st.one_of(st.sampled_from([d for d in HEAD_EDGES if d <= max_d]),
-                     st.integers(1, max_d))
+    return _spread([d for d in HEAD_EDGES if d <= max_d], max_d, 0.6)
 
 
 @st.composite

@@ -15,15 +15,17 @@ against the float64 reference of the same values.
 """
 import pytest
 import torch
-from hypothesis import event, given, settings, strategies as st
+
+pytest.importorskip("hypothesis", reason="hypothesis is not installed (pyproject test extra)")
+from hypothesis import event, given, settings, strategies as st  # noqa: E402
 
 import fastattnreg
 from fastattnreg import (attention, attention_match, attention_match_ref, attention_ref,
                          refined_attention, refined_attention_ref)
 from fastattnreg.ops.dropout import dropout_keep_mask
 from conftest import requires_cpp
-from property_inputs import (assert_close, batch_heads, grads_or_zeros, head_dims, layouts,
-                             masks, max_abs_err, seq_lens, subset)
+from property_inputs import (_spread, assert_close, batch_heads, grads_or_zeros, head_dims,
+                             layouts, masks, max_abs_err, seq_lens, subset)
 
 pytestmark = requires_cpp
 
@@ -36,7 +38,7 @@ SCALES = st.one_of(st.none(), st.sampled_from([0.0, -0.3, 1.0]),
 
 
 def _share(fraction: float):
-    """A fraction of the active profile's examples (ci: 100, thorough: 1000) for one test."""
+    """A fraction of the active profile's examples (ci: 150, thorough: 1500) for one test."""
     return settings(max_examples=max(1, int(settings.default.max_examples * fraction)))
 
 
@@ -84,26 +86,59 @@ def test_attention_matches_float64_reference(data):
                         backend="cpp")
         got = dict(zip(names, res))
         keep = None
-    leaves64 = _as_f64(leaves)
-    mask64 = None
-    if mask is not None:
-        mask64 = mask.detach() if mask.dtype == torch.bool else mask.detach().double()
-        mask64.requires_grad_(mask.requires_grad)
-    ref = attention_ref(*layout.views(leaves64), attn_mask=mask64, dropout_p=p,
-                        dropout_mask=keep, scale=scale, export=export, return_lse=True)
-    want = dict(zip(names, ref))
-    for name in names:
-        assert got[name].dtype == dtype, name  # the LSE too: float32 (float64) accumulation
-        assert_close(got[name], want[name], TOL[dtype], name)
+    def reference(cast):
+        # attention_ref on copies of the leaves (and mask) in float64, or in float32 for the
+        # error floor: (outputs by name, d(<used outputs, up>) / d(leaves, learned mask)).
+        ls = [t.detach().to(cast).requires_grad_() for t in leaves]
+        m = None
+        if mask is not None:
+            m = mask.detach().clone() if mask.dtype == torch.bool else mask.detach().to(cast)
+            m.requires_grad_(mask.requires_grad)
+        res = dict(zip(names, attention_ref(*layout.views(ls), attn_mask=m, dropout_p=p,
+                                            dropout_mask=keep, scale=scale, export=export,
+                                            return_lse=True)))
+        wrt = ls + ([m] if m is not None and m.requires_grad else [])
+        return res, wrt
 
+    want, wrt64 = reference(torch.float64)
     up = _upstream([want[nm] for nm in used], gen)
+    g64 = grads_or_zeros([want[nm] for nm in used], wrt64, up)
     wrt = list(leaves) + ([mask] if mask is not None and mask.requires_grad else [])
-    wrt64 = list(leaves64) + ([mask64] if mask is not None and mask.requires_grad else [])
     g = grads_or_zeros([got[nm] for nm in used], wrt,
                        [u.to(got[nm].dtype) for u, nm in zip(up, used)])
-    g64 = grads_or_zeros([want[nm] for nm in used], wrt64, up)
-    for i, (a, r) in enumerate(zip(g, g64)):
-        assert_close(a, r, TOL[dtype], f"grad {i}")
+    floors = [0.0] * (len(names) + len(g))
+    if dtype == torch.float32:
+        # Plus twice the float32 reference's own error: logits of size 1e3 (scale 1, large q, k)
+        # carry absolute rounding errors of 1e-4 in any float32 implementation.
+        ref32, wrt32 = reference(torch.float32)
+        g32 = grads_or_zeros([ref32[nm] for nm in used], wrt32, [u.float() for u in up])
+        floors = [2 * max_abs_err(a, b) for a, b in zip([ref32[nm] for nm in names] + g32,
+                                                          [want[nm] for nm in names] + g64)]
+    for name, floor in zip(names, floors):
+        assert got[name].dtype == dtype, name  # the LSE too: float32 (float64) accumulation
+        assert_close(got[name], want[name], TOL[dtype], name, floor)
+    for i, (a, r, floor) in enumerate(zip(g, g64, floors[len(names):])):
+        assert_close(a, r, TOL[dtype], f"grad {i}", floor)
+
+
+def test_rows_of_very_negative_logits_keep_finite_map_gradients():
+    """Every logit of a row far below 0 (a large negative padding bias, as some models write
+    masks; -100 here, exact enough in float32 to compare): the row's LSE is below -88, where
+    float32 exp(0 - lse) overflows. The vector tail lanes of the maps' gradient pass (N = 17)
+    summed inf * 0 = NaN into the row."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 17, 16, generator=gen).requires_grad_() for _ in range(3))
+    bias = torch.zeros(2, 1, 17, 17)
+    bias[1, :, 3:, :] = -100.0  # batch 1: rows 3.. see every key through the padding bias
+    for export in ("full", "head_mean", "cls", "key_mean"):
+        outs = attention(q, k, v, attn_mask=bias, export=export, backend="cpp")
+        refs = attention_ref(*(t.double() for t in (q, k, v)), attn_mask=bias.double(),
+                             export=export)
+        up = _upstream(refs, gen)
+        got = grads_or_zeros(outs, (q, k, v), [u.float() for u in up])
+        want = grads_or_zeros(refs, (q, k, v), up)
+        for a, r in zip(got, want):
+            assert_close(a, r, 2e-4, export)
 
 
 def test_sixteen_row_blocks():
@@ -175,8 +210,8 @@ REFINER_SEQ = (1, 2, 16, 17, 33, 65, 73, 74, 105, 147, 148, 160, 197, 228, 240)
 def test_refined_attention_matches_float64_reference(data):
     draw = data.draw
     training = draw(st.booleans(), label="training")
-    n = draw(st.one_of(st.sampled_from(REFINER_SEQ), st.integers(1, 240))
-             .filter(lambda x: not training or x >= 2), label="N")
+    n = draw(_spread(REFINER_SEQ, 240, 0.6).filter(lambda x: not training or x >= 2),
+             label="N")
     d = draw(head_dims(64), label="D")
     expansion = draw(st.integers(1, 4), label="expansion")
     ksize = draw(st.sampled_from([1, 3, 5, 7]), label="K")
@@ -267,4 +302,37 @@ def test_profiles_are_registered():
     assert fastattnreg.cpp_available()
 
 
-pytest.importorskip("hypothesis")
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="float32 C++ Refiner backward: dq, dk 2% off (float32 "
+                   "reference: 5e-7) when a BN2 channel is near constant (batch var 2.3e-5 < "
+                   "eps 1e-3); float64 C++ is exact. Found by the thorough profile; not fixed.")
+def test_refiner_float32_backward_with_a_near_constant_bn2_channel():
+    B, H, N, D, E, K = 2, 2, 58, 17, 4, 7
+    C, sizes = E * H, (E * H, E * H, H, H)
+    gen = torch.Generator().manual_seed(845978603)
+
+    def rnd(*shape, std=1.0, mean=0.0):
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * std + mean).float()
+
+    x = rnd(B, N, 3 * H * D)  # timm's qkv output, the layout the example was drawn in
+    params = [rnd(C, H, 1, 1, std=0.5), rnd(C, 1, K, K, std=0.5), rnd(H, C, 1, 1, std=0.5)]
+    params += [rnd(s, std=0.2, mean=1.0) for s in sizes] + [rnd(s, std=0.2) for s in sizes]
+    running = [rnd(s, std=0.1) for s in sizes], [
+        (torch.rand(s, generator=gen, dtype=torch.float64) + 0.5).float() for s in sizes]
+    keep = torch.rand(B, H, N, N, generator=gen) >= 0.25
+    up = torch.randn(B, H, N, D, generator=gen, dtype=torch.float64)
+
+    def dq(fn, dtype, **kw):
+        q, k, v = (t.to(dtype).contiguous().requires_grad_()
+                   for t in x.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0))
+        ps = [t.to(dtype) for t in params]
+        rm, rv = ([t.to(dtype).clone() for t in ts] for ts in running)
+        out = fn(q, k, v, *ps[:3], ps[3:7], ps[7:11], rm, rv, training=True, eps=1e-3,
+                 scale=-0.05, attn_drop=0.25, drop_mask=keep, **kw)
+        return torch.autograd.grad(out, q, up.to(dtype))[0]
+
+    want = dq(refined_attention_ref, torch.float64)
+    ref32 = dq(refined_attention_ref, torch.float32)
+    got = dq(refined_attention, torch.float32, backend="cpp")
+    assert_close(got, want, 1e-4, "dq", 2 * max_abs_err(ref32, want))
