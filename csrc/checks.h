@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
+#include <limits>
 #include <string>
 
 namespace fastattnreg {
@@ -56,6 +58,25 @@ inline void check_qkv_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
   TORCH_CHECK_VALUE(q.size(3) >= 1 && q.size(3) <= kMaxHeadDimCpu,
                     "head dim D must be in [1, ", kMaxHeadDimCpu, "] for the C++ kernels; got ",
                     q.size(3));
+}
+
+// The logit scale of a call whose inputs have dtype `dtype`: 0, or a number whose magnitude is a
+// normal value of the accumulation type (float32; float64 for float64 inputs) no larger than the
+// square root of that type's largest value. Below the smallest normal value the kernels' copy of
+// the scale would lose bits or become 0; above the square root a logit scale * (q . k) overflows
+// to inf as soon as |q . k| passes the same bound, so the limit splits the type's range evenly
+// between the scale and the dot product. ops/checks.py applies the same rule, word for word.
+inline void check_scale(double scale, at::ScalarType dtype, const char* name = "scale") {
+  const bool dbl = dtype == at::kDouble;
+  const double tiny = dbl ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
+  const double top = std::sqrt(dbl ? std::numeric_limits<double>::max()
+                                   : static_cast<double>(std::numeric_limits<float>::max()));
+  const double mag = std::fabs(scale);
+  TORCH_CHECK_VALUE(std::isfinite(scale), name, " must be a finite number; got ", scale);
+  TORCH_CHECK_VALUE(scale == 0.0 || (mag >= tiny && mag <= top), name,
+                    " must be 0 or have a magnitude in [", tiny, ", ", top, "] (a normal ",
+                    dbl ? "float64" : "float32", " number whose square is finite; the kernels "
+                    "compute in that type); got ", scale);
 }
 
 // A tensor that must have a given shape and dtype (saved LSE, incoming gradients).

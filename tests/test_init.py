@@ -435,7 +435,7 @@ def test_init_bad_arguments_are_named():
         structured_init_(create_model("vit_tiny_patch2_8", img_size=4), kernel_size=5)
     with pytest.raises(ValueError, match="has no attention layer"):
         structured_init_(torch.nn.Linear(3, 3))
-    with pytest.raises(ValueError, match="alpha must be a number >= 0; got -1"):
+    with pytest.raises(ValueError, match="alpha must be a finite number >= 0; got -1"):
         mimetic_init_(model, alpha=-1)
     timm_qk_norm = small_timm_vit(class_token=True, global_pool="token", qk_norm=True)
     with pytest.raises(ValueError, match="q_norm is set"):

@@ -226,7 +226,7 @@ def _with(args, index, value):
     (8, torch.zeros(5), "running_mean must have shape"),
     (10, torch.ones(1, 2, 9, 9, dtype=torch.uint8), "keep"),
     (11, [1e-5] * 3, "eps must hold 4 values"),
-    (11, [1e-5, -1.0, 1e-5, 1e-5], "eps must be finite and >= 0"),
+    (11, [1e-5, -1.0, 1e-5, 1e-5], "eps must be finite and > 0"),
     (12, float("nan"), "scale must be a finite number"),
     (13, 0.5, "drop_scale"),
 ])

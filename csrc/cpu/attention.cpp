@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "aligned.h"
 #include "attention_kernels.h"
 
 namespace fastattnreg::cpu {
@@ -59,11 +60,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q
                                                              c10::string_view export_kind,
                                                              double dropout_p) {
   check_qkv_cpu(q, k, v);
-  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be a finite number; got ", scale);
+  check_scale(scale, q.scalar_type());
   const ExportKind kind = parse_export(export_kind);
   const at::Tensor mask = mask_view(attn_mask, q);
   const DropoutStream drop = dropout_stream(dropout_p, rng);
-  const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  const auto qc = aligned_contiguous(q), kc = aligned_contiguous(k);
+  const auto vc = aligned_contiguous(v);
   const Dims d{q.size(0), q.size(1), q.size(2), q.size(3)};
   auto out = at::empty_like(qc, at::MemoryFormat::Contiguous);
   auto lse = at::empty({d.B, d.H, d.N}, q.options().dtype(acc_dtype(q.scalar_type())));
@@ -87,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     c10::string_view export_kind, double dropout_p, bool mask_grad) {
   check_qkv_cpu(q, k, v);
   check_like(out, "out", q.sizes(), q.scalar_type());
-  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be a finite number; got ", scale);
+  check_scale(scale, q.scalar_type());
   const ExportKind kind = parse_export(export_kind);
   const at::Tensor mask = mask_view(attn_mask, q);
   const DropoutStream drop = dropout_stream(dropout_p, rng);
@@ -99,19 +101,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   at::Tensor dout_c, dlse_c, dmaps_c;
   if (dout.has_value()) {
     check_like(*dout, "dout", q.sizes(), q.scalar_type());
-    dout_c = dout->contiguous();
+    dout_c = aligned_contiguous(*dout);
   }
   if (dlse.has_value()) {
     check_like(*dlse, "dlse", {d.B, d.H, d.N}, acc);
-    dlse_c = dlse->contiguous();
+    dlse_c = aligned_contiguous(*dlse);
   }
   if (dmaps.has_value()) {
     TORCH_CHECK_VALUE(kind != ExportKind::None, "dmaps was given but export is 'none'");
     check_like(*dmaps, "dmaps", maps_shape(q, kind), q.scalar_type());
-    dmaps_c = dmaps->contiguous();
+    dmaps_c = aligned_contiguous(*dmaps);
   }
-  const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
-  const auto lse_c = lse.contiguous(), out_c = out.contiguous();
+  const auto qc = aligned_contiguous(q), kc = aligned_contiguous(k);
+  const auto vc = aligned_contiguous(v);
+  const auto lse_c = aligned_contiguous(lse), out_c = aligned_contiguous(out);
   auto dq = at::empty_like(qc, at::MemoryFormat::Contiguous);
   auto dk = at::empty_like(kc, at::MemoryFormat::Contiguous);
   auto dv = at::empty_like(vc, at::MemoryFormat::Contiguous);

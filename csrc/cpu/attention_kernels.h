@@ -26,6 +26,7 @@
 #include "attention_mask.h"
 #include "blas.h"
 #include "dropout_stream.h"
+#include "fork_guard.h"
 #include "match_rows.h"
 #include "rowops.h"
 #include "score_gemm.h"
@@ -162,9 +163,13 @@ void score_gemm(int64_t m, acc_t alpha, const acc_t* X, const KeyOperand<acc_t>&
 class TaskQueue {
  public:
   explicit TaskQueue(int64_t tasks) : tasks_(tasks) {}
-  // How many workers to start: one per thread, never more than there are tasks.
+  // How many workers to start: one per thread, never more than there are tasks; one in a child
+  // forked after this process ran a team, where a new OpenMP team never starts (fork_guard.h).
   int64_t workers() const {
-    return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks_));
+    if (ForkGuard::get().team_lost()) return 1;
+    const int64_t n = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks_));
+    if (n > 1) ForkGuard::get().note_parallel_team();
+    return n;
   }
   bool next(int64_t* task) {
     *task = next_.fetch_add(1, std::memory_order_relaxed);
@@ -411,7 +416,6 @@ void backward_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
   const MaskView<scalar_t>& mask = extras.mask;
   const DropoutStream& drop = extras.dropout;
   scalar_t* dmask = extras.dmask;
-  const acc_t inv_scale = acc_t(1) / scale;
 
   TaskQueue queue(d.B * H);
   at::parallel_for(0, queue.workers(), 1, [&](int64_t, int64_t) {
@@ -527,28 +531,34 @@ void backward_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
             g = dmaps + bh * N;  // every query row contributes P_ij / N to key j's mean
             g_scale = acc_t(1) / acc_t(N);
           }
+          // With a mask gradient the row pass makes dL/d(logits) (scale 1), which is the float
+          // mask's gradient itself, and dS = scale * that follows; dividing dS by the scale
+          // instead would give NaN at scale 0.
+          const acc_t row_scale = dmask_row ? acc_t(1) : scale;
           if (g) {
             delta += exp_add_grad_row(Pi, dPi, tile_as_acc(g, N, g_row), N, lse[row0 + i], g_scale);
-            softmax_grad_from_p_row(Pi, dPi, N, delta, scale);
-            if (i < mr) axpy_row(dPi, St + i * N, N, scale);
+            softmax_grad_from_p_row(Pi, dPi, N, delta, row_scale);
+            if (i < mr) axpy_row(dPi, St + i * N, N, row_scale);
           } else if (i < mr && fused) {
             const int64_t ri = teacher->row_index(bh, N, i0) + i;
             if (teacher->kind == MatchKind::KL) {
-              softmax_grad_kl_row(Pi, dPi, St + i * N, N, lse[row0 + i], delta, scale,
+              softmax_grad_kl_row(Pi, dPi, St + i * N, N, lse[row0 + i], delta, row_scale,
                                   teacher->lse[ri], teacher->drow_loss[ri]);
             } else {
-              softmax_grad_mse_logits_row(Pi, dPi, St + i * N, N, lse[row0 + i], delta, scale,
+              softmax_grad_mse_logits_row(Pi, dPi, St + i * N, N, lse[row0 + i], delta, row_scale,
                                           teacher->drow_loss[ri]);
             }
           } else if (i < mr) {
             // Matched row: dS = scale (P (dP - delta) + the matching loss's logit gradient).
-            softmax_grad_row(Pi, dPi, N, lse[row0 + i], delta, scale, St + i * N);
+            softmax_grad_row(Pi, dPi, N, lse[row0 + i], delta, row_scale, St + i * N);
           } else {
-            softmax_grad_row(Pi, dPi, N, lse[row0 + i], delta, scale);
+            softmax_grad_row(Pi, dPi, N, lse[row0 + i], delta, row_scale);
           }
-          // dPi holds dS = scale * dL/d(logits); the float mask is added to the logits after
-          // the scale, so its gradient is dS / scale.
-          if (dmask_row) scale_row(dmask_row, dPi, N, inv_scale);
+          // The float mask is added to the logits after the scale: its gradient is dL/d(logits).
+          if (dmask_row) {
+            convert_row(dmask_row, dPi, N);
+            scale_row(dPi, dPi, N, scale);
+          }
           if (drop.on) drop.apply(Pi, N, keep, keep_bit0);  // dV = (P * keep / (1 - p))^T dO
         }
         if (dO) score_gemm_tn<acc_t>(N, D, m, acc_t(1), P, N, dO, D, accumulate, dV, D);

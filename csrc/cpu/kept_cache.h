@@ -6,7 +6,8 @@
 // calls an op with the same shapes every step: keeping its scratch between calls removes those
 // faults (the fused Refiner at (64, 3, 65, 64): B1 1.55 ms instead of 2.15 ms with its dA* map
 // kept). Bounded: a cache holds at most `limit` values, all of the most recent key, so it never
-// holds more than one call of that shape used anyway.
+// holds more than one call of that shape used anyway. Fork-safe (fork_guard.h): a child forked
+// after the parent used a cache starts with it empty and unlocked.
 #pragma once
 
 #include <cstdint>
@@ -15,10 +16,12 @@
 #include <utility>
 #include <vector>
 
+#include "fork_guard.h"
+
 namespace fastattnreg::cpu {
 
 template <typename Key, typename Value>
-class KeptCache {
+class KeptCache final : public ForkSensitive {
  public:
   // A value kept under `key`, if any (it is the caller's until given back).
   std::optional<Value> take(const Key& key) {
@@ -47,11 +50,25 @@ class KeptCache {
   // freeing tensors from a static destructor could run after libtorch's own statics are gone.
   template <typename Tag>
   static KeptCache& instance() {
-    static auto* cache = new KeptCache;
+    static auto* cache = [] {
+      auto* c = new KeptCache;
+      ForkGuard::get().add(c);
+      return c;
+    }();
     return *cache;
   }
 
+  void lock_for_fork() override { mu_.lock(); }
+  void unlock_after_fork() override { mu_.unlock(); }
+  void reset_in_child() override { kept_.clear(); }
+  int64_t entries() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return static_cast<int64_t>(kept_.size());
+  }
+
  private:
+  KeptCache() = default;
+
   std::mutex mu_;
   std::vector<std::pair<Key, Value>> kept_;
 };

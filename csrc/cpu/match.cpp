@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "../checks.h"
+#include "aligned.h"
 #include "attention_kernels.h"
 #include "attention_mask.h"
 #include "match.h"
@@ -72,11 +73,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_match_fwd(
   const bool cls = parse_cls_rows(rows);
   check_teacher(q, teacher_q, teacher_k, cls);
   const at::Tensor mask = mask_view(attn_mask, q);
-  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be a finite number; got ", scale);
-  TORCH_CHECK_VALUE(std::isfinite(teacher_scale), "teacher_scale must be a finite number; got ",
-                    teacher_scale);
-  const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
-  const auto tqc = teacher_q.contiguous(), tkc = teacher_k.contiguous();
+  check_scale(scale, q.scalar_type());
+  check_scale(teacher_scale, q.scalar_type(), "teacher_scale");
+  const auto qc = aligned_contiguous(q), kc = aligned_contiguous(k);
+  const auto vc = aligned_contiguous(v);
+  const auto tqc = aligned_contiguous(teacher_q), tkc = aligned_contiguous(teacher_k);
   const Dims d{q.size(0), q.size(1), q.size(2), q.size(3)};
   const int64_t R = cls ? 1 : d.N;
   const auto acc_opts = q.options().dtype(acc_dtype(q.scalar_type()));
@@ -110,6 +111,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_match_bwd(
   const bool cls = parse_cls_rows(rows);
   check_teacher(q, teacher_q, teacher_k, cls);
   const at::Tensor mask = mask_view(attn_mask, q);
+  check_scale(scale, q.scalar_type());
+  check_scale(teacher_scale, q.scalar_type(), "teacher_scale");
   const Dims d{q.size(0), q.size(1), q.size(2), q.size(3)};
   const int64_t R = cls ? 1 : d.N;
   const auto acc = acc_dtype(q.scalar_type());
@@ -119,19 +122,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_match_bwd(
   at::Tensor dout_c, dlse_c, drow_c;
   if (dlse.has_value()) {
     check_like(*dlse, "dlse", {d.B, d.H, d.N}, acc);
-    dlse_c = dlse->contiguous();
+    dlse_c = aligned_contiguous(*dlse);
   }
   if (dout.has_value()) {
     check_like(*dout, "dout", q.sizes(), q.scalar_type());
-    dout_c = dout->contiguous();
+    dout_c = aligned_contiguous(*dout);
   }
   if (drow_loss.has_value()) {
     check_like(*drow_loss, "drow_loss", {d.B, d.H, R}, acc);
-    drow_c = drow_loss->contiguous();
+    drow_c = aligned_contiguous(*drow_loss);
   }
-  const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
-  const auto tqc = teacher_q.contiguous(), tkc = teacher_k.contiguous();
-  const auto out_c = out.contiguous(), lse_c = lse.contiguous(), tlse_c = teacher_lse.contiguous();
+  const auto qc = aligned_contiguous(q), kc = aligned_contiguous(k);
+  const auto vc = aligned_contiguous(v);
+  const auto tqc = aligned_contiguous(teacher_q), tkc = aligned_contiguous(teacher_k);
+  const auto out_c = aligned_contiguous(out), lse_c = aligned_contiguous(lse);
+  const auto tlse_c = aligned_contiguous(teacher_lse);
   auto dq = at::empty_like(qc, at::MemoryFormat::Contiguous);
   auto dk = at::empty_like(kc, at::MemoryFormat::Contiguous);
   auto dv = at::empty_like(vc, at::MemoryFormat::Contiguous);

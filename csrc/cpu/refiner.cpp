@@ -6,11 +6,14 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <iterator>
 #include <string>
 #include <vector>
 
 #include "../checks.h"
+#include "aligned.h"
 #include "refiner_backward.h"
 #include "refiner_forward.h"
 
@@ -56,8 +59,9 @@ refiner::Dims check_args(const at::Tensor& q, const at::Tensor& k, const at::Ten
   TORCH_CHECK_VALUE(eps.size() == 4, "eps must hold 4 values (bn1, bn2, bn3, adapt); got ",
                     eps.size());
   for (double e : eps)
-    TORCH_CHECK_VALUE(std::isfinite(e) && e >= 0, "eps must be finite and >= 0; got ", e);
-  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be a finite number; got ", scale);
+    TORCH_CHECK_VALUE(std::isfinite(e) && e > 0, "eps must be finite and > 0 (it keeps ",
+                      "1 / sqrt(var + eps) finite for a zero variance); got ", e);
+  check_scale(scale, q.scalar_type());
   TORCH_CHECK_VALUE(std::isfinite(drop_scale) && drop_scale >= 1,
                     "drop_scale = 1 / (1 - attn_drop) must be finite and >= 1; got ", drop_scale);
   if (keep.has_value()) {
@@ -75,7 +79,39 @@ std::vector<double> to_doubles(const at::Tensor& t) {
   return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
 }
 
-at::Tensor acc_copy(const at::Tensor& t) { return t.to(acc_dtype(t.scalar_type())).contiguous(); }
+// The packed running statistics (2C + 2H, bn1 | bn2 | bn3 | adapt): q's dtype or the accumulation
+// type (float32 statistics of a bfloat16 layer are read unrounded), every mean finite and every
+// variance finite and >= 0. Both modes check them: eval reads them, and training would carry a
+// NaN or a negative variance on into every later eval step.
+void check_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
+                         const refiner::Dims& d, const at::Tensor& q) {
+  const std::vector<int64_t> shape{2 * d.C + 2 * d.H};
+  const auto acc = acc_dtype(q.scalar_type());
+  for (const auto* t : {&running_mean, &running_var}) {
+    const char* name = t == &running_mean ? "running_mean" : "running_var";
+    TORCH_CHECK_VALUE(t->sizes() == shape, name, " must have shape ", shape, " (bn1 | bn2 | bn3 | ",
+                      "adapt_bn packed); got ", t->sizes());
+    TORCH_CHECK_VALUE(t->scalar_type() == q.scalar_type() || t->scalar_type() == acc, name,
+                      " must have q's dtype ", q.scalar_type(), " or ", acc, "; got ",
+                      t->scalar_type());
+    TORCH_CHECK_VALUE(t->is_cpu(), name, " must be a CPU tensor; got ", t->device());
+  }
+  const std::vector<double> mean = to_doubles(running_mean), var = to_doubles(running_var);
+  static const char* bn_names[] = {"bn1", "bn2", "bn3", "adapt_bn"};
+  const int64_t ends[] = {d.C, 2 * d.C, 2 * d.C + d.H, 2 * d.C + 2 * d.H};
+  for (size_t i = 0; i < mean.size(); ++i) {
+    const int64_t bn = std::upper_bound(std::begin(ends), std::end(ends), int64_t(i)) - ends;
+    const int64_t ch = bn == 0 ? int64_t(i) : int64_t(i) - ends[bn - 1];
+    TORCH_CHECK_VALUE(std::isfinite(mean[i]), "running_mean of ", bn_names[bn], " channel ", ch,
+                      " must be finite; got ", mean[i]);
+    TORCH_CHECK_VALUE(std::isfinite(var[i]) && var[i] >= 0, "running_var of ", bn_names[bn],
+                      " channel ", ch, " must be finite and >= 0; got ", var[i]);
+  }
+}
+
+at::Tensor acc_copy(const at::Tensor& t) {
+  return aligned_contiguous(t.to(acc_dtype(t.scalar_type())));
+}
 
 // The exports refined attention offers (a subset of what checks.h's parse_export knows, which
 // other ops may extend): anything else is refused here, naming the four.
@@ -106,10 +142,11 @@ struct Inputs {
          const at::Tensor& w_exp_, const at::Tensor& w_dw_, const at::Tensor& w_pro_,
          const at::Tensor& bn_weight, const at::Tensor& bn_bias,
          const std::optional<at::Tensor>& keep_, bool training)
-      : q(q_.contiguous()), k(k_.contiguous()), v(v_.contiguous()), w_exp(acc_copy(w_exp_)),
+      : q(aligned_contiguous(q_)), k(aligned_contiguous(k_)), v(aligned_contiguous(v_)),
+        w_exp(acc_copy(w_exp_)),
         w_dw(acc_copy(w_dw_)), w_pro(acc_copy(w_pro_)), gamma(acc_copy(bn_weight)),
         beta(acc_copy(bn_bias)),
-        keep(training && keep_.has_value() ? keep_->contiguous() : at::Tensor()) {}
+        keep(training && keep_.has_value() ? aligned_contiguous(*keep_) : at::Tensor()) {}
 
   template <typename scalar_t, typename T>
   refiner::Problem<scalar_t, T> problem(const refiner::Dims& d, double scale, double drop_scale,
@@ -136,8 +173,7 @@ refined_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const ExportKind kind = parse_refiner_export(export_kind);
   const refiner::Dims d =
       check_args(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, eps, scale, drop_scale);
-  check_param(running_mean, "running_mean", {2 * d.C + 2 * d.H}, q);
-  check_param(running_var, "running_var", {2 * d.C + 2 * d.H}, q);
+  check_running_stats(running_mean, running_var, d, q);
   const auto acc = acc_dtype(q.scalar_type());
   const Inputs in(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, training);
   auto out = at::empty_like(in.q, at::MemoryFormat::Contiguous);
@@ -186,7 +222,7 @@ refined_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Ten
                       "dmaps was given but export is 'none' (no maps were exported); pass "
                       "dmaps=None or the export the forward used");
     check_like(*dmaps, "dmaps", maps_shape(q, kind), q.scalar_type());
-    dmaps_c = dmaps->contiguous();
+    dmaps_c = aligned_contiguous(*dmaps);
   }
   // An eval-mode forward that did not save P (save_probs = false): recompute it here.
   TORCH_CHECK_VALUE(probs.numel() > 0 || !training,
@@ -201,8 +237,8 @@ refined_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Ten
   check_like(mean, "mean", {2 * d.C + 2 * d.H}, acc);
   check_like(var, "var", {2 * d.C + 2 * d.H}, acc);
   const Inputs in(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, training);
-  const auto dout_c = dout.contiguous(), probs_c = probs_full.contiguous();
-  const auto y_c = y.numel() > 0 ? y.contiguous() : y;
+  const auto dout_c = aligned_contiguous(dout), probs_c = aligned_contiguous(probs_full);
+  const auto y_c = y.numel() > 0 ? aligned_contiguous(y) : y;
   auto dq = at::empty_like(in.q, at::MemoryFormat::Contiguous);
   auto dk = at::empty_like(in.k, at::MemoryFormat::Contiguous);
   auto dv = at::empty_like(in.v, at::MemoryFormat::Contiguous);

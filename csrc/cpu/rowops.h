@@ -146,8 +146,11 @@ T exp_add_grad_row(T* s, T* dp, const T* g, int64_t n, T lse, T g_scale) {
   const V vl(lse), vg(g_scale);
   V acc(T(0));
   for_each_vec<T>(n, [&](int64_t j, int64_t c) {
-    const V p = vexp(V::loadu(s + j, c) - vl);
-    const V gj = V::loadu(g + j, c) * vg;  // tail lanes load 0, so they add nothing to acc
+    // Tail lanes are set to 0: they load s = 0, and exp(0 - lse) overflows to inf once the row's
+    // lse is below -88 (float; every logit very negative, e.g. a -1e4 padding bias), which times
+    // their g of 0 made acc, and with it every gradient of the row, NaN.
+    const V p = V::set(V(T(0)), vexp(V::loadu(s + j, c) - vl), c);
+    const V gj = V::loadu(g + j, c) * vg;
     p.store(s + j, c);
     (V::loadu(dp + j, c) + gj).store(dp + j, c);
     acc = at::vec::fmadd(p, gj, acc);

@@ -15,6 +15,7 @@ The W_v W_o split is exact when H * D = C; with H * D < C it keeps the top H * D
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -75,11 +76,13 @@ def mimetic_init_(model: nn.Module, alpha: float = 0.7, beta: float = 0.7, *,
     alpha, beta: W_q W_k^T ~ alpha Z + beta I per head; gamma, delta: W_v W_o ~ gamma Z - delta I
     per layer (the paper's defaults 0.7, 0.7, 0.4, 0.4). qkv and proj biases are set to zero;
     everything else keeps its init. seed: an int for a reproducible draw, None for torch's
-    global RNG. Returns the targets used, per layer.
+    global RNG. Returns the targets used, per layer. A NaN, infinite or negative alpha, beta,
+    gamma or delta raises ValueError before any weight changes.
     """
     for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma), ("delta", delta)):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{name} must be a number >= 0; got {value!r}")
+        if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                or not math.isfinite(value) or value < 0):
+            raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
     gen = make_generator(seed)
     report = MimeticInitReport(layers=0)
     for layer in attention_layers(model):

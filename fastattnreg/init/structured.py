@@ -245,6 +245,20 @@ def single_thread():
         torch.set_num_threads(before)
 
 
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+
+
+def _check_number(name: str, value, positive: bool) -> None:
+    """A finite real number, > 0 (positive) or >= 0."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+          and math.isfinite(value) and (value > 0 if positive else value >= 0))
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}; "
+                         f"got {value!r}")
+
+
 def structured_init_(model: nn.Module, kernel_size: int = 3, method: str = "fit",
                      offsets: str = "random", seed=None, *, pos_embed: str = "write_sincos",
                      freeze_pos_embed: bool = False, grid_size: int | None = None,
@@ -287,7 +301,9 @@ def structured_init_(model: nn.Module, kernel_size: int = 3, method: str = "fit"
     (square), else inferred from pos_embed.
 
     Everything is checked before any weight changes; ValueError (naming what was found and
-    what is needed) for: no pos_embed tensor, a non-square or uninferable grid, a pos_embed
+    what is needed) for: a non-integer or too small steps (>= 0), rescale_every or grid_size
+    (>= 1); lr, peak_logit, rtol or margin not finite and > 0; target_error or noise not finite
+    and >= 0; no pos_embed tensor, a non-square or uninferable grid, a pos_embed
     whose rows or width do not fit the grid, prefix tokens and layers, no block `norm1` beside
     the first attention layer, qk_norm, or layers of different sizes.
 
@@ -301,9 +317,16 @@ def structured_init_(model: nn.Module, kernel_size: int = 3, method: str = "fit"
         raise ValueError(f"freeze_pos_embed must be a bool; got {freeze_pos_embed!r}")
     if kernel_size not in (3, 5):
         raise ValueError(f"kernel_size must be 3 or 5; got {kernel_size}")
-    if steps < 0 or rescale_every < 1 or lr <= 0:
-        raise ValueError(f"need steps >= 0, rescale_every >= 1, lr > 0; got {steps}, "
-                         f"{rescale_every}, {lr}")
+    _check_int("steps", steps, 0)
+    _check_int("rescale_every", rescale_every, 1)
+    if grid_size is not None:
+        _check_int("grid_size", grid_size, 1)
+    _check_number("lr", lr, positive=True)
+    _check_number("target_error", target_error, positive=False)
+    _check_number("peak_logit", peak_logit, positive=True)
+    _check_number("noise", noise, positive=False)
+    _check_number("rtol", rtol, positive=True)
+    _check_number("margin", margin, positive=True)
     layers = attention_layers(model)
     first = layers[0]
     for layer in layers[1:]:

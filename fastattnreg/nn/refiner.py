@@ -11,7 +11,9 @@ BatchNorms: in training mode the batch statistics are used and each BatchNorm's 
 statistics and num_batches_tracked are updated exactly as nn.BatchNorm2d's own forward would
 (momentum=None: cumulative average); in eval mode the running statistics are used. The four
 BatchNorms must be in the module's mode (train() / eval() on the module sets them) and keep
-their running statistics (track_running_stats=True, affine=True): anything else raises.
+their running statistics (track_running_stats=True, affine=True): anything else raises. They are
+StatsBatchNorm2d (nn/batchnorm.py): in a bfloat16 or float16 layer the running statistics stay
+float32, so their running averages keep moving (the kernels read and update them in float32).
 
 Attention dropout (attn_drop > 0, training only): the keep-mask is drawn from torch's generator
 as a (B, H, N, N) bool tensor and read by the fused kernels, so it costs one byte per map entry
@@ -38,6 +40,7 @@ from ..ops.jit import refined_attention_script
 from ..ops.refiner import refined_attention
 from ..ops.refiner_export import EXPORTS
 from .attention import shape_str
+from .batchnorm import StatsBatchNorm2d
 
 
 def bn_momenta(num_batches_tracked: List[torch.Tensor], momentum: List[float],
@@ -112,12 +115,12 @@ class RefinerConvs(nn.Module):
         dd = {"device": device, "dtype": dtype}
         hidden = heads * expansion
         self.conv_exp = nn.Conv2d(heads, hidden, 1, bias=False, **dd)
-        self.bn1 = nn.BatchNorm2d(hidden, **dd)
+        self.bn1 = StatsBatchNorm2d(hidden, **dd)
         self.depth_sep_conv = nn.Conv2d(hidden, hidden, kernel_size, padding=kernel_size // 2,
                                         groups=hidden, bias=False, **dd)
-        self.bn2 = nn.BatchNorm2d(hidden, **dd)
+        self.bn2 = StatsBatchNorm2d(hidden, **dd)
         self.conv_pro = nn.Conv2d(hidden, heads, 1, bias=False, **dd)
-        self.bn3 = nn.BatchNorm2d(heads, **dd)
+        self.bn3 = StatsBatchNorm2d(heads, **dd)
 
 
 class RefinerAttention(nn.Module):
@@ -177,7 +180,7 @@ class RefinerAttention(nn.Module):
         self.k_norm = norm_layer(attn_head_dim, **dd) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)  # its p is read; the kernels apply the mask
         self.DLA = RefinerConvs(num_heads, expansion, kernel_size, **dd)
-        self.adapt_bn = nn.BatchNorm2d(num_heads, **dd)
+        self.adapt_bn = StatsBatchNorm2d(num_heads, **dd)
         self.norm = norm_layer(self.attn_dim, **dd) if scale_norm else nn.Identity()
         self.gate = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd) if gated else None
         self.proj = nn.Linear(self.attn_dim, dim_out or dim, bias=proj_bias, **dd)

@@ -134,7 +134,9 @@ def attention(q, k, v, *, attn_mask=None, dropout_p=0.0, scale=None, export=None
             (ops/dropout.py), regenerated in the backward, repeatable under torch.manual_seed.
             Applied whenever dropout_p > 0, as F.scaled_dot_product_attention does. The
             exported maps and the LSE are those before dropout.
-        scale: logit scale; default D ** -0.5.
+        scale: logit scale; default D ** -0.5; else 0 or a magnitude within
+            ops.checks.scale_limits(q.dtype): a normal number of the accumulation type (float32;
+            float64 for float64 q) whose square is finite.
         export: None, "full" (B, H, N, N), "head_mean" (B, N, N: mean over heads), "cls"
             (B, H, N: the softmax row of query 0) or "key_mean" (B, H, N: the attention each key
             receives, averaged over the queries). Maps are exact probabilities and carry
@@ -155,6 +157,7 @@ def attention(q, k, v, *, attn_mask=None, dropout_p=0.0, scale=None, export=None
         raise ValueError(f"q must be a torch.Tensor; got {type(q).__name__}")
     impl = _backend.resolve(backend, q.device)
     check_qkv(q, k, v, impl)
+    check_scale("scale", scale, q.dtype)
     check_attn_mask(attn_mask, q)
     dropout_p = float(dropout_p)
     rng = draw_rng(q.device) if dropout_p > 0 else None

@@ -22,11 +22,41 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {tuple(choices)}; got {value!r}")
 
 
-def check_scale(name: str, scale) -> None:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The type every backend computes logits, softmax and BatchNorm statistics in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def scale_limits(dtype: torch.dtype) -> tuple[float, float]:
+    """(smallest, largest) magnitude of a nonzero logit scale for inputs of `dtype`.
+
+    The scale must be a normal number of the accumulation type (below its smallest normal value
+    the kernels' copy of the scale loses bits or becomes 0) no larger than the square root of
+    the type's largest value: a logit scale * (q . k) then stays finite for every |q . k| up to
+    the same bound, the type's range split evenly between the scale and the dot product.
+    float32: [1.18e-38, 1.84e19]; float64: [2.23e-308, 1.34e154]. csrc/checks.h applies the
+    same rule.
+    """
+    info = torch.finfo(accumulation_dtype(dtype))
+    return info.tiny, math.sqrt(info.max)
+
+
+def check_scale(name: str, scale, dtype: torch.dtype | None = None) -> None:
+    """None (the default D ** -0.5) or a finite number; with `dtype` (q's), also 0 or a
+    magnitude within scale_limits(dtype)."""
     if scale is None:
         return
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"{name} must be None or a finite number; got {scale!r}")
+    if dtype is None or scale == 0:
+        return
+    lo, hi = scale_limits(dtype)
+    if not lo <= abs(scale) <= hi:
+        acc = str(accumulation_dtype(dtype)).replace("torch.", "")
+        given = str(dtype).replace("torch.", "")
+        raise ValueError(
+            f"{name} must be 0 or have a magnitude in [{lo:g}, {hi:g}] (a normal {acc} number "
+            f"whose square is finite; {given} inputs are computed in {acc}); got {scale!r}")
 
 
 def check_qkv(q, k, v, backend: str, names=("q", "k", "v")) -> None:

@@ -84,8 +84,10 @@ def refined_attention_script(q: Tensor, k: Tensor, v: Tensor, conv_exp_weight: T
                              scale: float, attn_drop: float, export: Optional[str],
                              backend: str) -> Tuple[Tensor, Optional[Tensor]]:
     """refined_attention(...) with one momentum and eps per BatchNorm (bn1, bn2, bn3, adapt_bn);
-    (out (B, H, N, D), maps by `export` or None). The weights are cast to q's dtype (autocast's lower precision), the
-    running statistics are read through a packed copy and updated in their own dtype."""
+    (out (B, H, N, D), maps by `export` or None). The weights are cast to q's dtype (autocast's
+    lower precision), the running statistics are read through a packed copy in the accumulation
+    type and updated in their own dtype. The kernels check every value; momentum is checked
+    here, before anything is written."""
     require_cpp(backend, q, "refined_attention")
     B, H, N, D = q.shape
     C = conv_exp_weight.shape[0]
@@ -101,9 +103,14 @@ def refined_attention_script(q: Tensor, k: Tensor, v: Tensor, conv_exp_weight: T
     for w in weights:
         requires_grad = requires_grad or w.requires_grad
     save_probs = (not training) and torch.is_grad_enabled() and requires_grad
+    for m in momentum:
+        if not 0.0 <= m <= 1.0:
+            raise ValueError("momentum must be a number in [0, 1]; got " + str(m))
+    # Read by the kernels in the accumulation type (float32 for bfloat16 q), never rounded to q's.
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
     with torch.no_grad():
-        packed_mean = torch.cat([t.to(dtype) for t in running_mean])
-        packed_var = torch.cat([t.to(dtype) for t in running_var])
+        packed_mean = torch.cat([t.to(acc) for t in running_mean])
+        packed_var = torch.cat([t.to(acc) for t in running_var])
     export_name = "none" if export is None else export
     out, _, _, mean, var, maps = torch.ops.fastattnreg.refined_attention_fwd(
         q, k, v, conv_exp_weight.to(dtype).reshape(C, H), conv_dw_weight.to(dtype).reshape(C, K, K),

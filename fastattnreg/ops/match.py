@@ -154,6 +154,8 @@ def attention_match(q, k, v, teacher_q, teacher_k, *, attn_mask=None, kind="kl",
             f"teacher_q must have the student's dtype and device ({q.dtype}, {q.device}); "
             f"got ({teacher_q.dtype}, {teacher_q.device})"
         )
+    check_scale("scale", scale, q.dtype)
+    check_scale("teacher_scale", teacher_scale, q.dtype)
     check_attn_mask(attn_mask, q)
     check_match_mask_needs_no_grad(attn_mask)
     if rows == "cls" and q.shape[2] < 2:

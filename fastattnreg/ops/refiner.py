@@ -100,6 +100,31 @@ def _check_four(name: str, tensors, sizes, dtype, device, same_dtype: bool) -> N
             raise ValueError(f"{name} of {bn} must be on q's device {device}; got {t.device}")
 
 
+def check_running_values(running_mean, running_var) -> None:
+    """Every running mean finite, every running variance finite and >= 0 (both modes: eval
+    reads them, and training would carry a NaN on into every later eval step).
+
+    One host read for all eight tensors. Skipped while torch.compile traces (a data-dependent
+    branch breaks the graph): the C++ op checks the same values when the graph runs."""
+    if torch.compiler.is_compiling():
+        return
+    with torch.no_grad():
+        ok = torch.stack([torch.isfinite(m).all() for m in running_mean]
+                         + [(torch.isfinite(v) & (v >= 0)).all() for v in running_var]).all()
+        if bool(ok):
+            return
+        for name, tensors, good in (("running_mean", running_mean, torch.isfinite),
+                                    ("running_var", running_var,
+                                     lambda v: torch.isfinite(v) & (v >= 0))):
+            for bn, t in zip(BN_NAMES, tensors):
+                bad = (~good(t)).nonzero()
+                if len(bad):
+                    ch = int(bad[0, 0])
+                    need = "finite" if name == "running_mean" else "finite and >= 0"
+                    raise ValueError(f"{name} of {bn} channel {ch} must be {need}; got "
+                                     f"{t[ch].item()!r}")
+
+
 def check_refiner_args(q, conv_exp_weight, conv_dw_weight, conv_pro_weight, bn_weight, bn_bias,
                        running_mean, running_var, momentum, eps, attn_drop, drop_mask,
                        training) -> tuple[int, int]:
@@ -137,8 +162,11 @@ def check_refiner_args(q, conv_exp_weight, conv_dw_weight, conv_pro_weight, bn_w
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 <= m <= 1.0:
             raise ValueError(f"momentum must be a number in [0, 1] (or four of them); got {m!r}")
     for e in _per_bn("eps", eps):
-        if isinstance(e, bool) or not isinstance(e, (int, float)) or not (math.isfinite(e) and e >= 0):
-            raise ValueError(f"eps must be a finite number >= 0 (or four of them); got {e!r}")
+        if (isinstance(e, bool) or not isinstance(e, (int, float))
+                or not (math.isfinite(e) and e > 0)):
+            raise ValueError(f"eps must be a finite number > 0 (or four of them; it keeps "
+                             f"1 / sqrt(var + eps) finite for a zero variance); got {e!r}")
+    check_running_values(running_mean, running_var)
     if isinstance(attn_drop, bool) or not isinstance(attn_drop, (int, float)) or not 0.0 <= attn_drop < 1.0:
         raise ValueError(f"attn_drop must be a probability in [0, 1); got {attn_drop!r}")
     if drop_mask is not None:
@@ -173,12 +201,16 @@ def refined_attention(q, k, v, conv_exp_weight, conv_dw_weight, conv_pro_weight,
         bn_weight, bn_bias: four tensors each, the affine parameters of bn1 (C), bn2 (C), bn3 (H)
             and adapt_bn (H); q's dtype.
         running_mean, running_var: four tensors each, the running statistics of those
-            BatchNorms (any floating dtype). Read in eval mode; in training mode updated in place
+            BatchNorms (any floating dtype; float32 ones of a bfloat16 layer are read and
+            updated in float32). Read in eval mode; in training mode updated in place
             exactly as nn.BatchNorm2d does (momentum, unbiased variance). The caller increments
-            num_batches_tracked (RefinerAttention does).
+            num_batches_tracked (RefinerAttention does). Every mean must be finite and every
+            variance finite and >= 0, in both modes.
         training: batch statistics (True) or the running statistics (False).
-        momentum, eps: one number or four (per BatchNorm), as nn.BatchNorm2d's.
-        scale: logit scale; default D ** -0.5.
+        momentum, eps: one number or four (per BatchNorm), as nn.BatchNorm2d's: momentum in
+            [0, 1], eps finite and > 0.
+        scale: logit scale; default D ** -0.5; else 0 or a magnitude within
+            ops.checks.scale_limits(q.dtype).
         attn_drop: attention-dropout probability, used only when training. The keep-mask is
             drawn here from torch's generator as a (B, H, N, N) bool tensor (or taken from
             `drop_mask`) and read by the kernels: one extra byte per map entry.
@@ -224,6 +256,7 @@ def refined_attention(q, k, v, conv_exp_weight, conv_dw_weight, conv_pro_weight,
         if isinstance(bn_weight, (list, tuple)) and isinstance(bn_bias, (list, tuple)):
             bn_weight, bn_bias = [cast(t) for t in bn_weight], [cast(t) for t in bn_bias]
     check_qkv(q, k, v, impl)
+    check_scale("scale", scale, q.dtype)
     C, K = check_refiner_args(q, conv_exp_weight, conv_dw_weight, conv_pro_weight, bn_weight,
                               bn_bias, running_mean, running_var, momentum, eps, attn_drop,
                               drop_mask, training)
@@ -250,9 +283,12 @@ def refined_attention(q, k, v, conv_exp_weight, conv_dw_weight, conv_pro_weight,
     params = (conv_exp_weight, conv_dw_weight, conv_pro_weight, *bn_weight, *bn_bias)
     save_probs = (not training and torch.is_grad_enabled()
                   and any(t.requires_grad for t in (q, k, v, *params)))
+    # The kernels read the running statistics in the accumulation type (float32 for bfloat16
+    # q): float32 statistics of a bfloat16 layer reach them unrounded.
+    acc = _acc_dtype(q.dtype)
     with torch.no_grad():
-        packed_mean = torch.cat([t.to(q.dtype) for t in running_mean])
-        packed_var = torch.cat([t.to(q.dtype) for t in running_var])
+        packed_mean = torch.cat([t.to(acc) for t in running_mean])
+        packed_var = torch.cat([t.to(acc) for t in running_var])
     out, _, _, mean, var, maps = fwd(
         q, k, v, conv_exp_weight.reshape(C, H), conv_dw_weight.reshape(C, K, K),
         conv_pro_weight.reshape(H, C), torch.cat(list(bn_weight)), torch.cat(list(bn_bias)),

@@ -27,7 +27,7 @@ from ..triton.attention import attention_bwd as _launch_bwd
 from ..triton.attention import attention_fwd as _launch_fwd
 from ..triton.dropout import Dropout
 from .attention_autograd import register_attention_autograd
-from .checks import check_attn_mask, check_dropout_p, check_qkv
+from .checks import check_attn_mask, check_dropout_p, check_qkv, check_scale
 from .dropout import dropout_threshold
 
 FWD_NAME = "fastattnreg::triton_attention_fwd"
@@ -55,6 +55,7 @@ def _check_common(q, k, v, scale, export) -> None:
         raise ValueError(f"export must be one of {EXPORT_NAMES}; got {export!r}")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number; got {scale}")
+    check_scale("scale", scale, q.dtype)  # 0 or within scale_limits(q.dtype)
     # Fake tensors report the device they stand for, so tracing passes this check too.
     if q.device.type != "cuda" and not _kernels.INTERPRET:
         raise RuntimeError(

@@ -66,8 +66,8 @@ def _check_args(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, eps, scal
     if len(eps) != 4:
         raise ValueError(f"eps must hold 4 values (bn1, bn2, bn3, adapt); got {len(eps)}")
     for e in eps:
-        if not (math.isfinite(e) and e >= 0):
-            raise ValueError(f"eps must be finite and >= 0; got {e}")
+        if not (math.isfinite(e) and e > 0):
+            raise ValueError(f"eps must be finite and > 0; got {e}")
     if not (math.isfinite(drop_scale) and drop_scale >= 1):
         raise ValueError(f"drop_scale = 1 / (1 - attn_drop) must be finite and >= 1; got "
                          f"{drop_scale}")
@@ -85,8 +85,14 @@ def _check_fwd(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, ru
     C, _ = _check_args(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, eps, scale,
                        drop_scale, training)
     H = q.shape[1]
-    _check_like(running_mean, "running_mean", (2 * C + 2 * H,), q.dtype, q.device)
-    _check_like(running_var, "running_var", (2 * C + 2 * H,), q.dtype, q.device)
+    # q's dtype or float32, the kernels' accumulation type (refined_attention passes float32).
+    # Their values (finite means, finite variances >= 0) are checked by refined_attention: here
+    # that would read them back from the GPU on every call.
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t.dtype not in (q.dtype, torch.float32):
+            raise ValueError(f"{name} must have q's dtype {q.dtype} or torch.float32; got "
+                             f"{t.dtype}")
+        _check_like(t, name, (2 * C + 2 * H,), t.dtype, q.device)
 
 
 def _check_bwd(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, mean, var, keep, eps,

@@ -167,7 +167,7 @@ def _operand(x, like, UPCAST: tl.constexpr):
 @triton.jit
 def _load_tile(base, rows, stride_n, n_rows, offs_d, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr):
     """(len(rows), D_PAD) tile of a (n_rows, HEAD_DIM) matrix; rows and padding read as 0."""
-    ptrs = base + rows[:, None] * stride_n + offs_d[None, :]
+    ptrs = (base + rows.to(tl.int64)[:, None] * stride_n) + offs_d[None, :]
     if EVEN_D:
         tile = tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
     else:
@@ -180,7 +180,7 @@ def _load_tile(base, rows, stride_n, n_rows, offs_d, HEAD_DIM: tl.constexpr, EVE
 def _store_tile(base, rows, n_rows, offs_d, value, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
                 UPCAST: tl.constexpr):
     """Stores an fp32 (len(rows), D_PAD) tile into a contiguous (n_rows, HEAD_DIM) matrix."""
-    ptrs = base + rows[:, None] * HEAD_DIM + offs_d[None, :]
+    ptrs = (base + rows.to(tl.int64)[:, None] * HEAD_DIM) + offs_d[None, :]
     if UPCAST:
         value = _round_to_bf16(value)
     value = value.to(base.dtype.element_ty)
@@ -202,7 +202,8 @@ def _apply_mask(s, rows, cols, N, mask_ptr, stride_ai, stride_aj, MASK: tl.const
     valid = (cols < N)[None, :]
     if MASK != 0:
         inside = (rows < N)[:, None] & valid
-        ptrs = mask_ptr + rows[:, None] * stride_ai + cols[None, :] * stride_aj
+        ptrs = mask_ptr + (rows.to(tl.int64)[:, None] * stride_ai
+                           + cols.to(tl.int64)[None, :] * stride_aj)
         if MASK == 1:
             valid = valid & (tl.load(ptrs, mask=inside, other=0) != 0)
         elif LOG2_UNITS:
@@ -241,7 +242,8 @@ def _map_grad(G, b, h, rows, cols, N, g_rows, stride_gb, stride_gh, stride_gi, g
     """
     base = G + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
     mask = (rows < g_rows)[:, None] & (cols < N)[None, :]
-    g = tl.load(base + rows[:, None] * stride_gi + cols[None, :], mask=mask, other=0.0)
+    g = tl.load(base + (rows.to(tl.int64)[:, None] * stride_gi + cols[None, :]), mask=mask,
+                other=0.0)
     return g.to(tl.float32) * g_scale
 
 
@@ -305,7 +307,7 @@ def _fwd_kernel(Q, K, V, Mask, Rng, Out, Lse,
     _store_tile(Out + z64 * N * HEAD_DIM, rows, N, offs_d, acc / l_safe[:, None], HEAD_DIM, EVEN_D,
                 UPCAST)
     lse = tl.where(dead, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2)
-    tl.store(Lse + z64 * N + rows, lse, mask=rows < N)
+    tl.store(Lse + (z64 * N + rows), lse, mask=rows < N)
 
 
 @_tuned(_MAPS_TILES)
@@ -342,11 +344,12 @@ def _maps_kernel(Q, K, Lse, Mask, Maps,
                        HEAD_DIM, EVEN_D)
         k = _load_tile(K + b * stride_kb + h * stride_kh, cols, stride_kn, N, offs_d,
                        HEAD_DIM, EVEN_D)
-        lse2 = tl.load(Lse + (b * H + h) * N + rows, mask=rows < n_rows, other=0.0) * _LOG2E
+        lse2 = tl.load(Lse + ((b * H + h) * N + rows), mask=rows < n_rows, other=0.0) * _LOG2E
         s = _logits(q, k, rows, cols, N, qk_scale, Mask + b * stride_ab + h * stride_ah,
                     stride_ai, stride_aj, MASK, UPCAST, PRECISION)
         acc += _probs(s, lse2, rows, N)
-    ptrs = Maps + b * stride_mb + h0 * stride_mh + rows[:, None] * stride_mi + cols[None, :]
+    ptrs = Maps + (b * stride_mb + h0 * stride_mh + rows.to(tl.int64)[:, None] * stride_mi
+                   + cols[None, :])
     mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
     acc *= head_scale
     if UPCAST:
@@ -382,14 +385,14 @@ def _key_mean_kernel(Q, K, Lse, Mask, Maps,
     for start_m in range(0, N, BLOCK_M):
         rows = start_m + offs_m
         q = _load_tile(q_base, rows, stride_qn, N, offs_d, HEAD_DIM, EVEN_D)
-        lse2 = tl.load(Lse + z64 * N + rows, mask=rows < N, other=0.0) * _LOG2E
+        lse2 = tl.load(Lse + (z64 * N + rows), mask=rows < N, other=0.0) * _LOG2E
         s = _logits(q, k, rows, cols, N, qk_scale, mask_ptr, stride_ai, stride_aj, MASK, UPCAST,
                     PRECISION)
         acc += tl.sum(_probs(s, lse2, rows, N), 0)
     acc *= row_scale
     if UPCAST:
         acc = _round_to_bf16(acc)
-    tl.store(Maps + z64 * N + cols, acc.to(Maps.dtype.element_ty), mask=cols < N)
+    tl.store(Maps + (z64 * N + cols), acc.to(Maps.dtype.element_ty), mask=cols < N)
 
 
 # ---------------------------------------------------------------------------------- backward
@@ -421,7 +424,7 @@ def _delta_kernel(Q, K, Out, DOut, Lse, DLse, G, Mask, Delta,
         do = _load_tile(DOut + z64 * N * HEAD_DIM, rows, HEAD_DIM, N, offs_d, HEAD_DIM, EVEN_D)
         delta += tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
-        delta -= tl.load(DLse + z64 * N + rows, mask=rows < N, other=0.0)
+        delta -= tl.load(DLse + (z64 * N + rows), mask=rows < N, other=0.0)
     if HAS_G:
         # Only query blocks holding rows < g_rows meet the map (for "cls" just the first one).
         if pid_m * BLOCK_M < g_rows:
@@ -431,7 +434,7 @@ def _delta_kernel(Q, K, Out, DOut, Lse, DLse, G, Mask, Delta,
                            HEAD_DIM, EVEN_D)
             k_base = K + b * stride_kb + h * stride_kh
             mask_ptr = Mask + b * stride_ab + h * stride_ah
-            lse2 = tl.load(Lse + z64 * N + rows, mask=rows < N, other=0.0) * _LOG2E
+            lse2 = tl.load(Lse + (z64 * N + rows), mask=rows < N, other=0.0) * _LOG2E
             pg = tl.zeros((BLOCK_M,), tl.float32)
             for start_n in range(0, N, BLOCK_N):
                 cols = start_n + tl.arange(0, BLOCK_N)
@@ -443,7 +446,7 @@ def _delta_kernel(Q, K, Out, DOut, Lse, DLse, G, Mask, Delta,
                               g_scale)
                 pg += tl.sum(p * g, 1)
             delta += pg
-    tl.store(Delta + z64 * N + rows, delta, mask=rows < N)
+    tl.store(Delta + (z64 * N + rows), delta, mask=rows < N)
 
 
 @_tuned(_DKDV_TILES)
@@ -481,8 +484,8 @@ def _dkdv_kernel(Q, K, V, DOut, Lse, Delta, G, Mask, Rng, DK, DV,
     for start_m in range(0, N, BLOCK_M):
         rows = start_m + offs_m
         q = _load_tile(q_base, rows, stride_qn, N, offs_d, HEAD_DIM, EVEN_D)
-        lse2 = tl.load(Lse + z64 * N + rows, mask=rows < N, other=0.0) * _LOG2E
-        delta = tl.load(Delta + z64 * N + rows, mask=rows < N, other=0.0)
+        lse2 = tl.load(Lse + (z64 * N + rows), mask=rows < N, other=0.0) * _LOG2E
+        delta = tl.load(Delta + (z64 * N + rows), mask=rows < N, other=0.0)
         s = _logits(q, k, rows, cols, N, qk_scale, mask_ptr, stride_ai, stride_aj, MASK, UPCAST,
                     PRECISION)
         p = _probs(s, lse2, rows, N)  # (BLOCK_M, BLOCK_N), before dropout
@@ -532,8 +535,8 @@ def _dq_kernel(Q, K, V, DOut, Lse, Delta, G, Mask, Rng, DQ, DMask,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     q = _load_tile(Q + b * stride_qb + h * stride_qh, rows, stride_qn, N, offs_d, HEAD_DIM, EVEN_D)
-    lse2 = tl.load(Lse + z64 * N + rows, mask=rows < N, other=0.0) * _LOG2E
-    delta = tl.load(Delta + z64 * N + rows, mask=rows < N, other=0.0)
+    lse2 = tl.load(Lse + (z64 * N + rows), mask=rows < N, other=0.0) * _LOG2E
+    delta = tl.load(Delta + (z64 * N + rows), mask=rows < N, other=0.0)
     if HAS_DO:
         do = _load_tile(DOut + z64 * N * HEAD_DIM, rows, HEAD_DIM, N, offs_d, HEAD_DIM, EVEN_D)
     k_base = K + b * stride_kb + h * stride_kh
@@ -566,7 +569,7 @@ def _dq_kernel(Q, K, V, DOut, Lse, Delta, G, Mask, Rng, DQ, DMask,
             if UPCAST:
                 ds_out = _round_to_bf16(ds_out)
             inside = (rows < N)[:, None] & (cols < N)[None, :]
-            tl.store(DMask + z64 * N * N + rows[:, None] * N + cols[None, :],
+            tl.store(DMask + (z64 * N * N + rows.to(tl.int64)[:, None] * N + cols[None, :]),
                      ds_out.to(DMask.dtype.element_ty), mask=inside)
         dq += _dot(_operand(ds, k, UPCAST), k, UPCAST, PRECISION)
     _store_tile(DQ + z64 * N * HEAD_DIM, rows, N, offs_d, dq * scale, HEAD_DIM, EVEN_D, UPCAST)

@@ -238,9 +238,9 @@ def _match_fwd_kernel(Q, K, V, TQ, TK, Mask, Out, Lse, TLse,
     z64 = z.to(tl.int64)
     _store_tile(Out + z64 * N * HEAD_DIM, rows, N, offs_d, acc / l_safe[:, None], HEAD_DIM, EVEN_D,
                 UPCAST)
-    tl.store(Lse + z64 * N + rows, _lse_end(m_i, l_i, True), mask=rows < N)
+    tl.store(Lse + (z64 * N + rows), _lse_end(m_i, l_i, True), mask=rows < N)
     if TEACHER_LSE:
-        tl.store(TLse + z64 * N + rows, _lse_end(tm_i, tl_i, True), mask=rows < N)
+        tl.store(TLse + (z64 * N + rows), _lse_end(tm_i, tl_i, True), mask=rows < N)
 
 
 @_tuned(_DELTA_TILES)
@@ -297,8 +297,8 @@ def _match_loss_kernel(Q, K, TQ, TK, Mask, Lse, TLse, SRowLse, TRowLse, RowLoss,
             slse = _lse_end(sm, sl, False)
             tlse = _lse_end(tm, tsum, False)
         else:
-            slse = tl.load(Lse + z64 * N + rows, mask=rows < R, other=0.0)
-            tlse = tl.load(TLse + z64 * N + rows, mask=rows < R, other=0.0)
+            slse = tl.load(Lse + (z64 * N + rows), mask=rows < R, other=0.0)
+            tlse = tl.load(TLse + (z64 * N + rows), mask=rows < R, other=0.0)
 
     loss = tl.zeros((BLOCK_M,), tl.float32)
     for start_n in range(0, N, BLOCK_N):
@@ -346,8 +346,8 @@ def _match_delta_kernel(Q, K, TQ, TK, Mask, Out, DOut, DLse, SRowLse, TRowLse, D
         do = _load_tile(DOut + z64 * N * HEAD_DIM, rows, HEAD_DIM, N, offs_d, HEAD_DIM, EVEN_D)
         delta += tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
-        delta -= tl.load(DLse + z64 * N + rows, mask=rows < N, other=0.0)
-    tl.store(Delta + z64 * N + rows, delta, mask=rows < N)
+        delta -= tl.load(DLse + (z64 * N + rows), mask=rows < N, other=0.0)
+    tl.store(Delta + (z64 * N + rows), delta, mask=rows < N)
     if KIND == 1 and HAS_DL:
         if pid_m * BLOCK_M < R:
             b = (z // H).to(tl.int64)
@@ -358,9 +358,9 @@ def _match_delta_kernel(Q, K, TQ, TK, Mask, Out, DOut, DLse, SRowLse, TRowLse, D
                            HEAD_DIM, EVEN_D)
             tq = _load_tile(TQ + b * stride_tqb + h * stride_tqh, rows, stride_tqn, R, offs_td,
                             TEACHER_DIM, EVEN_TD)
-            slse = _lse_or_zero(tl.load(SRowLse + z64 * R + rows, mask=rows < R, other=0.0))
-            tlse = _lse_or_zero(tl.load(TRowLse + z64 * R + rows, mask=rows < R, other=0.0))
-            g = tl.load(DRow + z64 * R + rows, mask=rows < R, other=0.0)
+            slse = _lse_or_zero(tl.load(SRowLse + (z64 * R + rows), mask=rows < R, other=0.0))
+            tlse = _lse_or_zero(tl.load(TRowLse + (z64 * R + rows), mask=rows < R, other=0.0))
+            g = tl.load(DRow + (z64 * R + rows), mask=rows < R, other=0.0)
             c = tl.zeros((BLOCK_M,), tl.float32)
             for start_n in range(0, N, BLOCK_N):
                 cols = start_n + tl.arange(0, BLOCK_N)
@@ -376,7 +376,7 @@ def _match_delta_kernel(Q, K, TQ, TK, Mask, Out, DOut, DLse, SRowLse, TRowLse, D
                 pt = tl.exp(st - tlse[:, None])
                 pg = ps * (2.0 * g[:, None] * (ps - pt))
                 c += tl.sum(tl.where(_matched(rows, cols, N, R, CLS), pg, 0.0), 1)
-            tl.store(C + z64 * R + rows, c, mask=rows < R)
+            tl.store(C + (z64 * R + rows), c, mask=rows < R)
 
 
 @_tuned(_DKDV_TILES)
@@ -418,8 +418,8 @@ def _match_dkdv_kernel(Q, K, V, TQ, TK, Mask, DOut, Lse, Delta, SRowLse, TRowLse
     for start_m in range(0, N, BLOCK_M):
         rows = start_m + offs_m
         q = _load_tile(q_base, rows, stride_qn, N, offs_d, HEAD_DIM, EVEN_D)
-        lse2 = tl.load(Lse + z64 * N + rows, mask=rows < N, other=0.0) * _LOG2E
-        delta = tl.load(Delta + z64 * N + rows, mask=rows < N, other=0.0)
+        lse2 = tl.load(Lse + (z64 * N + rows), mask=rows < N, other=0.0) * _LOG2E
+        delta = tl.load(Delta + (z64 * N + rows), mask=rows < N, other=0.0)
         raw = _dot(q, tl.trans(k), UPCAST, PRECISION)  # q k^T, (BLOCK_M, BLOCK_N)
         s = _apply_mask(raw * qk_scale, rows, cols, N, mask_ptr, stride_ai, stride_aj, MASK, True)
         p = _probs(s, lse2, rows, N)
@@ -436,9 +436,9 @@ def _match_dkdv_kernel(Q, K, V, TQ, TK, Mask, DOut, Lse, Delta, SRowLse, TRowLse
                                  rows, cols, N, mask_ptr, stride_ai, stride_aj, MASK, False)
                 ss = _apply_mask(raw * scale, rows, cols, N, mask_ptr, stride_ai, stride_aj, MASK,
                                  False)
-                slse = tl.load(SRowLse + z64 * R + rows, mask=rows < R, other=0.0)
-                tlse = tl.load(TRowLse + z64 * R + rows, mask=rows < R, other=0.0)
-                g = tl.load(DRow + z64 * R + rows, mask=rows < R, other=0.0)
+                slse = tl.load(SRowLse + (z64 * R + rows), mask=rows < R, other=0.0)
+                tlse = tl.load(TRowLse + (z64 * R + rows), mask=rows < R, other=0.0)
+                g = tl.load(DRow + (z64 * R + rows), mask=rows < R, other=0.0)
                 c = _row_c(C, z64 * R + rows, rows < R, KIND)
                 lg = _loss_grad(ss, st, slse, tlse, g, c, KIND)
                 ds += tl.where(_matched(rows, cols, N, R, CLS), lg, 0.0)
@@ -472,8 +472,8 @@ def _match_dq_kernel(Q, K, V, TQ, TK, Mask, DOut, Lse, Delta, SRowLse, TRowLse, 
     offs_d = tl.arange(0, D_PAD)
     offs_td = tl.arange(0, TD_PAD)
     q = _load_tile(Q + b * stride_qb + h * stride_qh, rows, stride_qn, N, offs_d, HEAD_DIM, EVEN_D)
-    lse2 = tl.load(Lse + z64 * N + rows, mask=rows < N, other=0.0) * _LOG2E
-    delta = tl.load(Delta + z64 * N + rows, mask=rows < N, other=0.0)
+    lse2 = tl.load(Lse + (z64 * N + rows), mask=rows < N, other=0.0) * _LOG2E
+    delta = tl.load(Delta + (z64 * N + rows), mask=rows < N, other=0.0)
     if HAS_DO:
         do = _load_tile(DOut + z64 * N * HEAD_DIM, rows, HEAD_DIM, N, offs_d, HEAD_DIM, EVEN_D)
     # The loss term reaches only blocks with matched rows (for CLS the first one).
@@ -481,9 +481,9 @@ def _match_dq_kernel(Q, K, V, TQ, TK, Mask, DOut, Lse, Delta, SRowLse, TRowLse, 
     if HAS_DL:
         tq = _load_tile(TQ + b * stride_tqb + h * stride_tqh, rows, stride_tqn, R, offs_td,
                         TEACHER_DIM, EVEN_TD)
-        slse = tl.load(SRowLse + z64 * R + rows, mask=rows < R, other=0.0)
-        tlse = tl.load(TRowLse + z64 * R + rows, mask=rows < R, other=0.0)
-        g = tl.load(DRow + z64 * R + rows, mask=rows < R, other=0.0)
+        slse = tl.load(SRowLse + (z64 * R + rows), mask=rows < R, other=0.0)
+        tlse = tl.load(TRowLse + (z64 * R + rows), mask=rows < R, other=0.0)
+        g = tl.load(DRow + (z64 * R + rows), mask=rows < R, other=0.0)
         c = _row_c(C, z64 * R + rows, rows < R, KIND)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh

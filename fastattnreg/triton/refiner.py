@@ -125,11 +125,12 @@ def _pixels(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = tl.program_id(2)
-    tile = (b * tl.num_programs(0) + pid_m) * tl.num_programs(1) + pid_n
+    # int64 before the products: B * (N / BLOCK)^2 tiles can pass 2**31 at large N.
+    tile = (b.to(tl.int64) * tl.num_programs(0) + pid_m) * tl.num_programs(1) + pid_n
     offs_p = tl.arange(0, BLOCK_M * BLOCK_N)
     i = pid_m * BLOCK_M + offs_p // BLOCK_N
     j = pid_n * BLOCK_N + offs_p % BLOCK_N
-    return i, j, b, tile.to(tl.int64)
+    return i, j, b, tile
 
 
 @triton.jit
@@ -140,8 +141,10 @@ def _inside(i, j, N):
 @triton.jit
 def _hmap(b, H, N, i, j, offs_h):
     """Offsets (BLOCK_P, HP) of pixels (i, j) of image b in a contiguous (B, H, N, N) map, and
-    the mask of those inside the image and on a real head."""
-    offs = (b * H + offs_h[None, :]).to(tl.int64) * N * N + (i * N + j)[:, None]
+    the mask of those inside the image and on a real head. int64: i * N + j passes 2**31 from
+    N = 46,341 on."""
+    offs = ((b.to(tl.int64) * H + offs_h[None, :]) * N * N
+            + (i.to(tl.int64) * N + j)[:, None])
     return offs, _inside(i, j, N)[:, None] & (offs_h < H)[None, :]
 
 
@@ -261,14 +264,14 @@ def _store_maps(Maps, refined, b, H, N, i, j, offs_h, EXPORT: tl.constexpr,
     inside = _inside(i, j, N)
     if EXPORT == 2:
         vals = tl.sum(tl.where((offs_h < H)[None, :], refined, 0.0), 1) / H
-        offs = b.to(tl.int64) * N * N + i * N + j
+        offs = b.to(tl.int64) * N * N + i.to(tl.int64) * N + j
         mask = inside
     else:
         vals = refined
         if EXPORT == 1:
             offs, mask = _hmap(b, H, N, i, j, offs_h)
         else:
-            offs = (b * H + offs_h[None, :]).to(tl.int64) * N + j[:, None]
+            offs = (b.to(tl.int64) * H + offs_h[None, :]) * N + j[:, None]
             mask = (inside & (i == 0))[:, None] & (offs_h < H)[None, :]
     if UPCAST:
         vals = _round_to_bf16(vals)
@@ -310,11 +313,11 @@ def _out_kernel(P, Keep, WeT, Wd, WrT, Aff, V, Out, Maps, stride_vb, stride_vh, 
         cols = start_n + offs_n
         v_mask = ((offs_h < H)[:, None, None] & (cols < N)[None, :, None]
                   & (offs_d < HEAD_DIM)[None, None, :])
-        v = tl.load(v_base + cols[None, :, None] * stride_vn + offs_d[None, None, :], mask=v_mask,
-                    other=0.0)
+        v = tl.load(v_base + (cols.to(tl.int64)[None, :, None] * stride_vn + offs_d[None, None, :]),
+                    mask=v_mask, other=0.0)
         acc += tl.dot(refined, v.to(tl.float32), input_precision=_CHANNEL_PRECISION)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs = ((b * H + offs_h[:, None, None]).to(tl.int64) * N * HEAD_DIM
+    offs = ((b.to(tl.int64) * H + offs_h[:, None, None]) * N * HEAD_DIM
             + rows[None, :, None] * HEAD_DIM + offs_d[None, None, :])
     mask = ((offs_h < H)[:, None, None] & (rows < N)[None, :, None]
             & (offs_d < HEAD_DIM)[None, None, :])
