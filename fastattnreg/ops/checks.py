@@ -129,3 +129,13 @@ def check_dropout_p(dropout_p) -> None:
     if (isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float))
             or not 0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be a number in [0, 1); got {dropout_p!r}")
+
+
+def check_match_mask_needs_no_grad(attn_mask) -> None:
+    """attention_match's mask shapes the teacher's logits too, and the teacher gets no gradient:
+    a float mask that requires grad is refused rather than given half its gradient."""
+    if attn_mask is not None and attn_mask.requires_grad:
+        raise ValueError(
+            "attn_mask of attention_match must not require grad: the mask also shapes the "
+            "teacher's logits, whose gradient is not computed; pass attn_mask.detach(), or use "
+            "attention() for a learned bias")

@@ -22,7 +22,8 @@ import torch
 
 from .. import backend as _backend
 from .attention import masked_logits, softmax_rows
-from .checks import check_attn_mask, check_choice, check_qkv, check_scale
+from .checks import (check_attn_mask, check_choice, check_match_mask_needs_no_grad, check_qkv,
+                     check_scale)
 
 KINDS = ("kl", "mse_probs", "mse_logits")
 ROWS = ("all", "cls")
@@ -30,16 +31,6 @@ ROWS = ("all", "cls")
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def check_match_mask_needs_no_grad(attn_mask) -> None:
-    """attention_match's mask shapes the teacher's logits too, and the teacher gets no gradient:
-    a float mask that requires grad is refused rather than given half its gradient."""
-    if attn_mask is not None and attn_mask.requires_grad:
-        raise ValueError(
-            "attn_mask of attention_match must not require grad: the mask also shapes the "
-            "teacher's logits, whose gradient is not computed; pass attn_mask.detach(), or use "
-            "attention() for a learned bias")
 
 
 def attention_match_ref(q, k, v, teacher_q, teacher_k, *, attn_mask=None, kind="kl", rows="all",

@@ -21,8 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..triton import match as _kernels
-from .checks import check_attn_mask
-from .match import check_match_mask_needs_no_grad
+from .checks import check_attn_mask, check_match_mask_needs_no_grad
 from .triton_attention import (
     _check_common, _check_like, _contiguous, _unit_stride, define_triton_op,
 )
