@@ -260,11 +260,13 @@ def test_refined_attention_matches_float64_reference(data):
     with relu6_hook(record=relu6_in64):
         want = call(refined_attention_ref, layout.views(leaves64), params64, rm64, rv64)
     want = dict(zip(names, want if export else [want]))
-    # The weights' gradients are compared in float64 only, to 1e-7: each BatchNorm makes the
-    # loss invariant to the scale of every output channel of the convolution before it, so the
-    # gradient of a channel with one input (H = 1, K = 1 or C = 1) is exactly 0, computed as a
-    # sum over B N^2 pixels of terms that cancel: rounding noise of 1e-9 in float64 and of 1e-2
-    # in float32 (the float32 reference is as far off).
+    # The weights' gradients are compared in float64 only, to 1e-7: in training each BatchNorm
+    # makes the loss invariant to the scale of every output channel of the convolution before it
+    # (and BN_a to BN3's shift), so the gradient of a channel with one input (H = 1, K = 1 or
+    # C = 1) and BN3's beta gradient are exactly 0, computed as sums over B N^2 pixels of terms
+    # that cancel: rounding noise up to 1e-7 in float64 (eps 1e-5, near-uniform maps) and of
+    # 1e-2 in float32 (the float32 reference is as far off). Those are held to twice the float64
+    # reference's own error, its distance from 0.
     wrt = leaves + params if dtype == torch.float64 else leaves
     wrt64 = leaves64 + params64 if dtype == torch.float64 else leaves64
     up = _upstream([want[nm] for nm in used], gen)
@@ -280,8 +282,14 @@ def test_refined_attention_matches_float64_reference(data):
             assert_close(a, r, tol, label, floor)
 
     if dtype == torch.float64:
+        floors = [0.0] * len(got_all)
+        if training:
+            zero = [i for i, is_zero in enumerate([h == 1, ksize == 1, c == 1]) if is_zero]
+            for j in zero + [7 + 2]:  # w_exp, w_dw, w_pro; bias of BN3 (params[7:11])
+                i = len(got_all) - len(params) + j
+                floors[i] = 2 * want_all[i].abs().max().item()
         compare(want_all, [1e-10] * (len(names) + 8 + len(leaves)) + [1e-7] * len(params),
-                [0.0] * len(got_all))
+                floors)
     else:
         # float32 by the FlashAttention rule: at most twice the float32 reference's own error
         # (BatchNorm divides by batch standard deviations, which can be small), plus 1e-4.
