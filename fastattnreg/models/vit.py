@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..nn.attention import FusedAttention
+from ..nn.refiner import RefinerAttention
 from ..ops.attention import EXPORTS
 from ..ops.checks import check_choice
 from .config import ViTConfig
@@ -76,19 +77,12 @@ class DropPath(nn.Module):
 
 def make_attention(config: ViTConfig) -> nn.Module:
     """One attention layer of the kind config.attn names."""
-    common = dict(num_heads=config.num_heads, qkv_bias=config.qkv_bias,
-                  attn_drop=config.attn_drop_rate, backend=config.backend)
+    timm_args = dict(num_heads=config.num_heads, qkv_bias=config.qkv_bias,
+                     attn_drop=config.attn_drop_rate, backend=config.backend)
     if config.attn == "fused":
-        return FusedAttention(config.embed_dim, **common)
-    try:  # imported here: the refiner is optional for every other model
-        from ..nn.refiner import RefinerAttention
-    except ImportError as exc:
-        raise RuntimeError(
-            "ViTConfig.attn='refiner' needs fastattnreg.nn.refiner.RefinerAttention, which "
-            f"could not be imported ({exc}); use attn='fused'"
-        ) from exc
+        return FusedAttention(config.embed_dim, **timm_args)
     return RefinerAttention(config.embed_dim, expansion=config.refiner_expansion,
-                            kernel_size=config.refiner_kernel_size, **common)
+                            kernel_size=config.refiner_kernel_size, **timm_args)
 
 
 class Block(nn.Module):
