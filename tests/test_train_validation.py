@@ -105,7 +105,7 @@ def test_missing_optional_packages_are_named(capsys, tmp_path, monkeypatch, modu
     for part in ("train", "test"):
         (tmp_path / "F" / part / "a").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` raises ImportError
     fails_cleanly(capsys, tmp_path, argv + out_args(tmp_path), needle)
     fails_cleanly(capsys, tmp_path, argv + out_args(tmp_path), "pip install 'fastattnreg[train]'")
 

@@ -20,8 +20,7 @@ from torch import nn
 
 from ..nn.attention import FusedAttention
 from ..nn.refiner import RefinerAttention
-from ..ops.attention import EXPORTS
-from ..ops.checks import check_choice
+from ..ops.checks import ATTENTION_EXPORTS, check_choice
 from .config import ViTConfig
 from .pos_embed import sincos_pos_embed_2d
 
@@ -180,7 +179,7 @@ class VisionTransformer(nn.Module):
         their autograd graph when grad mode is on. Every layer's previous `export` and `maps`
         are restored afterwards, so a regulariser that set them keeps its setting.
         """
-        check_choice("export", export, [e for e in EXPORTS if e is not None])
+        check_choice("export", export, [e for e in ATTENTION_EXPORTS if e is not None])
         layers = [blk.attn for blk in self.blocks]
         for layer in layers:
             if not hasattr(layer, "export"):

@@ -174,8 +174,8 @@ def cached_run(cfg: TrainConfig, name: str, *, cache_dir: str, ctx: DistContext,
                train_guide: GuideTrainer) -> dict:
     """The final checkpoint of run `cfg` in cache_dir/name, training it first when absent.
 
-    A cached checkpoint that cannot be loaded safely (e.g. written by an older version with
-    numpy arrays in it) is trained again, which gives the same guide (the runs are
+    A cached checkpoint that cannot be loaded safely (e.g. one holding numpy arrays) is
+    trained again, which gives the same guide (the runs are
     deterministic).
 
     Under DDP only rank 0 trains a missing guide (one process, no communication); the other

@@ -115,7 +115,7 @@ def vit_overrides(config: TrainConfig, data_info: dict, spec: MethodSpec) -> dic
     over = dict(img_size=data_info["img_size"], in_chans=data_info["in_chans"],
                 num_classes=data_info["num_classes"], backend=config.backend)
     if spec.init == "structured":
-        # the impulse fit is computed on the fixed sin-cos embedding (methods.md section 2)
+        # the impulse fit is computed on the fixed sin-cos embedding (docs/methods.md section 2)
         over["pos_embed"] = "sincos"
     over.update(config.model_overrides)
     if spec.refiner:
