@@ -73,33 +73,33 @@ def naive_attention(q, k, v):
     return probs @ v, probs.mean(1)
 
 
-def make_fastattnreg(shape, dtype, device):
+def _fused_case(backend, shape, dtype, device, **kwargs):
     import fastattnreg  # imported late: a rebuild elsewhere should not break importing this file
 
     q, k, v = _qkv(shape, dtype, device)
     dout = torch.randn(shape, dtype=dtype, device=device)
-    return autograd_case(lambda q, k, v: fastattnreg.attention(q, k, v, backend="cpp"),
+    return autograd_case(lambda q, k, v: fastattnreg.attention(q, k, v, backend=backend, **kwargs),
                          (q, k, v), (dout,))
 
 
-def make_fastattnreg_head_mean(shape, dtype, device):
+def _head_mean_case(backend, shape, dtype, device):
+    """attention with export="head_mean", its gradient arriving through the maps too."""
     import fastattnreg
 
     q, k, v = _qkv(shape, dtype, device)
     dout = torch.randn(shape, dtype=dtype, device=device)
     dmaps = _maps_grad(shape, dtype, device)
     return autograd_case(
-        lambda q, k, v: fastattnreg.attention(q, k, v, export="head_mean", backend="cpp"),
+        lambda q, k, v: fastattnreg.attention(q, k, v, export="head_mean", backend=backend),
         (q, k, v), (dout, dmaps))
 
 
-def _fused_case(backend, shape, dtype, device, **kwargs):
-    import fastattnreg
+def make_fastattnreg(shape, dtype, device):
+    return _fused_case("cpp", shape, dtype, device)
 
-    q, k, v = _qkv(shape, dtype, device)
-    dout = torch.randn(shape, dtype=dtype, device=device)
-    return autograd_case(lambda q, k, v: fastattnreg.attention(q, k, v, backend=backend, **kwargs),
-                         (q, k, v), (dout,))
+
+def make_fastattnreg_head_mean(shape, dtype, device):
+    return _head_mean_case("cpp", shape, dtype, device)
 
 
 def make_fastattnreg_keypad(shape, dtype, device):
@@ -142,25 +142,13 @@ def _require_cuda(name: str, device: torch.device) -> None:
 
 
 def make_triton(shape, dtype, device):
-    import fastattnreg
-
     _require_cuda("triton", device)
-    q, k, v = _qkv(shape, dtype, device)
-    dout = torch.randn(shape, dtype=dtype, device=device)
-    return autograd_case(lambda q, k, v: fastattnreg.attention(q, k, v, backend="triton"),
-                         (q, k, v), (dout,))
+    return _fused_case("triton", shape, dtype, device)
 
 
 def make_triton_head_mean(shape, dtype, device):
-    import fastattnreg
-
     _require_cuda("triton_head_mean", device)
-    q, k, v = _qkv(shape, dtype, device)
-    dout = torch.randn(shape, dtype=dtype, device=device)
-    dmaps = _maps_grad(shape, dtype, device)
-    return autograd_case(
-        lambda q, k, v: fastattnreg.attention(q, k, v, export="head_mean", backend="triton"),
-        (q, k, v), (dout, dmaps))
+    return _head_mean_case("triton", shape, dtype, device)
 
 
 def make_flash_attn(shape, dtype, device):
@@ -228,20 +216,8 @@ def memory_warmup_shape(shape: Shape) -> Shape:
 
 def print_targets(shape: Shape, results: Sequence[Result]) -> None:
     """One line with the project's fwd+bwd targets: measured ratio and whether it holds."""
-    by_name = {r.provider: r for r in results if r.mode == "fwd+bwd"}
-    parts = []
-    for num, den, field, limit in TARGETS:
-        a, b = by_name.get(num), by_name.get(den)
-        x = getattr(a, field) if a else None
-        y = getattr(b, field) if b else None
-        if x is None or y is None or y == 0:
-            continue
-        what = "time" if field == "median_ms" else "peak memory"
-        ratio = x / y
-        parts.append(f"{num}/{den} {what} {ratio:.2f} (target <= {limit}: "
-                     f"{'met' if ratio <= limit else 'NOT met'})")
-    if parts:
-        print(f"targets {harness.format_shape(shape)} fwd+bwd: " + "; ".join(parts), flush=True)
+    parts = harness.target_parts(TARGETS, results)
+    print(f"targets {harness.format_shape(shape)} fwd+bwd: " + "; ".join(parts), flush=True)
 
 
 def print_tflops(shape: Shape, results: Sequence[Result]) -> None:

@@ -33,7 +33,7 @@ ROWS = ("all", "cls")
 DEFAULT_KINDS = "kl,mse_logits"
 DEFAULT_SHAPES = "32x6x197x64,8x12x577x64"  # ViT-S/16 at 224 px; ViT-B/16 at 384 px
 DEFAULT_CSV = harness.REPO_ROOT / "benchmarks" / "results" / "match.csv"
-# The issue's targets, on fwd+bwd: (numerator, denominator, what, limit).
+# The speed and memory targets, on fwd+bwd: (numerator, denominator, what, limit).
 TARGETS = (
     ("fastattnreg", "naive", "median_ms", 0.5),
     ("fastattnreg", "naive", "peak_extra_mb", 0.25),
@@ -116,24 +116,9 @@ def memory_warmup_shape(shape: Shape) -> Shape:
 
 
 def print_targets(shape: Shape, results: Sequence[Result]) -> None:
-    """The issue's fwd+bwd targets with the measured ratios; reported, never asserted."""
-    by_name = {r.provider: r for r in results if r.mode == "fwd+bwd"}
+    """The fwd+bwd targets with the measured ratios; reported, never asserted."""
     kind, rows = current_setting()
-    parts = []
-    for num, den, field, limit in TARGETS:
-        a, b = by_name.get(num), by_name.get(den)
-        x = getattr(a, field) if a else None
-        y = getattr(b, field) if b else None
-        what = "time" if field == "median_ms" else "peak extra memory"
-        if x is None or y is None:
-            parts.append(f"{num}/{den} {what} target <= {limit}: not measured")
-            continue
-        if y <= 0:  # tiny shapes: the naive peak is below the measurement's resolution
-            parts.append(f"{num}/{den} {what} target <= {limit}: no ratio ({den} +{y:.1f} MB)")
-            continue
-        ratio = x / y
-        parts.append(f"{num}/{den} {what} {ratio:.2f} (target <= {limit}: "
-                     f"{'met' if ratio <= limit else 'NOT met'})")
+    parts = harness.target_parts(TARGETS, results)
     print(f"targets {kind} rows={rows} {harness.format_shape(shape)} fwd+bwd: " + "; ".join(parts),
           flush=True)
 

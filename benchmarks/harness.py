@@ -355,6 +355,28 @@ def _ratio(value: float | None, reference: float | None) -> str:
     return f"{value / reference:.2f}"
 
 
+def target_parts(targets, results: Sequence[Result], *, digits: int = 2) -> list[str]:
+    """One phrase per fwd+bwd target (numerator, denominator, Result field, limit): the measured
+    ratio and whether it holds, or why there is none. Reported, never asserted."""
+    by_name = {r.provider: r for r in results if r.mode == "fwd+bwd"}
+    parts = []
+    for num, den, field, limit in targets:
+        a, b = by_name.get(num), by_name.get(den)
+        x = getattr(a, field) if a else None
+        y = getattr(b, field) if b else None
+        what = "time" if field == "median_ms" else "peak extra memory"
+        if x is None or y is None:
+            parts.append(f"{num}/{den} {what} target <= {limit}: not measured")
+            continue
+        if y <= 0:  # tiny shapes: the reference's peak is below the measurement's resolution
+            parts.append(f"{num}/{den} {what} target <= {limit}: no ratio ({den} {y:+.1f})")
+            continue
+        ratio = x / y
+        parts.append(f"{num}/{den} {what} {ratio:.{digits}f} (target <= {limit}: "
+                     f"{'met' if ratio <= limit else 'NOT met'})")
+    return parts
+
+
 def format_table(results: Sequence[Result]) -> str:
     """A plain-text table; ratio columns only for reference providers that ran."""
     names = {r.provider for r in results}

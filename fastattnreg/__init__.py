@@ -1,7 +1,7 @@
 """fastattnreg: fused attention kernels that also export exact, differentiable attention maps.
 
-Public API (see DESIGN.md): attention, attention_match (and their *_ref references),
-FusedAttention.
+Public API: attention, attention_match, refined_attention (and their *_ref references),
+FusedAttention, RefinerAttention, GTALoss, AttentionLink.
 """
 from .backend import cpp_available, triton_available
 from .nn.attention import FusedAttention

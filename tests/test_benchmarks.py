@@ -1,8 +1,8 @@
 """Smoke test of the benchmark harness, bench_attention and plot.py on a tiny shape.
 
 It checks plumbing only (CSV columns, one row per provider x mode, memory column, PNG written);
-speed and memory are never asserted (DESIGN.md). Everything is written under tmp_path, never
-into benchmarks/results/.
+speed and memory are never asserted (no timed assertions in tests). Everything is written
+under tmp_path, never into benchmarks/results/.
 """
 import csv
 import os

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 pytest.importorskip("sklearn")
-from fastattnreg.train import trainer  # noqa: E402
+from fastattnreg.train import cli as cli_module  # noqa: E402
 from fastattnreg.train.cli import main  # noqa: E402
 from fastattnreg.train.config import TrainConfig  # noqa: E402
 from fastattnreg.train.validate import check_models  # noqa: E402
@@ -105,7 +105,7 @@ def test_missing_optional_packages_are_named(capsys, tmp_path, monkeypatch, modu
     for part in ("train", "test"):
         (tmp_path / "F" / part / "a").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` raises ImportError
     fails_cleanly(capsys, tmp_path, argv + out_args(tmp_path), needle)
     fails_cleanly(capsys, tmp_path, argv + out_args(tmp_path), "pip install 'fastattnreg[train]'")
 
@@ -115,7 +115,7 @@ def test_an_unexpected_error_is_one_line_and_the_traceback_only_when_asked(
     def broken(*args, **kwargs):
         raise ZeroDivisionError("inside the trainer")
 
-    monkeypatch.setattr(trainer, "train_run", broken)
+    monkeypatch.setattr(cli_module, "train_run", broken)
     argv = ["train", *TINY_ARGS] + out_args(tmp_path)
     assert main(argv) == 1
     err = capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Attention initialisations: structured (impulse) and mimetic, methods.md section 2.
+"""Attention initialisations: structured (impulse) and mimetic, docs/methods.md section 2.
 
 Both work in place on any ViT whose attention layers have a `qkv` Linear, a `proj` Linear and
 `num_heads` (fastattnreg's VisionTransformer and timm's) and return a small report.

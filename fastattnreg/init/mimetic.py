@@ -1,4 +1,4 @@
-"""Mimetic initialisation (Trockman & Kolter, arXiv 2305.09828), methods.md section 2.
+"""Mimetic initialisation (Trockman & Kolter, arXiv 2305.09828), docs/methods.md section 2.
 
 Trained ViTs' attention weights look like identity plus noise: per head, W_q W_k^T is close to
 a positive multiple of the identity (tokens attend to similar tokens, themselves most), and the

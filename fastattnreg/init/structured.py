@@ -1,4 +1,4 @@
-"""Structured (impulse) initialisation of attention, methods.md section 2.
+"""Structured (impulse) initialisation of attention, docs/methods.md section 2.
 
 Every head starts out attending like one tap of a k x k convolution: on the g x g patch grid,
 token (r, c) attends to (r + m, c + n) for the head's offset (m, n). The queries and keys that
@@ -50,7 +50,7 @@ class StructuredInitReport:
     converged: bool  # error <= target_error (both methods)
     layers: int  # attention layers written
     hits: list[float] = field(default_factory=list)  # per head: argmax hit rate on valid rows
-    # The embedding the fit used: "write_sincos" (the 2-D sin-cos one, now in model.pos_embed)
+    # The embedding the fit used: "write_sincos" (the 2-D sin-cos one, written into model.pos_embed)
     # or "as_is" (the model's own pos_embed, unchanged).
     pos_embed: str = "write_sincos"
     pos_embed_frozen: bool = False  # model.pos_embed has no gradient (a buffer, or frozen)

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from ..nn.attention import FusedAttention
-from ..ops.attention import EXPORTS
-from ..ops.checks import check_choice
+from ..nn.refiner import RefinerAttention
+from ..ops.checks import ATTENTION_EXPORTS, check_choice
 from .config import ViTConfig
 from .pos_embed import sincos_pos_embed_2d
 
@@ -76,19 +76,12 @@ class DropPath(nn.Module):
 
 def make_attention(config: ViTConfig) -> nn.Module:
     """One attention layer of the kind config.attn names."""
-    common = dict(num_heads=config.num_heads, qkv_bias=config.qkv_bias,
-                  attn_drop=config.attn_drop_rate, backend=config.backend)
+    timm_args = dict(num_heads=config.num_heads, qkv_bias=config.qkv_bias,
+                     attn_drop=config.attn_drop_rate, backend=config.backend)
     if config.attn == "fused":
-        return FusedAttention(config.embed_dim, **common)
-    try:  # imported here: the refiner is optional for every other model
-        from ..nn.refiner import RefinerAttention
-    except ImportError as exc:
-        raise RuntimeError(
-            "ViTConfig.attn='refiner' needs fastattnreg.nn.refiner.RefinerAttention, which "
-            f"could not be imported ({exc}); use attn='fused'"
-        ) from exc
+        return FusedAttention(config.embed_dim, **timm_args)
     return RefinerAttention(config.embed_dim, expansion=config.refiner_expansion,
-                            kernel_size=config.refiner_kernel_size, **common)
+                            kernel_size=config.refiner_kernel_size, **timm_args)
 
 
 class Block(nn.Module):
@@ -186,7 +179,7 @@ class VisionTransformer(nn.Module):
         their autograd graph when grad mode is on. Every layer's previous `export` and `maps`
         are restored afterwards, so a regulariser that set them keeps its setting.
         """
-        check_choice("export", export, [e for e in EXPORTS if e is not None])
+        check_choice("export", export, [e for e in ATTENTION_EXPORTS if e is not None])
         layers = [blk.attn for blk in self.blocks]
         for layer in layers:
             if not hasattr(layer, "export"):

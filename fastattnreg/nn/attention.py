@@ -23,15 +23,15 @@ and torch.autocast (the ops' autocast rules, ops/autocast.py). An FX graph canno
 the module, so tracing a layer with `export`, `capture_qk` or a match teacher set raises.
 """
 
-from typing import Optional, Tuple, Type
+from typing import Optional, Tuple
 
 import torch
-from torch import nn
 
-from ..ops.attention import EXPORTS, attention
-from ..ops.checks import check_choice
+from ..ops.attention import attention
+from ..ops.checks import ATTENTION_EXPORTS
 from ..ops.jit import attention_match_script, attention_script
 from ..ops.match import attention_match
+from .timm_attention import TimmAttention
 
 
 def shape_str(t: torch.Tensor) -> str:
@@ -64,7 +64,7 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 torch.fx.wrap("fused_attention")
 
 
-class FusedAttention(nn.Module):
+class FusedAttention(TimmAttention):
     # Types of the state slots, for TorchScript (it cannot infer them from a None).
     maps: Optional[torch.Tensor]
     captured_qk: Optional[Tuple[torch.Tensor, torch.Tensor]]
@@ -72,67 +72,22 @@ class FusedAttention(nn.Module):
     match_loss: Optional[torch.Tensor]
     export: Optional[str]
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int = 8,
-        attn_head_dim: Optional[int] = None,
-        dim_out: Optional[int] = None,
-        qkv_bias: bool = False,
-        qk_norm: bool = False,
-        scale_norm: bool = False,
-        proj_bias: bool = True,
-        gated: bool = False,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        norm_layer: Optional[Type[nn.Module]] = None,
-        export: Optional[str] = None,
-        backend: str = "auto",
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__()
-        dd = {"device": device, "dtype": dtype}
-        if attn_head_dim is None:
-            if num_heads < 1 or dim % num_heads != 0:
-                raise ValueError(
-                    f"dim must be divisible by num_heads; got dim={dim}, num_heads={num_heads}"
-                )
-            attn_head_dim = dim // num_heads
-        if (qk_norm or scale_norm) and norm_layer is None:
-            raise ValueError("norm_layer must be given when qk_norm or scale_norm is True")
-        check_choice("export", export, EXPORTS)
-        self.num_heads = num_heads
-        self.head_dim = attn_head_dim
-        self.attn_dim = num_heads * attn_head_dim
-        self.scale = attn_head_dim**-0.5
-        self.export = export
-        self.backend = backend
-        self.maps: Optional[torch.Tensor] = None
+    def __init__(self, dim: int, num_heads: int = 8, *, export: Optional[str] = None,
+                 backend: str = "auto", **timm_args) -> None:
+        """timm_args: timm's other Attention keywords (qkv_bias, qk_norm, attn_drop, ...; see
+        TimmAttention). export: None or one of ops.checks.ATTENTION_EXPORTS."""
+        super().__init__(dim, num_heads, export=export, exports=ATTENTION_EXPORTS,
+                         backend=backend, **timm_args)
         self.capture_qk = False
         self.captured_qk: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         # (teacher_q, teacher_k, kind, rows, teacher_scale): see the module docstring.
         self.match_teacher: Optional[tuple] = None
         self.match_loss: Optional[torch.Tensor] = None
 
-        self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias, **dd)
-        self.q_norm = norm_layer(attn_head_dim, **dd) if qk_norm else nn.Identity()
-        self.k_norm = norm_layer(attn_head_dim, **dd) if qk_norm else nn.Identity()
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.norm = norm_layer(self.attn_dim, **dd) if scale_norm else nn.Identity()
-        self.gate = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd) if gated else None
-        self.proj = nn.Linear(self.attn_dim, dim_out or dim, bias=proj_bias, **dd)
-        self.proj_drop = nn.Dropout(proj_drop)
-
     def forward(
         self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
     ) -> torch.Tensor:
-        B, N, _ = x.shape
-        gate = self.gate(x).sigmoid() if self.gate is not None else None
-        # (B, N, 3 * H * D) -> three (B, H, N, D)
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v, gate = self.project_qkv(x)
         if not torch.jit.is_scripting():
             if isinstance(q, torch.fx.Proxy):
                 self._refuse_fx_state()
@@ -169,12 +124,7 @@ class FusedAttention(nn.Module):
             out = result[0]
             if export is not None:
                 self.maps = result[1]
-        x = out.transpose(1, 2).reshape(B, N, self.attn_dim)
-        x = self.norm(x)
-        if gate is not None:
-            x = x * gate
-        x = self.proj(x)
-        return self.proj_drop(x)
+        return self.project_out(out, gate)
 
     @torch.jit.unused
     def _refuse_fx_state(self) -> None:

@@ -1,4 +1,4 @@
-"""RefinerAttention: timm-compatible attention with Refiner's map refinement (methods.md §1),
+"""RefinerAttention: timm-compatible attention with Refiner's map refinement (docs/methods.md §1),
 backed by fastattnreg.refined_attention.
 
 Parameter names are timm's (`qkv`, `q_norm`, `k_norm`, `norm`, `gate`, `proj`) plus the public
@@ -30,17 +30,17 @@ adapt_bn) on `module.maps`, autograd graph attached, written by the fused kernel
 cannot keep state on the module, so tracing a layer with `export` set raises.
 """
 
-from typing import List, Optional, Tuple, Type
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..ops.checks import check_choice
+from ..ops.checks import REFINER_EXPORTS
 from ..ops.jit import refined_attention_script
 from ..ops.refiner import refined_attention
-from ..ops.refiner_export import EXPORTS
 from .attention import shape_str
 from .batchnorm import StatsBatchNorm2d
+from .timm_attention import TimmAttention
 
 
 def bn_momenta(num_batches_tracked: List[torch.Tensor], momentum: List[float],
@@ -123,41 +123,18 @@ class RefinerConvs(nn.Module):
         self.bn3 = StatsBatchNorm2d(heads, **dd)
 
 
-class RefinerAttention(nn.Module):
+class RefinerAttention(TimmAttention):
     # Types of the state slots, for TorchScript (it cannot infer them from a None).
     maps: Optional[torch.Tensor]
     export: Optional[str]
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int = 8,
-        attn_head_dim: Optional[int] = None,
-        dim_out: Optional[int] = None,
-        qkv_bias: bool = False,
-        qk_norm: bool = False,
-        scale_norm: bool = False,
-        proj_bias: bool = True,
-        gated: bool = False,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        norm_layer: Optional[Type[nn.Module]] = None,
-        expansion: int = 3,
-        kernel_size: int = 3,
-        export: Optional[str] = None,
-        backend: str = "auto",
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__()
-        dd = {"device": device, "dtype": dtype}
-        if attn_head_dim is None:
-            if num_heads < 1 or dim % num_heads != 0:
-                raise ValueError(
-                    f"dim must be divisible by num_heads; got dim={dim}, num_heads={num_heads}")
-            attn_head_dim = dim // num_heads
-        if (qk_norm or scale_norm) and norm_layer is None:
-            raise ValueError("norm_layer must be given when qk_norm or scale_norm is True")
+    def __init__(self, dim: int, num_heads: int = 8, *, expansion: int = 3,
+                 kernel_size: int = 3, attn_drop: float = 0.0, export: Optional[str] = None,
+                 backend: str = "auto", **timm_args) -> None:
+        """timm_args: timm's other Attention keywords (qkv_bias, qk_norm, ...; see
+        TimmAttention). expansion: the refiner's channels per head; kernel_size: its odd
+        depthwise kernel; export: None or one of ops.checks.REFINER_EXPORTS."""
+        # Checked before the base class creates (and initialises) any parameter.
         if isinstance(expansion, bool) or not isinstance(expansion, int) or expansion < 1:
             raise ValueError(f"expansion must be an integer >= 1; got {expansion!r}")
         if (isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1
@@ -166,34 +143,19 @@ class RefinerAttention(nn.Module):
                              f"got {kernel_size!r}")
         if not 0.0 <= attn_drop < 1.0:
             raise ValueError(f"attn_drop must be a probability in [0, 1); got {attn_drop!r}")
-        check_choice("export", export, EXPORTS)
-        self.num_heads = num_heads
-        self.head_dim = attn_head_dim
-        self.attn_dim = num_heads * attn_head_dim
-        self.scale = attn_head_dim**-0.5
-        self.backend = backend
-        self.export = export
-        self.maps = None  # A* of the last forward, by `export`
 
-        self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias, **dd)
-        self.q_norm = norm_layer(attn_head_dim, **dd) if qk_norm else nn.Identity()
-        self.k_norm = norm_layer(attn_head_dim, **dd) if qk_norm else nn.Identity()
-        self.attn_drop = nn.Dropout(attn_drop)  # its p is read; the kernels apply the mask
-        self.DLA = RefinerConvs(num_heads, expansion, kernel_size, **dd)
-        self.adapt_bn = StatsBatchNorm2d(num_heads, **dd)
-        self.norm = norm_layer(self.attn_dim, **dd) if scale_norm else nn.Identity()
-        self.gate = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd) if gated else None
-        self.proj = nn.Linear(self.attn_dim, dim_out or dim, bias=proj_bias, **dd)
-        self.proj_drop = nn.Dropout(proj_drop)
+        def map_layers(heads: int, dd: dict) -> dict:
+            # the public Refiner code's names: DLA (the convolutions) and adapt_bn
+            return {"DLA": RefinerConvs(heads, expansion, kernel_size, **dd),
+                    "adapt_bn": StatsBatchNorm2d(heads, **dd)}
+
+        super().__init__(dim, num_heads, attn_drop=attn_drop, export=export,
+                         exports=REFINER_EXPORTS, backend=backend, map_layers=map_layers,
+                         **timm_args)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
-        B, N, _ = x.shape
-        gate = self.gate(x).sigmoid() if self.gate is not None else None
-        # (B, N, 3 * H * D) -> three (B, H, N, D)
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v, gate = self.project_qkv(x)
         # The four BatchNorms in kernel order bn1, bn2, bn3, adapt_bn, all checked first.
         weights: List[torch.Tensor] = []
         biases: List[torch.Tensor] = []
@@ -243,12 +205,7 @@ class RefinerAttention(nn.Module):
         )
         if export is not None:
             self.maps = maps
-        x = out.transpose(1, 2).reshape(B, N, self.attn_dim)
-        x = self.norm(x)
-        if gate is not None:
-            x = x * gate
-        x = self.proj(x)
-        return self.proj_drop(x)
+        return self.project_out(out, gate)
 
     @torch.jit.unused
     def _refuse_fx_export(self) -> None:

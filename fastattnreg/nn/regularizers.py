@@ -1,4 +1,4 @@
-"""Attention regularisers for ViTs trained on little data (methods.md sections 3 and 4).
+"""Attention regularisers for ViTs trained on little data (docs/methods.md sections 3 and 4).
 
 GTALoss       Guided Transfer of spatial Attention: a frozen source ViT guides the attention of
               the student being fine-tuned, through the fused `attention_match` op (no map is
@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.checks import check_choice
-from ..ops.match import KINDS, ROWS
+from ..ops.checks import MATCH_KINDS, MATCH_ROWS, check_choice
 from .attention import FusedAttention
 from .layer_select import check_number, fused_attention_layers, select_indices
 
@@ -38,7 +37,7 @@ class GTALoss(nn.Module):
     weight * sum_layers sum_heads mean_batch (mean_rows) divergence. With the defaults
     (kind="mse_logits", rows="cls") the divergence is GTA's ||S_t[CLS, patches] -
     S_s[CLS, patches]||^2 of scaled pre-softmax logits; rows="all" / kind="kl" are the
-    extensions described in methods.md.
+    extensions described in docs/methods.md.
 
     Args:
         student: the model being trained; its attention layers must be FusedAttention.
@@ -61,8 +60,8 @@ class GTALoss(nn.Module):
                  layers: Optional[Sequence[int]] = None, kind: str = "mse_logits",
                  rows: str = "cls", weight: float = 1.0) -> None:
         super().__init__()
-        check_choice("kind", kind, KINDS)
-        check_choice("rows", rows, ROWS)
+        check_choice("kind", kind, MATCH_KINDS)
+        check_choice("rows", rows, MATCH_ROWS)
         self.weight = check_number("weight", weight)
         if student is source:
             raise ValueError("student and source must be two models; got the same object twice "
@@ -372,7 +371,7 @@ class AttentionLink(nn.Module):
 
         The kept set is fixed: the other weights are zeroed and masked out of the forward, so
         they get zero gradient and stay 0. The kept weights and the bias start from this
-        module's values and stay trainable (train_links=True, our choice: methods.md's
+        module's values and stay trainable (train_links=True, our choice: docs/methods.md's
         "retrain with them"), or are frozen (train_links=False). Epoch and schedule are copied.
         """
         in_maps = self.links.in_channels

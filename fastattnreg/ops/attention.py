@@ -15,16 +15,9 @@ import torch
 
 from .. import backend as _backend
 from .attention_autograd import register_attention_autograd
-from .checks import check_attn_mask, check_choice, check_dropout_p, check_qkv, check_scale
+from .checks import (ATTENTION_EXPORTS, accumulation_dtype, check_attn_mask, check_choice,
+                     check_dropout_p, check_qkv, check_scale)
 from .dropout import draw_rng, dropout_keep_mask
-
-EXPORTS = (None, "full", "head_mean", "cls", "key_mean")
-
-
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    # The LSE is kept in the accumulation type: float32, or float64 for float64 inputs.
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def _maps_shape(q: torch.Tensor, export: str) -> tuple[int, ...]:
     B, H, N, _ = q.shape
@@ -73,7 +66,7 @@ def attention_ref(q, k, v, *, attn_mask=None, dropout_p=0.0, dropout_mask=None, 
                 "key_mean": probs.mean(dim=2)}[export]
         result.append(maps.to(dtype))
     if return_lse:
-        result.append(logsumexp_rows(logits.to(_lse_dtype(dtype))))
+        result.append(logsumexp_rows(logits.to(accumulation_dtype(dtype))))
     return result[0] if len(result) == 1 else tuple(result)
 
 
@@ -96,7 +89,7 @@ if _backend.cpp_available():
     def _attention_fwd_fake(q, k, v, attn_mask, rng, scale, export, dropout_p):
         B, H, N, _ = q.shape
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        lse = q.new_empty((B, H, N), dtype=_lse_dtype(q.dtype))
+        lse = q.new_empty((B, H, N), dtype=accumulation_dtype(q.dtype))
         return out, lse, q.new_empty(_maps_shape(q, export))
 
     @torch.library.register_fake("fastattnreg::attention_bwd")
@@ -149,7 +142,7 @@ def attention(q, k, v, *, attn_mask=None, dropout_p=0.0, scale=None, export=None
     Returns:
         out (B, H, N, D), then maps if `export` is set, then lse if `return_lse`.
     """
-    check_choice("export", export, EXPORTS)
+    check_choice("export", export, ATTENTION_EXPORTS)
     check_choice("backend", backend, _backend.BACKENDS)
     check_scale("scale", scale)
     check_dropout_p(dropout_p)

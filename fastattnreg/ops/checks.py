@@ -8,6 +8,20 @@ import math
 
 import torch
 
+# The values of the ops' string arguments and the refiner's kernel-size limit, one definition
+# each: the references, the C++ and Triton wrappers and the nn modules all read these.
+ATTENTION_EXPORTS = (None, "full", "head_mean", "cls", "key_mean")  # attention(export=...)
+REFINER_EXPORTS = (None, "full", "head_mean", "cls")  # refined_attention(export=...)
+MATCH_KINDS = ("kl", "mse_probs", "mse_logits")  # attention_match(kind=...)
+MATCH_ROWS = ("all", "cls")  # attention_match(rows=...)
+REFINER_MAX_KERNEL_SIZE = 15  # the depthwise kernel's largest side (csrc/cpu/refiner.cpp too)
+
+
+def op_exports(exports: tuple) -> tuple:
+    """The raw ops' export strings for a public export tuple: "none" stands for None."""
+    return tuple("none" if e is None else e for e in exports)
+
+
 # Head-dim and dtype limits per backend. The reference takes anything PyTorch can multiply.
 HEAD_DIM_LIMITS = {"cpp": (1, 256), "triton": (16, 128), "reference": (1, None)}
 DTYPES = {

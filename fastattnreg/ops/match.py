@@ -22,15 +22,8 @@ import torch
 
 from .. import backend as _backend
 from .attention import masked_logits, softmax_rows
-from .checks import (check_attn_mask, check_choice, check_match_mask_needs_no_grad, check_qkv,
-                     check_scale)
-
-KINDS = ("kl", "mse_probs", "mse_logits")
-ROWS = ("all", "cls")
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .checks import (MATCH_KINDS, MATCH_ROWS, accumulation_dtype, check_attn_mask,
+                     check_choice, check_match_mask_needs_no_grad, check_qkv, check_scale)
 
 
 def attention_match_ref(q, k, v, teacher_q, teacher_k, *, attn_mask=None, kind="kl", rows="all",
@@ -43,7 +36,7 @@ def attention_match_ref(q, k, v, teacher_q, teacher_k, *, attn_mask=None, kind="
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     teacher_scale = teacher_q.shape[-1] ** -0.5 if teacher_scale is None else teacher_scale
-    acc = _acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     mask = None
     if attn_mask is not None:
         mask = attn_mask.detach() if attn_mask.dtype == torch.bool else attn_mask.detach().to(acc)
@@ -75,7 +68,7 @@ if _backend.cpp_available():
                         rows):
         B, H, N, _ = q.shape
         R = 1 if rows == "cls" else N
-        acc = _acc_dtype(q.dtype)
+        acc = accumulation_dtype(q.dtype)
         return (
             torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty((B, H, N), dtype=acc),
@@ -125,8 +118,8 @@ def attention_match(q, k, v, teacher_q, teacher_k, *, attn_mask=None, kind="kl",
     (it still counts in the mean). The mask gets no gradient (a float one that requires grad is
     refused). See the module docstring for `kind` and `rows`.
     """
-    check_choice("kind", kind, KINDS)
-    check_choice("rows", rows, ROWS)
+    check_choice("kind", kind, MATCH_KINDS)
+    check_choice("rows", rows, MATCH_ROWS)
     check_choice("backend", backend, _backend.BACKENDS)
     check_scale("scale", scale)
     check_scale("teacher_scale", teacher_scale)

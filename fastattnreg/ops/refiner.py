@@ -1,4 +1,4 @@
-"""refined_attention(): Refiner's attention (methods.md §1), fused.
+"""refined_attention(): Refiner's attention (docs/methods.md §1), fused.
 
 The C++ kernels (csrc/cpu/refiner.cpp) are registered as torch.ops.fastattnreg.
 refined_attention_fwd / _bwd; this file adds their fake (meta) kernels and autograd rule
@@ -25,20 +25,14 @@ import torch
 
 from .. import backend as _backend
 from .autocast import CPP_DTYPES, autocast_dtype, cast_for_autocast, run_dtype
-from .checks import check_choice, check_qkv, check_scale
+from .checks import (REFINER_EXPORTS, REFINER_MAX_KERNEL_SIZE, accumulation_dtype,
+                     check_choice, check_qkv, check_scale)
 from .jit import update_running_stats
 from .refiner_autograd import register_refiner_autograd
-from .refiner_export import EXPORTS, check_dmaps, maps_shape
+from .refiner_export import check_dmaps, maps_shape
 from .refiner_ref import BN_NAMES, _per_bn, refined_attention_ref
 
 __all__ = ["refined_attention", "refined_attention_ref"]
-
-MAX_KERNEL_SIZE = 15  # csrc/cpu/refiner.cpp: kMaxKernelSize
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 if _backend.cpp_available():
 
@@ -47,7 +41,7 @@ if _backend.cpp_available():
                           running_var, keep, eps, scale, drop_scale, training, save_probs,
                           export):
         B, H, N, _ = q.shape
-        acc = _acc_dtype(q.dtype)
+        acc = accumulation_dtype(q.dtype)
         probs_shape = (B, H, N, N) if training or save_probs else (0,)
         y_shape = (B, H, N, N) if training else (0,)  # Y kept for the backward in training
         return (torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -144,9 +138,10 @@ def check_refiner_args(q, conv_exp_weight, conv_dw_weight, conv_pro_weight, bn_w
         raise ValueError(f"conv_exp_weight must have shape (C, H, 1, 1) = (expansion * {H}, {H}, "
                          f"1, 1) with C >= 1 (expansion >= 1); got {tuple(conv_exp_weight.shape)}")
     K = conv_dw_weight.shape[-1]
-    if K % 2 == 0 or not 1 <= K <= MAX_KERNEL_SIZE:
-        raise ValueError(f"kernel_size must be odd and in [1, {MAX_KERNEL_SIZE}] (zero 'same' "
-                         f"padding needs an odd kernel); got conv_dw_weight of kernel size {K}")
+    if K % 2 == 0 or not 1 <= K <= REFINER_MAX_KERNEL_SIZE:
+        raise ValueError(f"kernel_size must be odd and in [1, {REFINER_MAX_KERNEL_SIZE}] (zero "
+                         f"'same' padding needs an odd kernel); got conv_dw_weight of kernel "
+                         f"size {K}")
     if tuple(conv_dw_weight.shape) != (C, 1, K, K):
         raise ValueError(f"conv_dw_weight must be depthwise with shape (C, 1, K, K) = ({C}, 1, {K},"
                          f" {K}); got {tuple(conv_dw_weight.shape)}")
@@ -233,7 +228,7 @@ def refined_attention(q, k, v, conv_exp_weight, conv_dw_weight, conv_pro_weight,
     running statistics are never cast: the kernels read a packed copy and the update is
     written into the given tensors in their own dtype.
     """
-    check_choice("export", export, EXPORTS)
+    check_choice("export", export, REFINER_EXPORTS)
     check_choice("backend", backend, _backend.BACKENDS)
     check_scale("scale", scale)
     if not isinstance(q, torch.Tensor):
@@ -285,7 +280,7 @@ def refined_attention(q, k, v, conv_exp_weight, conv_dw_weight, conv_pro_weight,
                   and any(t.requires_grad for t in (q, k, v, *params)))
     # The kernels read the running statistics in the accumulation type (float32 for bfloat16
     # q): float32 statistics of a bfloat16 layer reach them unrounded.
-    acc = _acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     with torch.no_grad():
         packed_mean = torch.cat([t.to(acc) for t in running_mean])
         packed_var = torch.cat([t.to(acc) for t in running_var])

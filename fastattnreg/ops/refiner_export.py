@@ -4,16 +4,15 @@ and the check of a gradient handed to the raw backward ops. Shared by the refere
 (ops/triton_refiner.py).
 
 A* (B, H, N, N) is the refined attention, the map that meets v. The public `export` is one of
-EXPORTS (as fastattnreg.attention's); the ops take a string, "none" for None.
+ops.checks.REFINER_EXPORTS; the ops take a string, "none" for None (OP_EXPORTS).
 """
 from __future__ import annotations
 
 import torch
 
-from .checks import check_choice
+from .checks import REFINER_EXPORTS, check_choice, op_exports
 
-EXPORTS = (None, "full", "head_mean", "cls")
-OP_EXPORTS = ("none", "full", "head_mean", "cls")
+OP_EXPORTS = op_exports(REFINER_EXPORTS)
 
 
 def export_maps(refined: torch.Tensor, export: str) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """refined_attention_ref: Refiner's attention in plain PyTorch (conv2d + batch_norm), from
-methods.md §1. The fused op (ops/refiner.py) is tested against it, and the benchmark uses it as
-the eager module users run today.
+docs/methods.md §1. The fused op (ops/refiner.py) is tested against it, and the benchmark uses
+it as the eager module users run today.
 
 The attention map A (B, H, N, N) is an image with H channels whose two spatial axes are the
 query and the key index (CLS included, zero "same" padding). With C = expansion * H:
@@ -21,8 +21,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .checks import check_choice
-from .refiner_export import EXPORTS, export_maps
+from .checks import REFINER_EXPORTS, check_choice
+from .refiner_export import export_maps
 
 BN_NAMES = ("bn1", "bn2", "bn3", "adapt_bn")
 
@@ -51,7 +51,7 @@ def refined_attention_ref(q, k, v, conv_exp_weight, conv_dw_weight, conv_pro_wei
     1 / (1 - attn_drop)); drawn here with torch's generator when None. Used only in training
     with attn_drop > 0. upcast=True computes bfloat16/float16 in float32.
     """
-    check_choice("export", export, EXPORTS)
+    check_choice("export", export, REFINER_EXPORTS)
     momentum, eps = _per_bn("momentum", momentum), _per_bn("eps", eps)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dtype = q.dtype

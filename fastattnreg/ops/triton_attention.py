@@ -18,8 +18,6 @@ Imported only when Triton is installed (see fastattnreg.backend).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..triton import attention as _kernels
@@ -27,8 +25,10 @@ from ..triton.attention import attention_bwd as _launch_bwd
 from ..triton.attention import attention_fwd as _launch_fwd
 from ..triton.dropout import Dropout
 from .attention_autograd import register_attention_autograd
-from .checks import check_attn_mask, check_dropout_p, check_qkv, check_scale
+from .checks import ATTENTION_EXPORTS, check_attn_mask, check_dropout_p, op_exports
 from .dropout import dropout_threshold
+from .triton_ops import (check_saved_attention, check_tensor, check_triton_inputs,
+                         contiguous_or_none, define_triton_op, unit_stride)
 
 FWD_NAME = "fastattnreg::triton_attention_fwd"
 BWD_NAME = "fastattnreg::triton_attention_bwd"
@@ -42,41 +42,11 @@ BWD_SCHEMA = (
     "Tensor? dmaps, Tensor? attn_mask, Tensor? rng, float scale, str export, float dropout_p, "
     "bool mask_grad) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)"
 )
-EXPORT_NAMES = ("none", "full", "head_mean", "cls", "key_mean")
+OP_EXPORTS = op_exports(ATTENTION_EXPORTS)  # the raw ops' export strings
 
 
 # ------------------------------------------------------------------------------------ checks
 # The raw ops skip attention()'s checks; these hold for direct torch.ops calls too.
-
-
-def _check_common(q, k, v, scale, export) -> None:
-    check_qkv(q, k, v, "triton")
-    if export not in EXPORT_NAMES:
-        raise ValueError(f"export must be one of {EXPORT_NAMES}; got {export!r}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number; got {scale}")
-    check_scale("scale", scale, q.dtype)  # 0 or within scale_limits(q.dtype)
-    # Fake tensors report the device they stand for, so tracing passes this check too.
-    if q.device.type != "cuda" and not _kernels.INTERPRET:
-        raise RuntimeError(
-            f"the Triton kernels take CUDA tensors (CPU tensors only with TRITON_INTERPRET=1 set "
-            f"before importing fastattnreg); got q on {q.device}"
-        )
-    B, H = q.shape[:2]
-    if B * H > _kernels.MAX_GRID_Z:
-        raise ValueError(
-            f"batch x heads must be at most {_kernels.MAX_GRID_Z} for the Triton kernels (a CUDA "
-            f"grid axis); got B={B} x H={H} = {B * H}"
-        )
-
-
-def _check_like(t, name, shape, dtype, device) -> None:
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}; got {tuple(t.shape)}")
-    if t.dtype != dtype:
-        raise ValueError(f"{name} must be {dtype}; got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} must be on {device}; got {t.device}")
 
 
 def _check_extras(q, attn_mask, rng, dropout_p) -> None:
@@ -101,7 +71,7 @@ def _check_extras(q, attn_mask, rng, dropout_p) -> None:
 
 
 def _check_fwd(q, k, v, attn_mask, rng, scale, export, dropout_p) -> None:
-    _check_common(q, k, v, scale, export)
+    check_triton_inputs(q, k, v, scale, export, OP_EXPORTS)
     _check_extras(q, attn_mask, rng, dropout_p)
 
 
@@ -109,16 +79,11 @@ def _check_bwd(dout, q, k, v, out, lse, dlse, dmaps, attn_mask, rng, scale, expo
                mask_grad) -> None:
     _check_fwd(q, k, v, attn_mask, rng, scale, export, dropout_p)
     B, H, N, _ = q.shape
-    _check_like(out, "out", q.shape, q.dtype, q.device)
-    _check_like(lse, "lse", (B, H, N), torch.float32, q.device)
-    if dout is not None:
-        _check_like(dout, "dout", q.shape, q.dtype, q.device)
-    if dlse is not None:
-        _check_like(dlse, "dlse", (B, H, N), torch.float32, q.device)
+    check_saved_attention(q, out, lse, dout, dlse)
     if dmaps is not None:
         if export == "none":
             raise ValueError("dmaps was given but export is 'none'")
-        _check_like(dmaps, "dmaps", _kernels.maps_shape(export, B, H, N), q.dtype, q.device)
+        check_tensor(dmaps, "dmaps", _kernels.maps_shape(export, B, H, N), q.dtype, q.device)
     if mask_grad and attn_mask is not None and attn_mask.dtype == torch.bool:
         raise ValueError("mask_grad=True needs a float attn_mask (an additive bias); got a "
                          "torch.bool mask, which has no gradient")
@@ -139,34 +104,24 @@ def _dropout(rng, dropout_p):
     return Dropout(rng, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p))
 
 
-def _unit_stride(t: torch.Tensor) -> torch.Tensor:
-    # The kernels take any batch/head/token strides (timm's permuted q, k, v are read in place)
-    # but need stride 1 along D.
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _contiguous(t):
-    return None if t is None else t.contiguous()
-
-
 # ------------------------------------------------------------------------- implementations
 
 
-def _triton_attention_fwd(q, k, v, attn_mask, rng, scale, export, dropout_p):
+def _fwd_impl(q, k, v, attn_mask, rng, scale, export, dropout_p):
     _check_fwd(q, k, v, attn_mask, rng, scale, export, dropout_p)
-    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
     # The mask is read through its own strides, broadcast axes included: never copied.
     return _launch_fwd(q, k, v, scale, export, attn_mask, _dropout(rng, dropout_p))
 
 
-def _triton_attention_bwd(dout, q, k, v, out, lse, dlse, dmaps, attn_mask, rng, scale, export,
+def _bwd_impl(dout, q, k, v, out, lse, dlse, dmaps, attn_mask, rng, scale, export,
                           dropout_p, mask_grad):
     _check_bwd(dout, q, k, v, out, lse, dlse, dmaps, attn_mask, rng, scale, export, dropout_p,
                mask_grad)
-    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
     # Gradients can arrive as expanded or strided views; the kernels read them contiguous.
-    dout, out, lse = _contiguous(dout), out.contiguous(), lse.contiguous()
-    dlse, dmaps = _contiguous(dlse), _contiguous(dmaps)
+    dout, out, lse = contiguous_or_none(dout), out.contiguous(), lse.contiguous()
+    dlse, dmaps = contiguous_or_none(dlse), contiguous_or_none(dmaps)
     return _launch_bwd(dout, q, k, v, out, lse, dlse, dmaps, scale, export, attn_mask,
                        _dropout(rng, dropout_p), mask_grad)
 
@@ -188,18 +143,8 @@ def _bwd_fake(dout, q, k, v, out, lse, dlse, dmaps, attn_mask, rng, scale, expor
             q.new_empty(shape, dtype=dtype))
 
 
-def define_triton_op(name: str, impl, schema: str, fake):
-    """A `triton_op` on CUDA (impl doubles as its fake kernel); under TRITON_INTERPRET=1 an
-    opaque custom op with `fake` (see the module docstring)."""
-    if _kernels.INTERPRET:
-        op = torch.library.custom_op(name, impl, mutates_args=(), schema=schema)
-        op.register_fake(fake)
-        return op
-    return torch.library.triton_op(name, impl, mutates_args=(), schema=schema)
-
-
-triton_attention_fwd = define_triton_op(FWD_NAME, _triton_attention_fwd, FWD_SCHEMA, _fwd_fake)
-triton_attention_bwd = define_triton_op(BWD_NAME, _triton_attention_bwd, BWD_SCHEMA, _bwd_fake)
+triton_attention_fwd = define_triton_op(FWD_NAME, _fwd_impl, FWD_SCHEMA, _fwd_fake)
+triton_attention_bwd = define_triton_op(BWD_NAME, _bwd_impl, BWD_SCHEMA, _bwd_fake)
 
 
 # ---------------------------------------------------------------------------------- autograd

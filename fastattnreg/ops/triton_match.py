@@ -21,10 +21,10 @@ from __future__ import annotations
 import torch
 
 from ..triton import match as _kernels
-from .checks import check_attn_mask, check_match_mask_needs_no_grad
-from .triton_attention import (
-    _check_common, _check_like, _contiguous, _unit_stride, define_triton_op,
-)
+from .checks import (MATCH_KINDS, MATCH_ROWS, check_attn_mask, check_choice,
+                     check_match_mask_needs_no_grad)
+from .triton_ops import (check_saved_attention, check_tensor, check_triton_inputs,
+                         contiguous_or_none, define_triton_op, unit_stride)
 
 FWD_NAME = "fastattnreg::triton_attention_match_fwd"
 BWD_NAME = "fastattnreg::triton_attention_match_bwd"
@@ -40,19 +40,16 @@ BWD_SCHEMA = (
     "str rows) "
     "-> (Tensor, Tensor, Tensor)"
 )
-ROWS = ("all", "cls")
 
 
 # ------------------------------------------------------------------------------------ checks
 
 
 def _check_fwd(q, k, v, tq, tk, attn_mask, scale, teacher_scale, kind, rows) -> None:
-    _check_common(q, k, v, scale, "none")
-    _check_common(tq, tk, tk, teacher_scale, "none")
-    if kind not in _kernels.KINDS:
-        raise ValueError(f"kind must be one of {tuple(_kernels.KINDS)}; got {kind!r}")
-    if rows not in ROWS:
-        raise ValueError(f"rows must be one of {ROWS}; got {rows!r}")
+    check_triton_inputs(q, k, v, scale, "none", ("none",))
+    check_triton_inputs(tq, tk, tk, teacher_scale, "none", ("none",))
+    check_choice("kind", kind, MATCH_KINDS)
+    check_choice("rows", rows, MATCH_ROWS)
     if tq.shape[:3] != q.shape[:3]:
         raise ValueError(f"teacher_q must match the student's (B, H, N) = {tuple(q.shape[:3])}; "
                          f"got {tuple(tq.shape[:3])}")
@@ -69,35 +66,30 @@ def _check_bwd(dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, trow_lse, srow_
     _check_fwd(q, k, v, tq, tk, attn_mask, scale, teacher_scale, kind, rows)
     B, H, N, _ = q.shape
     R = _kernels.matched_rows(rows, N)
-    _check_like(out, "out", q.shape, q.dtype, q.device)
-    _check_like(lse, "lse", (B, H, N), torch.float32, q.device)
-    _check_like(trow_lse, "teacher_row_lse", (B, H, R), torch.float32, q.device)
-    _check_like(srow_lse, "student_row_lse", (B, H, R), torch.float32, q.device)
-    if dout is not None:
-        _check_like(dout, "dout", q.shape, q.dtype, q.device)
-    if dlse is not None:
-        _check_like(dlse, "dlse", (B, H, N), torch.float32, q.device)
+    check_saved_attention(q, out, lse, dout, dlse)
+    check_tensor(trow_lse, "teacher_row_lse", (B, H, R), torch.float32, q.device)
+    check_tensor(srow_lse, "student_row_lse", (B, H, R), torch.float32, q.device)
     if drow_loss is not None:
-        _check_like(drow_loss, "drow_loss", (B, H, R), torch.float32, q.device)
+        check_tensor(drow_loss, "drow_loss", (B, H, R), torch.float32, q.device)
 
 
 # ------------------------------------------------------------------------- implementations
 
 
-def _match_fwd(q, k, v, tq, tk, attn_mask, scale, teacher_scale, kind, rows):
+def _fwd_impl(q, k, v, tq, tk, attn_mask, scale, teacher_scale, kind, rows):
     _check_fwd(q, k, v, tq, tk, attn_mask, scale, teacher_scale, kind, rows)
-    q, k, v, tq, tk = (_unit_stride(t) for t in (q, k, v, tq, tk))
+    q, k, v, tq, tk = (unit_stride(t) for t in (q, k, v, tq, tk))
     # The mask is read through its own strides, broadcast axes included: never copied.
     return _kernels.match_fwd(q, k, v, tq, tk, attn_mask, scale, teacher_scale, kind, rows)
 
 
-def _match_bwd(dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, trow_lse, srow_lse, attn_mask,
+def _bwd_impl(dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, trow_lse, srow_lse, attn_mask,
                scale, teacher_scale, kind, rows):
     _check_bwd(dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, trow_lse, srow_lse, attn_mask,
                scale, teacher_scale, kind, rows)
-    q, k, v, tq, tk = (_unit_stride(t) for t in (q, k, v, tq, tk))
+    q, k, v, tq, tk = (unit_stride(t) for t in (q, k, v, tq, tk))
     # Gradients can arrive as expanded views (the mean's backward); the kernels read them dense.
-    dout, dlse, drow_loss = _contiguous(dout), _contiguous(dlse), _contiguous(drow_loss)
+    dout, dlse, drow_loss = (contiguous_or_none(t) for t in (dout, dlse, drow_loss))
     out, lse, trow_lse, srow_lse = (t.contiguous() for t in (out, lse, trow_lse, srow_lse))
     return _kernels.match_bwd(dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, trow_lse,
                               srow_lse, attn_mask, scale, teacher_scale, kind, rows)
@@ -120,8 +112,8 @@ def _bwd_fake(dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, trow_lse, srow_l
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
-triton_attention_match_fwd = define_triton_op(FWD_NAME, _match_fwd, FWD_SCHEMA, _fwd_fake)
-triton_attention_match_bwd = define_triton_op(BWD_NAME, _match_bwd, BWD_SCHEMA, _bwd_fake)
+triton_attention_match_fwd = define_triton_op(FWD_NAME, _fwd_impl, FWD_SCHEMA, _fwd_fake)
+triton_attention_match_bwd = define_triton_op(BWD_NAME, _bwd_impl, BWD_SCHEMA, _bwd_fake)
 
 # ---------------------------------------------------------------------------------- autograd
 

@@ -15,9 +15,10 @@ import math
 import torch
 
 from ..triton import refiner as _kernels
-from .refiner_export import check_dmaps, maps_shape
+from .checks import REFINER_MAX_KERNEL_SIZE
 from .refiner_autograd import register_refiner_autograd
-from .triton_attention import _check_common, _check_like, define_triton_op, _unit_stride
+from .refiner_export import check_dmaps, maps_shape
+from .triton_ops import check_tensor, check_triton_inputs, define_triton_op, unit_stride
 
 FWD_NAME = "fastattnreg::triton_refined_attention_fwd"
 BWD_NAME = "fastattnreg::triton_refined_attention_bwd"
@@ -35,7 +36,6 @@ BWD_SCHEMA = (
     "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dw_exp, Tensor dw_dw, Tensor dw_pro, "
     "Tensor dbn_weight, Tensor dbn_bias)"
 )
-MAX_KERNEL_SIZE = 15  # as the C++ kernels (csrc/cpu/refiner.cpp)
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -45,24 +45,25 @@ MAX_KERNEL_SIZE = 15  # as the C++ kernels (csrc/cpu/refiner.cpp)
 def _check_args(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, eps, scale, drop_scale,
                 training) -> tuple[int, int]:
     """Checks what both ops take; returns (C, K)."""
-    _check_common(q, k, v, scale, "none")
+    check_triton_inputs(q, k, v, scale, "none", ("none",))
     B, H, N, _ = q.shape
     _kernels.check_grid(B, H)
     if w_exp.dim() != 2 or w_exp.shape[0] < 1:
         raise ValueError(f"w_exp must be 2-D (C, H) with C = expansion * H >= 1 expanded "
                          f"channels; got shape {tuple(w_exp.shape)}")
     C = w_exp.shape[0]
-    _check_like(w_exp, "w_exp", (C, H), q.dtype, q.device)
+    check_tensor(w_exp, "w_exp", (C, H), q.dtype, q.device)
     if w_dw.dim() != 3:
         raise ValueError(f"w_dw must be 3-D (C, K, K); got shape {tuple(w_dw.shape)}")
     K = w_dw.shape[-1]
-    if K % 2 == 0 or not 1 <= K <= MAX_KERNEL_SIZE:
-        raise ValueError(f"the depthwise kernel size K must be odd and in [1, {MAX_KERNEL_SIZE}] "
+    if K % 2 == 0 or not 1 <= K <= REFINER_MAX_KERNEL_SIZE:
+        raise ValueError(f"the depthwise kernel size K must be odd and in [1, "
+                         f"{REFINER_MAX_KERNEL_SIZE}] "
                          f"(zero 'same' padding needs an odd kernel); got {K}")
-    _check_like(w_dw, "w_dw", (C, K, K), q.dtype, q.device)
-    _check_like(w_pro, "w_pro", (H, C), q.dtype, q.device)
-    _check_like(bn_weight, "bn_weight", (2 * C + 2 * H,), q.dtype, q.device)
-    _check_like(bn_bias, "bn_bias", (2 * C + 2 * H,), q.dtype, q.device)
+    check_tensor(w_dw, "w_dw", (C, K, K), q.dtype, q.device)
+    check_tensor(w_pro, "w_pro", (H, C), q.dtype, q.device)
+    check_tensor(bn_weight, "bn_weight", (2 * C + 2 * H,), q.dtype, q.device)
+    check_tensor(bn_bias, "bn_bias", (2 * C + 2 * H,), q.dtype, q.device)
     if len(eps) != 4:
         raise ValueError(f"eps must hold 4 values (bn1, bn2, bn3, adapt); got {len(eps)}")
     for e in eps:
@@ -72,7 +73,7 @@ def _check_args(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, eps, scal
         raise ValueError(f"drop_scale = 1 / (1 - attn_drop) must be finite and >= 1; got "
                          f"{drop_scale}")
     if keep is not None:
-        _check_like(keep, "keep (the dropout mask)", (B, H, N, N), torch.bool, q.device)
+        check_tensor(keep, "keep (the dropout mask)", (B, H, N, N), torch.bool, q.device)
     if training and B * N * N < 2:
         raise ValueError(f"training-mode BatchNorm needs more than 1 value per channel; got "
                          f"B * N * N = {B * N * N}")
@@ -92,7 +93,7 @@ def _check_fwd(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, ru
         if t.dtype not in (q.dtype, torch.float32):
             raise ValueError(f"{name} must have q's dtype {q.dtype} or torch.float32; got "
                              f"{t.dtype}")
-        _check_like(t, name, (2 * C + 2 * H,), t.dtype, q.device)
+        check_tensor(t, name, (2 * C + 2 * H,), t.dtype, q.device)
 
 
 def _check_bwd(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, mean, var, keep, eps,
@@ -100,25 +101,25 @@ def _check_bwd(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, mea
     C, _ = _check_args(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, eps, scale,
                        drop_scale, training)
     B, H, N, _ = q.shape
-    _check_like(dout, "dout", q.shape, q.dtype, q.device)
+    check_tensor(dout, "dout", q.shape, q.dtype, q.device)
     check_dmaps(dmaps, q, export)
     if probs.numel() > 0 or training:
         if training and probs.numel() == 0:
             raise ValueError(f"probs must be the (B, H, N, N) P saved by a training-mode forward;"
                              f" got shape {tuple(probs.shape)}")
-        _check_like(probs, "probs", (B, H, N, N), torch.float32, q.device)
-    _check_like(mean, "mean", (2 * C + 2 * H,), torch.float32, q.device)
-    _check_like(var, "var", (2 * C + 2 * H,), torch.float32, q.device)
+        check_tensor(probs, "probs", (B, H, N, N), torch.float32, q.device)
+    check_tensor(mean, "mean", (2 * C + 2 * H,), torch.float32, q.device)
+    check_tensor(var, "var", (2 * C + 2 * H,), torch.float32, q.device)
 
 
 # ------------------------------------------------------------------------- implementations
 
 
-def _triton_fwd(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, running_var, keep,
+def _fwd_impl(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, running_var, keep,
                 eps, scale, drop_scale, training, save_probs, export):
     _check_fwd(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, running_var, keep,
                eps, scale, drop_scale, training, export)
-    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
     keep = keep.contiguous() if training and keep is not None else None  # eval: no dropout
     out, probs, mean, var, maps = _kernels.refined_fwd(
         q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, running_var, keep, eps,
@@ -127,12 +128,12 @@ def _triton_fwd(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, r
     return out, probs, probs.new_empty((0,)), mean, var, maps
 
 
-def _triton_bwd(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, y, mean, var,
+def _bwd_impl(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, y, mean, var,
                 keep, eps, scale, drop_scale, training, dmaps, export):
-    del y  # never kept by _triton_fwd
+    del y  # never kept by _fwd_impl
     _check_bwd(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, mean, var, keep, eps,
                scale, drop_scale, training, dmaps, export)
-    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
     keep = keep.contiguous() if training and keep is not None else None
     return _kernels.refined_bwd(dout.contiguous(), q, k, v, w_exp, w_dw, w_pro, bn_weight,
                                 bn_bias, probs.contiguous(), mean, var, keep, eps, scale,
@@ -158,7 +159,7 @@ def _bwd_fake(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, y, m
     return tuple(t.new_empty(t.shape) for t in (q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias))
 
 
-triton_refined_attention_fwd = define_triton_op(FWD_NAME, _triton_fwd, FWD_SCHEMA, _fwd_fake)
-triton_refined_attention_bwd = define_triton_op(BWD_NAME, _triton_bwd, BWD_SCHEMA, _bwd_fake)
+triton_refined_attention_fwd = define_triton_op(FWD_NAME, _fwd_impl, FWD_SCHEMA, _fwd_fake)
+triton_refined_attention_bwd = define_triton_op(BWD_NAME, _bwd_impl, BWD_SCHEMA, _bwd_fake)
 
 register_refiner_autograd(FWD_NAME.split("::")[1], BWD_NAME.split("::")[1])

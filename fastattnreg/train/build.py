@@ -11,16 +11,27 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, load_checkpoint, seed_everything
-from .cnn import SMALL_CNN_LAYERS, TORCHVISION_LAYERS, SmallCNN, TorchvisionInput, torchvision_cnn
+from ..models.small_cnn import SMALL_CNN_LAYERS, SmallCNN
 from .config import TrainConfig
+from .dist import DistContext
+from .guide_cnns import TORCHVISION_LAYERS, TorchvisionInput, torchvision_cnn
 from .methods import (MethodError, MethodSpec, PlainTask, build_vit, gta_student, make_gta_task,
                       make_link_task, parse_method, vit_from_checkpoint)
+
+
+class GuideTrainer(Protocol):
+    """How build() trains a guide that is not cached: trainer.train_run, passed in by the
+    trainer (the trainer builds its runs with build(), so build() cannot import it)."""
+
+    def __call__(self, config: TrainConfig, out_dir: str, *, resume: bool, ctx: DistContext,
+                 log: Callable[[str], None], progress: bool, name: str,
+                 cache_dir: str) -> dict: ...
 
 
 @dataclass
@@ -36,23 +47,24 @@ def data_info(data) -> dict:
             "num_classes": data.num_classes}
 
 
-def build(config: TrainConfig, data, *, cache_dir: str, ctx, log: Callable[[str], None],
-          progress: bool) -> Built:
+def build(config: TrainConfig, data, *, cache_dir: str, ctx: DistContext,
+          log: Callable[[str], None], progress: bool, train_guide: GuideTrainer) -> Built:
     """The model and task of `config` on `data`.
 
     Guides come first (training one draws from the global RNGs, loading a cached one does
     not), then the RNGs are seeded with config.seed and the models are built: a run starts from
-    the same numbers whether its guide was trained now or found in the cache.
+    the same numbers whether its guide was trained now or found in the cache. A guide missing
+    from cache_dir is trained there by train_guide.
     """
     spec = parse_method(config.method)
     info = data_info(data)
     source = cnn_guide = None
     if spec.regulariser == "gta":
         source = gta_source(config, data, spec, cache_dir=cache_dir, ctx=ctx, log=log,
-                            progress=progress)
+                            progress=progress, train_guide=train_guide)
     elif spec.regulariser == "link":
         cnn_guide = link_cnn(config, data, cache_dir=cache_dir, ctx=ctx, log=log,
-                             progress=progress)
+                             progress=progress, train_guide=train_guide)
     seed_everything(config.seed)
     if spec.cnn:
         cnn = SmallCNN(info["in_chans"], info["num_classes"], info["img_size"])
@@ -103,10 +115,10 @@ def check_guides(config: TrainConfig) -> None:
             raise CheckpointError(f"--gta-source: {config.gta_source!r} holds no ViT (a CNN "
                                   "checkpoint?)")
     if spec.regulariser == "link" and config.link_cnn != "auto":
-        _torchvision_spec(config.link_cnn)
+        parse_torchvision_spec(config.link_cnn)
 
 
-def _torchvision_spec(text: str) -> tuple[str, str]:
+def parse_torchvision_spec(text: str) -> tuple[str, str]:
     kind, _, rest = text.partition(":")
     arch, _, path = rest.partition(":")
     if kind != "torchvision" or not arch or not path:
@@ -121,31 +133,32 @@ def _torchvision_spec(text: str) -> tuple[str, str]:
 
 
 def gta_source(config: TrainConfig, data, spec: MethodSpec, *, cache_dir, ctx, log,
-               progress) -> nn.Module:
+               progress, train_guide: GuideTrainer) -> nn.Module:
     if config.gta_source != "auto":
         source = vit_from_checkpoint(load_checkpoint(config.gta_source, "--gta-source"))
         want = build_vit(config, data_info(data), MethodSpec())
-        if _shapes(source) != _shapes(want):
+        if param_shapes(source) != param_shapes(want):
             raise MethodError(f"--gta-source {config.gta_source}: its ViT does not have the "
                               f"shapes of model {config.resolved_model()!r} on this data")
         return source
     cfg = source_config(config, spec)
     ckpt = cached_run(cfg, f"gta-source-{cfg.key()}", cache_dir=cache_dir, ctx=ctx, log=log,
-                      progress=progress)
+                      progress=progress, train_guide=train_guide)
     return vit_from_checkpoint(ckpt)
 
 
-def link_cnn(config: TrainConfig, data, *, cache_dir, ctx, log, progress):
+def link_cnn(config: TrainConfig, data, *, cache_dir, ctx, log, progress,
+             train_guide: GuideTrainer):
     """(frozen CNN, layer names, input transform or None)."""
     layers = [s for s in config.link_cnn_layers.split(",") if s]
     if config.link_cnn == "auto":
         cfg = cnn_config(config)
         ckpt = cached_run(cfg, f"cnn-{cfg.key()}", cache_dir=cache_dir, ctx=ctx, log=log,
-                          progress=progress)
+                          progress=progress, train_guide=train_guide)
         cnn = SmallCNN(**ckpt["cnn_config"])
         cnn.load_state_dict(ckpt["model"])
         return cnn, layers or list(SMALL_CNN_LAYERS), None
-    arch, path = _torchvision_spec(config.link_cnn)
+    arch, path = parse_torchvision_spec(config.link_cnn)
     try:
         cnn = torchvision_cnn(arch, path)
     except ValueError as exc:
@@ -153,29 +166,29 @@ def link_cnn(config: TrainConfig, data, *, cache_dir, ctx, log, progress):
     return cnn, layers or list(TORCHVISION_LAYERS[arch]), TorchvisionInput()
 
 
-def _shapes(model: nn.Module) -> dict:
+def param_shapes(model: nn.Module) -> dict:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def cached_run(cfg: TrainConfig, name: str, *, cache_dir: str, ctx, log, progress) -> dict:
+def cached_run(cfg: TrainConfig, name: str, *, cache_dir: str, ctx: DistContext, log, progress,
+               train_guide: GuideTrainer) -> dict:
     """The final checkpoint of run `cfg` in cache_dir/name, training it first when absent.
 
-    A cached checkpoint that cannot be loaded safely (e.g. written by an older version with
-    numpy arrays in it) is trained again, which gives the same guide (the runs are
+    A cached checkpoint that cannot be loaded safely (e.g. one holding numpy arrays) is
+    trained again, which gives the same guide (the runs are
     deterministic).
 
     Under DDP only rank 0 trains a missing guide (one process, no communication); the other
     ranks wait at a barrier without the short timeout (ctx.wait_for_main) and then read the
     cache.
     """
-    from .trainer import DistContext, train_run
     folder = os.path.join(cache_dir, name)
     what = f"cached guide {folder}"
     path = os.path.join(folder, "checkpoint.pt")
     if ctx.is_main and not (_complete(folder, cfg) and _loads(path, what, log)):
         log(f"[cache] training {cfg.method} guide into {folder}")
         resume = _same_checkpoint(path, cfg, what)
-        train_run(cfg, folder, resume=resume, ctx=DistContext(device=ctx.device), log=log,
+        train_guide(cfg, folder, resume=resume, ctx=DistContext(device=ctx.device), log=log,
                   progress=progress, name=name, cache_dir=cache_dir)
     elif ctx.is_main:
         log(f"[cache] using {cfg.method} guide from {folder}")

@@ -12,7 +12,6 @@ traceback.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import traceback
@@ -20,17 +19,21 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..models import preset_config
+from .build import check_guides
 from .checkpoint import CheckpointError, load_checkpoint
+from .compare import run_compare
 from .config import STRUCTURED_LR, TrainConfig, default_lr
 from .data import AUGMENTS, DataError, parse_data_spec
+from .dist import DistContext, init_distributed
 from .methods import MethodError, parse_method, parse_overrides
+from .trainer import TrainingError, log_to_stderr, resumable, train_run
 from .validate import (UsageError, check_models, check_numbers, check_overrides, check_packages,
                        check_seeds, ddp_timeout_default, needed_packages)
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 DEFAULTS = TrainConfig()
-GUIDE_WAIT = datetime.timedelta(days=7)  # how long other ranks wait for rank 0's guide training
 
 __all__ = ["UsageError", "main", "make_parser"]
 
@@ -40,7 +43,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments that `train` and `compare` share."""
     d = DEFAULTS
     p.add_argument("--data", default=d.data,
                    help="digits (embedded, default) | cifar10:PATH | folder:PATH")
@@ -103,12 +107,12 @@ def make_parser() -> argparse.ArgumentParser:
                     help="baseline | structured | mimetic | refiner | gta | link | cnn, or a "
                          "combination such as structured+gta")
     tr.add_argument("--seed", type=int, default=0)
-    _common(tr)
+    _add_run_arguments(tr)
     cp = sub.add_parser("compare", help="train methods x seeds, print a table, plot")
     cp.add_argument("--methods", default="baseline,structured,mimetic,refiner,gta,link",
                     help="comma-separated methods (each may be a '+' combination)")
     cp.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    _common(cp)
+    _add_run_arguments(cp)
     return parser
 
 
@@ -141,13 +145,12 @@ def config_from_args(args, method: str, seed: int) -> TrainConfig:
         link_cnn_layers=args.link_cnn_layers, cnn_epochs=args.cnn_epochs, cnn_lr=args.cnn_lr)
 
 
-def validate_common(args) -> None:
+def validate_data_and_model(args) -> None:
     """The data source and the model preset (numbers: check_numbers, before this)."""
     parse_data_spec(args.data)
     overrides = parse_overrides(args.model_opt)
     check_overrides(overrides)
     if args.model != "auto" or overrides:
-        from ..models import preset_config
         name = args.model if args.model != "auto" else TrainConfig(data=args.data).resolved_model()
         try:
             preset_config(name, **overrides)
@@ -158,7 +161,6 @@ def validate_common(args) -> None:
 def validate_run(args, command: str, configs: list) -> None:
     """What is checked once the configurations exist: guides, optional packages, and a dry
     run of each method's model on a tiny batch."""
-    from .build import check_guides
     for config in {c.method: c for c in configs}.values():
         check_guides(config)
     check_packages(needed_packages(command, args.data, args.train_fraction, configs))
@@ -186,9 +188,8 @@ def default_name(args, method: Optional[str] = None, seed: Optional[int] = None)
 # ------------------------------------------------------------------------------ commands
 
 def cmd_train(args, ctx) -> int:
-    from .trainer import resumable, train_run
     spec = parse_method(args.method)
-    validate_common(args)
+    validate_data_and_model(args)
     config = config_from_args(args, spec.name, args.seed)
     validate_run(args, "train", [config])
     out = args.out or os.path.join("runs", default_name(args, spec.name, args.seed))
@@ -209,7 +210,6 @@ def cmd_train(args, ctx) -> int:
 
 
 def cmd_compare(args, ctx) -> int:
-    from .compare import run_compare
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise UsageError("--methods names no method")
@@ -224,7 +224,7 @@ def cmd_compare(args, ctx) -> int:
     if not seeds or len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds must name distinct integers; got {args.seeds!r}")
     check_seeds(seeds)
-    validate_common(args)
+    validate_data_and_model(args)
     configs = {(n, s): config_from_args(args, n, s) for n in names for s in seeds}
     validate_run(args, "compare", [configs[(n, seeds[0])] for n in names])
     out = args.out or os.path.join("runs", default_name(args))
@@ -235,31 +235,7 @@ def cmd_compare(args, ctx) -> int:
 
 
 def _logger(ctx):
-    from .trainer import _stderr
-    return _stderr if ctx.is_main else (lambda line: None)
-
-
-def init_distributed(timeout_s: float):
-    """DistContext from torchrun's environment (WORLD_SIZE > 1): gloo on CPU, nccl on GPU.
-
-    Every collective of the default group fails after timeout_s seconds, so when one rank dies
-    the others stop within that time instead of waiting forever; the rendezvous has the same
-    limit. Waiting for rank 0's guide training uses a separate gloo group with GUIDE_WAIT.
-    """
-    from .trainer import DistContext
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return None
-    rank = int(os.environ["RANK"])
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and os.environ.get("FASTATTNREG_DDP_CPU") != "1"
-    torch.distributed.init_process_group("nccl" if use_cuda else "gloo",
-                                         timeout=datetime.timedelta(seconds=timeout_s))
-    wait_group = torch.distributed.new_group(backend="gloo", timeout=GUIDE_WAIT)
-    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    return DistContext(rank=rank, world=world, device=device, wait_group=wait_group)
+    return log_to_stderr if ctx.is_main else (lambda line: None)
 
 
 def _error(message: str) -> None:
@@ -280,7 +256,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(argv, holder: list) -> int:
-    from .trainer import DistContext, TrainingError
     ctx = None
     try:
         args = make_parser().parse_args(argv)

@@ -19,7 +19,9 @@ import time
 
 from .checkpoint import (CheckpointError, load_checkpoint, remove_stale_temps, save_json,
                          save_text)
-from .trainer import versions
+from .dist import DistContext
+from .plots import plot_accuracy, plot_attention
+from .trainer import train_run, versions
 
 RUNS = "runs"
 
@@ -71,8 +73,7 @@ def resume_plan(folder: str, config) -> tuple[str, str]:
 
 
 def run_compare(configs: dict, methods: list[str], seeds: list[int], out: str, *, resume: bool,
-                ctx, log, progress: bool, cache_dir: str) -> dict:
-    from .trainer import train_run
+                ctx: DistContext, log, progress: bool, cache_dir: str) -> dict:
     t_start = time.perf_counter()
     if ctx.is_main and resume:
         remove_stale_temps(out)
@@ -136,12 +137,12 @@ def format_table(summary: list[dict], seeds: list[int], config, wall: float) -> 
 def write_outputs(out, configs, results, summary, methods, seeds, wall) -> None:
     os.makedirs(out, exist_ok=True)
     first = configs[(methods[0], seeds[0])].to_dict()
-    common = {k: v for k, v in first.items() if k not in ("method", "seed")}
+    shared = {k: v for k, v in first.items() if k not in ("method", "seed")}  # same for all runs
     runs = [{"method": m, "seed": s, "folder": run_dir(out, m, s),
              "final": results[(m, s)]["final"], "epochs": results[(m, s)]["epochs"],
              "reference_path": results[(m, s)].get("reference_path", [])}
             for m in methods for s in seeds]
-    save_json({"status": "complete", "methods": methods, "seeds": seeds, "config": common,
+    save_json({"status": "complete", "methods": methods, "seeds": seeds, "config": shared,
                "summary": summary, "runs": runs, "wall_time_s": wall, "versions": versions()},
               os.path.join(out, "metrics.json"))
     rows = ["method,seed,test_acc,test_loss,best_test_acc,epoch_time_s"]
@@ -154,7 +155,6 @@ def write_outputs(out, configs, results, summary, methods, seeds, wall) -> None:
              f"{'' if r['vs_baseline'] is None else format(r['vs_baseline'], '.6f')},"
              f"{r['epoch_time_s']:.4f}" for r in summary]
     save_text("\n".join(rows) + "\n", os.path.join(out, "summary.csv"))
-    from .plots import plot_accuracy, plot_attention
     plot_accuracy(runs, methods, os.path.join(out, "accuracy.png"))
-    plot_attention(out, methods, seeds[0], configs[(methods[0], seeds[0])],
-                   os.path.join(out, "attention.png"))
+    first_seed = {m: os.path.join(run_dir(out, m, seeds[0]), "checkpoint.pt") for m in methods}
+    plot_attention(first_seed, configs[(methods[0], seeds[0])], os.path.join(out, "attention.png"))

@@ -39,17 +39,17 @@ class TrainConfig:
     model_overrides: dict = field(default_factory=dict)  # ViTConfig fields
     backend: str = "auto"  # attention backend (fastattnreg.backend)
     device: str = "cpu"
-    # structured init (methods.md section 2)
+    # structured init (docs/methods.md section 2)
     structured_method: str = "fit"  # closed_form: peaked maps (q/k norm ~6x fit's), 25% acc
     structured_kernel: int = 3
-    # gta (methods.md section 3)
+    # gta (docs/methods.md section 3)
     gta_source: str = "auto"  # auto | path of a checkpoint written by this tool
     gta_weight: float = 1.0
     gta_kind: str = "mse_logits"
     gta_rows: str = "cls"
     gta_source_epochs: int = 20  # auto source: epochs on the full training split
     gta_source_seed: int = 0
-    # link (methods.md section 4)
+    # link (docs/methods.md section 4)
     link_cnn: str = "auto"  # auto (SmallCNN trained here) | torchvision:ARCH:WEIGHTS
     link_weight: float = 0.1  # tuned: 0.003 55.8%, 0.01 55.1, 0.03 61.0, 0.1 64.9, 0.3 61.6, 1.0 44.2
     link_decay: float = 0.99

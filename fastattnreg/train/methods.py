@@ -25,6 +25,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..backend import resolve
+from ..init import mimetic_init_, structured_init_
+from ..models import ViTConfig, VisionTransformer, create_model
+from ..nn.regularizers import AttentionLink, GTALoss
 from .config import TrainConfig
 
 METHODS = ("baseline", "structured", "mimetic", "refiner", "gta", "link", "cnn")
@@ -111,7 +115,7 @@ def vit_overrides(config: TrainConfig, data_info: dict, spec: MethodSpec) -> dic
     over = dict(img_size=data_info["img_size"], in_chans=data_info["in_chans"],
                 num_classes=data_info["num_classes"], backend=config.backend)
     if spec.init == "structured":
-        # the impulse fit is computed on the fixed sin-cos embedding (methods.md section 2)
+        # the impulse fit is computed on the fixed sin-cos embedding (docs/methods.md section 2)
         over["pos_embed"] = "sincos"
     over.update(config.model_overrides)
     if spec.refiner:
@@ -125,7 +129,6 @@ def refiner_backend(backend: str, device: str) -> tuple[str, str]:
     refined_attention kernel (the C++ extension not built, or Triton not installed on CUDA), the
     refiner runs on the reference path instead of failing, and the note says so in every log
     line."""
-    from ..backend import resolve
     chosen = resolve(backend, torch.device(device))
     if chosen == "triton" and not hasattr(torch.ops.fastattnreg, "triton_refined_attention_fwd"):
         return "reference", "refiner on the reference path (no Triton refined_attention kernel)"
@@ -137,10 +140,6 @@ def refiner_backend(backend: str, device: str) -> tuple[str, str]:
 def build_vit(config: TrainConfig, data_info: dict, spec: MethodSpec) -> nn.Module:
     """The ViT of `spec`, initialised from the current torch RNG (the caller seeds it)."""
     try:
-        from ..models import create_model
-    except ImportError as exc:
-        raise MethodError(f"the ViT models (fastattnreg.models.create_model) are missing: {exc}")
-    try:
         model = create_model(config.resolved_model(), **vit_overrides(config, data_info, spec))
     except (ValueError, RuntimeError) as exc:
         raise MethodError(f"model {config.resolved_model()!r}: {exc}") from None
@@ -150,24 +149,16 @@ def build_vit(config: TrainConfig, data_info: dict, spec: MethodSpec) -> nn.Modu
 
 
 def apply_init(model: nn.Module, init: str, config: TrainConfig) -> None:
-    try:
-        from .. import init as init_mod
-        fn = init_mod.structured_init_ if init == "structured" else init_mod.mimetic_init_
-    except (ImportError, AttributeError) as exc:
-        raise MethodError(f"method {init!r} needs fastattnreg.init.{init}_init_, which is "
-                          f"missing ({exc})") from None
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # from the seeded torch RNG
     if init == "structured":
-        fn(model, kernel_size=config.structured_kernel, method=config.structured_method,
-           seed=seed)
+        structured_init_(model, kernel_size=config.structured_kernel,
+                         method=config.structured_method, seed=seed)
     else:
-        fn(model, seed=seed)
+        mimetic_init_(model, seed=seed)
 
 
 def vit_from_checkpoint(ckpt: dict) -> nn.Module:
     """The ViT saved in a checkpoint of this tool (its ViTConfig is stored beside it)."""
-    from ..models.config import ViTConfig
-    from ..models.vit import VisionTransformer
     model = VisionTransformer(ViTConfig(**ckpt["vit_config"]))
     model.load_state_dict(ckpt["model"])
     return model
@@ -203,14 +194,12 @@ class LinkTask(nn.Module):
 
 
 def make_gta_task(student: nn.Module, source: nn.Module, config: TrainConfig) -> nn.Module:
-    from ..nn.regularizers import GTALoss
     return GTALoss(student, source, kind=config.gta_kind, rows=config.gta_rows,
                    weight=config.gta_weight)
 
 
 def make_link_task(vit: nn.Module, cnn: nn.Module, cnn_layers, cnn_input, config: TrainConfig,
                    data_info: dict) -> nn.Module:
-    from ..nn.regularizers import AttentionLink
     c = 3 if cnn_input is not None else data_info["in_chans"]
     s = max(32, data_info["img_size"]) if cnn_input is not None else data_info["img_size"]
     link = AttentionLink(vit, cnn, list(cnn_layers), weight=config.link_weight,

@@ -11,19 +11,22 @@ attention.png  for a few test images (one per class, first seed's final model of
 """
 from __future__ import annotations
 
-import os
 import sys
 from typing import Optional
 
 import numpy as np
 import torch
 
+from ..models import attention_rollout
 from .checkpoint import load_checkpoint, save_png
+from .data import load_data
+from .methods import vit_from_checkpoint
 
 EXAMPLES = 6
 
 
 def _pyplot():
+    # optional dependency (the training extra), needed only to draw
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -68,7 +71,6 @@ def attention_grids(model, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torc
     """((B, g, g) last-block head-mean map, (B, g, g) rollout) of the ViT for images x. The
     rollout is None when a block's map has a negative entry (a refined map A*): its rows are
     then no weights to renormalise."""
-    from ..models import attention_rollout
     model.eval()
     maps = model.attention_maps(x, export="head_mean")  # per block (B, N, N)
     g = model.patch_embed.grid_size[0]
@@ -83,18 +85,16 @@ def attention_grids(model, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torc
     return last.reshape(-1, g, g), None if rolled is None else rolled.reshape(-1, g, g)
 
 
-def plot_attention(out: str, methods: list[str], seed: int, config, path: str) -> None:
-    from .compare import run_dir
-    from .data import load_data
-    from .methods import vit_from_checkpoint
+def plot_attention(checkpoints: dict[str, str], config, path: str) -> None:
+    """attention.png at `path` for the final models in checkpoints ({method: checkpoint.pt},
+    in row order) on example test images of config's data; CNN checkpoints are left out."""
     data = load_data(config.data, config.train_fraction, config.img_size)
     idx = example_images(data)
     x = data.normalise(data.x_test[idx])
     images = (data.x_test[idx].float() * data.scale).permute(0, 2, 3, 1).numpy()  # (B, H, W, C)
     rows = []  # (label, (B, g, g) array)
-    for method in methods:
-        ckpt = load_checkpoint(os.path.join(run_dir(out, method, seed), "checkpoint.pt"),
-                               f"plot of {method}")
+    for method, ckpt_path in checkpoints.items():
+        ckpt = load_checkpoint(ckpt_path, f"plot of {method}")
         if "vit_config" not in ckpt:
             continue  # the CNN has no attention
         try:

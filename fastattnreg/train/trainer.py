@@ -24,19 +24,25 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
+import numpy
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from .build import build
+from .. import __version__
+from ..backend import resolve
 from . import testhooks
+from .build import Built, build
 from .checkpoint import (CheckpointError, is_temp, load_checkpoint, remove_stale_temps,
                          rng_state, save_json, save_text, save_torch, set_rng_state)
 from .config import TrainConfig
 from .data import augment, epoch_batches, load_data
+from .dist import DistContext
+from .methods import refiner_backend
 
 DATA_SEED_OFFSET = 1_000_003  # the data-order generator is seeded with seed + this
 AUG_SEED_OFFSET = 2_000_003
@@ -49,38 +55,9 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (a loss that is not finite); one-line message."""
 
 
-@dataclass
-class DistContext:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    # A gloo group with a long timeout: the other ranks wait in it while rank 0 trains a guide
-    # (minutes to hours), which the default group's short timeout would cut off.
-    wait_group: object = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def wait_for_main(self) -> None:
-        """A barrier that waits as long as rank 0's guide training takes (wait_group)."""
-        if self.world > 1:
-            torch.distributed.barrier(group=self.wait_group)
-
-    def all_sum(self, values: list[float]) -> list[float]:
-        if self.world == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64)
-        torch.distributed.all_reduce(t)
-        return t.tolist()
-
-
-def _stderr(line: str) -> None:
-    from tqdm import tqdm
+def log_to_stderr(line: str) -> None:
+    """One log line on stderr, printed above the progress bar instead of through it."""
+    from tqdm import tqdm  # optional dependency (the training extra), needed only to train
     tqdm.write(line, file=sys.stderr)
 
 
@@ -140,13 +117,11 @@ def evaluate(model: nn.Module, data, device) -> tuple[float, float]:
     return loss_sum / n, correct / n
 
 
-def reference_notes(built, config: TrainConfig, device) -> list[str]:
+def reference_notes(built: Built, config: TrainConfig, device) -> list[str]:
     """Which parts of the method run on the plain-PyTorch reference path for want of a fused op."""
     if built.kind != "vit":
         return []
-    from ..backend import resolve
     if built.spec.refiner:
-        from .methods import refiner_backend
         note = refiner_backend(config.backend, str(device))[1]
         return [note] if note else []
     if resolve(config.backend, device) == "reference" and config.backend != "reference":
@@ -192,8 +167,6 @@ def load_extra_state(task: nn.Module, model: nn.Module, extra: dict) -> None:
 
 
 def versions() -> dict:
-    import numpy
-    from .. import __version__
     out = {"python": platform.python_version(), "torch": torch.__version__,
            "fastattnreg": __version__, "numpy": numpy.__version__}
     try:
@@ -207,10 +180,207 @@ def versions() -> dict:
     return out
 
 
-def model_meta(built) -> dict:
+def model_meta(built: Built) -> dict:
     if built.kind == "vit":
         return {"vit_config": asdict(built.model.config)}
     return {"cnn_config": dict(built.model.config)}
+
+
+# ------------------------------------------------------------------------------ run state
+
+@dataclass
+class RunState:
+    """What the epochs of one run read and update; its checkpoint holds all of it."""
+    built: Built
+    step_task: nn.Module  # built.task, or its DistributedDataParallel wrapper under DDP
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    data_gen: torch.Generator  # the order of the training images
+    aug_gen: torch.Generator  # the augmentation draws
+    history: list[dict]  # one log.csv row per finished epoch
+    epochs_done: int = 0
+
+    @property
+    def task(self) -> nn.Module:
+        return self.built.task
+
+    @property
+    def model(self) -> nn.Module:
+        return self.built.model
+
+
+@dataclass
+class EpochTotals:
+    """Sums over one epoch's training steps: this rank's images, or every rank's (all_ranks)."""
+    loss_sum: float = 0.0  # cross-entropy summed over images
+    reg_sum: float = 0.0  # regulariser summed over images
+    correct: float = 0.0  # images classified right
+    images: float = 0.0
+
+    def add(self, loss: float, reg: float, correct: int, images: int) -> None:
+        self.loss_sum += loss * images
+        self.reg_sum += reg * images
+        self.correct += correct
+        self.images += images
+
+    def all_ranks(self, ctx: DistContext) -> "EpochTotals":
+        return EpochTotals(*ctx.all_sum([self.loss_sum, self.reg_sum, self.correct,
+                                         self.images]))
+
+
+def new_state(built: Built, config: TrainConfig, n_train: int, ctx: DistContext) -> RunState:
+    """Optimizer, schedule and generators of a run at epoch 0 (the task moved to ctx.device)."""
+    built.task.to(ctx.device)
+    steps = steps_per_epoch(n_train, config.batch_size, ctx.world)
+    if steps < 1:
+        raise ValueError(f"{n_train} training images cannot fill one batch on {ctx.world} ranks")
+    optimizer = make_optimizer(built.task, config)
+    return RunState(
+        built=built, step_task=built.task, optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, config, steps),
+        data_gen=torch.Generator().manual_seed(config.seed + DATA_SEED_OFFSET),
+        aug_gen=torch.Generator().manual_seed(config.seed + AUG_SEED_OFFSET), history=[])
+
+
+def read_resume_checkpoint(out_dir: str, config: TrainConfig) -> dict:
+    """out_dir's checkpoint; CheckpointError when it was trained with other settings."""
+    ckpt = load_checkpoint(os.path.join(out_dir, "checkpoint.pt"), "--resume")
+    if ckpt["config"] != config.to_dict():
+        diff = sorted(k for k, v in config.to_dict().items() if ckpt["config"].get(k) != v)
+        raise CheckpointError(f"--resume: the checkpoint in {out_dir!r} was trained with "
+                              f"other settings ({', '.join(diff)})")
+    return ckpt
+
+
+def restore(state: RunState, ckpt: dict) -> None:
+    """Puts the run back where the checkpoint was written (the end of an epoch)."""
+    state.model.load_state_dict(ckpt["model"])
+    load_extra_state(state.task, state.model, ckpt["task"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scheduler.load_state_dict(ckpt["scheduler"])
+    state.data_gen.set_state(ckpt["data_gen"])
+    state.aug_gen.set_state(ckpt["aug_gen"])
+    set_rng_state(ckpt["rng"])
+    state.history = list(ckpt["history"])
+    state.epochs_done = int(ckpt["epoch"])
+
+
+def wrap_for_ddp(state: RunState, ctx: DistContext) -> None:
+    """Under DDP the steps run through DistributedDataParallel, which broadcasts rank 0's
+    parameters when it is built: after restore(), so every rank starts from the checkpoint."""
+    if ctx.world > 1:
+        device = ctx.device
+        state.step_task = DistributedDataParallel(
+            state.task, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def checkpoint_of(state: RunState, config: TrainConfig) -> dict:
+    """Everything restore() reads, after state.epochs_done epochs."""
+    return {"config": config.to_dict(), **model_meta(state.built),
+            "model": state.model.state_dict(), "task": extra_state(state.task, state.model),
+            "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+            "rng": rng_state(), "data_gen": state.data_gen.get_state(),
+            "aug_gen": state.aug_gen.get_state(), "epoch": state.epochs_done,
+            "history": state.history}
+
+
+# ------------------------------------------------------------------------------ one epoch
+
+def train_epoch(state: RunState, data, config: TrainConfig, ctx: DistContext, epoch: int,
+                name: str, *, first_of_process: bool) -> dict:
+    """Trains epoch `epoch` (0-based), evaluates on the test split and returns its log.csv row.
+    TrainingError, before anything is written, when a loss is not finite."""
+    task = state.task
+    if hasattr(task, "set_epoch"):
+        task.set_epoch(epoch)
+    task.train()
+    t0 = time.perf_counter()
+    n_train = len(data.y_train)
+    totals = EpochTotals()
+    for step, idx in enumerate(global_batches(n_train, config, state.data_gen, ctx.world)):
+        if first_of_process and step == 0:
+            testhooks.maybe_fail(ctx.rank)
+        xb = augment(data.x_train[idx], config.augment, state.aug_gen)
+        mine = slice(ctx.rank, None, ctx.world)
+        x = data.normalise(xb[mine]).to(ctx.device)
+        y = data.y_train[idx][mine].to(ctx.device)
+        logits, reg = state.step_task(x)
+        ce = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+        scale = len(y) * ctx.world / len(idx)
+        state.optimizer.zero_grad(set_to_none=True)
+        ((ce + reg) * scale).backward()
+        state.optimizer.step()
+        state.scheduler.step()
+        ce_value, reg_value = ce.item(), float(reg.detach())
+        if not math.isfinite(ce_value + reg_value):
+            _stop(name, epoch, f"step {step + 1}: the training loss is not finite "
+                  f"(cross-entropy {ce_value:g}, regulariser {reg_value:g})", state.history,
+                  config)
+        totals.add(ce_value, reg_value, (logits.argmax(dim=1) == y).sum().item(), len(y))
+    epoch_time = time.perf_counter() - t0
+    totals = totals.all_ranks(ctx)
+    test_loss, test_acc = evaluate(state.model, data, ctx.device)
+    if not math.isfinite(test_loss):
+        _stop(name, epoch, f"the test loss is not finite ({test_loss:g})", state.history, config)
+    return {"epoch": epoch + 1, "lr": state.optimizer.param_groups[0]["lr"],
+            "train_loss": totals.loss_sum / totals.images,
+            "train_reg": totals.reg_sum / totals.images,
+            "train_acc": totals.correct / totals.images, "test_loss": test_loss,
+            "test_acc": test_acc, "epoch_time_s": epoch_time}
+
+
+def _stop(name: str, epoch: int, what: str, history: list, config: TrainConfig) -> None:
+    last = f"after epoch {len(history)}" if history else "none was written"
+    raise TrainingError(f"[{name}] epoch {epoch + 1}/{config.epochs}, {what}; the run stops "
+                        f"and its last checkpoint ({last}) is left as it was (a lower --lr or "
+                        "more --warmup-epochs may help)")
+
+
+# ------------------------------------------------------------------------------ files
+
+def prepare_out_dir(out_dir: str, header: dict, state: RunState, config: TrainConfig, *,
+                    resume: bool, name: str, log: Callable[[str], None]) -> None:
+    """Rank 0, before the first epoch: out_dir exists, holds no temporary file of a killed
+    write, and its log.csv / metrics.json match the checkpoint (resume) or are fresh."""
+    os.makedirs(out_dir, exist_ok=True)
+    gone = remove_stale_temps(out_dir)  # a killed write leaves one
+    if gone:
+        log(f"[{name}] removed {len(gone)} temporary file(s) of an interrupted write")
+    if resume:  # the log and metrics as of the checkpoint (a kill may have come between)
+        _write_logs(out_dir, header, state.history, config)
+    else:  # a fresh run: no file of an earlier run in this folder stays behind
+        for stale in ("checkpoint.pt", "metrics.json"):
+            if os.path.exists(os.path.join(out_dir, stale)):
+                os.unlink(os.path.join(out_dir, stale))
+        save_text(",".join(CSV_FIELDS) + "\n", os.path.join(out_dir, "log.csv"))
+
+
+def save_epoch(out_dir: str, header: dict, state: RunState, config: TrainConfig) -> None:
+    """Rank 0, after each epoch. Order matters for a kill at any point: the checkpoint first,
+    then the CSV and metrics derived from it (a resume rewrites both from its history)."""
+    save_torch(checkpoint_of(state, config), os.path.join(out_dir, "checkpoint.pt"))
+    _write_logs(out_dir, header, state.history, config)
+
+
+def _metrics(header: dict, history: list[dict], config: TrainConfig) -> dict:
+    done = len(history) >= config.epochs
+    out = dict(header, status="complete" if done else "running", epochs=history)
+    if history:
+        last = history[-1]
+        times = [h["epoch_time_s"] for h in history]
+        out["final"] = {"test_acc": last["test_acc"], "test_loss": last["test_loss"],
+                        "train_loss": last["train_loss"], "train_acc": last["train_acc"],
+                        "best_test_acc": max(h["test_acc"] for h in history),
+                        "epoch_time_s": sum(times) / len(times)}
+    return out
+
+
+def _write_logs(out_dir, header, history, config) -> None:
+    """log.csv and metrics.json from the history (one row per finished epoch)."""
+    lines = [",".join(CSV_FIELDS)] + [",".join(f"{h[k]:.6g}" if isinstance(h[k], float)
+                                              else str(h[k]) for k in CSV_FIELDS) for h in history]
+    save_text("\n".join(lines) + "\n", os.path.join(out_dir, "log.csv"))
+    save_json(_metrics(header, history, config), os.path.join(out_dir, "metrics.json"))
 
 
 # ------------------------------------------------------------------------------ the run
@@ -224,157 +394,44 @@ def train_run(config: TrainConfig, out_dir: str, *, resume: bool = False,
     resume: continue from out_dir/checkpoint.pt (must exist and hold the same config).
     stop_after_epoch: return after that many epochs, as a kill would (tests of --resume).
     """
+    from tqdm import tqdm  # optional dependency (the training extra): the progress bar
     ctx = ctx or DistContext()
-    log = log or _stderr
+    log = log or log_to_stderr
     name = name or os.path.basename(os.path.normpath(out_dir))
-    device = ctx.device
     data = load_data(config.data, config.train_fraction, config.img_size)
-    ckpt = None
-    if resume:
-        ckpt = load_checkpoint(os.path.join(out_dir, "checkpoint.pt"), "--resume")
-        if ckpt["config"] != config.to_dict():
-            diff = sorted(k for k, v in config.to_dict().items() if ckpt["config"].get(k) != v)
-            raise CheckpointError(f"--resume: the checkpoint in {out_dir!r} was trained with "
-                                  f"other settings ({', '.join(diff)})")
-
-    built = build(config, data, cache_dir=cache_dir, ctx=ctx, log=log, progress=progress)
-    task = built.task.to(device)
-    model = built.model
-    n_train = len(data.y_train)
-    spe = steps_per_epoch(n_train, config.batch_size, ctx.world)
-    if spe < 1:
-        raise ValueError(f"{n_train} training images cannot fill one batch on {ctx.world} ranks")
-    opt = make_optimizer(task, config)
-    sched = make_scheduler(opt, config, spe)
-    data_gen = torch.Generator().manual_seed(config.seed + DATA_SEED_OFFSET)
-    aug_gen = torch.Generator().manual_seed(config.seed + AUG_SEED_OFFSET)
-    history: list[dict] = []
-    start = 0
+    ckpt = read_resume_checkpoint(out_dir, config) if resume else None
+    # Guides that build() must train are trained by this same function, into the cache.
+    built = build(config, data, cache_dir=cache_dir, ctx=ctx, log=log, progress=progress,
+                  train_guide=train_run)
+    state = new_state(built, config, len(data.y_train), ctx)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        load_extra_state(task, model, ckpt["task"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        data_gen.set_state(ckpt["data_gen"])
-        aug_gen.set_state(ckpt["aug_gen"])
-        set_rng_state(ckpt["rng"])
-        history = list(ckpt["history"])
-        start = int(ckpt["epoch"])
-        log(f"[{name}] resuming after epoch {start}/{config.epochs}")
-    ddp_task = task
-    if ctx.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        ddp_task = DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda"
-                                           else None)
+        restore(state, ckpt)
+        log(f"[{name}] resuming after epoch {state.epochs_done}/{config.epochs}")
+    wrap_for_ddp(state, ctx)
 
-    notes = reference_notes(built, config, device)
+    notes = reference_notes(built, config, ctx.device)
     suffix = f" [{'; '.join(notes)}]" if notes else ""
-    base = {"name": name, "method": built.spec.name, "config": config.to_dict(),
-            "data": data.describe(), "world_size": ctx.world, "versions": versions(),
-            "reference_path": notes}
+    # the fields every metrics.json of this run starts with
+    header = {"name": name, "method": built.spec.name, "config": config.to_dict(),
+              "data": data.describe(), "world_size": ctx.world, "versions": versions(),
+              "reference_path": notes}
     if ctx.is_main:
-        os.makedirs(out_dir, exist_ok=True)
-        gone = remove_stale_temps(out_dir)  # a killed write leaves one
-        if gone:
-            log(f"[{name}] removed {len(gone)} temporary file(s) of an interrupted write")
-        if resume:  # the log and metrics as of the checkpoint (a kill may have come between)
-            _write_logs(out_dir, base, history, config)
-        else:  # a fresh run: no file of an earlier run in this folder stays behind
-            for stale in ("checkpoint.pt", "metrics.json"):
-                if os.path.exists(os.path.join(out_dir, stale)):
-                    os.unlink(os.path.join(out_dir, stale))
-            save_text(",".join(CSV_FIELDS) + "\n", os.path.join(out_dir, "log.csv"))
+        prepare_out_dir(out_dir, header, state, config, resume=resume, name=name, log=log)
 
-    from tqdm import tqdm
+    start = state.epochs_done
     bar = tqdm(range(start, config.epochs), desc=name, leave=False, file=sys.stderr,
                disable=not (progress and ctx.is_main), dynamic_ncols=True)
     for epoch in bar:
-        if hasattr(task, "set_epoch"):
-            task.set_epoch(epoch)
-        task.train()
-        t0 = time.perf_counter()
-        sums = [0.0, 0.0, 0.0, 0.0]  # ce sum, reg sum (per image), correct, images
-        for step, idx in enumerate(global_batches(n_train, config, data_gen, ctx.world)):
-            if epoch == start and step == 0:
-                testhooks.maybe_fail(ctx.rank)
-            xb = augment(data.x_train[idx], config.augment, aug_gen)
-            mine = slice(ctx.rank, None, ctx.world)
-            x = data.normalise(xb[mine]).to(device)
-            y = data.y_train[idx][mine].to(device)
-            logits, reg = ddp_task(x)
-            ce = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-            scale = len(y) * ctx.world / len(idx)
-            opt.zero_grad(set_to_none=True)
-            ((ce + reg) * scale).backward()
-            opt.step()
-            sched.step()
-            ce_value, reg_value = ce.item(), float(reg.detach())
-            if not math.isfinite(ce_value + reg_value):
-                _stop(name, epoch, f"step {step + 1}: the training loss is not finite "
-                      f"(cross-entropy {ce_value:g}, regulariser {reg_value:g})", history,
-                      config)
-            sums[0] += ce_value * len(y)
-            sums[1] += reg_value * len(y)
-            sums[2] += (logits.argmax(dim=1) == y).sum().item()
-            sums[3] += len(y)
-        epoch_time = time.perf_counter() - t0
-        ce_sum, reg_sum, correct, seen = ctx.all_sum(sums)
-        test_loss, test_acc = evaluate(model, data, device)
-        if not math.isfinite(test_loss):
-            _stop(name, epoch, f"the test loss is not finite ({test_loss:g})", history, config)
-        row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
-               "train_loss": ce_sum / seen, "train_reg": reg_sum / seen,
-               "train_acc": correct / seen, "test_loss": test_loss, "test_acc": test_acc,
-               "epoch_time_s": epoch_time}
-        history.append(row)
+        row = train_epoch(state, data, config, ctx, epoch, name, first_of_process=epoch == start)
+        state.history.append(row)
+        state.epochs_done = epoch + 1
         log(f"[{name}] epoch {epoch + 1}/{config.epochs} loss {row['train_loss']:.4f} "
             f"reg {row['train_reg']:.4f} train_acc {row['train_acc']:.4f} "
-            f"test_loss {test_loss:.4f} test_acc {test_acc:.4f} lr {row['lr']:.2e} "
-            f"{epoch_time:.2f}s{suffix}")
+            f"test_loss {row['test_loss']:.4f} test_acc {row['test_acc']:.4f} "
+            f"lr {row['lr']:.2e} {row['epoch_time_s']:.2f}s{suffix}")
         if ctx.is_main:
-            _write_epoch(out_dir, row, base, history, config, epoch + 1, {
-                "config": config.to_dict(), **model_meta(built), "model": model.state_dict(),
-                "task": extra_state(task, model), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "rng": rng_state(),
-                "data_gen": data_gen.get_state(), "aug_gen": aug_gen.get_state(),
-                "epoch": epoch + 1, "history": history})
+            save_epoch(out_dir, header, state, config)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
-            bar.close()
-            return _metrics(base, history, config)
+            break
     bar.close()
-    return _metrics(base, history, config)
-
-
-def _metrics(base: dict, history: list[dict], config: TrainConfig) -> dict:
-    done = len(history) >= config.epochs
-    out = dict(base, status="complete" if done else "running", epochs=history)
-    if history:
-        last = history[-1]
-        times = [h["epoch_time_s"] for h in history]
-        out["final"] = {"test_acc": last["test_acc"], "test_loss": last["test_loss"],
-                        "train_loss": last["train_loss"], "train_acc": last["train_acc"],
-                        "best_test_acc": max(h["test_acc"] for h in history),
-                        "epoch_time_s": sum(times) / len(times)}
-    return out
-
-
-def _stop(name: str, epoch: int, what: str, history: list, config: TrainConfig) -> None:
-    last = f"after epoch {len(history)}" if history else "none was written"
-    raise TrainingError(f"[{name}] epoch {epoch + 1}/{config.epochs}, {what}; the run stops "
-                        f"and its last checkpoint ({last}) is left as it was (a lower --lr or "
-                        "more --warmup-epochs may help)")
-
-
-def _write_epoch(out_dir, row, base, history, config, epoch, ckpt) -> None:
-    # Order matters for a kill at any point: the checkpoint first, then the CSV and metrics
-    # derived from it (a resume rewrites both from the checkpoint's history).
-    save_torch(ckpt, os.path.join(out_dir, "checkpoint.pt"))
-    _write_logs(out_dir, base, history, config)
-
-
-def _write_logs(out_dir, base, history, config) -> None:
-    """log.csv and metrics.json from the history (one row per finished epoch)."""
-    lines = [",".join(CSV_FIELDS)] + [",".join(f"{h[k]:.6g}" if isinstance(h[k], float)
-                                              else str(h[k]) for k in CSV_FIELDS) for h in history]
-    save_text("\n".join(lines) + "\n", os.path.join(out_dir, "log.csv"))
-    save_json(_metrics(base, history, config), os.path.join(out_dir, "metrics.json"))
+    return _metrics(header, state.history, config)

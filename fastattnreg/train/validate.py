@@ -15,6 +15,14 @@ from typing import Iterable, Optional
 
 import torch
 
+from ..models import SMALL_CNN_LAYERS, SmallCNN, ViTConfig, VisionTransformer
+from .build import param_shapes, parse_torchvision_spec
+from .checkpoint import load_checkpoint, rng_state, set_rng_state
+from .data import data_info_of
+from .guide_cnns import TORCHVISION_LAYERS, TorchvisionInput, torchvision_cnn
+from .methods import (MethodSpec, PlainTask, build_vit, gta_student, make_gta_task,
+                      make_link_task, parse_method)
+
 SEED_MAX = 2**32 - 1  # seeds also seed numpy's legacy generator, which takes 32 bits
 
 
@@ -127,7 +135,6 @@ PACKAGES = {
 
 def needed_packages(command: str, data: str, train_fraction: float, configs) -> list:
     """[(import name, what needs it)] for one command line."""
-    from .methods import parse_method
     need = [("tqdm", "training (progress bars and log lines)")]
     kind = data.partition(":")[0]
     if kind == "digits":
@@ -163,7 +170,6 @@ def check_packages(need) -> None:
 @contextlib.contextmanager
 def _rngs_kept():
     """Every global RNG as it was before (a dry run must not move any training number)."""
-    from .checkpoint import rng_state, set_rng_state
     state = rng_state()
     try:
         yield
@@ -173,8 +179,6 @@ def _rngs_kept():
 
 def _reference_vit(vit_config: dict):
     """A ViT from a checkpoint's stored config, on the plain-PyTorch path (any device's run)."""
-    from ..models.config import ViTConfig
-    from ..models.vit import VisionTransformer
     return VisionTransformer(ViTConfig(**{**vit_config, "backend": "reference"}))
 
 
@@ -184,12 +188,6 @@ def dry_run(config, info: dict) -> None:
     with the model's own message when anything does not fit. Guide weights are not trained or
     loaded except a --gta-source checkpoint (checked for shape) and a torchvision weights file
     (checked to load)."""
-    from .build import _shapes, _torchvision_spec
-    from .checkpoint import load_checkpoint
-    from .cnn import SMALL_CNN_LAYERS, TORCHVISION_LAYERS, SmallCNN, TorchvisionInput
-    from .cnn import torchvision_cnn
-    from .methods import (MethodSpec, PlainTask, build_vit, gta_student, make_gta_task,
-                          make_link_task, parse_method)
     spec = parse_method(config.method)
     cfg = config.with_(backend="reference", device="cpu")
     size = info["img_size"]
@@ -205,7 +203,7 @@ def dry_run(config, info: dict) -> None:
                 if config.gta_source != "auto":
                     given = _reference_vit(load_checkpoint(config.gta_source,
                                                            "--gta-source")["vit_config"])
-                    if _shapes(given) != _shapes(build_vit(cfg, info, MethodSpec())):
+                    if param_shapes(given) != param_shapes(build_vit(cfg, info, MethodSpec())):
                         raise UsageError(f"--gta-source {config.gta_source}: its ViT does not "
                                          f"have the shapes of model {config.resolved_model()!r}"
                                          " on this data")
@@ -218,7 +216,7 @@ def dry_run(config, info: dict) -> None:
                     cnn, default, cnn_input = (SmallCNN(info["in_chans"], info["num_classes"],
                                                         size), SMALL_CNN_LAYERS, None)
                 else:
-                    arch, path = _torchvision_spec(config.link_cnn)
+                    arch, path = parse_torchvision_spec(config.link_cnn)
                     cnn, default, cnn_input = (torchvision_cnn(arch, path),
                                                TORCHVISION_LAYERS[arch], TorchvisionInput())
                 task = make_link_task(vit, cnn, layers or list(default), cnn_input, cfg, info)
@@ -243,7 +241,6 @@ def _opts(overrides: dict) -> str:
 
 def check_models(configs, data: str, img_size: int) -> None:
     """dry_run of every distinct method among `configs` (one seed each)."""
-    from .data import data_info_of
     info = data_info_of(data, img_size)
     seen = set()
     for config in configs:
