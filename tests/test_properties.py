@@ -17,7 +17,7 @@ import pytest
 import torch
 
 pytest.importorskip("hypothesis", reason="hypothesis is not installed (pyproject test extra)")
-from hypothesis import event, given, settings, strategies as st  # noqa: E402
+from hypothesis import assume, event, given, settings, strategies as st  # noqa: E402
 
 import fastattnreg
 from fastattnreg import (attention, attention_match, attention_match_ref, attention_ref,
@@ -26,6 +26,7 @@ from fastattnreg.ops.dropout import dropout_keep_mask
 from conftest import requires_cpp
 from property_inputs import (_spread, assert_close, batch_heads, grads_or_zeros, head_dims,
                              layouts, masks, max_abs_err, seq_lens, subset)
+from refiner_kinks import flip_patterns, kink_candidates, relu6_hook
 
 pytestmark = requires_cpp
 
@@ -255,7 +256,9 @@ def test_refined_attention_matches_float64_reference(data):
     got = dict(zip(names, got if export else [got]))
     leaves64, params64 = _as_f64(leaves), _as_f64(params)
     rm64, rv64 = [t.double() for t in run_mean], [t.double() for t in run_var]
-    want = call(refined_attention_ref, layout.views(leaves64), params64, rm64, rv64)
+    relu6_in64 = []  # BN1's and BN2's outputs, (B, C, N, N) each
+    with relu6_hook(record=relu6_in64):
+        want = call(refined_attention_ref, layout.views(leaves64), params64, rm64, rv64)
     want = dict(zip(names, want if export else [want]))
     # The weights' gradients are compared in float64 only, to 1e-7: each BatchNorm makes the
     # loss invariant to the scale of every output channel of the convolution before it, so the
@@ -271,24 +274,57 @@ def test_refined_attention_matches_float64_reference(data):
     want_all = [want[nm] for nm in names] + rm64 + rv64 + g64
     labels = names + [f"running statistic {i}" for i in range(8)] + [
         f"grad {i}" for i in range(len(g))]
+
+    def compare(want_list, tols, floors):
+        for a, r, tol, floor, label in zip(got_all, want_list, tols, floors, labels):
+            assert_close(a, r, tol, label, floor)
+
     if dtype == torch.float64:
-        tols = [1e-10] * (len(names) + 8 + len(leaves)) + [1e-7] * len(params)
-        floors = [0.0] * len(got_all)
+        compare(want_all, [1e-10] * (len(names) + 8 + len(leaves)) + [1e-7] * len(params),
+                [0.0] * len(got_all))
     else:
         # float32 by the FlashAttention rule: at most twice the float32 reference's own error
         # (BatchNorm divides by batch standard deviations, which can be small), plus 1e-4.
         leaves32, params32 = ([t.detach().clone().requires_grad_() for t in ts]
                               for ts in (leaves, params))
         rm32, rv32 = [t.clone() for t in run_mean], [t.clone() for t in run_var]
-        ref32 = call(refined_attention_ref, layout.views(leaves32), params32, rm32, rv32)
+        relu6_in32 = []
+        with relu6_hook(record=relu6_in32):
+            ref32 = call(refined_attention_ref, layout.views(leaves32), params32, rm32, rv32)
         ref32 = dict(zip(names, ref32 if export else [ref32]))
         g32 = grads_or_zeros([ref32[nm] for nm in used], leaves32,
                              [u.to(dtype) for u in up])
         ref_all = [ref32[nm] for nm in names] + rm32 + rv32 + g32
         tols = [1e-4] * len(got_all)
-        floors = [2 * max_abs_err(r, w) for r, w in zip(ref_all, want_all)]
-    for a, r, tol, floor, label in zip(got_all, want_all, tols, floors, labels):
-        assert_close(a, r, tol, label, floor)
+        # A ReLU6 input within float32 rounding of a kink may fall on either side in float32
+        # (tests/refiner_kinks.py): the float64 reference is also taken with the derivative of
+        # the other side there, and the result must match one of these references.
+        kinks = kink_candidates(relu6_in64, relu6_in32)
+        if kinks:
+            event(f"refiner float32: {min(len(kinks), 4)} ReLU6 input(s) at a kink")
+        assume(len(kinks) <= 3)  # at most 7 more float64 references
+
+        def flipped_grads(flips):
+            rm_, rv_ = [t.double() for t in run_mean], [t.double() for t in run_var]
+            l64 = _as_f64(leaves)
+            with relu6_hook(flips=flips):
+                w = call(refined_attention_ref, layout.views(l64), _as_f64(params), rm_, rv_)
+            w = dict(zip(names, w if export else [w]))
+            return grads_or_zeros([w[nm] for nm in used], l64, up)
+
+        variants = [want_all] + [want_all[:len(want_all) - len(g64)] + flipped_grads(f)
+                                 for f in flip_patterns(kinks)]
+        # The float32 reference's own error, against the variant nearest to it.
+        floors = [2 * min(max_abs_err(r, v[i]) for v in variants) for i, r in enumerate(ref_all)]
+        failures = []
+        for variant in variants:
+            try:
+                compare(variant, tols, floors)
+                break
+            except AssertionError as err:
+                failures.append(err)
+        else:
+            raise failures[0]
     if not training:  # eval reads the running statistics and leaves them alone
         assert all(torch.equal(a, r) for a, r in zip(rm + rv, run_mean + run_var))
 
@@ -300,3 +336,51 @@ def test_profiles_are_registered():
     assert ci.derandomize and ci.database is None
     assert thorough.max_examples >= 10 * ci.max_examples
     assert fastattnreg.cpp_available()
+
+
+def test_refiner_float32_at_a_relu6_kink():
+    """A draw the thorough profile found: one BN2 output of the float64 reference sits 1.1e-7
+    below ReLU6's kink at 0 (its channel's batch variance, 2.3e-5, is below eps). The float32
+    kernel puts it on the other side, which moves dq and dk by 2% of their size; against the
+    float64 reference taken with that side's derivative it is within float32 rounding, and the
+    two references differ by far more than the tolerance (so the comparison can fail)."""
+    b, h, n, d, expansion, ksize = 2, 2, 58, 17, 4, 7
+    c = expansion * h
+    gen = torch.Generator().manual_seed(845978603)
+
+    def rnd(*shape, std=1.0, mean=0.0):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) * std + mean
+
+    x = rnd(b, n, 3 * h * d)  # timm's qkv layout
+    qkv = x.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+    sizes = (c, c, h, h)
+    params = [rnd(c, h, 1, 1, std=0.5), rnd(c, 1, ksize, ksize, std=0.5), rnd(h, c, 1, 1, std=0.5)]
+    params += [rnd(s, std=0.2, mean=1.0) for s in sizes] + [rnd(s, std=0.2) for s in sizes]
+    run_mean = [rnd(s, std=0.1) for s in sizes]
+    run_var = [torch.rand(s, generator=gen, dtype=torch.float64) + 0.5 for s in sizes]
+    keep = torch.rand(b, h, n, n, generator=gen) >= 0.25
+    up = rnd(b, h, n, d)
+
+    def run(fn, dtype, record=None, flips=None, **kw):
+        qkv_ = [t.to(dtype).requires_grad_() for t in qkv]
+        ps = [t.to(dtype) for t in params]
+        with relu6_hook(record=record, flips=flips):
+            out = fn(*qkv_, *ps[:3], ps[3:7], ps[7:11], [t.to(dtype) for t in run_mean],
+                     [t.to(dtype) for t in run_var], training=True, eps=1e-3, scale=-0.05,
+                     attn_drop=0.25, drop_mask=keep, **kw)
+        return torch.autograd.grad(out, qkv_, up.to(dtype))
+
+    in64, in32 = [], []
+    want = run(refined_attention_ref, torch.float64, record=in64)
+    run(refined_attention_ref, torch.float32, record=in32)
+    kinks = kink_candidates(in64, in32)
+    assert kinks == [(1, int(in64[1].abs().flatten().argmin()))]
+    other = run(refined_attention_ref, torch.float64, flips=flip_patterns(kinks)[0])
+    got = run(refined_attention, torch.float32, backend="cpp")
+
+    def err(a, r):
+        return max_abs_err(a, r) / r.abs().max().item()
+
+    assert torch.equal(other[2], want[2])  # dv = A*^T dout: the flip leaves the forward alone
+    assert max(err(o, w) for o, w in zip(other, want)) > 1e-2  # dq, dk: the sides differ
+    assert min(max(err(g, r) for g, r in zip(got, ref)) for ref in (want, other)) < 1e-5
