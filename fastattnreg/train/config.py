@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 
 DIGITS_MODEL = "vit_tiny_patch2_8"
+DIGITS32_MODEL = "vit_mini_patch4_32"
 IMAGE_MODEL = "vit_tiny_patch4_32"
 
 
@@ -60,7 +61,7 @@ class TrainConfig:
     def resolved_model(self) -> str:
         if self.model != "auto":
             return self.model
-        return DIGITS_MODEL if self.data == "digits" else IMAGE_MODEL
+        return {"digits": DIGITS_MODEL, "digits32": DIGITS32_MODEL}.get(self.data, IMAGE_MODEL)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -10,6 +10,8 @@ Sources (`--data`):
                 download). The *standard held-out test split* is a fixed stratified 25% split
                 (train_test_split(test_size=0.25, stratify=y, random_state=0): 1347 train / 450
                 test); it never changes with --seed or --train-fraction.
+  digits32      the same digits (same split) upscaled to 16x16 and placed at random positions
+                on a 32x32 canvas with light noise (digits32.py): 64 tokens of 4x4 patches.
   cifar10:PATH  torchvision's CIFAR-10 folder format read from disk (PATH or
                 PATH/cifar-10-batches-py holding data_batch_1..5 and test_batch); never
                 downloads. The test split is CIFAR-10's own test_batch.
@@ -31,6 +33,8 @@ from typing import Optional
 
 import numpy as np
 import torch
+
+from . import digits32
 
 SUBSET_SEED = 0  # fixed: the training subset never depends on --seed
 DIGITS_TEST_SIZE = 0.25
@@ -85,11 +89,12 @@ class ImageData:
 def parse_data_spec(spec: str) -> tuple[str, Optional[str]]:
     """'digits' | 'cifar10:PATH' | 'folder:PATH' -> (kind, path); DataError if malformed or
     if the path is missing (checked before any output is written)."""
-    if spec == "digits":
-        return "digits", None
+    if spec in ("digits", "digits32"):
+        return spec, None
     kind, sep, path = spec.partition(":")
     if not sep or kind not in ("cifar10", "folder") or not path:
-        raise DataError(f"--data must be 'digits', 'cifar10:PATH' or 'folder:PATH'; got {spec!r}")
+        raise DataError(f"--data must be 'digits', 'digits32', 'cifar10:PATH' or 'folder:PATH'; "
+                        f"got {spec!r}")
     if not os.path.isdir(path):
         raise DataError(f"--data {spec}: folder {path!r} does not exist")
     if kind == "cifar10":
@@ -108,6 +113,8 @@ def data_info_of(spec: str, img_size: int = 32) -> dict:
     kind, path = parse_data_spec(spec)
     if kind == "digits":
         return {"img_size": 8, "in_chans": 1, "num_classes": 10}
+    if kind == "digits32":
+        return {"img_size": digits32.CANVAS, "in_chans": 1, "num_classes": 10}
     if kind == "cifar10":
         return {"img_size": 32, "in_chans": 3, "num_classes": 10}
     train = os.path.join(path, "train")
@@ -131,6 +138,9 @@ def load_data(spec: str, train_fraction: float = 1.0, img_size: int = 32) -> Ima
     kind, path = parse_data_spec(spec)
     if kind == "digits":
         x_tr, y_tr, x_te, y_te, scale, classes = _load_digits()
+    elif kind == "digits32":
+        x_tr, y_tr, x_te, y_te, _, classes = _load_digits()
+        (x_tr, x_te), scale = digits32.make_digits32(x_tr, x_te), 1.0 / 255.0
     elif kind == "cifar10":
         x_tr, y_tr, x_te, y_te, scale, classes = _load_cifar10(path)
     else:

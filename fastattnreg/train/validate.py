@@ -137,7 +137,7 @@ def needed_packages(command: str, data: str, train_fraction: float, configs) -> 
     """[(import name, what needs it)] for one command line."""
     need = [("tqdm", "training (progress bars and log lines)")]
     kind = data.partition(":")[0]
-    if kind == "digits":
+    if kind in ("digits", "digits32"):
         need.append(("sklearn", "--data digits (scikit-learn's bundled digits)"))
     elif train_fraction < 1.0:
         need.append(("sklearn", "--train-fraction < 1 (a stratified split)"))
