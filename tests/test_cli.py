@@ -76,7 +76,7 @@ def test_the_real_command_exits_nonzero_with_one_line(tmp_path):
     assert rc == 2 and out == ""
     assert err.strip().splitlines() == [
         "fastattnreg: error: unknown method 'nope' in 'nope'; methods: baseline, structured, "
-        "mimetic, refiner, gta, link, cnn (combine with '+', e.g. structured+gta)"]
+        "mimetic, refiner, gta, finetune, link, cnn (combine with '+', e.g. structured+gta)"]
     assert not (tmp_path / "o").exists()
 
 

@@ -29,8 +29,8 @@ RUNS = "runs"
 
 
 def benchmark_name(config) -> str:
-    """The data a comparison ran on, as its summary names it (e.g. 'digits32')."""
-    return config.data
+    """The data a comparison ran on, as its summary names it ('digits32', 'digits 5-9')."""
+    return f"{config.data} {config.classes}" if config.classes else config.data
 
 
 def run_dir(out: str, method: str, seed: int) -> str:

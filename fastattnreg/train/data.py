@@ -132,10 +132,52 @@ def check_fraction(fraction: float) -> float:
 
 # ------------------------------------------------------------------------------ loading
 
-def load_data(spec: str, train_fraction: float = 1.0, img_size: int = 32) -> ImageData:
-    """The training subset and the test split of `spec` (see the module docstring)."""
+def parse_classes(text: str, num_classes: int) -> list[int]:
+    """'' -> every class; '5-9' or '0,2,4' (ranges and single labels) -> sorted class indices.
+    DataError when a label is outside [0, num_classes) or the list is malformed or empty."""
+    if not text:
+        return list(range(num_classes))
+    picked = set()
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi if dash else lo)
+        except ValueError:
+            raise DataError(f"--classes must list labels and ranges such as '5-9' or '0,2,4'; "
+                            f"got {text!r}") from None
+        if not 0 <= first <= last < num_classes:
+            raise DataError(f"--classes {text!r}: labels must lie in [0, {num_classes - 1}] "
+                            "with ranges low-high")
+        picked.update(range(first, last + 1))
+    return sorted(picked)
+
+
+def other_classes(text: str, num_classes: int) -> str:
+    """The classes not in `text` (a --classes value), in the same notation; DataError when none
+    are left."""
+    rest = sorted(set(range(num_classes)) - set(parse_classes(text, num_classes)))
+    if not rest:
+        raise DataError(f"--classes {text or 'all'!r} leaves no other classes for a source model")
+    return ",".join(map(str, rest))
+
+
+def _select(x: torch.Tensor, y: torch.Tensor, classes: list[int]):
+    """The images of `classes`, labels renumbered 0..len(classes)-1 in that order."""
+    keep = torch.isin(y, torch.tensor(classes))
+    relabel = torch.full((int(y.max()) + 1,), -1, dtype=torch.int64)
+    relabel[torch.tensor(classes)] = torch.arange(len(classes))
+    return x[keep], relabel[y[keep]]
+
+
+def load_data(spec: str, train_fraction: float = 1.0, img_size: int = 32,
+              classes: str = "") -> ImageData:
+    """The training subset and the test split of `spec` (see the module docstring), restricted
+    to `classes` (a --classes value; '' keeps all) with their labels renumbered from 0. The
+    normalisation statistics are those of the whole training split, whichever classes are kept,
+    so a source model and its fine-tuned student see the same pixel scale."""
     check_fraction(train_fraction)
     kind, path = parse_data_spec(spec)
+    selected = classes
     if kind == "digits":
         x_tr, y_tr, x_te, y_te, scale, classes = _load_digits()
     elif kind == "digits32":
@@ -145,9 +187,13 @@ def load_data(spec: str, train_fraction: float = 1.0, img_size: int = 32) -> Ima
         x_tr, y_tr, x_te, y_te, scale, classes = _load_cifar10(path)
     else:
         x_tr, y_tr, x_te, y_te, scale, classes = _load_folder(path, img_size)
-    num_classes = len(classes)
     flat = x_tr.float().mul_(scale).transpose(0, 1).reshape(x_tr.shape[1], -1)  # (C, N*H*W)
     mean, std = flat.mean(dim=1), flat.std(dim=1).clamp_min(1e-6)
+    if selected != "":
+        keep = parse_classes(selected, len(classes))
+        (x_tr, y_tr), (x_te, y_te) = _select(x_tr, y_tr, keep), _select(x_te, y_te, keep)
+        classes = [classes[i] for i in keep]
+    num_classes = len(classes)
     full = int(y_tr.numel())
     idx = training_subset(y_tr.numpy(), train_fraction, num_classes)
     return ImageData(spec, x_tr[idx], y_tr[idx], x_te, y_te, num_classes, scale, mean, std,
