@@ -76,7 +76,7 @@ def test_the_real_command_exits_nonzero_with_one_line(tmp_path):
     assert rc == 2 and out == ""
     assert err.strip().splitlines() == [
         "fastattnreg: error: unknown method 'nope' in 'nope'; methods: baseline, structured, "
-        "mimetic, refiner, gta, link, cnn (combine with '+', e.g. structured+gta)"]
+        "mimetic, refiner, gta, finetune, link, cnn (combine with '+', e.g. structured+gta)"]
     assert not (tmp_path / "o").exists()
 
 
@@ -93,9 +93,16 @@ def test_compare_writes_table_files_and_plots(capsys, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["method"] for r in metrics["summary"]] == ["baseline", "link"]
     assert len(metrics["runs"]) == 4 and len((out / "results.csv").read_text().splitlines()) == 5
-    base = metrics["summary"][0]
-    assert base["vs_baseline"] == 0.0
+    base, link = metrics["summary"]
+    assert base["reference"] == "" and base["delta"] is None
     assert base["test_acc_mean"] == pytest.approx(sum(base["test_accs"]) / 2)
+    paired = [a - b for a, b in zip(link["test_accs"], base["test_accs"])]
+    assert link["reference"] == "baseline" and link["delta"] == pytest.approx(sum(paired) / 2)
+    assert link["delta_ci95_low"] <= link["delta"] <= link["delta_ci95_high"]
+    assert link["verdict"] in ("better", "worse", "indistinguishable")
+    header = (out / "summary.csv").read_text().splitlines()[0]
+    assert header == ("benchmark,method,reference,seeds,test_acc_mean,test_acc_std,ci95_low,"
+                      "ci95_high,delta,delta_ci95_low,delta_ci95_high,verdict,epoch_time_s")
     # a finished comparison is read back, not retrained
     assert main(argv + ["--resume"]) == 0
     captured = capsys.readouterr()

@@ -57,9 +57,10 @@ def model_state(folder):
 
 @requires_cpp
 @pytest.mark.parametrize("method", ["baseline", "structured", "mimetic", "refiner", "gta",
-                                    "link", "cnn", "structured+gta"])
+                                    "finetune", "link", "cnn", "structured+gta"])
 def test_each_method_trains(tmp_path, method):
-    m = run(tmp_path, method=method)
+    # The source of gta / finetune needs classes the task does not have: it sees them all here.
+    m = run(tmp_path, method=method, gta_source_classes="all")
     assert m["status"] == "complete" and m["method"] == method
     (row,) = m["epochs"]
     assert np.isfinite([row["train_loss"], row["test_loss"], row["train_reg"]]).all()
@@ -80,9 +81,13 @@ def test_each_method_trains(tmp_path, method):
 
 @requires_cpp
 def test_gta_student_starts_at_the_source_and_guides_are_cached(tmp_path):
-    m = run(tmp_path, method="gta", epochs=2)
+    m = run(tmp_path, method="gta", epochs=2, classes="5-9")
     caches = os.listdir(tmp_path / "cache")
     assert len(caches) == 1 and caches[0].startswith("gta-source-")
+    source_metrics = json.loads((tmp_path / "cache" / caches[0] / "metrics.json").read_text())
+    # the source never sees the task's labels: it trains on the other digits, 0-4
+    assert source_metrics["config"]["classes"] == "0,1,2,3,4"
+    assert source_metrics["data"]["num_classes"] == 5 and m["data"]["num_classes"] == 5
     source = model_state(tmp_path / "cache" / caches[0])
     student = model_state(tmp_path / "run")
     # fine-tuned from the source: same architecture, weights moved away from it
@@ -90,7 +95,7 @@ def test_gta_student_starts_at_the_source_and_guides_are_cached(tmp_path):
     assert any(not torch.equal(source[k], student[k]) for k in source)
     # a second run finds the cached source instead of training it again
     mtime = os.path.getmtime(tmp_path / "cache" / caches[0] / "checkpoint.pt")
-    run(tmp_path, name="again", method="gta", gta_weight=2.0)
+    run(tmp_path, name="again", method="gta", gta_weight=2.0, classes="5-9")
     assert os.listdir(tmp_path / "cache") == caches
     assert os.path.getmtime(tmp_path / "cache" / caches[0] / "checkpoint.pt") == mtime
     assert m["epochs"][0]["train_reg"] >= 0
@@ -225,3 +230,43 @@ def test_image_folder_reads_train_and_test(tmp_path):
     d = load_data(f"folder:{tmp_path}", 1.0, img_size=16)
     assert d.x_train.shape == (8, 3, 16, 16) and d.x_test.shape == (4, 3, 16, 16)
     assert d.classes == ["cat", "dog"] and d.y_train.tolist() == [0] * 4 + [1] * 4
+
+
+def test_classes_select_and_renumber_labels():
+    full, part = load_data("digits", 1.0), load_data("digits", 1.0, classes="5-9")
+    assert part.num_classes == 5 and part.classes == ["5", "6", "7", "8", "9"]
+    assert torch.equal(part.y_test, full.y_test[full.y_test >= 5] - 5)
+    assert torch.equal(part.x_train, full.x_train[full.y_train >= 5])
+    assert torch.equal(part.mean, full.mean)  # one pixel scale for source and task
+    odd = load_data("digits", 1.0, classes="1,3,5-5")
+    assert odd.classes == ["1", "3", "5"] and set(odd.y_train.tolist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("text", ["10", "5-3", "a", "", "-1"])
+def test_bad_classes_are_refused(text):
+    from fastattnreg.train.data import DataError, parse_classes
+    if text == "":
+        assert parse_classes(text, 10) == list(range(10))
+        return
+    with pytest.raises(DataError, match="--classes"):
+        parse_classes(text, 10)
+
+
+@requires_cpp
+def test_finetune_starts_at_the_source_with_a_new_head(tmp_path):
+    from fastattnreg.train.build import build, source_config
+    from fastattnreg.train.dist import DistContext
+    from fastattnreg.train.methods import parse_method
+    cfg = TrainConfig(**{**TINY, "method": "finetune", "classes": "5-9"})
+    data = load_data("digits", cfg.train_fraction, classes=cfg.classes)
+    built = build(cfg, data, cache_dir=str(tmp_path), ctx=DistContext(), log=quiet,
+                  progress=False, train_guide=train_run)
+    (folder,) = os.listdir(tmp_path)
+    source = model_state(tmp_path / folder)
+    student = built.model.state_dict()
+    assert source_config(cfg, parse_method("finetune")).classes == "0,1,2,3,4"
+    for k in source:
+        same = torch.equal(source[k], student[k])
+        assert same == (not k.startswith("head.")), k  # body copied, head drawn anew
+    logits, reg = built.task(torch.randn(2, 1, 8, 8))
+    assert logits.shape == (2, 5) and reg.item() == 0.0

@@ -75,8 +75,8 @@ def test_model_and_method_are_checked_by_a_dry_run(capsys, tmp_path, argv, needl
 
 
 def test_the_dry_run_moves_no_rng():
-    configs = [TrainConfig(method=m) for m in ("structured", "mimetic", "refiner", "gta",
-                                                "link", "cnn")]
+    configs = [TrainConfig(method=m, classes="5-9") for m in
+               ("structured", "mimetic", "refiner", "gta", "finetune", "link", "cnn")]
     torch.manual_seed(11)
     random.seed(11)
     np.random.seed(11)
@@ -126,3 +126,12 @@ def test_an_unexpected_error_is_one_line_and_the_traceback_only_when_asked(
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "Traceback (most recent call last):" and "def broken" not in err[-1]
     assert err[-1] == "fastattnreg: error: ZeroDivisionError: inside the trainer"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--method", "gta"], "the task has every class: give the task's classes"),
+    (["--method", "finetune", "--classes", "0-9"], "leaves no other classes"),
+    (["--classes", "3-12"], "--classes '3-12': labels must lie in [0, 9]"),
+])
+def test_transfer_settings_fail_before_any_file(capsys, tmp_path, argv, needle):
+    fails_cleanly(capsys, tmp_path, ["train", *argv] + out_args(tmp_path), needle)

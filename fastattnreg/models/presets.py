@@ -11,6 +11,10 @@ PRESETS: dict[str, ViTConfig] = {
     # enough that an epoch over ~150 images takes about a second on 2 CPU cores.
     "vit_tiny_patch2_8": ViTConfig(img_size=8, patch_size=2, in_chans=1, num_classes=10,
                                    embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0),
+    # digits32 (32 px grey canvases of placed digits): 8x8 grid of 4x4 patches, 65 tokens, the
+    # width and depth of the 8x8 digits' model.
+    "vit_mini_patch4_32": ViTConfig(img_size=32, patch_size=4, in_chans=1, num_classes=10,
+                                    embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0),
     # 32 px colour images (CIFAR-sized): 8x8 grid of 4x4 patches, ViT-Ti width.
     "vit_tiny_patch4_32": ViTConfig(img_size=32, patch_size=4, num_classes=10, embed_dim=192,
                                     depth=12, num_heads=3),

@@ -19,10 +19,11 @@ from torch import nn
 from .checkpoint import CheckpointError, load_checkpoint, seed_everything
 from ..models.small_cnn import SMALL_CNN_LAYERS, SmallCNN
 from .config import TrainConfig
+from .data import data_info_of, other_classes
 from .dist import DistContext
 from .guide_cnns import TORCHVISION_LAYERS, TorchvisionInput, torchvision_cnn
 from .methods import (MethodError, MethodSpec, PlainTask, build_vit, gta_student, make_gta_task,
-                      make_link_task, parse_method, vit_from_checkpoint)
+                      make_link_task, new_head, parse_method, vit_from_checkpoint)
 
 
 class GuideTrainer(Protocol):
@@ -59,7 +60,7 @@ def build(config: TrainConfig, data, *, cache_dir: str, ctx: DistContext,
     spec = parse_method(config.method)
     info = data_info(data)
     source = cnn_guide = None
-    if spec.regulariser == "gta":
+    if spec.regulariser in ("gta", "finetune"):
         source = gta_source(config, data, spec, cache_dir=cache_dir, ctx=ctx, log=log,
                             progress=progress, train_guide=train_guide)
     elif spec.regulariser == "link":
@@ -71,6 +72,10 @@ def build(config: TrainConfig, data, *, cache_dir: str, ctx: DistContext,
         return Built(PlainTask(cnn), cnn, spec, "cnn")
     if source is not None:
         student = gta_student(source)
+        if config.gta_source == "auto" and source_classes(config) != config.classes:
+            new_head(student, info["num_classes"])  # the source's labels are not the task's
+        if spec.regulariser == "finetune":
+            return Built(PlainTask(student), student, spec, "vit")
         return Built(make_gta_task(student, source, config), student, spec, "vit")
     vit = build_vit(config, info, spec)
     if cnn_guide is not None:
@@ -82,7 +87,7 @@ def build(config: TrainConfig, data, *, cache_dir: str, ctx: DistContext,
 # ------------------------------------------------------------------------------ guides
 
 GUIDE_FIELDS = ("gta_source", "gta_weight", "gta_kind", "gta_rows", "gta_source_epochs",
-                "gta_source_seed", "link_cnn", "link_weight", "link_decay", "link_cnn_layers",
+                "gta_source_seed", "gta_source_classes", "link_cnn", "link_weight", "link_decay", "link_cnn_layers",
                 "cnn_epochs", "cnn_lr")
 VIT_FIELDS = ("model", "model_overrides", "backend", "structured_method", "structured_kernel")
 
@@ -93,11 +98,28 @@ def _reset(config: TrainConfig, names) -> dict:
     return {n: getattr(default, n) for n in names}
 
 
+def source_classes(config: TrainConfig) -> str:
+    """The classes the source of gta / finetune trains on (a --classes value): by default those
+    the task does not have, so that the source never sees the task's labels."""
+    if config.gta_source_classes == "all":
+        return ""
+    if config.gta_source_classes == "other":
+        if not config.classes:
+            raise MethodError(f"--method {config.method}: its source trains on the classes the "
+                              "task does not have (--gta-source-classes other), and the task "
+                              "has every class: give the task's classes (e.g. --classes 5-9) "
+                              "or let the source see them (--gta-source-classes all)")
+        return other_classes(config.classes, data_info_of(config.data, config.img_size)
+                             ["num_classes"])
+    return config.gta_source_classes
+
+
 def source_config(config: TrainConfig, spec: MethodSpec) -> TrainConfig:
-    """The GTA source: the scratch part of the method (init), on the full training split."""
+    """The source of gta / finetune: the scratch part of the method (init), on every training
+    image of the source's classes."""
     return config.with_(method=spec.scratch_name, train_fraction=1.0,
-                        seed=config.gta_source_seed, epochs=config.gta_source_epochs,
-                        **_reset(config, GUIDE_FIELDS))
+                        classes=source_classes(config), seed=config.gta_source_seed,
+                        epochs=config.gta_source_epochs, **_reset(config, GUIDE_FIELDS))
 
 
 def cnn_config(config: TrainConfig) -> TrainConfig:

@@ -47,9 +47,12 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments that `train` and `compare` share."""
     d = DEFAULTS
     p.add_argument("--data", default=d.data,
-                   help="digits (embedded, default) | cifar10:PATH | folder:PATH")
+                   help="digits (embedded, default) | digits32 | cifar10:PATH | folder:PATH")
     p.add_argument("--train-fraction", type=float, default=d.train_fraction,
                    help="stratified fraction of the training split, in (0, 1] (fixed seed 0)")
+    p.add_argument("--classes", default=d.classes,
+                   help="the task's classes, e.g. 5-9 or 0,2,4 (labels renumbered from 0); "
+                        "default all")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size")
     p.add_argument("--lr", type=float, default=None,
@@ -76,6 +79,10 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gta-rows", default=d.gta_rows, choices=("cls", "all"))
     p.add_argument("--gta-source-epochs", type=int, default=d.gta_source_epochs)
     p.add_argument("--gta-source-seed", type=int, default=d.gta_source_seed)
+    p.add_argument("--gta-source-classes", default=d.gta_source_classes,
+                   help="the classes the auto source of gta / finetune trains on: other (those "
+                        "not in --classes, default: it never sees the task's labels) | all | "
+                        "a --classes list")
     p.add_argument("--link-cnn", default=d.link_cnn,
                    help="auto (small CNN trained on the same subset) | torchvision:ARCH:WEIGHTS")
     p.add_argument("--link-weight", type=float, default=d.link_weight)
@@ -130,7 +137,8 @@ def resolve_device(text: str) -> str:
 
 def config_from_args(args, method: str, seed: int) -> TrainConfig:
     return TrainConfig(
-        method=method, data=args.data, train_fraction=args.train_fraction, seed=seed,
+        method=method, data=args.data, train_fraction=args.train_fraction,
+        classes=args.classes, seed=seed,
         epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr if args.lr is not None else default_lr(parse_method(method)),
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
@@ -140,7 +148,8 @@ def config_from_args(args, method: str, seed: int) -> TrainConfig:
         structured_method=args.structured_method, structured_kernel=args.structured_kernel,
         gta_source=args.gta_source, gta_weight=args.gta_weight, gta_kind=args.gta_kind,
         gta_rows=args.gta_rows, gta_source_epochs=args.gta_source_epochs,
-        gta_source_seed=args.gta_source_seed, link_cnn=args.link_cnn,
+        gta_source_seed=args.gta_source_seed, gta_source_classes=args.gta_source_classes,
+        link_cnn=args.link_cnn,
         link_weight=args.link_weight, link_decay=args.link_decay,
         link_cnn_layers=args.link_cnn_layers, cnn_epochs=args.cnn_epochs, cnn_lr=args.cnn_lr)
 

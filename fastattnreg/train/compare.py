@@ -13,6 +13,7 @@ configuration equals it; any other run starts again from epoch 0 (and stderr say
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
@@ -21,9 +22,15 @@ from .checkpoint import (CheckpointError, load_checkpoint, remove_stale_temps, s
                          save_text)
 from .dist import DistContext
 from .plots import plot_accuracy, plot_attention
+from .stats import mean_ci, paired_difference, verdict
 from .trainer import train_run, versions
 
 RUNS = "runs"
+
+
+def benchmark_name(config) -> str:
+    """The data a comparison ran on, as its summary names it ('digits32', 'digits 5-9')."""
+    return f"{config.data} {config.classes}" if config.classes else config.data
 
 
 def run_dir(out: str, method: str, seed: int) -> str:
@@ -97,39 +104,89 @@ def run_compare(configs: dict, methods: list[str], seeds: list[int], out: str, *
                 configs[(method, seed)], folder, resume=again, ctx=ctx, log=log,
                 progress=progress, name=f"{method}-s{seed}", cache_dir=cache_dir)
     wall = time.perf_counter() - t_start
-    summary = summarise(results, methods, seeds)
+    summary = summarise(results, methods, seeds, benchmark_name(configs[(methods[0], seeds[0])]))
     if ctx.is_main:
         write_outputs(out, configs, results, summary, methods, seeds, wall)
         print(format_table(summary, seeds, configs[(methods[0], seeds[0])], wall))
     return {"summary": summary, "runs": results}
 
 
-def summarise(results: dict, methods: list[str], seeds: list[int]) -> list[dict]:
+def reference_of(method: str, methods: list[str]) -> str | None:
+    """The row a method is judged against: gta against finetune (the same start without the
+    regulariser) where both are compared, every other method against baseline; None for the
+    baseline itself or when its reference is not among `methods`."""
+    if method == "baseline":
+        return None
+    parts = method.split("+")
+    if "gta" in parts:
+        finetune = "+".join("finetune" if p == "gta" else p for p in parts)
+        if finetune in methods:
+            return finetune
+    return "baseline" if "baseline" in methods else None
+
+
+def _finite(x: float):
+    """None for NaN (no interval with one seed): JSON and CSV hold it as null / empty."""
+    return None if math.isnan(x) else x
+
+
+def summarise(results: dict, methods: list[str], seeds: list[int], benchmark: str) -> list[dict]:
+    """One row per method: the mean test accuracy over seeds with its 95% interval, and the
+    paired difference to the reference row (same seeds) with its interval and verdict."""
+    accs = {m: [results[(m, s)]["final"]["test_acc"] for s in seeds] for m in methods}
     rows = []
     for method in methods:
-        accs = [results[(method, s)]["final"]["test_acc"] for s in seeds]
+        ci = mean_ci(accs[method])
+        ref = reference_of(method, methods)
+        delta = paired_difference(accs[method], accs[ref]) if ref else None
         times = [results[(method, s)]["final"]["epoch_time_s"] for s in seeds]
-        rows.append({"method": method, "seeds": len(seeds), "test_acc_mean": statistics.mean(accs),
-                     "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                     "test_accs": accs, "epoch_time_s": statistics.mean(times),
+        rows.append({"benchmark": benchmark, "method": method, "reference": ref or "",
+                     "seeds": len(seeds), "test_acc_mean": ci.mean, "test_acc_std": ci.std,
+                     "ci95_low": _finite(ci.low), "ci95_high": _finite(ci.high),
+                     "delta": None if delta is None else delta.mean,
+                     "delta_ci95_low": None if delta is None else _finite(delta.low),
+                     "delta_ci95_high": None if delta is None else _finite(delta.high),
+                     "verdict": "" if delta is None else verdict(delta),
+                     "test_accs": accs[method], "epoch_time_s": statistics.mean(times),
                      "reference_path": results[(method, seeds[0])].get("reference_path", [])})
-    base = next((r for r in rows if r["method"] == "baseline"), None)
-    for r in rows:
-        r["vs_baseline"] = None if base is None else r["test_acc_mean"] - base["test_acc_mean"]
     return rows
 
 
+SUMMARY_COLUMNS = ("benchmark", "method", "reference", "seeds", "test_acc_mean", "test_acc_std",
+                   "ci95_low", "ci95_high", "delta", "delta_ci95_low", "delta_ci95_high",
+                   "verdict", "epoch_time_s")
+
+
+def summary_csv(summary: list[dict]) -> str:
+    def cell(value):
+        if value is None:
+            return ""
+        return f"{value:.6f}" if isinstance(value, float) else str(value)
+    rows = [",".join(SUMMARY_COLUMNS)]
+    rows += [",".join(cell(r[c]) for c in SUMMARY_COLUMNS) for r in summary]
+    return "\n".join(rows) + "\n"
+
+
 def format_table(summary: list[dict], seeds: list[int], config, wall: float) -> str:
-    head = (f"Test accuracy on {config.data} (train fraction {config.train_fraction:g}, "
-            f"{config.epochs} epochs, seeds {','.join(map(str, seeds))})")
-    lines = [head, f"{'method':<22} {'test acc (mean ± std)':>22} {'vs baseline':>12} "
-                   f"{'s/epoch':>8}"]
+    head = (f"Test accuracy on {summary[0]['benchmark']} (train fraction "
+            f"{config.train_fraction:g}, {config.epochs} epochs, {len(seeds)} seeds: "
+            f"{','.join(map(str, seeds))}); intervals are 95% t intervals over seeds, differences "
+            "paired by seed")
+    lines = [head, f"{'method':<18} {'mean ± std (%)':>15} {'95% CI':>14}  {'reference':<12}"
+                   f"{'difference (pt)':>16} {'95% CI':>15}  {'verdict':<17} {'s/epoch':>7}"]
     for r in summary:
-        delta = "" if r["vs_baseline"] is None else f"{100 * r['vs_baseline']:+.2f} pt"
+        ci = ("-" if r["ci95_low"] is None else
+              f"[{100 * r['ci95_low']:.1f}, {100 * r['ci95_high']:.1f}]")
+        if r["delta"] is None:
+            diff = dci = ""
+        else:
+            diff = f"{100 * r['delta']:+.2f}"
+            dci = ("-" if r["delta_ci95_low"] is None else
+                   f"[{100 * r['delta_ci95_low']:+.1f}, {100 * r['delta_ci95_high']:+.1f}]")
         note = " (reference path)" if r["reference_path"] else ""
-        lines.append(f"{r['method']:<22} {100 * r['test_acc_mean']:>13.2f} ± "
-                     f"{100 * r['test_acc_std']:<5.2f}% {delta:>12} {r['epoch_time_s']:>8.2f}"
-                     f"{note}")
+        lines.append(f"{r['method']:<18} {100 * r['test_acc_mean']:>7.2f} ± "
+                     f"{100 * r['test_acc_std']:<5.2f} {ci:>14}  {r['reference']:<12}"
+                     f"{diff:>16} {dci:>15}  {r['verdict']:<17} {r['epoch_time_s']:>7.2f}{note}")
     lines.append(f"total wall time {wall:.0f} s (guide training included)")
     return "\n".join(lines)
 
@@ -150,11 +207,7 @@ def write_outputs(out, configs, results, summary, methods, seeds, wall) -> None:
              f"{r['final']['test_loss']:.6f},{r['final']['best_test_acc']:.6f},"
              f"{r['final']['epoch_time_s']:.4f}" for r in runs]
     save_text("\n".join(rows) + "\n", os.path.join(out, "results.csv"))
-    rows = ["method,seeds,test_acc_mean,test_acc_std,vs_baseline,epoch_time_s"]
-    rows += [f"{r['method']},{r['seeds']},{r['test_acc_mean']:.6f},{r['test_acc_std']:.6f},"
-             f"{'' if r['vs_baseline'] is None else format(r['vs_baseline'], '.6f')},"
-             f"{r['epoch_time_s']:.4f}" for r in summary]
-    save_text("\n".join(rows) + "\n", os.path.join(out, "summary.csv"))
+    save_text(summary_csv(summary), os.path.join(out, "summary.csv"))
     plot_accuracy(runs, methods, os.path.join(out, "accuracy.png"))
     first_seed = {m: os.path.join(run_dir(out, m, seeds[0]), "checkpoint.pt") for m in methods}
     plot_attention(first_seed, configs[(methods[0], seeds[0])], os.path.join(out, "attention.png"))

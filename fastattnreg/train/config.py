@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 
 DIGITS_MODEL = "vit_tiny_patch2_8"
+DIGITS32_MODEL = "vit_mini_patch4_32"
 IMAGE_MODEL = "vit_tiny_patch4_32"
 
 
@@ -16,7 +17,7 @@ STRUCTURED_LR = 1e-3  # a structured init trained at 2e-3 lost its pattern: 59.6
 def default_lr(spec) -> float:
     """The learning rate a method gets when --lr is not given (tuned on 10% of digits): 1e-3
     for a structured init trained from scratch (it keeps its impulse maps longer), else 2e-3."""
-    if spec.init == "structured" and spec.regulariser != "gta":
+    if spec.init == "structured" and spec.regulariser not in ("gta", "finetune"):
         return STRUCTURED_LR
     return TrainConfig.lr
 
@@ -26,6 +27,7 @@ class TrainConfig:
     method: str = "baseline"  # a method or a '+' combination (methods.py)
     data: str = "digits"  # digits | cifar10:PATH | folder:PATH
     train_fraction: float = 1.0  # stratified fraction of the training split, fixed seed 0
+    classes: str = ""  # the task's classes ('' = all; '5-9', '0,2,4'), labels renumbered from 0
     seed: int = 0  # model init, data order, augmentation
     epochs: int = 50
     batch_size: int = 32  # global batch (split over DDP ranks)
@@ -49,6 +51,9 @@ class TrainConfig:
     gta_rows: str = "cls"
     gta_source_epochs: int = 20  # auto source: epochs on the full training split
     gta_source_seed: int = 0
+    # the source's classes: other (those not in `classes`: it never sees the task's labels) |
+    # all | a --classes list
+    gta_source_classes: str = "other"
     # link (docs/methods.md section 4)
     link_cnn: str = "auto"  # auto (SmallCNN trained here) | torchvision:ARCH:WEIGHTS
     link_weight: float = 0.1  # tuned: 0.003 55.8%, 0.01 55.1, 0.03 61.0, 0.1 64.9, 0.3 61.6, 1.0 44.2
@@ -60,7 +65,7 @@ class TrainConfig:
     def resolved_model(self) -> str:
         if self.model != "auto":
             return self.model
-        return DIGITS_MODEL if self.data == "digits" else IMAGE_MODEL
+        return {"digits": DIGITS_MODEL, "digits32": DIGITS32_MODEL}.get(self.data, IMAGE_MODEL)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -10,6 +10,8 @@ Sources (`--data`):
                 download). The *standard held-out test split* is a fixed stratified 25% split
                 (train_test_split(test_size=0.25, stratify=y, random_state=0): 1347 train / 450
                 test); it never changes with --seed or --train-fraction.
+  digits32      the same digits (same split) upscaled to 16x16 and placed at random positions
+                on a 32x32 canvas with light noise (digits32.py): 64 tokens of 4x4 patches.
   cifar10:PATH  torchvision's CIFAR-10 folder format read from disk (PATH or
                 PATH/cifar-10-batches-py holding data_batch_1..5 and test_batch); never
                 downloads. The test split is CIFAR-10's own test_batch.
@@ -31,6 +33,8 @@ from typing import Optional
 
 import numpy as np
 import torch
+
+from . import digits32
 
 SUBSET_SEED = 0  # fixed: the training subset never depends on --seed
 DIGITS_TEST_SIZE = 0.25
@@ -85,11 +89,12 @@ class ImageData:
 def parse_data_spec(spec: str) -> tuple[str, Optional[str]]:
     """'digits' | 'cifar10:PATH' | 'folder:PATH' -> (kind, path); DataError if malformed or
     if the path is missing (checked before any output is written)."""
-    if spec == "digits":
-        return "digits", None
+    if spec in ("digits", "digits32"):
+        return spec, None
     kind, sep, path = spec.partition(":")
     if not sep or kind not in ("cifar10", "folder") or not path:
-        raise DataError(f"--data must be 'digits', 'cifar10:PATH' or 'folder:PATH'; got {spec!r}")
+        raise DataError(f"--data must be 'digits', 'digits32', 'cifar10:PATH' or 'folder:PATH'; "
+                        f"got {spec!r}")
     if not os.path.isdir(path):
         raise DataError(f"--data {spec}: folder {path!r} does not exist")
     if kind == "cifar10":
@@ -108,6 +113,8 @@ def data_info_of(spec: str, img_size: int = 32) -> dict:
     kind, path = parse_data_spec(spec)
     if kind == "digits":
         return {"img_size": 8, "in_chans": 1, "num_classes": 10}
+    if kind == "digits32":
+        return {"img_size": digits32.CANVAS, "in_chans": 1, "num_classes": 10}
     if kind == "cifar10":
         return {"img_size": 32, "in_chans": 3, "num_classes": 10}
     train = os.path.join(path, "train")
@@ -125,19 +132,68 @@ def check_fraction(fraction: float) -> float:
 
 # ------------------------------------------------------------------------------ loading
 
-def load_data(spec: str, train_fraction: float = 1.0, img_size: int = 32) -> ImageData:
-    """The training subset and the test split of `spec` (see the module docstring)."""
+def parse_classes(text: str, num_classes: int) -> list[int]:
+    """'' -> every class; '5-9' or '0,2,4' (ranges and single labels) -> sorted class indices.
+    DataError when a label is outside [0, num_classes) or the list is malformed or empty."""
+    if not text:
+        return list(range(num_classes))
+    picked = set()
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi if dash else lo)
+        except ValueError:
+            raise DataError(f"--classes must list labels and ranges such as '5-9' or '0,2,4'; "
+                            f"got {text!r}") from None
+        if not 0 <= first <= last < num_classes:
+            raise DataError(f"--classes {text!r}: labels must lie in [0, {num_classes - 1}] "
+                            "with ranges low-high")
+        picked.update(range(first, last + 1))
+    return sorted(picked)
+
+
+def other_classes(text: str, num_classes: int) -> str:
+    """The classes not in `text` (a --classes value), in the same notation; DataError when none
+    are left."""
+    rest = sorted(set(range(num_classes)) - set(parse_classes(text, num_classes)))
+    if not rest:
+        raise DataError(f"--classes {text or 'all'!r} leaves no other classes for a source model")
+    return ",".join(map(str, rest))
+
+
+def _select(x: torch.Tensor, y: torch.Tensor, classes: list[int]):
+    """The images of `classes`, labels renumbered 0..len(classes)-1 in that order."""
+    keep = torch.isin(y, torch.tensor(classes))
+    relabel = torch.full((int(y.max()) + 1,), -1, dtype=torch.int64)
+    relabel[torch.tensor(classes)] = torch.arange(len(classes))
+    return x[keep], relabel[y[keep]]
+
+
+def load_data(spec: str, train_fraction: float = 1.0, img_size: int = 32,
+              classes: str = "") -> ImageData:
+    """The training subset and the test split of `spec` (see the module docstring), restricted
+    to `classes` (a --classes value; '' keeps all) with their labels renumbered from 0. The
+    normalisation statistics are those of the whole training split, whichever classes are kept,
+    so a source model and its fine-tuned student see the same pixel scale."""
     check_fraction(train_fraction)
     kind, path = parse_data_spec(spec)
+    selected = classes
     if kind == "digits":
         x_tr, y_tr, x_te, y_te, scale, classes = _load_digits()
+    elif kind == "digits32":
+        x_tr, y_tr, x_te, y_te, _, classes = _load_digits()
+        (x_tr, x_te), scale = digits32.make_digits32(x_tr, x_te), 1.0 / 255.0
     elif kind == "cifar10":
         x_tr, y_tr, x_te, y_te, scale, classes = _load_cifar10(path)
     else:
         x_tr, y_tr, x_te, y_te, scale, classes = _load_folder(path, img_size)
-    num_classes = len(classes)
     flat = x_tr.float().mul_(scale).transpose(0, 1).reshape(x_tr.shape[1], -1)  # (C, N*H*W)
     mean, std = flat.mean(dim=1), flat.std(dim=1).clamp_min(1e-6)
+    if selected != "":
+        keep = parse_classes(selected, len(classes))
+        (x_tr, y_tr), (x_te, y_te) = _select(x_tr, y_tr, keep), _select(x_te, y_te, keep)
+        classes = [classes[i] for i in keep]
+    num_classes = len(classes)
     full = int(y_tr.numel())
     idx = training_subset(y_tr.numpy(), train_fraction, num_classes)
     return ImageData(spec, x_tr[idx], y_tr[idx], x_te, y_te, num_classes, scale, mean, std,

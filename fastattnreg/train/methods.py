@@ -7,6 +7,7 @@ task (a module whose forward(x) returns (logits, regulariser)).
   mimetic     mimetic init (fastattnreg.init)
   refiner     RefinerAttention in every block (ViTConfig attn="refiner")
   gta         fine-tune from a source ViT with GTALoss (source: --gta-source CKPT or auto)
+  finetune    fine-tune from the same source without the regulariser (gta's reference row)
   link        train with AttentionLink to a frozen CNN (--link-cnn auto or torchvision:...)
   cnn         the small CNN alone (the guide `link` trains), for reference; not combinable
 
@@ -19,7 +20,7 @@ refined maps do not feed.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -31,9 +32,9 @@ from ..models import ViTConfig, VisionTransformer, create_model
 from ..nn.regularizers import AttentionLink, GTALoss
 from .config import TrainConfig
 
-METHODS = ("baseline", "structured", "mimetic", "refiner", "gta", "link", "cnn")
+METHODS = ("baseline", "structured", "mimetic", "refiner", "gta", "finetune", "link", "cnn")
 INITS = ("structured", "mimetic")
-REGULARISERS = ("gta", "link")
+REGULARISERS = ("gta", "link", "finetune")  # at most one: each decides how the ViT starts or trains
 
 
 class MethodError(ValueError):
@@ -76,9 +77,9 @@ def parse_method(text: str) -> MethodSpec:
     if len(inits) > 1:
         raise MethodError(f"method {text!r}: choose one init, structured or mimetic")
     if len(regs) > 1:
-        raise MethodError(f"method {text!r}: gta and link both drive the attention layers; "
-                          "choose one")
-    if "refiner" in parts and regs:
+        raise MethodError(f"method {text!r}: {' and '.join(regs)} each decide how the ViT "
+                          "starts or trains; choose one")
+    if "refiner" in parts and set(regs) & {"gta", "link"}:
         raise MethodError(f"method {text!r}: refiner does not combine with {regs[0]} (the "
                           "regularisers read FusedAttention maps, not refined ones)")
     if "baseline" in parts and len(parts) > 1:
@@ -205,6 +206,17 @@ def make_link_task(vit: nn.Module, cnn: nn.Module, cnn_layers, cnn_input, config
     link = AttentionLink(vit, cnn, list(cnn_layers), weight=config.link_weight,
                          decay=config.link_decay, cnn_input_size=(c, s, s))
     return LinkTask(link, cnn_input)
+
+
+def new_head(student: nn.Module, num_classes: int) -> None:
+    """Replaces the classifier by a fresh one for num_classes labels (timm's init: truncated
+    normal weights, std .02, zero bias; from the seeded RNG), and records the class count in
+    the ViT's config (checkpoints rebuild the ViT from it)."""
+    head = nn.Linear(student.head.in_features, num_classes)
+    nn.init.trunc_normal_(head.weight, std=0.02)
+    nn.init.zeros_(head.bias)
+    student.head = head
+    student.config = replace(student.config, num_classes=num_classes)
 
 
 def gta_student(source: nn.Module) -> nn.Module:

@@ -88,7 +88,7 @@ def attention_grids(model, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torc
 def plot_attention(checkpoints: dict[str, str], config, path: str) -> None:
     """attention.png at `path` for the final models in checkpoints ({method: checkpoint.pt},
     in row order) on example test images of config's data; CNN checkpoints are left out."""
-    data = load_data(config.data, config.train_fraction, config.img_size)
+    data = load_data(config.data, config.train_fraction, config.img_size, config.classes)
     idx = example_images(data)
     x = data.normalise(data.x_test[idx])
     images = (data.x_test[idx].float() * data.scale).permute(0, 2, 3, 1).numpy()  # (B, H, W, C)

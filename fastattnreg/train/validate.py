@@ -16,9 +16,9 @@ from typing import Iterable, Optional
 import torch
 
 from ..models import SMALL_CNN_LAYERS, SmallCNN, ViTConfig, VisionTransformer
-from .build import param_shapes, parse_torchvision_spec
+from .build import param_shapes, parse_torchvision_spec, source_classes
 from .checkpoint import load_checkpoint, rng_state, set_rng_state
-from .data import data_info_of
+from .data import data_info_of, parse_classes
 from .guide_cnns import TORCHVISION_LAYERS, TorchvisionInput, torchvision_cnn
 from .methods import (MethodSpec, PlainTask, build_vit, gta_student, make_gta_task,
                       make_link_task, parse_method)
@@ -137,7 +137,7 @@ def needed_packages(command: str, data: str, train_fraction: float, configs) -> 
     """[(import name, what needs it)] for one command line."""
     need = [("tqdm", "training (progress bars and log lines)")]
     kind = data.partition(":")[0]
-    if kind == "digits":
+    if kind in ("digits", "digits32"):
         need.append(("sklearn", "--data digits (scikit-learn's bundled digits)"))
     elif train_fraction < 1.0:
         need.append(("sklearn", "--train-fraction < 1 (a stratified split)"))
@@ -198,7 +198,7 @@ def dry_run(config, info: dict) -> None:
             x = torch.randn(2, info["in_chans"], size, size)
             if spec.cnn:
                 task = PlainTask(SmallCNN(info["in_chans"], info["num_classes"], size))
-            elif spec.regulariser == "gta":
+            elif spec.regulariser in ("gta", "finetune"):
                 source = build_vit(cfg, info, MethodSpec(spec.init, spec.refiner))
                 if config.gta_source != "auto":
                     given = _reference_vit(load_checkpoint(config.gta_source,
@@ -208,7 +208,8 @@ def dry_run(config, info: dict) -> None:
                                          f"have the shapes of model {config.resolved_model()!r}"
                                          " on this data")
                     source = given
-                task = make_gta_task(gta_student(source), source, cfg)
+                task = (make_gta_task(gta_student(source), source, cfg)
+                        if spec.regulariser == "gta" else PlainTask(gta_student(source)))
             elif spec.regulariser == "link":
                 vit = build_vit(cfg, info, spec)
                 layers = [s for s in config.link_cnn_layers.split(",") if s]
@@ -246,7 +247,11 @@ def check_models(configs, data: str, img_size: int) -> None:
     for config in configs:
         if config.method not in seen:
             seen.add(config.method)
-            dry_run(config, info)
+            task_classes = parse_classes(config.classes, info["num_classes"])
+            if parse_method(config.method).regulariser in ("gta", "finetune") and \
+                    config.gta_source == "auto":
+                source_classes(config)  # a source with no classes left is refused here
+            dry_run(config, {**info, "num_classes": len(task_classes)})
 
 
 def ddp_timeout_default() -> float:
