@@ -65,8 +65,10 @@ def _signature(fn, constexprs: dict) -> dict:
 
 
 def triton_ir(kernel, constexprs: dict) -> str:
-    """The kernel's Triton IR (frontend output, helpers inlined) for one specialisation."""
+    """The kernel's Triton IR (frontend output, helpers inlined) for one specialisation;
+    values of constexprs the kernel does not have are left out."""
     fn = jit_function(kernel)
+    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
     options = backend.parse_options({})
