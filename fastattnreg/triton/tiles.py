@@ -6,28 +6,29 @@ the log2 domain inside the softmax kernels (exp2 is the fast path) and in natura
 loss reads them; LSEs are stored in natural log.
 
 Tile sizes (autotuned on the GPU over the short lists below; the interpreter uses one 64 x 64
-tile, as autotuning there is pointless and bigger tiles run faster):
-  * Rows and columns of 32, 64 or 128: tl.dot needs >= 16 on every side for 16-bit inputs, and
-    Hopper's wgmma works on 64-row warpgroup tiles, so 64/128-row tiles are the main candidates;
-    32 (and 16 in the backward) serve short sequences (N = 17, 65) and fp32 at large D.
-  * Forward: 128 x 64, 4 warps, 3 stages is FlashAttention-2's choice for D <= 64 on Ampere and
-    Hopper (three stages of 64 x D K and V tiles in 16 bits fit Ampere's 164 KiB of shared
-    memory); at D = 80 and 128 that config spills on sm_90, so 8-warp variants are offered.
-  * dK/dV: a program owns 32..128 keys (two fp32 accumulators of BLOCK_N x D in registers) and
-    steps through 16..64 queries; dQ is the transpose.
-  * fp32 inputs use 3xTF32 dots: 4-byte tiles double the shared memory and the split operands
-    the registers, so at D >= 80 only the smallest tiles fit.
-  * Tiles larger than the sequence are pruned (N = 17 needs no 128-row tile); configs that do
-    not fit a GPU's shared memory fail to compile and the autotuner drops them.
-  Evidence: tests/test_triton_aot.py compiles every kernel over every config, dtype, head dim
-  and flag for sm_80 and sm_90a with Triton's ptxas (no GPU) and fails on any register spill of
-  the attention and match kernels; benchmarks/results/triton_aot.csv holds its registers, spills
-  and shared memory per variant. A config stays in a list when some variant the launchers use
-  compiles with it without spilling; the autotuner measures the speed on the GPU.
+tile, as autotuning there is pointless and bigger tiles run faster). Each kernel's Tiles holds
+three lists, and the autotuner's pruning (pruner) offers a launch only the one of its regime:
+  * plain (16-bit inputs, no mask, dropout, maps' gradient or teacher): rows and columns of 32,
+    64 or 128; 128 x 64, 4 warps, 3 stages is FlashAttention-2's forward choice for D <= 64 on
+    Ampere and Hopper; dK/dV programs own 32..128 keys, dQ programs 64..128 queries.
+  * heavy (16-bit inputs with any of those): a mask tile is read through a (BLOCK_M, BLOCK_N)
+    tile of pointers, dropout runs one Philox4x32-10 per entry and the teacher adds its own
+    logits; at D = 128 the 64- and 128-row tiles spill there (up to ~9 KB per thread in the
+    forward with dropout, sm_90a), so the heavy lists hold 16- and 32-row tiles.
+  * fp32 (3xTF32 dots: every operand split in two, 4-byte tiles): the smallest tiles, 8 warps.
+  Tiles larger than the sequence are pruned too (N = 17 needs no 128-row tile).
+  Evidence: tests/test_triton_aot.py compiles every kernel over every config of its lists, each
+  dtype and the heaviest flags at D = 128 for sm_80 and sm_90a with Triton's ptxas (no GPU);
+  benchmarks/results/triton_aot.csv holds registers, spills and shared memory per variant. At
+  D = 128 about half of the variants still spill (tests/triton_aot_known_spills.csv: the 64-
+  and 128-row plain tiles, every fp32 backward and match tile); the lists are not yet split by
+  head dim. The speed of the configs is measured by the autotuner on the GPU only.
 """
 from __future__ import annotations
 
 import os
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -42,14 +43,39 @@ _LN2 = tl.constexpr(0.6931471805599453)
 MAX_GRID_Z = 65535  # CUDA limit of grid axes 1 and 2, where the heads (or query blocks) go
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel; see the module docstring.
-FWD_TILES = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3),
-             (32, 32, 4, 2), (32, 32, 8, 2))
-MAPS_TILES = ((64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 32, 8, 2), (32, 32, 4, 2))
-DELTA_TILES = ((64, 64, 4, 3), (128, 64, 8, 3), (32, 32, 4, 2))
-DKDV_TILES = ((32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 64, 8, 2), (32, 32, 8, 2),
-              (16, 32, 4, 2))
-DQ_TILES = ((128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3), (32, 32, 8, 2),
-            (16, 32, 4, 2))
+# Each list is a Tiles: `plain` for 16-bit inputs without a mask, dropout, maps' gradient or
+# teacher; `heavy` for 16-bit inputs with any of them; `fp32` for fp32 inputs (3xTF32 splits
+# every operand in two). The bigger tiles spill registers in the last two (ptxas, sm_90a, D = 128).
+
+
+class Tiles(NamedTuple):
+    plain: tuple
+    heavy: tuple
+    fp32: tuple
+
+    def all(self) -> tuple:
+        return tuple(dict.fromkeys(self.plain + self.heavy + self.fp32))
+
+
+FWD_TILES = Tiles(
+    plain=((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3),
+           (32, 32, 4, 2), (32, 32, 8, 2)),
+    heavy=((16, 32, 4, 2), (32, 16, 4, 2)),
+    fp32=((16, 32, 8, 1),))
+_MAPS = ((64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 32, 8, 2), (32, 32, 4, 2))
+MAPS_TILES = Tiles(plain=_MAPS, heavy=_MAPS, fp32=_MAPS)
+_DELTA = ((64, 64, 4, 3), (128, 64, 8, 3), (32, 32, 4, 2))
+DELTA_TILES = Tiles(plain=_DELTA, heavy=_DELTA, fp32=_DELTA)
+DKDV_TILES = Tiles(
+    plain=((32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 64, 8, 2), (32, 32, 8, 2),
+           (16, 32, 4, 2)),
+    heavy=((32, 32, 8, 2),),
+    fp32=((16, 16, 8, 1),))
+DQ_TILES = Tiles(
+    plain=((128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3), (32, 32, 8, 2),
+           (16, 32, 4, 2)),
+    heavy=((16, 32, 4, 2),),
+    fp32=((16, 16, 8, 1), (32, 16, 8, 1)))
 # The interpreter runs each program as numpy on the CPU: fewer, bigger tiles are much faster
 # (16 x 16 tiles take 5-10x the time of 64 x 64), and autotuning there is pointless.
 _INTERPRET_TILE = (64, 64, 4, 1)
@@ -60,22 +86,42 @@ TUNING_KEY = ("N", "HEAD_DIM", "TEACHER_DIM", "KIND", "CLS", "HAS_DO", "HAS_DLSE
               "TEACHER", "TEACHER_LSE", "HEAD_MEAN", "MASK", "DROPOUT", "MASK_GRAD", "DQ_PASS")
 
 
-def configs(tiles) -> list:
-    """triton.Configs of (BLOCK_M, BLOCK_N, num_warps, num_stages) tiles; in the interpreter the
-    one interpreter tile."""
-    if INTERPRET:
-        tiles = (_INTERPRET_TILE,)
+def configs(tiles: Tiles) -> list:
+    """triton.Configs of every (BLOCK_M, BLOCK_N, num_warps, num_stages) tile of `tiles`; in the
+    interpreter the one interpreter tile."""
+    tiles = (_INTERPRET_TILE,) if INTERPRET else tiles.all()
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for m, n, w, s in tiles]
 
 
-def prune_to_sequence(configs, named_args, **kwargs):
-    """Drops tiles much larger than the sequence (N = 17 needs no 128-row tile); keeps >= 1."""
-    cap = max(32, triton.next_power_of_2(named_args["N"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and c.kwargs["BLOCK_N"] <= cap]
-    if kept:
-        return kept
-    return [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+def regime(dtype: torch.dtype, flags: dict) -> str:
+    """"fp32", "heavy" or "plain": which list of a Tiles serves a launch with inputs of `dtype`
+    and these compile-time flags."""
+    if dtype == torch.float32:
+        return "fp32"
+    heavy = (flags.get("MASK", 0) != 0 or flags.get("DROPOUT", False) or flags.get("HAS_G", False)
+             or flags.get("TEACHER", False) or flags.get("TEACHER_LSE", False))
+    return "heavy" if heavy else "plain"
+
+
+def pruner(tiles: Tiles):
+    """The autotuner's early pruning for `tiles`: the configs of the launch's regime, less those
+    much larger than the sequence (N = 17 needs no 128-row tile); keeps >= 1."""
+
+    def prune(configs, named_args, **flags):
+        if INTERPRET:
+            return configs
+        wanted = getattr(tiles, regime(named_args["Q"].dtype, flags))
+        configs = [c for c in configs
+                   if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                   in wanted]
+        cap = max(32, triton.next_power_of_2(named_args["N"]))
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and c.kwargs["BLOCK_N"] <= cap]
+        if kept:
+            return kept
+        return [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+    return prune
 
 
 def padded_dim(dim: int) -> int:
@@ -96,7 +142,7 @@ def _dim_heuristics(teacher: bool) -> dict:
     return heur
 
 
-def tuned(tiles, teacher: bool = False):
+def tuned(tiles: Tiles, teacher: bool = False):
     """autotune (block sizes over `tiles`) over heuristics (the padded head dims; with `teacher`
     the teacher's too): the heuristics run after a config is picked, the order torch.compile's
     kernel wrapper understands."""
@@ -104,7 +150,7 @@ def tuned(tiles, teacher: bool = False):
     def wrap(kernel):
         heur = triton.heuristics(_dim_heuristics(teacher))(kernel)
         return triton.autotune(configs=configs(tiles), key=list(TUNING_KEY),
-                               prune_configs_by={"early_config_prune": prune_to_sequence})(heur)
+                               prune_configs_by={"early_config_prune": pruner(tiles)})(heur)
 
     return wrap
 
