@@ -2,7 +2,8 @@
 
 Providers, at (B, H, N, D) with q, k, v requiring grad, a teacher's q, k of the same shape (no
 grad) and random upstream gradients for out plus 1 for the loss:
-  fastattnreg  attention_match(..., backend="cpp"): the fused op, O(B*H*N) extra memory
+  fastattnreg  attention_match(..., backend="cpp"): the fused op, O(B*H*N) extra memory   CPU
+  triton       attention_match(..., backend="triton"): the fused Triton kernels           CUDA
   naive        eager: the student's logits and softmax maps (B, H, N, N) materialised, the
                teacher's under torch.no_grad, the loss in torch (KL via log_softmax, or the
                squared error of the scaled logits), mean over batch, heads and rows
@@ -14,7 +15,9 @@ Why an environment variable: the harness measures memory in a fresh subprocess t
 provider by name in this module's PROVIDERS, so the kind and rows reach that subprocess as
 FASTATTNREG_BENCH_MATCH="<kind>,<rows>" (set by main() around each run, restored after).
 
-Run from the repo root: `python -m benchmarks.bench_match`.
+By default the providers for --device run (fastattnreg and naive on the CPU, triton and naive
+on CUDA). Run from the repo root: `python -m benchmarks.bench_match`; on a GPU e.g.
+`python -m benchmarks.bench_match --device cuda --dtype bfloat16`.
 """
 from __future__ import annotations
 
@@ -85,15 +88,18 @@ def naive_match(q, k, v, tq, tk, kind: str, rows: str):
     return out, loss if loss.dtype == torch.float64 else loss.float()
 
 
-def make_fastattnreg(shape, dtype, device):
-    import fastattnreg  # imported late: a rebuild elsewhere should not break importing this file
+def _make_fused(backend: str):
+    def make(shape, dtype, device):
+        import fastattnreg  # imported late: a rebuild elsewhere should not break importing this
 
-    kind, rows = current_setting()
-    (q, k, v), (tq, tk), grads = _inputs(shape, dtype, device)
-    return autograd_case(
-        lambda q, k, v: fastattnreg.attention_match(q, k, v, tq, tk, kind=kind, rows=rows,
-                                                    backend="cpp"),
-        (q, k, v), grads)
+        kind, rows = current_setting()
+        (q, k, v), (tq, tk), grads = _inputs(shape, dtype, device)
+        return autograd_case(
+            lambda q, k, v: fastattnreg.attention_match(q, k, v, tq, tk, kind=kind, rows=rows,
+                                                        backend=backend),
+            (q, k, v), grads)
+
+    return make
 
 
 def make_naive(shape, dtype, device):
@@ -104,9 +110,12 @@ def make_naive(shape, dtype, device):
 
 
 PROVIDERS = {p.name: p for p in (
-    Provider("fastattnreg", make_fastattnreg),
+    Provider("fastattnreg", _make_fused("cpp")),
+    Provider("triton", _make_fused("triton")),
     Provider("naive", make_naive),
 )}
+# The providers each device runs by default.
+DEVICE_PROVIDERS = {"cpu": "fastattnreg,naive", "cuda": "triton,naive"}
 
 
 def memory_warmup_shape(shape: Shape) -> Shape:
@@ -137,7 +146,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--kinds", default=DEFAULT_KINDS,
                         help=f"comma-separated subset of {','.join(KINDS)} (default {DEFAULT_KINDS})")
     parser.add_argument("--rows", default="all", choices=ROWS, help="matched rows (default all)")
+    parser.set_defaults(providers=None)  # None: DEVICE_PROVIDERS of --device
     args = parser.parse_args(argv)
+    if args.providers is None:
+        args.providers = DEVICE_PROVIDERS.get(torch.device(args.device).type, "naive")
     try:
         opts = harness.resolve_common_args(args, list(PROVIDERS))
         shapes = [_check_shape(s) for s in opts.pop("shapes")]

@@ -3,7 +3,8 @@
 Providers, at (B, H, N, D) with q, k, v and every conv / BatchNorm parameter requiring grad,
 expansion 3, kernel 3 (Refiner's defaults), random upstream gradients for out:
   fastattnreg  refined_attention(..., backend="cpp"): the fused kernels; only P and Y = W_r F
-               (B, H, N, N each) are kept between forward and backward
+               (B, H, N, N each) are kept between forward and backward                   CPU
+  triton       refined_attention(..., backend="triton"): the fused Triton kernels         CUDA
   naive        refined_attention_ref: conv2d / batch_norm / relu6 on the (B, 3H, N, N) maps,
                every intermediate kept by autograd (the public Refiner code's way)
 
@@ -16,7 +17,9 @@ Why an environment variable: the harness measures memory in a fresh subprocess t
 provider by name in this module's PROVIDERS, so the setting reaches that subprocess as
 FASTATTNREG_BENCH_REFINER=train|eval (set by main() around each run, restored after).
 
-Run from the repo root: `python -m benchmarks.bench_refiner`.
+By default the providers for --device run (fastattnreg and naive on the CPU, triton and naive
+on CUDA). Run from the repo root: `python -m benchmarks.bench_refiner`; on a GPU e.g.
+`python -m benchmarks.bench_refiner --device cuda --dtype bfloat16`.
 """
 from __future__ import annotations
 
@@ -85,8 +88,11 @@ def _make(fn_name: str, **kw):
 
 PROVIDERS = {p.name: p for p in (
     Provider("fastattnreg", _make("refined_attention", backend="cpp")),
+    Provider("triton", _make("refined_attention", backend="triton")),
     Provider("naive", _make("refined_attention_ref")),
 )}
+# The providers each device runs by default.
+DEVICE_PROVIDERS = {"cpu": "fastattnreg,naive", "cuda": "triton,naive"}
 
 
 def memory_warmup_shape(shape: Shape) -> Shape:
@@ -111,7 +117,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--settings", default="train,eval",
                         help="comma-separated subset of train,eval (default both)")
     parser.set_defaults(modes="")  # per setting (SETTINGS) unless --modes is given
+    parser.set_defaults(providers=None)  # None: DEVICE_PROVIDERS of --device
     args = parser.parse_args(argv)
+    if args.providers is None:
+        args.providers = DEVICE_PROVIDERS.get(torch.device(args.device).type, "naive")
     modes_given = bool(args.modes)
     if not modes_given:
         args.modes = "fwd"

@@ -39,32 +39,36 @@ if fastattnreg.backend.triton_installed():
 
 def _attention_cases():
     from fastattnreg.triton import attention as A
-    tile = dict(HEAD_DIM=48, D_PAD=64, EVEN_D=False, UPCAST=False, PRECISION="tf32",
-                BLOCK_M=64, BLOCK_N=64)
+    tile = dict(HEAD_DIM=48, D_PAD=64, EVEN_D=False, TEACHER_DIM=48, TD_PAD=64, EVEN_TD=False,
+                UPCAST=False, PRECISION="tf32", BLOCK_M=64, BLOCK_N=64)
+    no_teacher = dict(TEACHER=False, KIND=0, CLS=False)
     for mask in (0, 1, 2):
-        yield A._fwd_kernel, dict(MASK=mask, DROPOUT=True, **tile)
+        yield A._fwd_kernel, dict(MASK=mask, DROPOUT=True, TEACHER_LSE=False, **tile)
         yield A._key_mean_kernel, dict(MASK=mask, **tile)
         yield A._delta_kernel, dict(HAS_DO=True, HAS_DLSE=True, HAS_G=True, MASK=mask, **tile)
-        yield A._dkdv_kernel, dict(HAS_DO=True, HAS_G=True, MASK=mask, DROPOUT=True, **tile)
-        yield A._dq_kernel, dict(HAS_DO=True, HAS_G=True, MASK=mask, DROPOUT=True,
-                                 MASK_GRAD=mask == 2, **tile)
+        for dq_pass in (False, True):
+            yield A._bwd_kernel, dict(DQ_PASS=dq_pass, HAS_DO=True, HAS_G=True, MASK=mask,
+                                      DROPOUT=True, MASK_GRAD=mask == 2, **no_teacher, **tile)
         for head_mean in (False, True):
             yield A._maps_kernel, dict(HEAD_MEAN=head_mean, MASK=mask, **tile)
 
 
 def _match_cases():
+    """The match loss's own kernels, and attention's kernels with the teacher switched on."""
+    from fastattnreg.triton import attention as A
     from fastattnreg.triton import match as M
     tile = dict(HEAD_DIM=48, D_PAD=64, EVEN_D=False, TEACHER_DIM=40, TD_PAD=64, EVEN_TD=False,
                 UPCAST=False, PRECISION="tf32", BLOCK_M=64, BLOCK_N=64)
     for mask in (0, 1, 2):
-        yield M._match_fwd_kernel, dict(TEACHER_LSE=True, MASK=mask, **tile)
+        yield A._fwd_kernel, dict(TEACHER_LSE=True, DROPOUT=False, MASK=mask, **tile)
     for kind, cls, mask in itertools.product((0, 1, 2), (False, True), (0, 1, 2)):
         flags = dict(KIND=kind, CLS=cls, MASK=mask, **tile)
-        grads = dict(HAS_DO=True, HAS_DLSE=True, HAS_DL=True, **flags)
         yield M._match_loss_kernel, flags
-        yield M._match_delta_kernel, grads
-        yield M._match_dkdv_kernel, grads
-        yield M._match_dq_kernel, grads
+        if kind == 1:
+            yield M._match_c_kernel, dict(CLS=cls, MASK=mask, **tile)
+        for dq_pass in (False, True):
+            yield A._bwd_kernel, dict(DQ_PASS=dq_pass, HAS_DO=True, HAS_G=False, DROPOUT=False,
+                                      MASK_GRAD=False, TEACHER=True, **flags)
 
 
 def _refiner_cases():

@@ -39,9 +39,15 @@ def jit_function(kernel) -> triton.runtime.jit.JITFunction:
     return fn
 
 
-def _signature(fn, constexprs: dict) -> dict:
-    """Types for every argument: i32 sizes and strides, fp32 scales, an i64 dropout threshold,
-    pointers for the rest (the element type does not change any offset)."""
+# Pointer arguments that hold the inputs' dtype; the others hold fp32 row statistics and maps,
+# bytes (bool masks, Keep) or the dropout stream's int64 (seed, offset).
+_INPUT_DTYPE = {"Q", "K", "V", "TQ", "TK", "Out", "DOut", "DQ", "DK", "DV", "Maps", "G", "DMask"}
+
+
+def signature(fn, constexprs: dict, dtype: str = "fp32") -> dict:
+    """Triton types for every argument of `fn` with inputs of `dtype` ("fp16", "bf16", "fp32"):
+    i32 sizes and strides, fp32 scales, an i64 dropout threshold, typed pointers for the rest
+    (offsets do not depend on the element types)."""
     sig = {}
     for p in fn.params:
         name = p.name
@@ -57,23 +63,27 @@ def _signature(fn, constexprs: dict) -> dict:
             sig[name] = "i64"
         elif name == "Rng":
             sig[name] = "*i64"
-        elif name in ("Keep",):
-            sig[name] = "*i8"
+        elif name == "Keep" or (name == "Mask" and constexprs.get("MASK") == 1):
+            sig[name] = "*u8"
+        elif name in _INPUT_DTYPE or name == "Mask":
+            sig[name] = f"*{dtype}"
         else:
             sig[name] = "*fp32"
     return sig
 
 
 def triton_ir(kernel, constexprs: dict) -> str:
-    """The kernel's Triton IR (frontend output, helpers inlined) for one specialisation."""
+    """The kernel's Triton IR (frontend output, helpers inlined) for one specialisation;
+    values of constexprs the kernel does not have are left out."""
     fn = jit_function(kernel)
+    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
     options = backend.parse_options({})
     context = ir.context()
     ir.load_dialects(context)
     backend.load_dialects(context)
-    src = ASTSource(fn, _signature(fn, constexprs), constexprs)
+    src = ASTSource(fn, signature(fn, constexprs), constexprs)
     module = src.make_ir(target, options, backend.get_codegen_implementation(options),
                          backend.get_module_map(), context)
     # Helpers (@triton.jit functions called by the kernel) are inlined, so that an offset built

@@ -134,7 +134,8 @@ def refiner_backend(backend: str, device: str) -> tuple[str, str]:
     if chosen == "triton" and not hasattr(torch.ops.fastattnreg, "triton_refined_attention_fwd"):
         return "reference", "refiner on the reference path (no Triton refined_attention kernel)"
     if chosen == "reference" and backend != "reference":
-        return "reference", "refiner on the reference path (C++ kernels not built)"
+        missing = "Triton not installed" if device.startswith("cuda") else "C++ kernels not built"
+        return "reference", f"refiner on the reference path ({missing})"
     return backend, ""
 
 

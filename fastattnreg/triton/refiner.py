@@ -1,4 +1,4 @@
-"""Triton kernels of Refiner's attention (refined_attention, methods.md §1), and their launchers.
+"""Triton kernels of Refiner's attention (refined_attention), and their launchers.
 
 With C = expansion * H expanded channels, per pixel (b, i, j) of the (B, N, N) map image:
     A  = P * keep * drop_scale            (H)   P = softmax(scale q k^T), stored fp32
@@ -84,7 +84,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import attention as _attention
-from .attention import INTERPRET, MAX_GRID_Z, _dot_options, _round_to_bf16
+from .tiles import INTERPRET, MAX_GRID_Z, _round_to_bf16, dot_options
 
 _N_AFF_ROWS = 6  # rows of the affine table per BatchNorm: a, b, mean, rstd, c0, c1
 # Channel dots: 3xTF32 keeps fp32 accuracy on tensor cores (the interpreter computes exactly).
@@ -534,7 +534,7 @@ def refined_fwd(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, r
     wrap_triton(_out_kernel)[(pb.grid[0], pb.B)](
         *pb.common(probs, pb.affine_table(stats)), v, out, maps if export != "none" else out,
         v.stride(0), v.stride(1), v.stride(2), pb.H, pb.N, pb.drop_scale, HEAD_DIM=pb.D,
-        D_PAD=d_pad, UPCAST=_dot_options(q.dtype)["UPCAST"], EXPORT=_EXPORT_CODES[export], **meta)
+        D_PAD=d_pad, UPCAST=dot_options(q.dtype)["UPCAST"], EXPORT=_EXPORT_CODES[export], **meta)
     mean = torch.cat([m for m, _ in stats]).float()
     var = torch.cat([s for _, s in stats]).float()
     if not (training or save_probs):
