@@ -11,6 +11,10 @@ Providers, all at (B, H, N, D) with q, k, v requiring grad and random upstream g
   *_keypad               the same with a bool key-padding mask (B, 1, 1, N): every odd batch
                          element pads its last N/4 keys (fastattnreg, triton, sdpa)
   *_drop                 the same with attention dropout p = 0.1 (fastattnreg, triton, sdpa)
+  fastattnreg_float32    fastattnreg in float32 whatever --dtype: the baseline of a bf16 run
+                         (asked for by name, with --providers)                                CPU
+  fastattnreg_avx512_bf16  fastattnreg with FASTATTNREG_SIMD=avx512_bf16: the bf16-operand
+                         kernels where the CPU has them (asked for by name)                   CPU
 By default only the providers for --device run; one asked for on the wrong device is skipped
 with a note. Under each table: TFLOP/s per provider and mode, counting 4*B*H*N^2*D for the
 forward and 2.5x that for the backward (the FlashAttention convention; maps not counted).
@@ -96,6 +100,24 @@ def _head_mean_case(backend, shape, dtype, device):
 
 def make_fastattnreg(shape, dtype, device):
     return _fused_case("cpp", shape, dtype, device)
+
+
+def make_fastattnreg_float32(shape, dtype, device):
+    return make_fastattnreg(shape, torch.float32, device)
+
+
+def make_fastattnreg_avx512_bf16(shape, dtype, device):
+    case = make_fastattnreg(shape, dtype, device)
+
+    def forward():
+        with harness.env_setting("FASTATTNREG_SIMD", "avx512_bf16"):
+            return case.forward()
+
+    def backward(outputs):
+        with harness.env_setting("FASTATTNREG_SIMD", "avx512_bf16"):
+            return case.backward(outputs)
+
+    return harness.Case(forward, backward)
 
 
 def make_fastattnreg_head_mean(shape, dtype, device):
@@ -189,9 +211,12 @@ PROVIDERS = {p.name: p for p in (
     Provider("fastattnreg_drop", make_fastattnreg_drop),
     Provider("triton_drop", make_triton_drop),
     Provider("sdpa_drop", make_sdpa_drop),
+    Provider("fastattnreg_float32", make_fastattnreg_float32),
+    Provider("fastattnreg_avx512_bf16", make_fastattnreg_avx512_bf16),
 )}
 CPU_ONLY = ("fastattnreg", "fastattnreg_head_mean", "fastattnreg_keypad", "fastattnreg_drop")
 CUDA_ONLY = ("triton", "triton_head_mean", "flash_attn", "triton_keypad", "triton_drop")
+ASKED_FOR_BY_NAME = ("fastattnreg_float32", "fastattnreg_avx512_bf16")
 # The forward's FLOPs are 4*B*H*N^2*D (two GEMMs); the backward's 2.5x (five GEMMs, one of them
 # recomputing S): the convention of FlashAttention's and Triton's benchmarks.
 FLOPS_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
@@ -200,11 +225,11 @@ FLOPS_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 def default_providers(device: torch.device) -> list[str]:
     """The providers that run on `device` (flash_attn only where it is installed)."""
     if device.type == "cuda":
-        names = [n for n in PROVIDERS if n not in CPU_ONLY]
+        names = [n for n in PROVIDERS if n not in CPU_ONLY + ASKED_FOR_BY_NAME]
         if importlib.util.find_spec("flash_attn") is None:
             names.remove("flash_attn")
         return names
-    return [n for n in PROVIDERS if n not in CUDA_ONLY]
+    return [n for n in PROVIDERS if n not in CUDA_ONLY + ASKED_FOR_BY_NAME]
 
 
 def memory_warmup_shape(shape: Shape) -> Shape:

@@ -31,7 +31,7 @@ TORCH_LIBRARY(fastattnreg, m) {
       "Tensor out, Tensor lse, Tensor teacher_q, Tensor teacher_k, Tensor teacher_lse, "
       "Tensor? attn_mask, float scale, float teacher_scale, str kind, str rows) "
       "-> (Tensor dq, Tensor dk, Tensor dv)");
-  // Refiner attention (methods.md §1), C = expansion * H: w_exp (C,H), w_dw (C,K,K), w_pro (H,C);
+  // Refiner attention, C = expansion * H: w_exp (C,H), w_dw (C,K,K), w_pro (H,C);
   // the four BatchNorms packed (2C + 2H) = bn1 | bn2 | bn3 | adapt; keep: the (B,H,N,N) dropout
   // mask. out (B,H,N,D); probs (B,H,N,N) kept for the backward (empty when neither training nor
   // save_probs); y (B,H,N,N): the refinement's Y = W_r F kept for the backward where the kernel

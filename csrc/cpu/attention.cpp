@@ -11,15 +11,18 @@
 
 #include "../checks.h"
 #include "aligned.h"
+#include "attention_bf16.h"
 #include "attention_kernels.h"
 
 namespace fastattnreg::cpu {
 namespace {
 
+using kernels::AttentionCall;
 using kernels::AttentionExtras;
 using kernels::backward_impl;
 using kernels::Dims;
 using kernels::forward_impl;
+using kernels::ForwardTensors;
 
 // Shape of the exported maps for q of shape (B, H, N, D).
 std::vector<int64_t> maps_shape(const at::Tensor& q, ExportKind kind) {
@@ -73,10 +76,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "attention_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const AttentionExtras<scalar_t> extras{make_mask_view<scalar_t>(mask), drop};
-    forward_impl<scalar_t, acc_t>(qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(),
-                                  vc.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                                  lse.data_ptr<acc_t>(), maps.data_ptr<scalar_t>(), d,
-                                  static_cast<acc_t>(scale), kind, extras);
+    const ForwardTensors<scalar_t, acc_t> t{
+        qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(),
+        out.data_ptr<scalar_t>(),      lse.data_ptr<acc_t>(),         maps.data_ptr<scalar_t>()};
+    const AttentionCall<scalar_t, acc_t> call{d, static_cast<acc_t>(scale), kind, extras, nullptr};
+    if (!kernels::forward_bf16(t, call)) forward_impl(t, call);
   });
   return {out, lse, maps};
 }
@@ -126,15 +130,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     using acc_t = at::opmath_type<scalar_t>;
     const AttentionExtras<scalar_t> extras{make_mask_view<scalar_t>(mask), drop,
                                            mask_grad ? dmask.data_ptr<scalar_t>() : nullptr};
-    backward_impl<scalar_t, acc_t>(
-        dout_c.defined() ? dout_c.const_data_ptr<scalar_t>() : nullptr,
-        qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(),
-        vc.const_data_ptr<scalar_t>(), out_c.const_data_ptr<scalar_t>(),
-        lse_c.const_data_ptr<acc_t>(),
-        dlse_c.defined() ? dlse_c.const_data_ptr<acc_t>() : nullptr,
-        dmaps_c.defined() ? dmaps_c.const_data_ptr<scalar_t>() : nullptr, dq.data_ptr<scalar_t>(),
-        dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), d, static_cast<acc_t>(scale), kind,
-        extras);
+    const auto t = kernels::backward_tensors<scalar_t, acc_t>(dout_c, qc, kc, vc, out_c, lse_c,
+                                                              dlse_c, dmaps_c, dq, dk, dv);
+    const AttentionCall<scalar_t, acc_t> call{d, static_cast<acc_t>(scale), kind, extras, nullptr};
+    if (!kernels::backward_bf16(t, call)) backward_impl(t, call);
   });
   return {dq, dk, dv, dmask};
 }

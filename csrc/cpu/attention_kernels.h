@@ -7,7 +7,9 @@
 // the whole key range: no online rescaling is needed on the CPU. The GEMMs on the tiles go to
 // BLAS (blas.h); the row passes (softmax, exp, softmax backward) are vectorised (rowops.h).
 // Backward tasks are whole heads, so dK and dV accumulate over query blocks without races and
-// every rerun sums in the same order (bitwise repeatable).
+// every rerun sums in the same order (bitwise repeatable). The drivers (run_forward_tasks,
+// run_backward_tasks) take a worker type, so the bf16 kernels of attention_bf16.h share them and
+// every row pass below.
 //
 // A Teacher (match.cpp) adds, for the matched rows of each block, the teacher's logits from its
 // own q, k (one more GEMM) and the divergence between the two rows (match_rows.h): its value in
@@ -248,329 +250,630 @@ struct AttentionExtras {
   scalar_t* dmask = nullptr;  // backward only: (B, H, N, N) gradient of a float mask, or null
 };
 
-template <typename scalar_t, typename acc_t>
-void forward_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* out,
-                  acc_t* lse, scalar_t* maps, Dims d, acc_t scale, ExportKind kind,
-                  const AttentionExtras<scalar_t>& extras = {},
-                  const Teacher<scalar_t, acc_t>* teacher = nullptr) {
-  const int64_t B = d.B, H = d.H, N = d.N, D = d.D, hd = N * D;
-  const int64_t bq = query_block_rows(N);
-  const int64_t nqb = (N + bq - 1) / bq;
-  const bool all_heads = kind == ExportKind::HeadMean;
-  // key_mean sums P over every query row of a head: a task is a whole head, its query blocks in
-  // order, so the column sums need no atomics and every run adds in the same order.
-  const bool whole_heads = kind == ExportKind::KeyMean;
-  const int64_t tasks = all_heads ? B * nqb : whole_heads ? B * H : B * H * nqb;
-  const MaskView<scalar_t>& mask = extras.mask;
-  const DropoutStream& drop = extras.dropout;
+// Query block [i0, i0 + m) of head h of batch element b; bh = b * H + h indexes the (B, H) heads.
+struct QueryBlock {
+  int64_t b, h, bh, i0, m;
+  // Index of the block's first row in the (B, H, N) row space (lse, dropout stream, maps).
+  int64_t row0(int64_t N) const { return bh * N + i0; }
+};
 
-  TaskQueue queue(tasks);
+// The forward's tensors, contiguous: q, k, v, out (B, H, N, D); lse (B, H, N); maps in the
+// shape of the export (null for none).
+template <typename scalar_t, typename acc_t>
+struct ForwardTensors {
+  const scalar_t *q, *k, *v;
+  scalar_t* out;
+  acc_t* lse;
+  scalar_t* maps;
+};
+
+// The backward's tensors, contiguous: dout, q, k, v, out, dq, dk, dv (B, H, N, D); lse, dlse
+// (B, H, N); dmaps in the shape of the export. dout, dlse and dmaps may each be null (no
+// gradient reaches that output).
+template <typename scalar_t, typename acc_t>
+struct BackwardTensors {
+  const scalar_t *dout, *q, *k, *v, *out;
+  const acc_t *lse, *dlse;
+  const scalar_t* dmaps;
+  scalar_t *dq, *dk, *dv;
+};
+
+// A tensor's data, or null for an undefined tensor (an input that was not given).
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+template <typename scalar_t, typename acc_t>
+BackwardTensors<scalar_t, acc_t> backward_tensors(const at::Tensor& dout, const at::Tensor& q,
+                                                  const at::Tensor& k, const at::Tensor& v,
+                                                  const at::Tensor& out, const at::Tensor& lse,
+                                                  const at::Tensor& dlse, const at::Tensor& dmaps,
+                                                  at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  return {data_or_null<scalar_t>(dout), q.const_data_ptr<scalar_t>(),
+          k.const_data_ptr<scalar_t>(),  v.const_data_ptr<scalar_t>(),
+          out.const_data_ptr<scalar_t>(), lse.const_data_ptr<acc_t>(),
+          data_or_null<acc_t>(dlse),     data_or_null<scalar_t>(dmaps),
+          dq.data_ptr<scalar_t>(),       dk.data_ptr<scalar_t>(),
+          dv.data_ptr<scalar_t>()};
+}
+
+// What one call computes besides its tensors: shapes, logit scale, export, mask and dropout, and
+// the teacher of attention_match (null for plain attention).
+template <typename scalar_t, typename acc_t>
+struct AttentionCall {
+  Dims d;
+  acc_t scale;
+  ExportKind kind;
+  const AttentionExtras<scalar_t>& extras;
+  const Teacher<scalar_t, acc_t>* teacher;
+  int64_t block_rows() const { return query_block_rows(d.N); }
+  int64_t blocks() const { return (d.N + block_rows() - 1) / block_rows(); }
+};
+
+// How the forward splits into tasks. head_mean sums P over heads: a task is one query block of
+// every head, in head order. key_mean sums P over every query row of a head: a task is a whole
+// head, its query blocks in order. Both then sum without atomics in the same order on every run.
+// Otherwise a task is one query block of one head.
+struct ForwardTaskSplit {
+  bool all_heads, whole_heads;
+  int64_t B, H, nqb;
+  int64_t count() const { return all_heads ? B * nqb : whole_heads ? B * H : B * H * nqb; }
+  // Task t's batch element b, heads [h_begin, h_end) and query blocks [qb_begin, qb_end).
+  struct Task {
+    int64_t b, h_begin, h_end, qb_begin, qb_end;
+  };
+  Task task(int64_t t) const {
+    if (whole_heads) return {t / H, t % H, t % H + 1, 0, nqb};
+    const int64_t qb = t % nqb;
+    if (all_heads) return {t / nqb, 0, H, qb, qb + 1};
+    return {t / nqb / H, (t / nqb) % H, (t / nqb) % H + 1, qb, qb + 1};
+  }
+};
+
+// One forward worker's buffers, in acc_t.
+template <typename acc_t>
+struct ForwardScratch {
+  at::Tensor s_buf, mean_buf, cvt_buf, bits_buf, t_buf;
+  acc_t* S;        // (bq x N) the block's scores, then its unnormalised exp rows
+  acc_t* inv_sum;  // (bq) 1 / row sum of exp
+  acc_t* M;        // head_mean: (bq x N) the sum of P over heads; key_mean: (N) column sums
+  acc_t* K;        // the head's key operand (key_operand_elems)
+  acc_t* V;        // bf16 only: the head's values in float (N x D)
+  acc_t* Q;        // bf16 only: the block's queries in float (bq x D)
+  acc_t* O;        // bf16 only: the block's output in float (bq x D)
+  uint64_t* keep;  // dropout: the keep bits of one query block (its rows are consecutive)
+  acc_t* TK;       // teacher: its key operand (Dt x N)
+  acc_t* TQ;       // teacher: its query rows (bq x Dt)
+  acc_t* St;       // teacher: its logits (bq x N)
+  acc_t* SL;       // teacher: a copy of the student's logits (bq x N)
+
+  template <typename scalar_t>
+  ForwardScratch(const AttentionCall<scalar_t, acc_t>& c, const ForwardTaskSplit& split) {
+    const int64_t N = c.d.N, D = c.d.D, bq = c.block_rows();
+    s_buf = scratch<acc_t>(bq * N + bq);
+    mean_buf = scratch<acc_t>(split.all_heads ? bq * N : split.whole_heads ? N : 0);
+    const int64_t kel = key_operand_elems(N, D);
+    cvt_buf = scratch<acc_t>(kel + N * D + 2 * bq * D);
+    bits_buf = at::empty({c.extras.dropout.on ? keep_bits_words(bq * N) : 1}, at::kLong);
+    S = s_buf.data_ptr<acc_t>();
+    inv_sum = S + bq * N;
+    M = mean_buf.data_ptr<acc_t>();
+    K = cvt_buf.data_ptr<acc_t>();
+    V = K + kel;
+    Q = V + N * D;
+    O = Q + bq * D;
+    keep = reinterpret_cast<uint64_t*>(bits_buf.data_ptr<int64_t>());
+    const int64_t Dt = c.teacher ? c.teacher->Dt : 0;
+    const int64_t tkel = c.teacher ? key_operand_elems(N, Dt) : 0;
+    t_buf = scratch<acc_t>(c.teacher ? tkel + bq * Dt + 2 * bq * N : 0);
+    TK = t_buf.data_ptr<acc_t>();
+    TQ = TK + tkel;
+    St = TQ + bq * Dt;
+    SL = St + bq * N;
+  }
+};
+
+// How the teacher's loss of a block is reduced in the forward.
+struct TeacherRowPlan {
+  int64_t rows;  // matched rows of the block
+  // The loss reads only logits (logit MSE), no LSE.
+  bool logits_only;
+  // Every-row KL and logit MSE reduce their loss from the raw logits still in S, before the
+  // softmax overwrites them, so S needs no copy (see match_rows.h).
+  bool from_scores;
+  // Every-row KL: the student's softmax and the divergence in one pass per row.
+  bool kl_in_softmax() const { return from_scores && !logits_only; }
+};
+
+template <typename scalar_t, typename acc_t>
+TeacherRowPlan teacher_row_plan(const Teacher<scalar_t, acc_t>* t, const QueryBlock& blk) {
+  if (!t) return {0, false, false};
+  return {t->rows_in_block(blk.i0, blk.m), t->kind == MatchKind::MseLogits,
+          !t->cls_rows && t->kind != MatchKind::MseProbs};
+}
+
+// S = scale * Q K^T (m x N), masked. With a teacher: its logits St of the matched rows, and the
+// logit-MSE loss from S, or a copy of the student's logits for the forms reduced after the
+// softmax.
+template <typename scalar_t, typename acc_t>
+void forward_scores(const AttentionCall<scalar_t, acc_t>& c, const QueryBlock& blk,
+                    const TeacherRowPlan& plan, const acc_t* Q, const KeyOperand<acc_t>& K,
+                    ForwardScratch<acc_t>& ws) {
+  const int64_t N = c.d.N;
+  const MaskView<scalar_t>& mask = c.extras.mask;
+  acc_t* S = ws.S;
+  score_gemm(blk.m, c.scale, Q, K, S);
+  if (mask.on())
+    for (int64_t i = 0; i < blk.m; ++i) mask.apply_row(S + i * N, N, blk.b, blk.h, blk.i0 + i);
+  if (plan.rows == 0) return;
+  const Teacher<scalar_t, acc_t>& t = *c.teacher;
+  const KeyOperand<acc_t> TK = key_operand(t.k + blk.bh * N * t.Dt, N, t.Dt, ws.TK);
+  teacher_logits(t, mask, blk.b, blk.h, blk.bh, N, blk.i0, plan.rows, TK, ws.TQ, ws.St);
+  if (plan.from_scores && plan.logits_only) {  // needs no LSE
+    for (int64_t r = 0; r < plan.rows; ++r) {
+      const int64_t ri = t.row_index(blk.bh, N, blk.i0) + r;
+      t.lse[ri] = acc_t(0);
+      t.row_loss[ri] = match_loss_row(t.kind, S + r * N, acc_t(0), ws.St + r * N, acc_t(0), N);
+    }
+  } else if (!plan.from_scores) {
+    student_match_logits(t, mask, blk.b, blk.h, S, Q, K, plan.rows, N, c.scale, ws.SL);
+  }
+}
+
+// Rows of S become exp(S - rowmax), unnormalised; the block's lse and 1 / row sum. Every-row KL
+// takes its matched rows through the fused softmax-and-divergence pass.
+template <typename scalar_t, typename acc_t>
+void forward_softmax(const AttentionCall<scalar_t, acc_t>& c, const QueryBlock& blk,
+                     const TeacherRowPlan& plan, acc_t* lse, ForwardScratch<acc_t>& ws) {
+  const int64_t N = c.d.N, row0 = blk.row0(N);
+  acc_t* S = ws.S;
+  const int64_t kl_rows = plan.kl_in_softmax() ? plan.rows : 0;
+  for (int64_t r = 0; r < kl_rows; ++r) {
+    const Teacher<scalar_t, acc_t>& t = *c.teacher;
+    const int64_t ri = t.row_index(blk.bh, N, blk.i0) + r;
+    acc_t mx, sum;
+    const acc_t cross = kl_softmax_row(S + r * N, ws.St + r * N, N, &mx, &sum, &t.lse[ri]);
+    const acc_t row_lse = mx + std::log(sum);
+    lse[row0 + r] = row_lse;
+    // A fully masked row (sum 0): P's row is 0 and the row's loss 0.
+    ws.inv_sum[r] = sum > acc_t(0) ? acc_t(1) / sum : acc_t(0);
+    t.row_loss[ri] = sum > acc_t(0) ? cross - t.lse[ri] + row_lse : acc_t(0);
+  }
+  for (int64_t i = kl_rows; i < blk.m; ++i) {
+    acc_t mx;
+    const acc_t sum = exp_row(S + i * N, N, &mx);
+    // A fully masked row (max -inf) has sum 0: lse -inf, and P, out and maps rows 0.
+    lse[row0 + i] = mx + std::log(sum);
+    ws.inv_sum[i] = sum > acc_t(0) ? acc_t(1) / sum : acc_t(0);
+  }
+}
+
+// The matched rows' losses that are reduced after the softmax (probability MSE, the CLS row):
+// from the student's logits copy SL and the teacher's St, each over the row's matched keys.
+template <typename scalar_t, typename acc_t>
+void forward_teacher_losses(const AttentionCall<scalar_t, acc_t>& c, const QueryBlock& blk,
+                            const TeacherRowPlan& plan, const acc_t* lse,
+                            const ForwardScratch<acc_t>& ws) {
+  if (plan.from_scores) return;
+  const int64_t N = c.d.N;
+  for (int64_t r = 0; r < plan.rows; ++r) {
+    const Teacher<scalar_t, acc_t>& t = *c.teacher;
+    const int64_t j0 = t.key0(), n = N - j0, ri = t.row_index(blk.bh, N, blk.i0) + r;
+    const acc_t* ss = ws.SL + r * N + j0;
+    const acc_t* st = ws.St + r * N + j0;
+    const acc_t slse = plan.logits_only ? acc_t(0)
+                       : j0 == 0        ? lse[blk.row0(N) + r]
+                                        : logsumexp_row(ss, n);
+    const acc_t tlse = plan.logits_only ? acc_t(0) : logsumexp_row(st, n);
+    t.lse[ri] = tlse;
+    // Every matched key masked: slse is -inf and the row's loss 0.
+    const bool dead = slse == -std::numeric_limits<acc_t>::infinity();
+    t.row_loss[ri] = dead ? acc_t(0) : match_loss_row(t.kind, ss, slse, st, tlse, n);
+  }
+}
+
+// The maps are P before dropout: written from the unnormalised rows and 1 / sum. head_mean
+// and key_mean gather their sums in ws.M (scaled by the task once its heads or blocks are done).
+template <typename scalar_t, typename acc_t>
+void forward_export(const AttentionCall<scalar_t, acc_t>& c, const QueryBlock& blk,
+                    scalar_t* maps, ForwardScratch<acc_t>& ws) {
+  const int64_t N = c.d.N, m = blk.m;
+  const acc_t* S = ws.S;
+  const acc_t* inv_sum = ws.inv_sum;
+  switch (c.kind) {
+    case ExportKind::Full:
+      for (int64_t i = 0; i < m; ++i)
+        scale_row(maps + (blk.row0(N) + i) * N, S + i * N, N, inv_sum[i]);
+      break;
+    case ExportKind::Cls:
+      if (blk.i0 == 0) scale_row(maps + blk.bh * N, S, N, inv_sum[0]);
+      break;
+    case ExportKind::HeadMean:
+      // Sum of P over heads in head order; divided by H once the task's heads are done.
+      for (int64_t i = 0; i < m; ++i) {
+        if (blk.h == 0) {
+          scale_row(ws.M + i * N, S + i * N, N, inv_sum[i]);
+        } else {
+          axpy_row(ws.M + i * N, S + i * N, N, inv_sum[i]);
+        }
+      }
+      break;
+    case ExportKind::KeyMean:
+      // Column sums of P over the head's query rows, in row order; divided by N at the end.
+      for (int64_t i = 0; i < m; ++i) axpy_row(ws.M, S + i * N, N, inv_sum[i]);
+      break;
+    default: break;
+  }
+}
+
+// Dropout on the block's exp rows (after the maps, which are P before dropout).
+template <typename scalar_t, typename acc_t>
+void forward_dropout(const AttentionCall<scalar_t, acc_t>& c, const QueryBlock& blk,
+                     ForwardScratch<acc_t>& ws) {
+  const DropoutStream& drop = c.extras.dropout;
+  if (!drop.on) return;
+  const int64_t N = c.d.N;
+  const uint64_t e0 = uint64_t(blk.row0(N) * N);
+  drop.keep_bits(e0, blk.m * N, ws.keep);
+  for (int64_t i = 0; i < blk.m; ++i)
+    drop.apply(ws.S + i * N, N, ws.keep, int64_t(e0 & 3) + i * N);
+}
+
+// O = diag(1/sum) E V (m x D): normalising the D-wide output, not the N-wide row.
+template <typename scalar_t, typename acc_t>
+void forward_attend(const AttentionCall<scalar_t, acc_t>& c, const QueryBlock& blk,
+                    const acc_t* V, acc_t* O, ForwardScratch<acc_t>& ws) {
+  const int64_t N = c.d.N, D = c.d.D, m = blk.m;
+  score_gemm_nn<acc_t>(m, D, N, acc_t(1), ws.S, N, V, D, O, D);
+  for (int64_t i = 0; i < m; ++i) scale_row(O + i * D, O + i * D, D, ws.inv_sum[i]);
+}
+
+// Forward of one query block of one head: scores, softmax, the teacher's losses, maps, output.
+template <typename scalar_t, typename acc_t>
+void forward_block(const AttentionCall<scalar_t, acc_t>& c,
+                   const ForwardTensors<scalar_t, acc_t>& t,
+                   const QueryBlock& blk, ForwardScratch<acc_t>& ws) {
+  const int64_t N = c.d.N, D = c.d.D, hd = N * D, bh = blk.bh, i0 = blk.i0, m = blk.m;
+  const KeyOperand<acc_t> K = key_operand(t.k + bh * hd, N, D, ws.K);
+  const acc_t* V = tile_as_acc(t.v + bh * hd, hd, ws.V);
+  const acc_t* Q = tile_as_acc(t.q + bh * hd + i0 * D, m * D, ws.Q);
+  acc_t* O = out_tile(t.out + bh * hd + i0 * D, ws.O);
+  const TeacherRowPlan plan = teacher_row_plan(c.teacher, blk);
+  forward_scores(c, blk, plan, Q, K, ws);
+  forward_softmax(c, blk, plan, t.lse, ws);
+  forward_teacher_losses(c, blk, plan, t.lse, ws);
+  forward_export(c, blk, t.maps, ws);
+  forward_dropout(c, blk, ws);
+  forward_attend(c, blk, V, O, ws);
+  store_tile(t.out + bh * hd + i0 * D, O, m * D);
+}
+
+// The float kernels' forward worker: its buffers and the block step (forward_block).
+template <typename scalar_t, typename acc_t>
+struct ForwardWorker {
+  ForwardScratch<acc_t> ws;
+  ForwardWorker(const AttentionCall<scalar_t, acc_t>& c, const ForwardTaskSplit& split)
+      : ws(c, split) {}
+  void block(const AttentionCall<scalar_t, acc_t>& c, const ForwardTensors<scalar_t, acc_t>& t,
+             const QueryBlock& blk) {
+    forward_block(c, t, blk, ws);
+  }
+};
+
+// Runs the forward's tasks on torch's threads, one Worker (buffers and block step) per thread.
+template <typename Worker, typename scalar_t, typename acc_t>
+void run_forward_tasks(const ForwardTensors<scalar_t, acc_t>& t,
+                       const AttentionCall<scalar_t, acc_t>& c) {
+  const int64_t H = c.d.H, N = c.d.N, bq = c.block_rows();
+  const ForwardTaskSplit split{c.kind == ExportKind::HeadMean, c.kind == ExportKind::KeyMean,
+                               c.d.B, H, c.blocks()};
+  TaskQueue queue(split.count());
   at::parallel_for(0, queue.workers(), 1, [&](int64_t, int64_t) {
     SingleThreadedBlas blas_guard;
-    at::Tensor s_buf = scratch<acc_t>(bq * N + bq);
-    at::Tensor mean_buf = scratch<acc_t>(all_heads ? bq * N : whole_heads ? N : 0);
-    // K^T of the head (D x N, key_operand), and for bf16 V, the query block and its output in
-    // float.
-    const int64_t kel = key_operand_elems(N, D);
-    at::Tensor cvt_buf = scratch<acc_t>(kel + hd + 2 * bq * D);
-    // Dropout: the keep bits of one query block (its rows are consecutive in the stream).
-    at::Tensor bits_buf = at::empty({drop.on ? keep_bits_words(bq * N) : 1}, at::kLong);
-    acc_t* S = s_buf.data_ptr<acc_t>();
-    acc_t* inv_sum = S + bq * N;  // 1 / row sum of exp, per query row of the block
-    acc_t* M = mean_buf.data_ptr<acc_t>();
-    acc_t* cvt = cvt_buf.data_ptr<acc_t>();
-    uint64_t* keep = reinterpret_cast<uint64_t*>(bits_buf.data_ptr<int64_t>());
-    // Teacher: its K^T (Dt x N), query rows, logits St and a copy of the student's logits SL.
-    const int64_t Dt = teacher ? teacher->Dt : 0;
-    const int64_t tkel = teacher ? key_operand_elems(N, Dt) : 0;
-    at::Tensor t_buf = scratch<acc_t>(teacher ? tkel + bq * Dt + 2 * bq * N : 0);
-    acc_t* TKt = t_buf.data_ptr<acc_t>();
-    acc_t* TQ = TKt + tkel;
-    acc_t* St = TQ + bq * Dt;
-    acc_t* SL = St + bq * N;
-    for (int64_t t; queue.next(&t);) {
-      // The task's batch element, heads and query blocks.
-      int64_t b, h_begin, h_end, qb_begin, qb_end;
-      if (whole_heads) {
-        b = t / H, h_begin = t % H, h_end = h_begin + 1, qb_begin = 0, qb_end = nqb;
-      } else {
-        qb_begin = t % nqb, qb_end = qb_begin + 1;
-        b = all_heads ? t / nqb : t / nqb / H;
-        h_begin = all_heads ? 0 : (t / nqb) % H;
-        h_end = all_heads ? H : h_begin + 1;
-      }
-      if (whole_heads) std::fill(M, M + N, acc_t(0));
-      for (int64_t qb = qb_begin; qb < qb_end; ++qb) {
+    Worker worker(c, split);
+    acc_t* M = worker.ws.M;
+    for (int64_t ti; queue.next(&ti);) {
+      const ForwardTaskSplit::Task task = split.task(ti);
+      const int64_t b = task.b;
+      if (split.whole_heads) std::fill(M, M + N, acc_t(0));
+      for (int64_t qb = task.qb_begin; qb < task.qb_end; ++qb) {
         const int64_t i0 = qb * bq, m = std::min(bq, N - i0);
-        for (int64_t h = h_begin; h < h_end; ++h) {
-          const int64_t bh = b * H + h;
-          const KeyOperand<acc_t> K = key_operand(k + bh * hd, N, D, cvt);
-          const acc_t* V = tile_as_acc(v + bh * hd, hd, cvt + kel);
-          const acc_t* Q = tile_as_acc(q + bh * hd + i0 * D, m * D, cvt + kel + hd);
-          acc_t* O = out_tile(out + bh * hd + i0 * D, cvt + kel + hd + bq * D);
-          // S = scale * Q K^T (m x N), masked; rows become exp(S - rowmax), unnormalised.
-          score_gemm(m, scale, Q, K, S);
-          if (mask.on())
-            for (int64_t i = 0; i < m; ++i) mask.apply_row(S + i * N, N, b, h, i0 + i);
-          const int64_t mr = teacher ? teacher->rows_in_block(i0, m) : 0;
-          const bool logits_only = teacher && teacher->kind == MatchKind::MseLogits;
-          // Every-row KL and logit MSE reduce their loss from the raw logits still in S, before the
-          // softmax overwrites them, so S needs no copy (see match_rows.h).
-          const bool on_s = teacher && !teacher->cls_rows && teacher->kind != MatchKind::MseProbs;
-          if (mr > 0) {
-            const KeyOperand<acc_t> TK = key_operand(teacher->k + bh * N * Dt, N, Dt, TKt);
-            teacher_logits(*teacher, mask, b, h, bh, N, i0, mr, TK, TQ, St);
-            if (on_s && logits_only) {  // needs no LSE
-              for (int64_t r = 0; r < mr; ++r) {
-                const int64_t ri = teacher->row_index(bh, N, i0) + r;
-                teacher->lse[ri] = acc_t(0);
-                teacher->row_loss[ri] =
-                    match_loss_row(teacher->kind, S + r * N, acc_t(0), St + r * N, acc_t(0), N);
-              }
-            } else if (!on_s) {
-              student_match_logits(*teacher, mask, b, h, S, Q, K, mr, N, scale, SL);
-            }
-          }
-          // Every-row KL: the student's softmax and the divergence in one pass per row (below the
-          // loop for the other rows).
-          const bool kl_rows = on_s && !logits_only;
-          for (int64_t r = 0; r < (kl_rows ? mr : 0); ++r) {
-            const int64_t ri = teacher->row_index(bh, N, i0) + r;
-            acc_t mx, sum;
-            const acc_t cross =
-                kl_softmax_row(S + r * N, St + r * N, N, &mx, &sum, &teacher->lse[ri]);
-            const acc_t row_lse = mx + std::log(sum);
-            lse[bh * N + i0 + r] = row_lse;
-            // A fully masked row (sum 0): P's row is 0 and the row's loss 0.
-            inv_sum[r] = sum > acc_t(0) ? acc_t(1) / sum : acc_t(0);
-            teacher->row_loss[ri] = sum > acc_t(0) ? cross - teacher->lse[ri] + row_lse : acc_t(0);
-          }
-          for (int64_t i = kl_rows ? mr : 0; i < m; ++i) {
-            acc_t mx;
-            const acc_t sum = exp_row(S + i * N, N, &mx);
-            // A fully masked row (max -inf) has sum 0: lse -inf, and P, out and maps rows 0.
-            lse[bh * N + i0 + i] = mx + std::log(sum);
-            inv_sum[i] = sum > acc_t(0) ? acc_t(1) / sum : acc_t(0);
-          }
-          for (int64_t r = 0; r < (on_s ? 0 : mr); ++r) {
-            const int64_t j0 = teacher->key0(), n = N - j0, ri = teacher->row_index(bh, N, i0) + r;
-            const acc_t* ss = SL + r * N + j0;
-            const acc_t* st = St + r * N + j0;
-            const acc_t slse = logits_only ? acc_t(0)
-                               : j0 == 0   ? lse[bh * N + i0 + r]
-                                           : logsumexp_row(ss, n);
-            const acc_t tlse = logits_only ? acc_t(0) : logsumexp_row(st, n);
-            teacher->lse[ri] = tlse;
-            // Every matched key masked: slse is -inf and the row's loss 0.
-            const bool dead = slse == -std::numeric_limits<acc_t>::infinity();
-            teacher->row_loss[ri] =
-                dead ? acc_t(0) : match_loss_row(teacher->kind, ss, slse, st, tlse, n);
-          }
-          // The maps are P before dropout: written from the unnormalised rows and 1 / sum.
-          if (kind == ExportKind::Full) {
-            for (int64_t i = 0; i < m; ++i)
-              scale_row(maps + (bh * N + i0 + i) * N, S + i * N, N, inv_sum[i]);
-          } else if (kind == ExportKind::Cls && i0 == 0) {
-            scale_row(maps + bh * N, S, N, inv_sum[0]);
-          } else if (all_heads) {
-            // Sum of P over heads in head order; divided by H once below.
-            for (int64_t i = 0; i < m; ++i) {
-              if (h == 0) {
-                scale_row(M + i * N, S + i * N, N, inv_sum[i]);
-              } else {
-                axpy_row(M + i * N, S + i * N, N, inv_sum[i]);
-              }
-            }
-          } else if (whole_heads) {
-            // Column sums of P over the head's query rows, in row order; divided by N below.
-            for (int64_t i = 0; i < m; ++i) axpy_row(M, S + i * N, N, inv_sum[i]);
-          }
-          if (drop.on) {
-            const uint64_t e0 = uint64_t((bh * N + i0) * N);
-            drop.keep_bits(e0, m * N, keep);
-            for (int64_t i = 0; i < m; ++i)
-              drop.apply(S + i * N, N, keep, int64_t(e0 & 3) + i * N);
-          }
-          // O = diag(1/sum) E V  (m x D): normalising the D-wide output, not the N-wide row.
-          score_gemm_nn<acc_t>(m, D, N, acc_t(1), S, N, V, D, O, D);
-          for (int64_t i = 0; i < m; ++i) scale_row(O + i * D, O + i * D, D, inv_sum[i]);
-          store_tile(out + bh * hd + i0 * D, O, m * D);
-        }
-        if (all_heads) scale_row(maps + (b * N + i0) * N, M, m * N, acc_t(1) / acc_t(H));
+        for (int64_t h = task.h_begin; h < task.h_end; ++h)
+          worker.block(c, t, QueryBlock{b, h, b * H + h, i0, m});
+        if (split.all_heads) scale_row(t.maps + (b * N + i0) * N, M, m * N, acc_t(1) / acc_t(H));
       }
-      if (whole_heads) scale_row(maps + (b * H + h_begin) * N, M, N, acc_t(1) / acc_t(N));
+      if (split.whole_heads)
+        scale_row(t.maps + (b * H + task.h_begin) * N, M, N, acc_t(1) / acc_t(N));
     }
   });
 }
 
 template <typename scalar_t, typename acc_t>
-void backward_impl(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
-                   const scalar_t* v, const scalar_t* out, const acc_t* lse, const acc_t* dlse,
-                   const scalar_t* dmaps, scalar_t* dq, scalar_t* dk, scalar_t* dv, Dims d,
-                   acc_t scale, ExportKind kind, const AttentionExtras<scalar_t>& extras = {},
-                   const Teacher<scalar_t, acc_t>* teacher = nullptr) {
-  const int64_t H = d.H, N = d.N, D = d.D, hd = N * D;
-  const int64_t bq = query_block_rows(N);
-  const int64_t nqb = (N + bq - 1) / bq;
-  constexpr bool kConvert = !std::is_same_v<acc_t, scalar_t>;
-  const MaskView<scalar_t>& mask = extras.mask;
-  const DropoutStream& drop = extras.dropout;
-  scalar_t* dmask = extras.dmask;
+void forward_impl(const ForwardTensors<scalar_t, acc_t>& t,
+                  const AttentionCall<scalar_t, acc_t>& c) {
+  run_forward_tasks<ForwardWorker<scalar_t, acc_t>>(t, c);
+}
 
-  TaskQueue queue(d.B * H);
+// One backward worker's buffers, in acc_t.
+template <typename acc_t>
+struct BackwardScratch {
+  at::Tensor s_buf, cvt_buf, t_buf, bits_buf;
+  acc_t* P;      // (bq x N) the block's logits, then P, then P after dropout
+  acc_t* dP;     // (bq x N) dO V^T, then dS
+  acc_t* g_row;  // (N) one row of the map gradient in acc_t
+  acc_t* K;      // the head's key operand of K, then of V (key_operand_elems each)
+  acc_t* V;
+  // bf16 only, in float: the head's K, dK, dV (N x D each), the block's Q, dO, O, dQ (bq x D).
+  acc_t* K_rows;
+  acc_t* dK;
+  acc_t* dV;
+  acc_t* Q;
+  acc_t* dO;
+  acc_t* O;
+  acc_t* dQ;
+  acc_t* TK;  // teacher (its loss has a gradient): its key operand, query rows (bq x Dt),
+  acc_t* TQ;  // logits St (bq x N; match_grad_row turns them in place into the loss gradient
+  acc_t* St;  // with respect to the student's logits) and the student's CLS-row logits SL
+  acc_t* SL;  // (see student_match_logits)
+  uint64_t* keep;  // dropout: the keep bits of one query block, regenerated
+
+  template <typename scalar_t>
+  explicit BackwardScratch(const AttentionCall<scalar_t, acc_t>& c) {
+    constexpr bool kConvert = !std::is_same_v<acc_t, scalar_t>;
+    const int64_t N = c.d.N, D = c.d.D, hd = N * D, bq = c.block_rows();
+    s_buf = scratch<acc_t>(2 * bq * N + N);
+    const int64_t kel = key_operand_elems(N, D);
+    cvt_buf = scratch<acc_t>(2 * kel + (kConvert ? 3 * hd + 4 * bq * D : 0));
+    P = s_buf.data_ptr<acc_t>();
+    dP = P + bq * N;
+    g_row = dP + bq * N;
+    K = cvt_buf.data_ptr<acc_t>();
+    V = K + kel;
+    K_rows = V + kel;
+    dK = K_rows + hd;
+    dV = dK + hd;
+    Q = dV + hd;
+    dO = Q + bq * D;
+    O = dO + bq * D;
+    dQ = O + bq * D;
+    const bool match = c.teacher && c.teacher->drow_loss;
+    const int64_t Dt = match ? c.teacher->Dt : 0;
+    const int64_t tkel = match ? key_operand_elems(N, Dt) : 0;
+    t_buf = scratch<acc_t>(match ? tkel + bq * Dt + bq * N + N : 0);
+    TK = t_buf.data_ptr<acc_t>();
+    TQ = TK + tkel;
+    St = TQ + bq * Dt;
+    SL = St + bq * N;
+    bits_buf = at::empty({c.extras.dropout.on ? keep_bits_words(bq * N) : 1}, at::kLong);
+    keep = reinterpret_cast<uint64_t*>(bits_buf.data_ptr<int64_t>());
+  }
+};
+
+// The operands of one head in acc_t: the key operands of K and V for the score GEMMs, K's rows
+// for dQ = dS K, and where dK, dV accumulate.
+template <typename acc_t>
+struct BackwardHead {
+  KeyOperand<acc_t> K_op, V_op, TK_op;
+  const acc_t* K;
+  acc_t* dK;
+  acc_t* dV;
+};
+
+// The operands of one query block in acc_t (inputs converted for bf16, else the inputs).
+template <typename acc_t>
+struct BackwardBlock {
+  const acc_t* Q;
+  const acc_t* dO;  // null without dout
+  const acc_t* O;   // null without dout
+  acc_t* dQ;
+};
+
+// Whether the teacher's loss gradient is folded into the softmax backward's row pass (every-row
+// KL and logit MSE, match_rows.h); the other forms turn St into the gradient first. No op passes
+// both a teacher and a map gradient; the map path expects St to hold the gradient, so it is kept
+// off the folded path.
+template <typename scalar_t, typename acc_t>
+bool teacher_grad_in_row_pass(const AttentionCall<scalar_t, acc_t>& c, bool has_dmaps) {
+  const Teacher<scalar_t, acc_t>* t = c.teacher;
+  return t && t->drow_loss && !has_dmaps && !t->cls_rows && t->kind != MatchKind::MseProbs;
+}
+
+// The teacher's loss gradient with respect to the student's logits of the block's mr matched
+// rows, into St, from the logits still in P (CLS row: recomputed into SL).
+template <typename scalar_t, typename acc_t>
+void teacher_logit_grads(const AttentionCall<scalar_t, acc_t>& c, const QueryBlock& blk,
+                         int64_t mr, const acc_t* lse, const acc_t* Q,
+                         const BackwardHead<acc_t>& head, BackwardScratch<acc_t>& ws) {
+  const Teacher<scalar_t, acc_t>& t = *c.teacher;
+  const int64_t N = c.d.N;
+  acc_t* St = ws.St;
+  const acc_t* student = ws.P;
+  if (t.cls_rows) {
+    student_match_logits(t, c.extras.mask, blk.b, blk.h, ws.P, Q, head.K_op, mr, N, c.scale,
+                         ws.SL);
+    student = ws.SL;
+  }
+  for (int64_t r = 0; r < mr; ++r) {
+    const int64_t j0 = t.key0(), n = N - j0, ri = t.row_index(blk.bh, N, blk.i0) + r;
+    const acc_t* ss = student + r * N + j0;
+    const acc_t slse = t.kind == MatchKind::MseLogits ? acc_t(0)
+                       : j0 == 0                      ? lse[blk.row0(N) + r]
+                                                      : logsumexp_row(ss, n);
+    if (slse == -std::numeric_limits<acc_t>::infinity()) {
+      std::fill(St + r * N, St + (r + 1) * N, acc_t(0));  // fully masked: no gradient
+      continue;
+    }
+    match_grad_row(t.kind, ss, slse, St + r * N + j0, t.lse[ri], n, t.drow_loss[ri]);
+    if (j0 == 1) St[r * N] = acc_t(0);  // the CLS row's own key is not matched
+  }
+}
+
+// The row of the maps' gradient that query row i of the block receives (null where the export
+// does not involve the row), and the factor the export applied to P: head_mean divides by H,
+// key_mean by N (every query row contributes P_ij / N to key j's mean).
+template <typename scalar_t, typename acc_t>
+struct MapGradRow {
+  const scalar_t* g;
+  acc_t g_scale;
+};
+
+template <typename scalar_t, typename acc_t>
+MapGradRow<scalar_t, acc_t> map_grad_row(const scalar_t* dmaps, ExportKind kind, const Dims& d,
+                                         const QueryBlock& blk, int64_t i) {
+  const int64_t N = d.N;
+  if (!dmaps) return {nullptr, acc_t(1)};
+  switch (kind) {
+    case ExportKind::Full: return {dmaps + (blk.row0(N) + i) * N, acc_t(1)};
+    case ExportKind::HeadMean: return {dmaps + (blk.b * N + blk.i0 + i) * N, acc_t(1) / acc_t(d.H)};
+    case ExportKind::Cls: return {blk.i0 + i == 0 ? dmaps + blk.bh * N : nullptr, acc_t(1)};
+    case ExportKind::KeyMean: return {dmaps + blk.bh * N, acc_t(1) / acc_t(N)};
+    default: return {nullptr, acc_t(1)};
+  }
+}
+
+// The softmax backward of query row i of the block: P's row from the logits, dS from dP (and
+// the map gradient, the teacher's logit gradient and the LSE gradient), in place in P and dP.
+template <typename scalar_t, typename acc_t>
+void backward_row(const AttentionCall<scalar_t, acc_t>& c,
+                  const BackwardTensors<scalar_t, acc_t>& t,
+                  const QueryBlock& blk, const BackwardBlock<acc_t>& ops, int64_t i, int64_t mr,
+                  bool teacher_in_row, BackwardScratch<acc_t>& ws) {
+  const int64_t N = c.d.N, D = c.d.D, row = blk.row0(N) + i;
+  const DropoutStream& drop = c.extras.dropout;
+  const Teacher<scalar_t, acc_t>* teacher = c.teacher;
+  const acc_t scale = c.scale;
+  acc_t* Pi = ws.P + i * N;
+  acc_t* dPi = ws.dP + i * N;
+  scalar_t* dmask_row = c.extras.dmask ? c.extras.dmask + row * N : nullptr;
+  if (t.lse[row] == -std::numeric_limits<acc_t>::infinity()) {
+    // Every key masked: P's row is 0, so the row adds nothing to any gradient.
+    std::fill(Pi, Pi + N, acc_t(0));
+    std::fill(dPi, dPi + N, acc_t(0));
+    if (dmask_row) std::fill(dmask_row, dmask_row + N, scalar_t(0));
+    return;
+  }
+  // Dropout: dP = (dO V^T) * keep / (1 - p); P itself is dropped after the row pass.
+  const int64_t keep_bit0 = int64_t(uint64_t(blk.row0(N) * N) & 3) + i * N;
+  if (drop.on) drop.apply(dPi, N, ws.keep, keep_bit0);
+  // delta_i = sum_j P_ij dP_ij = dO_i . O_i (+ the map's share), minus the LSE gradient.
+  acc_t delta = (ops.dO ? dot_row(ops.dO + i * D, ops.O + i * D, D) : acc_t(0)) -
+                (t.dlse ? t.dlse[row] : acc_t(0));
+  const auto map = map_grad_row<scalar_t, acc_t>(t.dmaps, c.kind, c.d, blk, i);
+  // With a mask gradient the row pass makes dL/d(logits) (scale 1), which is the float mask's
+  // gradient itself, and dS = scale * that follows; dividing dS by the scale instead would give
+  // NaN at scale 0.
+  const acc_t row_scale = dmask_row ? acc_t(1) : scale;
+  if (map.g) {
+    delta += exp_add_grad_row(Pi, dPi, tile_as_acc(map.g, N, ws.g_row), N, t.lse[row], map.g_scale);
+    softmax_grad_from_p_row(Pi, dPi, N, delta, row_scale);
+    if (i < mr) axpy_row(dPi, ws.St + i * N, N, row_scale);
+  } else if (i < mr && teacher_in_row) {
+    const int64_t ri = teacher->row_index(blk.bh, N, blk.i0) + i;
+    if (teacher->kind == MatchKind::KL) {
+      softmax_grad_kl_row(Pi, dPi, ws.St + i * N, N, t.lse[row], delta, row_scale,
+                          teacher->lse[ri], teacher->drow_loss[ri]);
+    } else {
+      softmax_grad_mse_logits_row(Pi, dPi, ws.St + i * N, N, t.lse[row], delta, row_scale,
+                                  teacher->drow_loss[ri]);
+    }
+  } else if (i < mr) {
+    // Matched row: dS = scale (P (dP - delta) + the matching loss's logit gradient).
+    softmax_grad_row(Pi, dPi, N, t.lse[row], delta, row_scale, ws.St + i * N);
+  } else {
+    softmax_grad_row(Pi, dPi, N, t.lse[row], delta, row_scale);
+  }
+  // The float mask is added to the logits after the scale: its gradient is dL/d(logits).
+  if (dmask_row) {
+    convert_row(dmask_row, dPi, N);
+    scale_row(dPi, dPi, N, scale);
+  }
+  if (drop.on) drop.apply(Pi, N, ws.keep, keep_bit0);  // dV = (P * keep / (1 - p))^T dO
+}
+
+// Backward of one query block: P and dP from the recomputed logits, the row passes, then
+// dV += P^T dO, dQ = dS K, dK += dS^T Q (the first block of a head overwrites dK, dV).
+template <typename scalar_t, typename acc_t>
+void backward_block(const AttentionCall<scalar_t, acc_t>& c,
+                    const BackwardTensors<scalar_t, acc_t>& t, const QueryBlock& blk,
+                    const BackwardHead<acc_t>& head, BackwardScratch<acc_t>& ws) {
+  const int64_t N = c.d.N, D = c.d.D, hd = N * D, bh = blk.bh, i0 = blk.i0, m = blk.m;
+  const int64_t row0 = blk.row0(N);
+  const bool accumulate = i0 > 0;  // the first block of a head overwrites dK, dV
+  const BackwardBlock<acc_t> ops{
+      tile_as_acc(t.q + bh * hd + i0 * D, m * D, ws.Q),
+      t.dout ? tile_as_acc(t.dout + bh * hd + i0 * D, m * D, ws.dO) : nullptr,
+      t.dout ? tile_as_acc(t.out + bh * hd + i0 * D, m * D, ws.O) : nullptr,
+      out_tile(t.dq + bh * hd + i0 * D, ws.dQ)};
+  // P holds the scaled, masked logits, dP = dO V^T; each row pass then makes P and dS.
+  score_gemm(m, c.scale, ops.Q, head.K_op, ws.P);
+  const MaskView<scalar_t>& mask = c.extras.mask;
+  if (mask.on())
+    for (int64_t i = 0; i < m; ++i) mask.apply_row(ws.P + i * N, N, blk.b, blk.h, i0 + i);
+  const bool match = c.teacher && c.teacher->drow_loss;
+  const int64_t mr = match ? c.teacher->rows_in_block(i0, m) : 0;
+  const bool teacher_in_row = teacher_grad_in_row_pass(c, t.dmaps != nullptr);
+  if (mr > 0)
+    teacher_logits(*c.teacher, mask, blk.b, blk.h, bh, N, i0, mr, head.TK_op, ws.TQ, ws.St);
+  if (mr > 0 && !teacher_in_row) teacher_logit_grads(c, blk, mr, t.lse, ops.Q, head, ws);
+  if (ops.dO) {
+    score_gemm(m, acc_t(1), ops.dO, head.V_op, ws.dP);
+  } else {
+    std::fill(ws.dP, ws.dP + m * N, acc_t(0));
+  }
+  const DropoutStream& drop = c.extras.dropout;
+  if (drop.on) drop.keep_bits(uint64_t(row0 * N), m * N, ws.keep);  // the block's rows
+  for (int64_t i = 0; i < m; ++i) backward_row(c, t, blk, ops, i, mr, teacher_in_row, ws);
+  if (ops.dO) score_gemm_tn<acc_t>(N, D, m, acc_t(1), ws.P, N, ops.dO, D, accumulate, head.dV, D);
+  score_gemm_nn<acc_t>(m, D, N, acc_t(1), ws.dP, N, head.K, D, ops.dQ, D);
+  score_gemm_tn<acc_t>(N, D, m, acc_t(1), ws.dP, N, ops.Q, D, accumulate, head.dK, D);
+  store_tile(t.dq + bh * hd + i0 * D, ops.dQ, m * D);
+}
+
+// The float kernels' backward worker: one head at a time, its key operands made once, then its
+// query blocks in order (dK and dV accumulate over them).
+template <typename scalar_t, typename acc_t>
+struct BackwardWorker {
+  const AttentionCall<scalar_t, acc_t>& c;
+  BackwardScratch<acc_t> ws;
+  explicit BackwardWorker(const AttentionCall<scalar_t, acc_t>& call) : c(call), ws(call) {}
+  void head(const BackwardTensors<scalar_t, acc_t>& t, int64_t bh) {
+    const int64_t H = c.d.H, N = c.d.N, D = c.d.D, hd = N * D, bq = c.block_rows();
+    const Teacher<scalar_t, acc_t>* teacher = c.teacher;
+    BackwardHead<acc_t> head;
+    head.K_op = key_operand(t.k + bh * hd, N, D, ws.K);
+    head.V_op = key_operand(t.v + bh * hd, N, D, ws.V);
+    head.K = head.K_op.transposed_copy ? tile_as_acc(t.k + bh * hd, hd, ws.K_rows) : head.K_op.data;
+    head.dK = out_tile(t.dk + bh * hd, ws.dK);
+    head.dV = out_tile(t.dv + bh * hd, ws.dV);
+    head.TK_op = teacher && teacher->drow_loss
+                     ? key_operand(teacher->k + bh * N * teacher->Dt, N, teacher->Dt, ws.TK)
+                     : KeyOperand<acc_t>{};
+    for (int64_t i0 = 0; i0 < N; i0 += bq)
+      backward_block(c, t, QueryBlock{bh / H, bh % H, bh, i0, std::min(bq, N - i0)}, head, ws);
+    if (!t.dout) std::fill(head.dV, head.dV + hd, acc_t(0));
+    store_tile(t.dk + bh * hd, head.dK, hd);
+    store_tile(t.dv + bh * hd, head.dV, hd);
+  }
+};
+
+// Backward tasks are whole heads, so dK and dV accumulate over the head's query blocks without
+// races, in the same order on every run. One Worker per thread.
+template <typename Worker, typename scalar_t, typename acc_t>
+void run_backward_tasks(const BackwardTensors<scalar_t, acc_t>& t,
+                        const AttentionCall<scalar_t, acc_t>& c) {
+  TaskQueue queue(c.d.B * c.d.H);
   at::parallel_for(0, queue.workers(), 1, [&](int64_t, int64_t) {
     SingleThreadedBlas blas_guard;
-    at::Tensor s_buf = scratch<acc_t>(2 * bq * N + N);
-    // The key operands of K and V for the score GEMMs (key_operand); for bf16 also K, dK, dV of
-    // the head and Q, dO, O, dQ of the block, in float.
-    const int64_t kel = key_operand_elems(N, D);
-    at::Tensor cvt_buf = scratch<acc_t>(2 * kel + (kConvert ? 3 * hd + 4 * bq * D : 0));
-    acc_t* P = s_buf.data_ptr<acc_t>();
-    acc_t* dP = P + bq * N;
-    acc_t* g_row = dP + bq * N;  // one row of the map gradient in acc_t
-    acc_t* cvt = cvt_buf.data_ptr<acc_t>();
-    // Teacher (only when its loss has a gradient): its key operand, query rows, and logits St, which
-    // match_grad_row turns in place into the loss gradient with respect to the student's logits.
-    const bool match = teacher && teacher->drow_loss;
-    const int64_t Dt = match ? teacher->Dt : 0;
-    const int64_t tkel = match ? key_operand_elems(N, Dt) : 0;
-    at::Tensor t_buf = scratch<acc_t>(match ? tkel + bq * Dt + bq * N + N : 0);
-    acc_t* TKt = t_buf.data_ptr<acc_t>();
-    acc_t* TQ = TKt + tkel;
-    acc_t* St = TQ + bq * Dt;
-    acc_t* SL = St + bq * N;  // the student's CLS-row logits (see student_match_logits)
-    // Dropout: the keep bits of one query block, regenerated (its rows are consecutive).
-    at::Tensor bits_buf = at::empty({drop.on ? keep_bits_words(bq * N) : 1}, at::kLong);
-    uint64_t* keep = reinterpret_cast<uint64_t*>(bits_buf.data_ptr<int64_t>());
-    for (int64_t bh; queue.next(&bh);) {
-      const int64_t b = bh / H;
-      const KeyOperand<acc_t> Kop = key_operand(k + bh * hd, N, D, cvt);
-      const KeyOperand<acc_t> Vop = key_operand(v + bh * hd, N, D, cvt + kel);
-      acc_t* more = cvt + 2 * kel;  // bf16 only: K, dK, dV of the head, then the block's tiles
-      const acc_t* K = Kop.transposed_copy ? tile_as_acc(k + bh * hd, hd, more) : Kop.data;
-      acc_t* dK = out_tile(dk + bh * hd, more + hd);
-      acc_t* dV = out_tile(dv + bh * hd, more + 2 * hd);
-      acc_t* blk = more + 3 * hd;
-      const KeyOperand<acc_t> TK =
-          match ? key_operand(teacher->k + bh * N * Dt, N, Dt, TKt) : KeyOperand<acc_t>{};
-      for (int64_t qb = 0; qb < nqb; ++qb) {
-        const int64_t i0 = qb * bq, m = std::min(bq, N - i0), row0 = bh * N + i0;
-        const bool accumulate = qb > 0;  // the first block overwrites dK, dV
-        const acc_t* Q = tile_as_acc(q + bh * hd + i0 * D, m * D, blk);
-        const acc_t* dO = dout ? tile_as_acc(dout + bh * hd + i0 * D, m * D, blk + bq * D) : nullptr;
-        const acc_t* O = dout ? tile_as_acc(out + bh * hd + i0 * D, m * D, blk + 2 * bq * D) : nullptr;
-        acc_t* dQ = out_tile(dq + bh * hd + i0 * D, blk + 3 * bq * D);
-
-        // P holds the scaled, masked logits, dP = dO V^T; each row pass then makes P and dS.
-        score_gemm(m, scale, Q, Kop, P);
-        if (mask.on())
-          for (int64_t i = 0; i < m; ++i) mask.apply_row(P + i * N, N, b, bh % H, i0 + i);
-        const int64_t mr = match ? teacher->rows_in_block(i0, m) : 0;
-        // Every-row KL and logit MSE fold their gradient into the softmax backward's row pass
-        // (match_rows.h); the other forms turn St into the gradient first.
-        // (No op passes both a teacher and a map gradient; the map path below expects St to hold
-        // the gradient, so it is kept off the fused path.)
-        const bool fused = match && !dmaps && !teacher->cls_rows &&
-                           teacher->kind != MatchKind::MseProbs;
-        if (mr > 0) teacher_logits(*teacher, mask, b, bh % H, bh, N, i0, mr, TK, TQ, St);
-        if (mr > 0 && !fused) {
-          // Loss gradient w.r.t. the student's logits, from the logits still in P.
-          const acc_t* student = P;
-          if (teacher->cls_rows) {
-            student_match_logits(*teacher, mask, b, bh % H, P, Q, Kop, mr, N, scale, SL);
-            student = SL;
-          }
-          for (int64_t r = 0; r < mr; ++r) {
-            const int64_t j0 = teacher->key0(), n = N - j0, ri = teacher->row_index(bh, N, i0) + r;
-            const acc_t* ss = student + r * N + j0;
-            const acc_t slse = teacher->kind == MatchKind::MseLogits ? acc_t(0)
-                               : j0 == 0                             ? lse[row0 + r]
-                                                                     : logsumexp_row(ss, n);
-            if (slse == -std::numeric_limits<acc_t>::infinity()) {
-              std::fill(St + r * N, St + (r + 1) * N, acc_t(0));  // fully masked: no gradient
-              continue;
-            }
-            match_grad_row(teacher->kind, ss, slse, St + r * N + j0, teacher->lse[ri], n,
-                           teacher->drow_loss[ri]);
-            if (j0 == 1) St[r * N] = acc_t(0);  // the CLS row's own key is not matched
-          }
-        }
-        if (dO) {
-          score_gemm(m, acc_t(1), dO, Vop, dP);
-        } else {
-          std::fill(dP, dP + m * N, acc_t(0));
-        }
-        if (drop.on) drop.keep_bits(uint64_t(row0 * N), m * N, keep);  // the block's rows
-        for (int64_t i = 0; i < m; ++i) {
-          acc_t* Pi = P + i * N;
-          acc_t* dPi = dP + i * N;
-          scalar_t* dmask_row = dmask ? dmask + (row0 + i) * N : nullptr;
-          if (lse[row0 + i] == -std::numeric_limits<acc_t>::infinity()) {
-            // Every key masked: P's row is 0, so the row adds nothing to any gradient.
-            std::fill(Pi, Pi + N, acc_t(0));
-            std::fill(dPi, dPi + N, acc_t(0));
-            if (dmask_row) std::fill(dmask_row, dmask_row + N, scalar_t(0));
-            continue;
-          }
-          // Dropout: dP = (dO V^T) * keep / (1 - p); P itself is dropped after the row pass.
-          const int64_t keep_bit0 = int64_t(uint64_t(row0 * N) & 3) + i * N;
-          if (drop.on) drop.apply(dPi, N, keep, keep_bit0);
-          // delta_i = sum_j P_ij dP_ij = dO_i . O_i (+ the map's share), minus the LSE gradient.
-          acc_t delta = (dO ? dot_row(dO + i * D, O + i * D, D) : acc_t(0)) -
-                        (dlse ? dlse[row0 + i] : acc_t(0));
-          const scalar_t* g = nullptr;
-          acc_t g_scale = 1;
-          if (dmaps && kind == ExportKind::Full) {
-            g = dmaps + (row0 + i) * N;
-          } else if (dmaps && kind == ExportKind::HeadMean) {
-            g = dmaps + (b * N + i0 + i) * N;
-            g_scale = acc_t(1) / acc_t(H);
-          } else if (dmaps && kind == ExportKind::Cls && i0 + i == 0) {
-            g = dmaps + bh * N;
-          } else if (dmaps && kind == ExportKind::KeyMean) {
-            g = dmaps + bh * N;  // every query row contributes P_ij / N to key j's mean
-            g_scale = acc_t(1) / acc_t(N);
-          }
-          // With a mask gradient the row pass makes dL/d(logits) (scale 1), which is the float
-          // mask's gradient itself, and dS = scale * that follows; dividing dS by the scale
-          // instead would give NaN at scale 0.
-          const acc_t row_scale = dmask_row ? acc_t(1) : scale;
-          if (g) {
-            delta += exp_add_grad_row(Pi, dPi, tile_as_acc(g, N, g_row), N, lse[row0 + i], g_scale);
-            softmax_grad_from_p_row(Pi, dPi, N, delta, row_scale);
-            if (i < mr) axpy_row(dPi, St + i * N, N, row_scale);
-          } else if (i < mr && fused) {
-            const int64_t ri = teacher->row_index(bh, N, i0) + i;
-            if (teacher->kind == MatchKind::KL) {
-              softmax_grad_kl_row(Pi, dPi, St + i * N, N, lse[row0 + i], delta, row_scale,
-                                  teacher->lse[ri], teacher->drow_loss[ri]);
-            } else {
-              softmax_grad_mse_logits_row(Pi, dPi, St + i * N, N, lse[row0 + i], delta, row_scale,
-                                          teacher->drow_loss[ri]);
-            }
-          } else if (i < mr) {
-            // Matched row: dS = scale (P (dP - delta) + the matching loss's logit gradient).
-            softmax_grad_row(Pi, dPi, N, lse[row0 + i], delta, row_scale, St + i * N);
-          } else {
-            softmax_grad_row(Pi, dPi, N, lse[row0 + i], delta, row_scale);
-          }
-          // The float mask is added to the logits after the scale: its gradient is dL/d(logits).
-          if (dmask_row) {
-            convert_row(dmask_row, dPi, N);
-            scale_row(dPi, dPi, N, scale);
-          }
-          if (drop.on) drop.apply(Pi, N, keep, keep_bit0);  // dV = (P * keep / (1 - p))^T dO
-        }
-        if (dO) score_gemm_tn<acc_t>(N, D, m, acc_t(1), P, N, dO, D, accumulate, dV, D);
-        score_gemm_nn<acc_t>(m, D, N, acc_t(1), dP, N, K, D, dQ, D);
-        score_gemm_tn<acc_t>(N, D, m, acc_t(1), dP, N, Q, D, accumulate, dK, D);
-        store_tile(dq + bh * hd + i0 * D, dQ, m * D);
-      }
-      if (!dout) std::fill(dV, dV + hd, acc_t(0));
-      store_tile(dk + bh * hd, dK, hd);
-      store_tile(dv + bh * hd, dV, hd);
-    }
+    Worker worker(c);
+    for (int64_t bh; queue.next(&bh);) worker.head(t, bh);
   });
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_impl(const BackwardTensors<scalar_t, acc_t>& t,
+                   const AttentionCall<scalar_t, acc_t>& c) {
+  run_backward_tasks<BackwardWorker<scalar_t, acc_t>>(t, c);
 }
 
 }  // namespace fastattnreg::cpu::kernels

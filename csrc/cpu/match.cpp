@@ -18,8 +18,10 @@
 namespace fastattnreg::cpu {
 namespace {
 
+using kernels::AttentionCall;
 using kernels::AttentionExtras;
 using kernels::Dims;
+using kernels::ForwardTensors;
 using kernels::Teacher;
 
 MatchKind parse_kind(c10::string_view s) {
@@ -61,6 +63,27 @@ void check_teacher(const at::Tensor& q, const at::Tensor& tq, const at::Tensor& 
 
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// The checked arguments shared by the forward and the backward.
+struct MatchArgs {
+  MatchKind kind;
+  bool cls_rows;
+  at::Tensor mask;
+};
+
+MatchArgs match_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& teacher_q, const at::Tensor& teacher_k,
+                     const std::optional<at::Tensor>& attn_mask, double scale,
+                     double teacher_scale, c10::string_view kind, c10::string_view rows) {
+  check_qkv_cpu(q, k, v);
+  const MatchKind mk = parse_kind(kind);
+  const bool cls = parse_cls_rows(rows);
+  check_teacher(q, teacher_q, teacher_k, cls);
+  at::Tensor mask = mask_view(attn_mask, q);
+  check_scale(scale, q.scalar_type());
+  check_scale(teacher_scale, q.scalar_type(), "teacher_scale");
+  return {mk, cls, std::move(mask)};
+}
+
 }  // namespace
 
 // Returns out (B,H,N,D), lse (B,H,N), teacher_lse (B,H,R) and row_loss (B,H,R), R = N or 1.
@@ -68,18 +91,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_match_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& teacher_q,
     const at::Tensor& teacher_k, const std::optional<at::Tensor>& attn_mask, double scale,
     double teacher_scale, c10::string_view kind, c10::string_view rows) {
-  check_qkv_cpu(q, k, v);
-  const MatchKind mk = parse_kind(kind);
-  const bool cls = parse_cls_rows(rows);
-  check_teacher(q, teacher_q, teacher_k, cls);
-  const at::Tensor mask = mask_view(attn_mask, q);
-  check_scale(scale, q.scalar_type());
-  check_scale(teacher_scale, q.scalar_type(), "teacher_scale");
+  const MatchArgs args =
+      match_args(q, k, v, teacher_q, teacher_k, attn_mask, scale, teacher_scale, kind, rows);
   const auto qc = aligned_contiguous(q), kc = aligned_contiguous(k);
   const auto vc = aligned_contiguous(v);
   const auto tqc = aligned_contiguous(teacher_q), tkc = aligned_contiguous(teacher_k);
   const Dims d{q.size(0), q.size(1), q.size(2), q.size(3)};
-  const int64_t R = cls ? 1 : d.N;
+  const int64_t R = args.cls_rows ? 1 : d.N;
   const auto acc_opts = q.options().dtype(acc_dtype(q.scalar_type()));
   auto out = at::empty_like(qc, at::MemoryFormat::Contiguous);
   auto lse = at::empty({d.B, d.H, d.N}, acc_opts);
@@ -88,12 +106,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_match_fwd(
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "attention_match_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Teacher<scalar_t, acc_t> t{tqc.const_data_ptr<scalar_t>(), tkc.const_data_ptr<scalar_t>(),
-                               teacher_q.size(3), static_cast<acc_t>(teacher_scale), mk, cls,
-                               teacher_lse.data_ptr<acc_t>(), row_loss.data_ptr<acc_t>(), nullptr};
-    kernels::forward_impl<scalar_t, acc_t>(
+                               teacher_q.size(3), static_cast<acc_t>(teacher_scale), args.kind,
+                               args.cls_rows, teacher_lse.data_ptr<acc_t>(),
+                               row_loss.data_ptr<acc_t>(), nullptr};
+    const ForwardTensors<scalar_t, acc_t> tensors{
         qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(),
-        out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), nullptr, d, static_cast<acc_t>(scale),
-        ExportKind::None, AttentionExtras<scalar_t>{make_mask_view<scalar_t>(mask)}, &t);
+        out.data_ptr<scalar_t>(),      lse.data_ptr<acc_t>(),         nullptr};
+    const AttentionExtras<scalar_t> extras{make_mask_view<scalar_t>(args.mask)};
+    kernels::forward_impl(tensors, AttentionCall<scalar_t, acc_t>{d, static_cast<acc_t>(scale),
+                                                                  ExportKind::None, extras, &t});
   });
   return {out, lse, teacher_lse, row_loss};
 }
@@ -106,15 +127,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_match_bwd(
     const at::Tensor& lse, const at::Tensor& teacher_q, const at::Tensor& teacher_k,
     const at::Tensor& teacher_lse, const std::optional<at::Tensor>& attn_mask, double scale,
     double teacher_scale, c10::string_view kind, c10::string_view rows) {
-  check_qkv_cpu(q, k, v);
-  const MatchKind mk = parse_kind(kind);
-  const bool cls = parse_cls_rows(rows);
-  check_teacher(q, teacher_q, teacher_k, cls);
-  const at::Tensor mask = mask_view(attn_mask, q);
-  check_scale(scale, q.scalar_type());
-  check_scale(teacher_scale, q.scalar_type(), "teacher_scale");
+  const MatchArgs args =
+      match_args(q, k, v, teacher_q, teacher_k, attn_mask, scale, teacher_scale, kind, rows);
   const Dims d{q.size(0), q.size(1), q.size(2), q.size(3)};
-  const int64_t R = cls ? 1 : d.N;
+  const int64_t R = args.cls_rows ? 1 : d.N;
   const auto acc = acc_dtype(q.scalar_type());
   check_like(out, "out", q.sizes(), q.scalar_type());
   check_like(lse, "lse", {d.B, d.H, d.N}, acc);
@@ -143,17 +159,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_match_bwd(
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "attention_match_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Teacher<scalar_t, acc_t> t{tqc.const_data_ptr<scalar_t>(), tkc.const_data_ptr<scalar_t>(),
-                               teacher_q.size(3), static_cast<acc_t>(teacher_scale), mk, cls,
-                               const_cast<acc_t*>(tlse_c.const_data_ptr<acc_t>()), nullptr,
-                               drow_c.defined() ? drow_c.const_data_ptr<acc_t>() : nullptr};
-    kernels::backward_impl<scalar_t, acc_t>(
-        dout_c.defined() ? dout_c.const_data_ptr<scalar_t>() : nullptr,
-        qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(),
-        vc.const_data_ptr<scalar_t>(), out_c.const_data_ptr<scalar_t>(),
-        lse_c.const_data_ptr<acc_t>(),
-        dlse_c.defined() ? dlse_c.const_data_ptr<acc_t>() : nullptr, nullptr, dq.data_ptr<scalar_t>(),
-        dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), d, static_cast<acc_t>(scale),
-        ExportKind::None, AttentionExtras<scalar_t>{make_mask_view<scalar_t>(mask)}, &t);
+                               teacher_q.size(3), static_cast<acc_t>(teacher_scale), args.kind,
+                               args.cls_rows, const_cast<acc_t*>(tlse_c.const_data_ptr<acc_t>()),
+                               nullptr, kernels::data_or_null<acc_t>(drow_c)};
+    const auto tensors = kernels::backward_tensors<scalar_t, acc_t>(
+        dout_c, qc, kc, vc, out_c, lse_c, dlse_c, at::Tensor(), dq, dk, dv);
+    const AttentionExtras<scalar_t> extras{make_mask_view<scalar_t>(args.mask)};
+    kernels::backward_impl(tensors, AttentionCall<scalar_t, acc_t>{d, static_cast<acc_t>(scale),
+                                                                   ExportKind::None, extras, &t});
   });
   return {dq, dk, dv};
 }

@@ -1,4 +1,4 @@
-// The fused Refiner attention on the CPU (methods.md §1). Declared here so the op registration
+// The fused Refiner attention on the CPU (DeepViT's Refiner). Declared here so the op registration
 // and the C++ unit tests (csrc/tests) call the same functions.
 //
 // Shapes, with C = expansion * H expanded channels and K the (odd) depthwise kernel size:
@@ -27,13 +27,13 @@ namespace fastattnreg::cpu {
 //         "head_mean" (B, N, N) (mean over heads), "cls" (B, H, N) (row 0 of each head);
 //         "none": empty (0,), nothing computed.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-refined_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                      const at::Tensor& w_exp, const at::Tensor& w_dw, const at::Tensor& w_pro,
-                      const at::Tensor& bn_weight, const at::Tensor& bn_bias,
-                      const at::Tensor& running_mean, const at::Tensor& running_var,
-                      const std::optional<at::Tensor>& keep, at::ArrayRef<double> eps,
-                      double scale, double drop_scale, bool training, bool save_probs,
-                      c10::string_view export_kind = "none");
+refined_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,  // (B, H, N, D)
+    const at::Tensor& w_exp, const at::Tensor& w_dw, const at::Tensor& w_pro,
+    const at::Tensor& bn_weight, const at::Tensor& bn_bias,        // packed (2C + 2H)
+    const at::Tensor& running_mean, const at::Tensor& running_var,  // packed (2C + 2H)
+    const std::optional<at::Tensor>& keep, at::ArrayRef<double> eps, double scale,
+    double drop_scale, bool training, bool save_probs, c10::string_view export_kind = "none");
 
 // Gradients of q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias from dout and (optionally) dmaps,
 // the gradient of the maps the forward exported with export_kind (its shape, q's dtype), given
@@ -42,14 +42,15 @@ refined_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 // recomputed. y may be empty (recomputed where needed).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor>
-refined_attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                      const at::Tensor& v, const at::Tensor& w_exp, const at::Tensor& w_dw,
-                      const at::Tensor& w_pro, const at::Tensor& bn_weight,
-                      const at::Tensor& bn_bias, const at::Tensor& probs, const at::Tensor& y,
-                      const at::Tensor& mean, const at::Tensor& var,
-                      const std::optional<at::Tensor>& keep,
-                      at::ArrayRef<double> eps, double scale, double drop_scale, bool training,
-                      const std::optional<at::Tensor>& dmaps = std::nullopt,
-                      c10::string_view export_kind = "none");
+refined_attention_bwd(
+    const at::Tensor& dout,                                          // (B, H, N, D)
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,  // (B, H, N, D)
+    const at::Tensor& w_exp, const at::Tensor& w_dw, const at::Tensor& w_pro,
+    const at::Tensor& bn_weight, const at::Tensor& bn_bias,  // packed (2C + 2H)
+    const at::Tensor& probs, const at::Tensor& y,            // (B, H, N, N) or empty
+    const at::Tensor& mean, const at::Tensor& var,           // packed (2C + 2H)
+    const std::optional<at::Tensor>& keep, at::ArrayRef<double> eps, double scale,
+    double drop_scale, bool training, const std::optional<at::Tensor>& dmaps = std::nullopt,
+    c10::string_view export_kind = "none");
 
 }  // namespace fastattnreg::cpu

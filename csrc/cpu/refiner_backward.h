@@ -233,6 +233,267 @@ void grad_to_dx1(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, co
   grad_dx1_da(p.w, nm, g, pk, d, ws, rows);
 }
 
+// What the backward passes share besides the Passes: the forward's BatchNorm maps, the
+// BatchNorm gradient factors each pass completes for the next, the flipped depthwise weights
+// (the convolution's adjoint), whether the statistics were frozen (eval mode) and the forward's
+// Y (B, H, N, N), or nullptr (recomputed).
+template <typename T>
+struct BackwardState {
+  Norms<T> nm;
+  BnGrad<T> g;
+  std::vector<T> w_dw_flipped;  // (C, K, K)
+  bool frozen;
+  const T* y_saved;
+  BackwardState(const Params<T>& w, const Dims& d, const Packed& pk,
+                const std::vector<double>& mean, const std::vector<double>& var,
+                const std::vector<double>& eps, bool frozen_stats, const T* y)
+      : nm(w, mean, var, eps, pk), g(pk.total), w_dw_flipped(d.C * d.K * d.K),
+        frozen(frozen_stats), y_saved(y) {
+    const int64_t kk = d.K * d.K;
+    for (int64_t c = 0; c < d.C; ++c)
+      for (int64_t j = 0; j < kk; ++j) w_dw_flipped[c * kk + j] = w.w_dw[c * kk + (kk - 1 - j)];
+  }
+};
+
+// B1: dA* = dout V^T + the maps' gradient (stored); per head the sums of dA*, dA* z_hat,
+// dA* y_hat, z_hat y_hat, z_hat, y_hat. dz is affine in dA* given the forward, so BN3's sums
+// follow from them too.
+template <typename scalar_t, typename T>
+void backward_bn_a_bn3_sums(Passes<scalar_t, T>& ps, const Grads<scalar_t, T>& gr,
+                            BackwardState<T>& st) {
+  const Problem<scalar_t, T>& p = ps.p;
+  const Packed& pk = ps.pk;
+  const int64_t H = ps.d.H, N = ps.d.N, D = ps.d.D;
+  const double n = ps.n;
+  const Norms<T>& nm = st.nm;
+  BnGrad<T>& g = st.g;
+  const bool frozen = st.frozen;
+  const T* y_saved = st.y_saved;
+  constexpr int W = 6;
+  std::vector<Sum> parts(ps.tiles.count * H * W);
+  PassTimer timer("B1 dA*, BN_a and BN3 sums");
+  ps.for_each_tile([&](int64_t t, int64_t b, Range rows, Planes<T>& ws) {
+    const int64_t m = rows.size();
+    if (y_saved) {  // the forward's Y: only A is needed from the chain
+      ws.lo = rows.lo;
+      load_attn(p, ws, b, rows);
+    } else {
+      chain_to_y(p, nm, pk, ws, b, rows);
+    }
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t bh = b * H + h;
+      transpose(p.v + bh * N * D, N, D, ws.kt, ws.kld);
+      const T* dO = tile_as_acc(gr.dout + (bh * N + rows.lo) * D, m * D, ws.qb);
+      T* das = gr.dattn + (bh * N + rows.lo) * N;
+      score_gemm_nn<T>(m, N, D, T(1), dO, D, ws.kt, ws.kld, das, N);
+      if (gr.dmaps) add_maps_grad(ps.d, gr.export_kind, gr.dmaps, b, h, rows, das);
+      const int64_t a = pk.bna + h, c3 = pk.bn3 + h;
+      VecSum<T> v[W];  // over the tile's rows of head h: contiguous runs
+      const T* y = y_saved ? y_saved + (bh * N + rows.lo) * N : ws.at(ws.Y, h, rows.lo);
+      bn_a_bn3_run_sums(nm, a, c3, y, ws.a(h, rows.lo), das, m * N, v);
+      Sum* acc = &parts[(t * H + h) * W];
+      for (int k = 0; k < W; ++k) acc[k].v += v[k].total();
+    }
+  });
+  const auto s = merge_in_order(parts, H * W);
+  std::vector<Sum> adapt(2 * H), bn3(2 * H);
+  for (int64_t h = 0; h < H; ++h) {
+    adapt[2 * h] = s[h * W];
+    adapt[2 * h + 1] = s[h * W + 1];
+  }
+  finish_bn(adapt, p.w, nm, pk.bna, H, frozen, n, gr.dgamma, gr.dbeta, g);
+  for (int64_t h = 0; h < H; ++h) {
+    // sum dz = k (sum dA* - n cb - cg sum z_hat);  sum dz y_hat likewise.
+    const int64_t a = pk.bna + h;
+    const double k = g.k[a], cb = g.cb[a], cg = g.cg[a];
+    const Sum* sh = &s[h * W];
+    bn3[2 * h].v = k * (sh[0].v - n * cb - cg * sh[4].v);
+    bn3[2 * h + 1].v = k * (sh[2].v - cb * sh[5].v - cg * sh[3].v);
+  }
+  finish_bn(bn3, p.w, nm, pk.bn3, H, frozen, n, gr.dgamma, gr.dbeta, g);
+}
+
+// B2: du2 on the rows -> BN2's sums, and BN1's. Those need dx2 = k2 (du2 - cb2 - x_hat2 cg2),
+// whose cb2, cg2 are BN2's very sums; but with G = W_d * mask1 (the forward convolution of
+// BN1's ReLU6 mask, on the rows) the adjoint of the convolution gives
+//   sum du1 = sum mask1 (W_d^T * dx2) = sum G dx2 = k2 (sum G du2 - cb2 sum G - cg2 sum G x_hat2)
+// and likewise sum du1 x_hat1 with G' = W_d * (mask1 x_hat1). No halo rows of dx2 are needed.
+template <typename scalar_t, typename T>
+void backward_bn2_bn1_sums(Passes<scalar_t, T>& ps, const Grads<scalar_t, T>& gr,
+                           BackwardState<T>& st) {
+  const Problem<scalar_t, T>& p = ps.p;
+  const Dims& d = ps.d;
+  const Packed& pk = ps.pk;
+  const int64_t C = d.C, N = d.N, hl = d.halo();
+  const double n = ps.n;
+  const Norms<T>& nm = st.nm;
+  BnGrad<T>& g = st.g;
+  const bool frozen = st.frozen;
+  const int64_t wd = 8 * C;  // per channel: sum du2, du2 x_hat2, then G and G' with du2, x_hat2, 1
+  std::vector<Sum> parts(ps.tiles.count * wd);
+  PassTimer timer("B2 BN2 and BN1 sums");
+  ps.for_each_tile([&](int64_t t, int64_t b, Range rows, Planes<T>& ws) {
+    const Range e_rows = clip(rows.lo - hl, rows.hi + hl, N);
+    grad_to_du2(p, gr, nm, g, pk, ws, b, rows, st.y_saved, /*need_f=*/false);
+    // mask1 into the padded DX2 planes, mask1 x_hat1 into the padded E planes (E is spent).
+    using V = at::vec::Vectorized<T>;
+    for (int64_t c = 0; c < C; ++c) {
+      const T s1 = nm.s[pk.bn1 + c], t1 = nm.t[pk.bn1 + c];
+      const V m1(nm.mean[pk.bn1 + c]), i1(nm.invstd[pk.bn1 + c]), one(T(1));
+      for (int64_t i = e_rows.lo; i < e_rows.hi; ++i) {
+        const T* x1 = ws.at(ws.X1, c, i);
+        T* mask = ws.at_pad(ws.DX2, c, i);
+        T* mask_xhat = ws.at_pad(ws.E, c, i);
+        for_each_vec<T>(N, [&](int64_t j, int64_t cnt) {  // only [0, N): the margins stay 0
+          const V x = V::loadu(x1 + j, cnt);
+          const V mk = relu6_grad_vec(one, x, s1, t1);
+          mk.store(mask + j, cnt);
+          (mk * ((x - m1) * i1)).store(mask_xhat + j, cnt);
+        });
+      }
+    }
+    depthwise(p.w.w_dw, d, ws, ws.DX2, ws.dE, rows);  // G
+    depthwise(p.w.w_dw, d, ws, ws.E, ws.F, rows);     // G'
+    Sum* acc = &parts[t * wd];
+    for (int64_t c = 0; c < C; ++c) {
+      VecSum<T> v[8];  // the 8 sums of this channel, in the layout of acc
+      bn2_bn1_run_sums(nm.mean[pk.bn2 + c], nm.invstd[pk.bn2 + c], ws.at(ws.dF, c, rows.lo),
+                       ws.at(ws.X2, c, rows.lo), ws.at(ws.dE, c, rows.lo),
+                       ws.at(ws.F, c, rows.lo), rows.size() * N, v);
+      for (int k = 0; k < 8; ++k) acc[k * C + c].v += v[k].total();
+    }
+  });
+  const auto s = merge_in_order(parts, wd);
+  finish_bn(std::vector<Sum>(s.begin(), s.begin() + 2 * C), p.w, nm, pk.bn2, C, frozen, n,
+            gr.dgamma, gr.dbeta, g, /*interleaved=*/false);
+  std::vector<Sum> bn1(2 * C);
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t i = pk.bn2 + c;
+    const double k = g.k[i], cb = g.cb[i], cg = g.cg[i];
+    for (int w = 0; w < 2; ++w) {  // sum du1 (G), sum du1 x_hat1 (G')
+      const double du2_g = s[(2 + 3 * w) * C + c].v, xhat_g = s[(3 + 3 * w) * C + c].v;
+      bn1[w * C + c].v = k * (du2_g - cb * s[(4 + 3 * w) * C + c].v - cg * xhat_g);
+    }
+  }
+  finish_bn(bn1, p.w, nm, pk.bn1, C, frozen, n, gr.dgamma, gr.dbeta, g, /*interleaved=*/false);
+}
+
+// The conv weights' gradients of one row block of batch element b, added to its slice
+// (dW_e (C, H) | dW_d (C, K, K) | dW_r (H, C)): dW_e = dx1 A^T, dW_d from dx2 against the
+// shifted E, dW_r = dy F^T. Reads the planes grad_to_dx1 left.
+template <typename T>
+void conv_weight_grads(const Dims& d, Planes<T>& ws, Range rows, T* dw) {
+  const int64_t H = d.H, C = d.C, N = d.N, K = d.K, m = rows.size();
+  T* dwe = dw;
+  T* dwd = dwe + C * H;
+  gemm_rm<T>(false, true, C, H, m * N, T(1), ws.at(ws.dE, 0, rows.lo), ws.ld(),
+             ws.a(0, rows.lo), ws.a_ld(), T(1), dwe, H);
+  for (int64_t c = 0; c < C; ++c) {  // dW_d: dx2 against the shifted E (zero margins)
+    const auto e_row = [&](int64_t r) -> const T* {
+      return (r < 0 || r >= N) ? ws.zero_row : ws.at_pad(ws.E, c, r);
+    };
+    const auto dx2_row = [&](int64_t i) -> const T* { return ws.at_pad(ws.DX2, c, i); };
+    T* gc = dwd + c * K * K;
+    with_fixed_k(K, [&](auto fixed) {
+      depthwise_weight_grad_rows<decltype(fixed)::value>(gc, K, rows.lo, rows.hi, N, e_row,
+                                                         dx2_row);
+    });
+  }
+  // dW_r = dy F^T, F as chain_to_y left it (on x_rows, which contain rows; nothing since has
+  // written the F planes).
+  gemm_rm<T>(false, true, H, C, m * N, T(1), ws.at(ws.dY, 0, rows.lo), ws.ld(),
+             ws.at(ws.F, 0, rows.lo), ws.ld(), T(1), dwd + C * K * K, C);
+}
+
+// B3's buffers of one batch element in the accumulation type, used where the inputs are
+// converted (bf16): K of a head (N x D), dK and dV of every head (H x N x D), and Q, dO, dQ of
+// a row block (cap x D each).
+template <typename scalar_t, typename T>
+struct ConvertedHeads {
+  static constexpr bool kConvert = !std::is_same_v<T, scalar_t>;
+  at::Tensor buf;
+  T *K, *dK, *dV, *Q, *dO, *dQ;
+  ConvertedHeads(const Dims& d, int64_t cap) {
+    const int64_t hd = d.N * d.D;
+    buf = scratch<T>(kConvert ? hd + 2 * d.H * hd + 3 * cap * d.D : 0);
+    K = buf.data_ptr<T>();
+    dK = K + hd;
+    dV = dK + d.H * hd;
+    Q = dV + d.H * hd;
+    dO = Q + cap * d.D;
+    dQ = dO + cap * d.D;
+  }
+};
+
+// Head h of batch element b on a row block: dA (W_e^T dx1 + dz, from grad_dx1_da) through the
+// dropout mask and the softmax, dS = scale P (dA - rowsum(P dA)) in place, then dQ = dS K,
+// dK += dS^T Q, dV += A*^T dO (the first row block overwrites dK, dV).
+template <typename scalar_t, typename T>
+void attention_grads(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, Planes<T>& ws,
+                     int64_t b, int64_t h, Range rows, ConvertedHeads<scalar_t, T>& cv) {
+  constexpr bool kConvert = ConvertedHeads<scalar_t, T>::kConvert;
+  const int64_t H = p.d.H, N = p.d.N, D = p.d.D, m = rows.size(), bh = b * H + h;
+  const bool accumulate = rows.lo > 0;
+  T* dA = ws.at(ws.dA, h, rows.lo);
+  if (p.keep) {  // through the dropout mask
+    const bool* keep = p.keep + (bh * N + rows.lo) * N;
+    for (int64_t j = 0; j < m * N; ++j) dA[j] = keep[j] ? dA[j] * p.drop_scale : T(0);
+  }
+  const T* P = p.probs + (bh * N + rows.lo) * N;
+  for (int64_t i = 0; i < m; ++i) {  // dS = scale P (dP - rowsum(P dP)), in place
+    const T delta = dot_row(P + i * N, dA + i * N, N);
+    softmax_grad_from_p_row(P + i * N, dA + i * N, N, delta, p.scale);
+  }
+  const scalar_t* k_h = p.k + bh * N * D;
+  const T* Kh = kConvert ? cv.K : reinterpret_cast<const T*>(k_h);
+  if constexpr (kConvert) convert_row(cv.K, k_h, N * D);
+  const T* Q = tile_as_acc(p.q + (bh * N + rows.lo) * D, m * D, cv.Q);
+  const T* dO = tile_as_acc(gr.dout + (bh * N + rows.lo) * D, m * D, cv.dO);
+  T* dQ = kernels::out_tile(gr.dq + (bh * N + rows.lo) * D, cv.dQ);
+  T* dK = kernels::out_tile(gr.dk + bh * N * D, cv.dK + h * N * D);
+  T* dV = kernels::out_tile(gr.dv + bh * N * D, cv.dV + h * N * D);
+  score_gemm_nn<T>(m, D, N, T(1), dA, N, Kh, D, dQ, D);
+  score_gemm_tn<T>(N, D, m, T(1), dA, N, Q, D, accumulate, dK, D);
+  score_gemm_tn<T>(N, D, m, T(1), ws.at(ws.As, h, rows.lo), N, dO, D, accumulate, dV, D);
+  store_tile(gr.dq + (bh * N + rows.lo) * D, dQ, m * D);
+}
+
+// B3, one task per batch element (dk, dv sum over its row blocks): dx1, dA, dS, dq, dk, dv
+// and the conv weights' gradients (summed over the batch in order at the end).
+template <typename scalar_t, typename T>
+void backward_inputs_and_weights(Passes<scalar_t, T>& ps, const Grads<scalar_t, T>& gr,
+                                 BackwardState<T>& st) {
+  const Problem<scalar_t, T>& p = ps.p;
+  const Dims& d = ps.d;
+  const int64_t H = d.H, C = d.C, N = d.N, D = d.D, K = d.K;
+  // Per batch element: dW_e (C, H), dW_d (C, K, K), dW_r (H, C).
+  const int64_t ww = C * H + C * K * K + H * C;
+  std::vector<T> wparts(d.B * ww, T(0));
+  PassTimer timer("B3 dq, dk, dv, dW_e, dW_d, dW_r");
+  for_each_task<T>(ps.pool, d.B, [&](int64_t b, Planes<T>& ws) {
+    ConvertedHeads<scalar_t, T> cv(d, ws.cap);
+    for (int64_t i0 = 0; i0 < N; i0 += p.block) {
+      const Range rows{i0, std::min(N, i0 + p.block)};
+      grad_to_dx1(p, gr, st.nm, st.g, ps.pk, st.w_dw_flipped.data(), ws, b, rows);
+      conv_weight_grads(d, ws, rows, &wparts[b * ww]);
+      refine(st.nm, ps.pk, d, ws, rows);
+      for (int64_t h = 0; h < H; ++h) attention_grads(p, gr, ws, b, h, rows, cv);
+    }
+    if constexpr (ConvertedHeads<scalar_t, T>::kConvert) {
+      store_tile(gr.dk + b * H * N * D, cv.dK, H * N * D);
+      store_tile(gr.dv + b * H * N * D, cv.dV, H * N * D);
+    }
+  });
+  for (int64_t j = 0; j < ww; ++j) {
+    double s = 0;
+    for (int64_t b = 0; b < d.B; ++b) s += double(wparts[b * ww + j]);
+    T* dst = j < C * H ? gr.dw_exp + j
+             : j < C * H + C * K * K ? gr.dw_dw + (j - C * H)
+                                     : gr.dw_pro + (j - C * H - C * K * K);
+    *dst = T(s);
+  }
+}
+
 // Gradients of every input. mean/var: the statistics the forward used; frozen: eval mode (they
 // were running statistics, constants for the backward). y_saved: the training forward's Y
 // (B, H, N, N), or nullptr (recomputed).
@@ -240,206 +501,11 @@ template <typename scalar_t, typename T>
 void backward_impl(const Problem<scalar_t, T>& p, const Grads<scalar_t, T>& gr, bool frozen,
                    const std::vector<double>& mean, const std::vector<double>& var,
                    const std::vector<double>& eps, const T* y_saved) {
-  const Dims& d = p.d;
-  const Packed pk(d);
-  const Tiles tiles(d, p.block);
-  const int64_t H = d.H, C = d.C, N = d.N, D = d.D, K = d.K, hl = d.halo();
-  PlanesPool<T> pool(d, p.block);
-  const double n = d.count();
-  const Norms<T> nm(p.w, mean, var, eps, pk);
-  BnGrad<T> g(pk.total);
-  std::vector<T> w_dw_flipped(C * K * K);
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t j = 0; j < K * K; ++j)
-      w_dw_flipped[c * K * K + j] = p.w.w_dw[c * K * K + (K * K - 1 - j)];
-
-  // B1: dA* = dout V^T + the maps' gradient (stored); per head the sums of dA*, dA* z_hat,
-  // dA* y_hat, z_hat y_hat, z_hat, y_hat. dz is affine in dA* given the forward, so BN3's sums
-  // follow from them too.
-  {
-    constexpr int W = 6;
-    std::vector<Sum> parts(tiles.count * H * W);
-    PassTimer timer("B1 dA*, BN_a and BN3 sums");
-    for_each_task<T>(pool, tiles.count, [&](int64_t t, Planes<T>& ws) {
-      const int64_t b = tiles.batch(t);
-      const Range rows = tiles.rows(t);
-      const int64_t m = rows.size();
-      if (y_saved) {  // the forward's Y: only A is needed from the chain
-        ws.lo = rows.lo;
-        load_attn(p, ws, b, rows);
-      } else {
-        chain_to_y(p, nm, pk, ws, b, rows);
-      }
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t bh = b * H + h;
-        transpose(p.v + bh * N * D, N, D, ws.kt, ws.kld);
-        const T* dO = tile_as_acc(gr.dout + (bh * N + rows.lo) * D, m * D, ws.qb);
-        T* das = gr.dattn + (bh * N + rows.lo) * N;
-        score_gemm_nn<T>(m, N, D, T(1), dO, D, ws.kt, ws.kld, das, N);
-        if (gr.dmaps) add_maps_grad(d, gr.export_kind, gr.dmaps, b, h, rows, das);
-        const int64_t a = pk.bna + h, c3 = pk.bn3 + h;
-        VecSum<T> v[W];  // over the tile's rows of head h: contiguous runs
-        const T* y = y_saved ? y_saved + (bh * N + rows.lo) * N : ws.at(ws.Y, h, rows.lo);
-        bn_a_bn3_run_sums(nm, a, c3, y, ws.a(h, rows.lo), das, m * N, v);
-        Sum* acc = &parts[(t * H + h) * W];
-        for (int k = 0; k < W; ++k) acc[k].v += v[k].total();
-      }
-    });
-    const auto s = merge_in_order(parts, H * W);
-    std::vector<Sum> adapt(2 * H), bn3(2 * H);
-    for (int64_t h = 0; h < H; ++h) {
-      adapt[2 * h] = s[h * W];
-      adapt[2 * h + 1] = s[h * W + 1];
-    }
-    finish_bn(adapt, p.w, nm, pk.bna, H, frozen, n, gr.dgamma, gr.dbeta, g);
-    for (int64_t h = 0; h < H; ++h) {
-      // sum dz = k (sum dA* - n cb - cg sum z_hat);  sum dz y_hat likewise.
-      const int64_t a = pk.bna + h;
-      const double k = g.k[a], cb = g.cb[a], cg = g.cg[a];
-      const Sum* sh = &s[h * W];
-      bn3[2 * h].v = k * (sh[0].v - n * cb - cg * sh[4].v);
-      bn3[2 * h + 1].v = k * (sh[2].v - cb * sh[5].v - cg * sh[3].v);
-    }
-    finish_bn(bn3, p.w, nm, pk.bn3, H, frozen, n, gr.dgamma, gr.dbeta, g);
-  }
-
-  // B2: du2 on the rows -> BN2's sums, and BN1's. Those need dx2 = k2 (du2 - cb2 - x_hat2 cg2),
-  // whose cb2, cg2 are BN2's very sums; but with G = W_d * mask1 (the forward convolution of
-  // BN1's ReLU6 mask, on the rows) the adjoint of the convolution gives
-  //   sum du1 = sum mask1 (W_d^T * dx2) = sum G dx2 = k2 (sum G du2 - cb2 sum G - cg2 sum G x_hat2)
-  // and likewise sum du1 x_hat1 with G' = W_d * (mask1 x_hat1). No halo rows of dx2 are needed.
-  {
-    const int64_t wd = 8 * C;  // per channel: sum du2, du2 x_hat2, then G and G' with du2, x_hat2, 1
-    std::vector<Sum> parts(tiles.count * wd);
-    PassTimer timer("B2 BN2 and BN1 sums");
-    for_each_task<T>(pool, tiles.count, [&](int64_t t, Planes<T>& ws) {
-      const int64_t b = tiles.batch(t);
-      const Range rows = tiles.rows(t);
-      const Range e_rows = clip(rows.lo - hl, rows.hi + hl, N);
-      grad_to_du2(p, gr, nm, g, pk, ws, b, rows, y_saved, /*need_f=*/false);
-      // mask1 into the padded DX2 planes, mask1 x_hat1 into the padded E planes (E is spent).
-      using V = at::vec::Vectorized<T>;
-      for (int64_t c = 0; c < C; ++c) {
-        const T s1 = nm.s[pk.bn1 + c], t1 = nm.t[pk.bn1 + c];
-        const V m1(nm.mean[pk.bn1 + c]), i1(nm.invstd[pk.bn1 + c]), one(T(1));
-        for (int64_t i = e_rows.lo; i < e_rows.hi; ++i) {
-          const T* x1 = ws.at(ws.X1, c, i);
-          T* mask = ws.at_pad(ws.DX2, c, i);
-          T* mask_xhat = ws.at_pad(ws.E, c, i);
-          for_each_vec<T>(N, [&](int64_t j, int64_t cnt) {  // only [0, N): the margins stay 0
-            const V x = V::loadu(x1 + j, cnt);
-            const V mk = relu6_grad_vec(one, x, s1, t1);
-            mk.store(mask + j, cnt);
-            (mk * ((x - m1) * i1)).store(mask_xhat + j, cnt);
-          });
-        }
-      }
-      depthwise(p.w.w_dw, d, ws, ws.DX2, ws.dE, rows);  // G
-      depthwise(p.w.w_dw, d, ws, ws.E, ws.F, rows);     // G'
-      Sum* acc = &parts[t * wd];
-      for (int64_t c = 0; c < C; ++c) {
-        VecSum<T> v[8];  // the 8 sums of this channel, in the layout of acc
-        bn2_bn1_run_sums(nm.mean[pk.bn2 + c], nm.invstd[pk.bn2 + c], ws.at(ws.dF, c, rows.lo),
-                         ws.at(ws.X2, c, rows.lo), ws.at(ws.dE, c, rows.lo),
-                         ws.at(ws.F, c, rows.lo), rows.size() * N, v);
-        for (int k = 0; k < 8; ++k) acc[k * C + c].v += v[k].total();
-      }
-    });
-    const auto s = merge_in_order(parts, wd);
-    finish_bn(std::vector<Sum>(s.begin(), s.begin() + 2 * C), p.w, nm, pk.bn2, C, frozen, n,
-              gr.dgamma, gr.dbeta, g, /*interleaved=*/false);
-    std::vector<Sum> bn1(2 * C);
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t i = pk.bn2 + c;
-      const double k = g.k[i], cb = g.cb[i], cg = g.cg[i];
-      for (int w = 0; w < 2; ++w) {  // sum du1 (G), sum du1 x_hat1 (G')
-        const double du2_g = s[(2 + 3 * w) * C + c].v, xhat_g = s[(3 + 3 * w) * C + c].v;
-        bn1[w * C + c].v = k * (du2_g - cb * s[(4 + 3 * w) * C + c].v - cg * xhat_g);
-      }
-    }
-    finish_bn(bn1, p.w, nm, pk.bn1, C, frozen, n, gr.dgamma, gr.dbeta, g, /*interleaved=*/false);
-  }
-
-  // B3, one task per batch element (dk, dv sum over its row blocks): dx1, dA, dS, dq, dk, dv
-  // and the conv weights' gradients.
-  {
-    constexpr bool kConvert = !std::is_same_v<T, scalar_t>;
-    // Per batch element: dW_e (C, H), dW_d (C, K, K), dW_r (H, C).
-    const int64_t ww = C * H + C * K * K + H * C;
-    std::vector<T> wparts(d.B * ww, T(0));
-    PassTimer timer("B3 dq, dk, dv, dW_e, dW_d, dW_r");
-    for_each_task<T>(pool, d.B, [&](int64_t b, Planes<T>& ws) {
-      // K, dK, dV of every head and Q, dO, dQ of a block in acc type where they are converted.
-      at::Tensor cvt = scratch<T>(kConvert ? N * D + 2 * H * N * D + 3 * ws.cap * D : 0);
-      T* Kc = cvt.data_ptr<T>();
-      T* dKc = Kc + N * D;
-      T* dVc = dKc + H * N * D;
-      T* blk = dVc + H * N * D;
-      for (int64_t i0 = 0; i0 < N; i0 += p.block) {
-        const Range rows{i0, std::min(N, i0 + p.block)};
-        const int64_t m = rows.size();
-        const bool accumulate = i0 > 0;  // the first block overwrites dK, dV
-        grad_to_dx1(p, gr, nm, g, pk, w_dw_flipped.data(), ws, b, rows);
-        T* dwe = &wparts[b * ww];
-        T* dwd = dwe + C * H;
-        gemm_rm<T>(false, true, C, H, m * N, T(1), ws.at(ws.dE, 0, rows.lo), ws.ld(),
-                   ws.a(0, rows.lo), ws.a_ld(), T(1), dwe, H);
-        for (int64_t c = 0; c < C; ++c) {  // dW_d: dx2 against the shifted E (zero margins)
-          const auto e_row = [&](int64_t r) -> const T* {
-            return (r < 0 || r >= N) ? ws.zero_row : ws.at_pad(ws.E, c, r);
-          };
-          const auto dx2_row = [&](int64_t i) -> const T* { return ws.at_pad(ws.DX2, c, i); };
-          T* gc = dwd + c * K * K;
-          with_fixed_k(K, [&](auto fixed) {
-            depthwise_weight_grad_rows<decltype(fixed)::value>(gc, K, rows.lo, rows.hi, N, e_row,
-                                                               dx2_row);
-          });
-        }
-        // dW_r = dy F^T, F as chain_to_y left it (on x_rows, which contain rows; nothing since
-        // has written the F planes).
-        gemm_rm<T>(false, true, H, C, m * N, T(1), ws.at(ws.dY, 0, rows.lo), ws.ld(),
-                   ws.at(ws.F, 0, rows.lo), ws.ld(), T(1), dwd + C * K * K, C);
-        refine(nm, pk, d, ws, rows);
-        for (int64_t h = 0; h < H; ++h) {
-          const int64_t bh = b * H + h;
-          T* dA = ws.at(ws.dA, h, rows.lo);  // W_e^T dx1 + dz, from grad_dx1_da
-          if (p.keep) {  // through the dropout mask
-            const bool* keep = p.keep + (bh * N + rows.lo) * N;
-            for (int64_t j = 0; j < m * N; ++j) dA[j] = keep[j] ? dA[j] * p.drop_scale : T(0);
-          }
-          const T* P = p.probs + (bh * N + rows.lo) * N;
-          for (int64_t i = 0; i < m; ++i) {  // dS = scale P (dP - rowsum(P dP)), in place
-            const T delta = dot_row(P + i * N, dA + i * N, N);
-            softmax_grad_from_p_row(P + i * N, dA + i * N, N, delta, p.scale);
-          }
-          const scalar_t* k_h = p.k + bh * N * D;
-          const T* Kh = kConvert ? Kc : reinterpret_cast<const T*>(k_h);
-          if constexpr (kConvert) convert_row(Kc, k_h, N * D);
-          const T* Q = tile_as_acc(p.q + (bh * N + rows.lo) * D, m * D, blk);
-          const T* dO = tile_as_acc(gr.dout + (bh * N + rows.lo) * D, m * D, blk + ws.cap * D);
-          T* dQ = kernels::out_tile(gr.dq + (bh * N + rows.lo) * D, blk + 2 * ws.cap * D);
-          T* dK = kernels::out_tile(gr.dk + bh * N * D, dKc + h * N * D);
-          T* dV = kernels::out_tile(gr.dv + bh * N * D, dVc + h * N * D);
-          score_gemm_nn<T>(m, D, N, T(1), dA, N, Kh, D, dQ, D);
-          score_gemm_tn<T>(N, D, m, T(1), dA, N, Q, D, accumulate, dK, D);
-          score_gemm_tn<T>(N, D, m, T(1), ws.at(ws.As, h, rows.lo), N, dO, D, accumulate, dV, D);
-          store_tile(gr.dq + (bh * N + rows.lo) * D, dQ, m * D);
-        }
-      }
-      if constexpr (kConvert) {
-        store_tile(gr.dk + b * H * N * D, dKc, H * N * D);
-        store_tile(gr.dv + b * H * N * D, dVc, H * N * D);
-      }
-    });
-    for (int64_t j = 0; j < ww; ++j) {
-      double s = 0;
-      for (int64_t b = 0; b < d.B; ++b) s += double(wparts[b * ww + j]);
-      T* dst = j < C * H ? gr.dw_exp + j
-               : j < C * H + C * K * K ? gr.dw_dw + (j - C * H)
-                                       : gr.dw_pro + (j - C * H - C * K * K);
-      *dst = T(s);
-    }
-  }
+  Passes<scalar_t, T> ps(p);
+  BackwardState<T> st(p.w, ps.d, ps.pk, mean, var, eps, frozen, y_saved);
+  backward_bn_a_bn3_sums(ps, gr, st);
+  backward_bn2_bn1_sums(ps, gr, st);
+  backward_inputs_and_weights(ps, gr, st);
 }
 
 }  // namespace fastattnreg::cpu::refiner

@@ -1,4 +1,4 @@
-// CPU kernels of the fused Refiner attention (methods.md §1), for refiner.cpp.
+// CPU kernels of the fused Refiner attention (DeepViT's Refiner), for refiner.cpp.
 //
 // The attention map A (B, H, N, N) is an image with H channels (query x key, zero padding). With
 // C = expansion * H expanded channels:

@@ -14,6 +14,11 @@
 // L1 while every row block of X passes over it. Each S element is one chain of FMAs over k in
 // order, so a row's result does not depend on the block it sits in or on m: a one-row product
 // equals the same row of an m-row product bitwise (attention_match's CLS-row logits rely on that).
+//
+// The same register blocking serves bf16 operands on AVX512-BF16 builds (Bf16PairDot): one step
+// of the inner dim is then a pair of bf16 (bf16_pack.h), multiplied pairwise into the float
+// accumulators by VDPBF16PS. On the Xeon this project is measured on it runs at half the float
+// kernel's FLOP rate (simd_level.h), so only an explicit request selects it.
 #pragma once
 
 #include <algorithm>
@@ -25,6 +30,9 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define FASTATTNREG_SCORE_GEMM_AVX512 1
+#if defined(__AVX512BF16__)
+#define FASTATTNREG_AVX512_BF16 1
+#endif
 #endif
 
 namespace fastattnreg::cpu {
@@ -39,16 +47,42 @@ namespace score_gemm_detail {
 constexpr int kRows = 6;  // rows of S per register block
 constexpr int kVecs = 4;  // 16-lane vectors of S per register block (a 64-column panel)
 
+// The multiply-add of one step of the inner dim, by operand type. Elem is what one step reads
+// from X (broadcast) and Y (16 lanes): a float, or a pair of bf16 packed into 32 bits that
+// AVX512-BF16's dot product multiplies pairwise and adds to float.
+struct FloatFma {
+  using Elem = float;
+  static __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+  static __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+  static __m512 broadcast(float x) { return _mm512_set1_ps(x); }
+  static __m512 madd(__m512 x, __m512 y, __m512 c) { return _mm512_fmadd_ps(x, y, c); }
+};
+
+#ifdef FASTATTNREG_AVX512_BF16
+struct Bf16PairDot {
+  using Elem = uint32_t;
+  static __m512 load(const uint32_t* p) { return _mm512_castsi512_ps(_mm512_loadu_si512(p)); }
+  static __m512 load(const uint32_t* p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(m, p));
+  }
+  static __m512 broadcast(uint32_t x) { return _mm512_castsi512_ps(_mm512_set1_epi32(int(x))); }
+  // c + x.lo * y.lo + x.hi * y.hi per lane, in float.
+  static __m512 madd(__m512 x, __m512 y, __m512 c) {
+    return _mm512_dpbf16_ps(c, (__m512bh)x, (__m512bh)y);
+  }
+};
+#endif
+
 // S[0:R, 0:16*V] = alpha X[0:R, 0:k] Y[0:k, 0:16*V], the last vector's lanes limited by `tail`.
 // The 24 accumulators are named variables, not an array: GCC keeps an array of 24 vectors in
 // memory and stores all of it on every step of k (3x slower, measured).
 #define FASTATTNREG_SG_ROW(r)                                                          \
   if constexpr (R > r) {                                                               \
-    const __m512 xv = _mm512_set1_ps(kTransX ? x[p * ldx + r] : x[r * ldx + p]);      \
-    c##r##0 = _mm512_fmadd_ps(xv, y0, c##r##0);                                        \
-    if constexpr (V > 1) c##r##1 = _mm512_fmadd_ps(xv, y1, c##r##1);                   \
-    if constexpr (V > 2) c##r##2 = _mm512_fmadd_ps(xv, y2, c##r##2);                   \
-    if constexpr (V > 3) c##r##3 = _mm512_fmadd_ps(xv, y3, c##r##3);                   \
+    const __m512 xv = Op::broadcast(kTransX ? x[p * ldx + r] : x[r * ldx + p]);        \
+    c##r##0 = Op::madd(xv, y0, c##r##0);                                               \
+    if constexpr (V > 1) c##r##1 = Op::madd(xv, y1, c##r##1);                          \
+    if constexpr (V > 2) c##r##2 = Op::madd(xv, y2, c##r##2);                          \
+    if constexpr (V > 3) c##r##3 = Op::madd(xv, y3, c##r##3);                          \
   }
 #define FASTATTNREG_SG_STORE(r)                                                        \
   if constexpr (R > r) {                                                               \
@@ -61,9 +95,10 @@ constexpr int kVecs = 4;  // 16-lane vectors of S per register block (a 64-colum
 
 // kTransX: X is given transposed (stored k x m, element (r, p) at x[p * ldx + r]).
 // accumulate: S += the product instead of S = it.
-template <int R, int V, bool kTransX>
-inline void block(int64_t k, float alpha, const float* x, int64_t ldx, const float* y,
-                  int64_t ldy, float* s, int64_t lds, __mmask16 tail, bool accumulate) {
+template <typename Op, int R, int V, bool kTransX>
+inline void block(int64_t k, float alpha, const typename Op::Elem* x, int64_t ldx,
+                  const typename Op::Elem* y, int64_t ldy, float* s, int64_t lds, __mmask16 tail,
+                  bool accumulate) {
   static_assert(R >= 1 && R <= kRows && V >= 1 && V <= kVecs, "register block out of range");
   const __m512 z = _mm512_setzero_ps();
   __m512 c00 = z, c01 = z, c02 = z, c03 = z, c10 = z, c11 = z, c12 = z, c13 = z;
@@ -71,8 +106,7 @@ inline void block(int64_t k, float alpha, const float* x, int64_t ldx, const flo
   __m512 c40 = z, c41 = z, c42 = z, c43 = z, c50 = z, c51 = z, c52 = z, c53 = z;
   // Vector v of row p of Y; the last one (v = V - 1) masked to the panel's real columns.
   auto load = [&](int64_t p, int v) {
-    return v == V - 1 ? _mm512_maskz_loadu_ps(tail, y + p * ldy + 16 * v)
-                      : _mm512_loadu_ps(y + p * ldy + 16 * v);
+    return v == V - 1 ? Op::load(y + p * ldy + 16 * v, tail) : Op::load(y + p * ldy + 16 * v);
   };
   for (int64_t p = 0; p < k; ++p) {
     const __m512 y0 = load(p, 0);
@@ -104,38 +138,36 @@ inline void block(int64_t k, float alpha, const float* x, int64_t ldx, const flo
 #undef FASTATTNREG_SG_STORE
 
 // One column panel (V vectors wide), every row of S: full row blocks, then the 1-5 left over.
-template <int V, bool kTransX>
-inline void panel(int64_t m, int64_t k, float alpha, const float* x, int64_t ldx, const float* y,
-                  int64_t ldy, float* s, int64_t lds, __mmask16 tail, bool acc) {
+template <typename Op, int V, bool kTransX>
+inline void panel(int64_t m, int64_t k, float alpha, const typename Op::Elem* x, int64_t ldx,
+                  const typename Op::Elem* y, int64_t ldy, float* s, int64_t lds, __mmask16 tail,
+                  bool acc) {
   // Row r of X starts at x + r * xr.
   const int64_t xr = kTransX ? 1 : ldx;
   int64_t i = 0;
   for (; i + kRows <= m; i += kRows)
-    block<kRows, V, kTransX>(k, alpha, x + i * xr, ldx, y, ldy, s + i * lds, lds, tail, acc);
+    block<Op, kRows, V, kTransX>(k, alpha, x + i * xr, ldx, y, ldy, s + i * lds, lds, tail, acc);
   x += i * xr;
   s += i * lds;
   switch (m - i) {
-    case 5: block<5, V, kTransX>(k, alpha, x, ldx, y, ldy, s, lds, tail, acc); break;
-    case 4: block<4, V, kTransX>(k, alpha, x, ldx, y, ldy, s, lds, tail, acc); break;
-    case 3: block<3, V, kTransX>(k, alpha, x, ldx, y, ldy, s, lds, tail, acc); break;
-    case 2: block<2, V, kTransX>(k, alpha, x, ldx, y, ldy, s, lds, tail, acc); break;
-    case 1: block<1, V, kTransX>(k, alpha, x, ldx, y, ldy, s, lds, tail, acc); break;
+    case 5: block<Op, 5, V, kTransX>(k, alpha, x, ldx, y, ldy, s, lds, tail, acc); break;
+    case 4: block<Op, 4, V, kTransX>(k, alpha, x, ldx, y, ldy, s, lds, tail, acc); break;
+    case 3: block<Op, 3, V, kTransX>(k, alpha, x, ldx, y, ldy, s, lds, tail, acc); break;
+    case 2: block<Op, 2, V, kTransX>(k, alpha, x, ldx, y, ldy, s, lds, tail, acc); break;
+    case 1: block<Op, 1, V, kTransX>(k, alpha, x, ldx, y, ldy, s, lds, tail, acc); break;
     default: break;
   }
 }
 
-}  // namespace score_gemm_detail
-
 // S (m x n, leading dim lds) = alpha op(X) Y (k x n, ldy) [+ S when accumulate], op(X) = X
-// (m x k, ldx) or, with kTransX, X^T for X stored k x m (ldx).
+// (m x k, ldx) or, with kTransX, X^T for X stored k x m (ldx); k counts Op::Elem steps.
 // The ceil(n / 16) column vectors are dealt to panels of 3 or 4 (197 columns: 4 + 3 + 3 + 3, not
 // 4 + 4 + 4 + 1: a one-vector panel loads as much per FMA as it computes, and took 1/8 of the
 // kernel's time for 1/13 of its columns).
-template <bool kTransX>
-inline void score_gemm_avx512(int64_t m, int64_t n, int64_t k, float alpha, const float* x,
-                              int64_t ldx, const float* y, int64_t ldy, float* s, int64_t lds,
-                              bool accumulate) {
-  using namespace score_gemm_detail;
+template <typename Op, bool kTransX>
+inline void gemm_panels(int64_t m, int64_t n, int64_t k, float alpha, const typename Op::Elem* x,
+                        int64_t ldx, const typename Op::Elem* y, int64_t ldy, float* s,
+                        int64_t lds, bool accumulate) {
   const int64_t vecs = (n + 15) / 16;
   const int64_t panels = (vecs + kVecs - 1) / kVecs;
   int64_t j = 0;
@@ -144,16 +176,27 @@ inline void score_gemm_avx512(int64_t m, int64_t n, int64_t k, float alpha, cons
     const int64_t w = std::min<int64_t>(16 * pv, n - j);              // its real columns
     const int last = static_cast<int>(w - 16 * (pv - 1));              // real lanes of its last
     const __mmask16 tail = static_cast<__mmask16>((1u << last) - 1u);
-    const float* yj = y + j;
+    const typename Op::Elem* yj = y + j;
     float* sj = s + j;
+    const bool acc = accumulate;
     switch (pv) {
-      case 4: panel<4, kTransX>(m, k, alpha, x, ldx, yj, ldy, sj, lds, tail, accumulate); break;
-      case 3: panel<3, kTransX>(m, k, alpha, x, ldx, yj, ldy, sj, lds, tail, accumulate); break;
-      case 2: panel<2, kTransX>(m, k, alpha, x, ldx, yj, ldy, sj, lds, tail, accumulate); break;
-      default: panel<1, kTransX>(m, k, alpha, x, ldx, yj, ldy, sj, lds, tail, accumulate); break;
+      case 4: panel<Op, 4, kTransX>(m, k, alpha, x, ldx, yj, ldy, sj, lds, tail, acc); break;
+      case 3: panel<Op, 3, kTransX>(m, k, alpha, x, ldx, yj, ldy, sj, lds, tail, acc); break;
+      case 2: panel<Op, 2, kTransX>(m, k, alpha, x, ldx, yj, ldy, sj, lds, tail, acc); break;
+      default: panel<Op, 1, kTransX>(m, k, alpha, x, ldx, yj, ldy, sj, lds, tail, acc); break;
     }
     j += w;
   }
+}
+
+}  // namespace score_gemm_detail
+
+template <bool kTransX>
+inline void score_gemm_avx512(int64_t m, int64_t n, int64_t k, float alpha, const float* x,
+                              int64_t ldx, const float* y, int64_t ldy, float* s, int64_t lds,
+                              bool accumulate) {
+  score_gemm_detail::gemm_panels<score_gemm_detail::FloatFma, kTransX>(
+      m, n, k, alpha, x, ldx, y, ldy, s, lds, accumulate);
 }
 #endif
 

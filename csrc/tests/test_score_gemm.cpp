@@ -12,7 +12,9 @@
 #include <vector>
 
 #include "check.h"
+#include "cpu/bf16_pack.h"
 #include "cpu/score_gemm.h"
+#include "cpu/simd_level.h"
 
 namespace {
 
@@ -68,6 +70,60 @@ void check_rows_independent(int64_t m, int64_t n, int64_t k) {
   }
 }
 
+#ifdef FASTATTNREG_AVX512_BF16
+// The bf16 products of the AVX512-BF16 kernels (Bf16PairDot) on the operands bf16_pack.h makes,
+// against float64 ATen on the same bf16 values: S = alpha X Y^T from X's rows and Y^T's column
+// pairs (the score tile), S = alpha P V from float rows rounded to bf16 and V's column pairs,
+// and S (+)= alpha X^T Y from column pairs over the shared rows (dV, dK). Odd inner dims take
+// the zero-padded last pair.
+void check_bf16_products(int64_t m, int64_t n, int64_t k) {
+  using fastattnreg::cpu::bf16::pairs;
+  namespace bf16 = fastattnreg::cpu::bf16;
+  namespace sg = fastattnreg::cpu::score_gemm_detail;
+  const auto bf = at::TensorOptions().dtype(at::kBFloat16);
+  const auto words = [](int64_t count) { return at::zeros({std::max<int64_t>(count, 1)}, at::kInt); };
+  const auto w = [](at::Tensor& t) { return reinterpret_cast<uint32_t*>(t.data_ptr<int32_t>()); };
+  const auto cw = [](const at::Tensor& t) {
+    return reinterpret_cast<const uint32_t*>(t.const_data_ptr<int32_t>());
+  };
+  const float alpha = 0.37f;
+  const int64_t kp = pairs(k), ld = (n + 15) / 16 * 16;
+  // S = alpha X Y^T: X (m x k) rows, Y (n x k) rows.
+  const Tensor x = at::randn({m, k}).to(at::kBFloat16), y = at::randn({n, k}).to(at::kBFloat16);
+  Tensor pad = words(std::max(m, n) * kp), yt = words(kp * ld), s = at::empty({m, n});
+  bf16::transposed_column_pairs(y.const_data_ptr<c10::BFloat16>(), n, k, w(yt), ld, w(pad));
+  Tensor xpad = words(m * kp);
+  const uint32_t* xr = bf16::row_pairs(x.const_data_ptr<c10::BFloat16>(), m, k, w(xpad));
+  sg::gemm_panels<sg::Bf16PairDot, false>(m, n, kp, alpha, xr, kp, cw(yt), ld,
+                                          s.data_ptr<float>(), n, false);
+  const double tol = 1e-5 * std::sqrt(double(k)) * 8;
+  EXPECT_CLOSE(s, (at::matmul(x.to(at::kDouble), y.to(at::kDouble).t()) * alpha).to(at::kFloat),
+               at::kFloat, tol, "S = X Y^T");
+  // S = alpha P V: P (m x k) float rounded to bf16 rows, V (k x n) bf16 rows.
+  const Tensor p = at::rand({m, k}), v = at::randn({k, n}).to(at::kBFloat16);
+  Tensor pr = words(m * kp), vp = words(kp * n), pv = at::empty({m, n});
+  bf16::row_pairs(p.const_data_ptr<float>(), m, k, k, w(pr));
+  bf16::column_pairs(v.const_data_ptr<c10::BFloat16>(), k, n, n, w(vp), n);
+  sg::gemm_panels<sg::Bf16PairDot, false>(m, n, kp, alpha, cw(pr), kp, cw(vp), n,
+                                          pv.data_ptr<float>(), n, false);
+  const Tensor p16 = p.to(at::kBFloat16).to(at::kDouble);
+  EXPECT_CLOSE(pv, (at::matmul(p16, v.to(at::kDouble)) * alpha).to(at::kFloat), at::kFloat, tol,
+               "S = P V");
+  // S = S0 + alpha A^T B: A (k x m) float rows, B (k x n) bf16 rows, pairs over the k rows.
+  const Tensor a = at::randn({k, m}), b = at::randn({k, n}).to(at::kBFloat16);
+  const Tensor s0 = at::randn({m, n});
+  Tensor ac = words(kp * m), bc = words(kp * n), st = s0.clone();
+  bf16::column_pairs(a.const_data_ptr<float>(), k, m, m, w(ac), m);
+  bf16::column_pairs(b.const_data_ptr<c10::BFloat16>(), k, n, n, w(bc), n);
+  sg::gemm_panels<sg::Bf16PairDot, true>(m, n, kp, alpha, cw(ac), m, cw(bc), n,
+                                         st.data_ptr<float>(), n, true);
+  const Tensor a16 = a.to(at::kBFloat16).to(at::kDouble);
+  EXPECT_CLOSE(st, (s0.to(at::kDouble) + at::matmul(a16.t(), b.to(at::kDouble)) * alpha)
+                       .to(at::kFloat),
+               at::kFloat, tol, "S += A^T B");
+}
+#endif
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -103,5 +159,19 @@ int main(int argc, char** argv) {
     run_case(str("rows_independent/k", k), [&] {
       for (int64_t n : {int64_t(17), int64_t(65), int64_t(197)}) check_rows_independent(197, n, k);
     }, filter);
+#ifdef FASTATTNREG_AVX512_BF16
+  if (fastattnreg::cpu::cpu_has_avx512_bf16()) {
+    for (int64_t k : {int64_t(1), int64_t(16), int64_t(33), int64_t(64), int64_t(197)})
+      run_case(str("bf16_pairs/k", k), [&] {
+        for (int64_t m : {int64_t(1), int64_t(7), int64_t(65)})
+          for (int64_t n : {int64_t(1), int64_t(17), int64_t(64), int64_t(197)})
+            check_bf16_products(m, n, k);
+      }, filter);
+  } else {
+    std::printf("bf16 products: this CPU has no AVX512-BF16; the kernels are not run\n");
+  }
+#else
+  std::printf("bf16 products: this build has no AVX512-BF16 kernels\n");
+#endif
   return fastattnreg::test::finish();
 }
