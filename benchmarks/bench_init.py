@@ -22,7 +22,7 @@ import torch
 from benchmarks import harness
 
 DEFAULT_CSV = harness.REPO_ROOT / "benchmarks" / "results" / "structured_init.csv"
-# ViT-Ti at 256 px: the 16x16 tokens; at 224 px: timm's 14x14.
+# ViT-Ti at 256 px: 16x16 tokens; at 224 px: timm's 14x14.
 DEFAULT_CASES = "vit_tiny_patch16_224@256,vit_tiny_patch16_224@224"
 COLUMNS = ("preset", "img_size", "grid", "dim", "heads", "method", "kernel_size", "seconds",
            "steps", "error", "min_hit_rate", "threads", "git_sha", "torch_version", "timestamp")

@@ -33,7 +33,7 @@ ROWS = ("all", "cls")
 DEFAULT_KINDS = "kl,mse_logits"
 DEFAULT_SHAPES = "32x6x197x64,8x12x577x64"  # ViT-S/16 at 224 px; ViT-B/16 at 384 px
 DEFAULT_CSV = harness.REPO_ROOT / "benchmarks" / "results" / "match.csv"
-# The issue's targets, on fwd+bwd: (numerator, denominator, what, limit).
+# The project's targets, on fwd+bwd: (numerator, denominator, what, limit).
 TARGETS = (
     ("fastattnreg", "naive", "median_ms", 0.5),
     ("fastattnreg", "naive", "peak_extra_mb", 0.25),
@@ -116,7 +116,7 @@ def memory_warmup_shape(shape: Shape) -> Shape:
 
 
 def print_targets(shape: Shape, results: Sequence[Result]) -> None:
-    """The issue's fwd+bwd targets with the measured ratios; reported, never asserted."""
+    """The project's fwd+bwd targets with the measured ratios; reported, never asserted."""
     by_name = {r.provider: r for r in results if r.mode == "fwd+bwd"}
     kind, rows = current_setting()
     parts = []

@@ -34,7 +34,7 @@ SETTINGS = {"train": ("fwd+bwd", "fwd"), "eval": ("fwd",)}
 DEFAULT_SHAPES = "32x6x197x64,64x3x65x64"  # ViT-S/16 at 224 px; 3 heads at 32 px / patch 4
 DEFAULT_CSV = harness.REPO_ROOT / "benchmarks" / "results" / "refiner.csv"
 EXPANSION, KERNEL_SIZE = 3, 3
-# The issue's targets, training mode fwd+bwd: (numerator, denominator, what, limit).
+# The project's targets, training mode fwd+bwd: (numerator, denominator, what, limit).
 TARGETS = (
     ("fastattnreg", "naive", "median_ms", 0.3),
     ("fastattnreg", "naive", "peak_extra_mb", 0.2),
@@ -96,7 +96,7 @@ def memory_warmup_shape(shape: Shape) -> Shape:
 
 
 def print_targets(shape: Shape, results: Sequence[Result]) -> None:
-    """The issue's training fwd+bwd targets with the measured ratios; reported, never asserted."""
+    """The project's training fwd+bwd targets with the measured ratios; reported, never asserted."""
     if current_setting() != "train":
         return
     by_name = {r.provider: r for r in results if r.mode == "fwd+bwd"}

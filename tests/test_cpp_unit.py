@@ -130,7 +130,8 @@ def test_cpp_unit():
         cmd = [cmake, "-S", ROOT, "-B", BUILD_DIR, "-DCMAKE_BUILD_TYPE=Release"]
         cmd += [f"-D{var}={value}" for var, value in wanted.items()]
         if (CUDA_ROOT / "bin" / "nvcc").exists():
-            # The pip torch is a CUDA build; its CMake config needs a toolkit (BUILD-NOTES.md).
+            # The pip torch is a CUDA build: its CMake config looks for a CUDA toolkit even for
+            # CPU-only targets.
             cmd += [
                 f"-DCUDA_TOOLKIT_ROOT_DIR={CUDA_ROOT}",
                 f"-DCMAKE_CUDA_COMPILER={CUDA_ROOT / 'bin' / 'nvcc'}",
