@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastattnreg
 import skip_policy
@@ -64,6 +65,26 @@ def rerun_without_triton_interpreter(request) -> bool:
     report = res.stdout[-6000:] + res.stderr[-3000:]
     assert res.returncode == 0 and re.search(r"^1 passed\b", res.stdout, re.M), report
     return True
+
+
+class OpDtypes(TorchDispatchMode):
+    """Records the dtype of every tensor argument of each fastattnreg op it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fastattnreg":
+            self.calls.append((func._schema.name.split("::")[1],
+                               [a.dtype if isinstance(a, torch.Tensor) else None for a in args]))
+        return func(*args, **(kwargs or {}))
+
+    def dtypes(self, op, index):
+        """The dtypes argument `index` of `op` ("attention_fwd" or "fastattnreg::attention_fwd")
+        had, over every call (empty: never called)."""
+        op = op.split("::")[-1]
+        return {args[index] for name, args in self.calls if name == op}
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:

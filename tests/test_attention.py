@@ -6,23 +6,10 @@ import torch
 
 from fastattnreg import attention, attention_ref
 from conftest import max_err, requires_cpp
+from inputs import EXPORTS, HEAD_DIMS, SEQ_LENS, grid_shape, qkv
 
 pytestmark = requires_cpp
 
-SEQ_LENS = (1, 17, 65, 197, 257)  # CLS + 0, 4x4, 8x8, 14x14, 16x16 patch grids
-HEAD_DIMS = (16, 48, 64, 80)
-BATCH_HEADS = ((1, 1), (2, 3), (3, 2), (1, 4))
-EXPORTS = (None, "full", "head_mean", "cls", "key_mean")
-
-
-def _shape(n, d):
-    # Cycle through several B x H so every (N, D) pair also varies the batch and head count.
-    b, h = BATCH_HEADS[(SEQ_LENS.index(n) + HEAD_DIMS.index(d)) % len(BATCH_HEADS)]
-    return b, h, n, d
-
-
-def _inputs(shape, dtype, requires_grad=True):
-    return [torch.randn(shape, dtype=dtype, requires_grad=requires_grad) for _ in range(3)]
 
 
 def _run(fn, q, k, v, export):
@@ -41,66 +28,64 @@ def _upstream(outs):
     return [torch.randn(o.shape, dtype=torch.float64) for o in outs]
 
 
+def _float64_case(n, d, export):
+    """q, k, v in float64 at grid point (n, d), random upstream gradients, and the reference's
+    outputs and gradients under them."""
+    q64, k64, v64 = qkv(grid_shape(n, d), torch.float64)
+    up = _upstream(_run(attention_ref, q64, k64, v64, export))
+    ref_outs, ref_grads = _outputs_and_grads(attention_ref, q64, k64, v64, export, up)
+    return (q64, k64, v64), up, list(ref_outs) + list(ref_grads)
+
+
+def _cpp(*args, **kwargs):
+    return attention(*args, backend="cpp", **kwargs)
+
+
 @pytest.mark.parametrize("n,d", list(itertools.product(SEQ_LENS, HEAD_DIMS)))
 @pytest.mark.parametrize("export", EXPORTS)
 def test_float64_matches_reference_with_all_gradients(n, d, export):
-    q, k, v = _inputs(_shape(n, d), torch.float64)
-    ref = _run(attention_ref, q, k, v, export)
-    up = _upstream(ref)
-    ref_outs, ref_grads = _outputs_and_grads(attention_ref, q, k, v, export, up)
-    outs, grads = _outputs_and_grads(
-        lambda *a, **kw: attention(*a, backend="cpp", **kw), q, k, v, export, up
-    )
-    for name, got, want in zip(("out", "maps", "lse"), outs, ref_outs):
-        assert got.shape == want.shape and got.dtype == want.dtype, name
-        assert max_err(got, want) < 1e-12, name
-    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
-        assert max_err(got, want) < 1e-11, name
+    (q, k, v), up, want = _float64_case(n, d, export)
+    outs, grads = _outputs_and_grads(_cpp, q, k, v, export, up)
+    ref_outs, ref_grads = want[:len(outs)], want[len(outs):]
+    for name, got, ref in zip(("out", "maps", "lse"), outs, ref_outs):
+        assert got.shape == ref.shape and got.dtype == ref.dtype, name
+        assert max_err(got, ref) < 1e-12, name
+    for name, got, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert max_err(got, ref) < 1e-11, name
 
 
 @pytest.mark.parametrize("n,d", [(1, 16), (17, 48), (65, 64), (197, 80), (257, 64)])
 @pytest.mark.parametrize("export", EXPORTS)
 def test_float32_within_1e5_of_float64_reference(n, d, export):
-    q64, k64, v64 = _inputs(_shape(n, d), torch.float64)
-    ref_outs = _run(attention_ref, q64, k64, v64, export)
-    up = _upstream(ref_outs)
-    ref_outs, ref_grads = _outputs_and_grads(attention_ref, q64, k64, v64, export, up)
-    q, k, v = [t.detach().float().requires_grad_() for t in (q64, k64, v64)]
-    outs, grads = _outputs_and_grads(
-        lambda *a, **kw: attention(*a, backend="cpp", **kw), q, k, v, export, up
-    )
-    for got, want in zip(list(outs) + list(grads), list(ref_outs) + list(ref_grads)):
-        assert max_err(got, want) <= 1e-5
+    inputs64, up, want = _float64_case(n, d, export)
+    q, k, v = [t.detach().float().requires_grad_() for t in inputs64]
+    outs, grads = _outputs_and_grads(_cpp, q, k, v, export, up)
+    for got, ref in zip(list(outs) + list(grads), want):
+        assert max_err(got, ref) <= 1e-5
 
 
 @pytest.mark.parametrize("n,d", [(1, 16), (17, 48), (65, 64), (197, 80), (257, 16)])
 @pytest.mark.parametrize("export", EXPORTS)
 def test_bfloat16_error_at_most_twice_the_references(n, d, export):
     """FlashAttention's rule: error vs float64 <= 2x the error of the reference run in bf16."""
-    q64, k64, v64 = _inputs(_shape(n, d), torch.float64)
-    ref_outs = _run(attention_ref, q64, k64, v64, export)
-    up = _upstream(ref_outs)
-    ref_outs, ref_grads = _outputs_and_grads(attention_ref, q64, k64, v64, export, up)
-    q, k, v = [t.detach().bfloat16().requires_grad_() for t in (q64, k64, v64)]
+    inputs64, up, want = _float64_case(n, d, export)
+    q, k, v = [t.detach().bfloat16().requires_grad_() for t in inputs64]
 
     def ref_bf16(*a, **kw):
         return attention_ref(*a, upcast=False, **kw)
 
     pt_outs, pt_grads = _outputs_and_grads(ref_bf16, q, k, v, export, up)
-    outs, grads = _outputs_and_grads(
-        lambda *a, **kw: attention(*a, backend="cpp", **kw), q, k, v, export, up
-    )
-    for got, pt, want in zip(
-        list(outs) + list(grads), list(pt_outs) + list(pt_grads), list(ref_outs) + list(ref_grads)
-    ):
+    outs, grads = _outputs_and_grads(_cpp, q, k, v, export, up)
+    for got, pt, ref in zip(list(outs) + list(grads), list(pt_outs) + list(pt_grads), want):
         assert got.dtype == pt.dtype
         # The 1e-5 floor only matters where both errors are zero (N = 1: out == v exactly).
-        assert max_err(got, want) <= 2 * max_err(pt, want) + 1e-5
+        assert max_err(got, ref) <= 2 * max_err(pt, ref) + 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("export", EXPORTS)
 def test_gradcheck_float64(export):
-    q, k, v = _inputs((2, 2, 6, 8), torch.float64)
+    q, k, v = qkv((2, 2, 6, 8), torch.float64)
     assert torch.autograd.gradcheck(
         lambda q, k, v: attention(q, k, v, export=export, return_lse=True, backend="cpp"),
         (q, k, v),
@@ -110,10 +95,10 @@ def test_gradcheck_float64(export):
 @pytest.mark.parametrize("export", EXPORTS)
 def test_reruns_are_bitwise_equal(export):
     """Several threads work on a shape with many heads; two runs must agree to the bit."""
-    q, k, v = _inputs((4, 6, 197, 64), torch.float32)
+    q, k, v = qkv((4, 6, 197, 64), torch.float32)
 
     def run():
-        outs = _run(lambda *a, **kw: attention(*a, backend="cpp", **kw), q, k, v, export)
+        outs = _run(_cpp, q, k, v, export)
         up = [torch.ones_like(o) for o in outs]
         return outs + list(torch.autograd.grad(outs, (q, k, v), up))
 
@@ -122,7 +107,7 @@ def test_reruns_are_bitwise_equal(export):
 
 
 def test_maps_are_probabilities_and_consistent():
-    q, k, v = _inputs((2, 3, 65, 16), torch.float64, requires_grad=False)
+    q, k, v = qkv((2, 3, 65, 16), torch.float64, requires_grad=False)
     _, full = attention(q, k, v, export="full", backend="cpp")
     _, head_mean = attention(q, k, v, export="head_mean", backend="cpp")
     _, cls = attention(q, k, v, export="cls", backend="cpp")
@@ -146,7 +131,7 @@ def test_noncontiguous_inputs_match_contiguous():
 
 
 def test_custom_scale_and_gradient_through_maps_only():
-    q, k, v = _inputs((1, 2, 17, 16), torch.float64)
+    q, k, v = qkv((1, 2, 17, 16), torch.float64)
     _, maps = attention(q, k, v, scale=0.3, export="cls", backend="cpp")
     _, ref_maps = attention_ref(q, k, v, scale=0.3, export="cls")
     g = torch.randn_like(maps)
@@ -157,7 +142,7 @@ def test_custom_scale_and_gradient_through_maps_only():
 
 
 def test_auto_backend_and_env_override(monkeypatch):
-    q, k, v = _inputs((1, 2, 17, 16), torch.float32, requires_grad=False)
+    q, k, v = qkv((1, 2, 17, 16), torch.float32, requires_grad=False)
     out_auto = attention(q, k, v)
     assert torch.equal(out_auto, attention(q, k, v, backend="cpp"))
     monkeypatch.setenv("FASTATTNREG_BACKEND", "reference")
@@ -168,7 +153,7 @@ def test_auto_backend_and_env_override(monkeypatch):
 def test_unused_outputs_send_no_gradient_to_the_kernel(used, monkeypatch):
     """Autograd must hand the kernel None, not a zero tensor, for outputs that are not used:
     a zero (B, H, N, N) map gradient would cost the memory the fused kernel exists to avoid."""
-    q, k, v = _inputs((1, 2, 17, 16), torch.float32)
+    q, k, v = qkv((1, 2, 17, 16), torch.float32)
     out, maps, lse = attention(q, k, v, export="full", return_lse=True, backend="cpp")
     real_bwd = torch.ops.fastattnreg.attention_bwd
     seen = {}

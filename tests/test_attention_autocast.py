@@ -7,34 +7,16 @@ and updated.
 """
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastattnreg import (attention, attention_match, attention_match_ref, attention_ref,
                          refined_attention)
-from conftest import max_err, requires_cpp
+from conftest import OpDtypes, max_err, requires_cpp
+from inputs import qkv
 from test_refiner import call, clone_running, make_case
 
 pytestmark = requires_cpp
 
 BF16 = torch.bfloat16
-
-
-class OpDtypes(TorchDispatchMode):
-    """Records the dtype of every tensor argument of each fastattnreg op it sees."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "fastattnreg":
-            self.calls.append((func._schema.name.split("::")[1],
-                               [a.dtype if isinstance(a, torch.Tensor) else None for a in args]))
-        return func(*args, **(kwargs or {}))
-
-    def dtypes(self, op, index):
-        """The dtypes argument `index` of `op` had, over every call (empty: never called)."""
-        return {args[index] for name, args in self.calls if name == op}
 
 
 def leaves(*tensors, dtype=None):
@@ -56,7 +38,7 @@ def assert_within_twice_the_reference(got, ref, truth, floor=1e-5):
 
 def qkv64(B=2, H=2, N=65, D=48):
     torch.manual_seed(0)
-    return [torch.randn(B, H, N, D, dtype=torch.float64) for _ in range(3)]
+    return qkv((B, H, N, D), requires_grad=False)
 
 
 # -------------------------------------------------------------------------------- attention

@@ -6,14 +6,10 @@ import torch
 from fastattnreg import attention, attention_ref
 from fastattnreg.ops.dropout import dropout_keep_mask, dropout_threshold, philox4x32
 from conftest import max_err, requires_cpp
+from inputs import EXPORTS, qkv
 
 pytestmark = requires_cpp
 
-EXPORTS = (None, "full", "head_mean", "cls", "key_mean")
-
-
-def _qkv(shape, dtype=torch.float64):
-    return [torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3)]
 
 
 def _fwd(q, k, v, rng, p, export="none", mask=None, scale=None):
@@ -59,7 +55,7 @@ def test_kernel_mask_is_the_reference_stream(shape, p):
 @pytest.mark.parametrize("shape", [(2, 3, 17, 8), (1, 2, 300, 24)])
 def test_forward_and_gradients_exact_given_the_mask(shape, export):
     p = 0.3
-    q, k, v = _qkv(shape)
+    q, k, v = qkv(shape)
     bias = torch.randn(shape[2], shape[2], dtype=torch.float64, requires_grad=True)
     torch.manual_seed(7)
     got = attention(q, k, v, attn_mask=bias, dropout_p=p, export=export, return_lse=True,
@@ -79,7 +75,7 @@ def test_forward_and_gradients_exact_given_the_mask(shape, export):
 
 
 def test_p_zero_is_bitwise_the_plain_path():
-    q, k, v = _qkv((2, 3, 65, 16), torch.float32)
+    q, k, v = qkv((2, 3, 65, 16), torch.float32)
     a = attention(q, k, v, dropout_p=0.0, export="full", backend="cpp")
     b = attention(q, k, v, export="full", backend="cpp")
     assert all(torch.equal(x, y) for x, y in zip(a, b))
@@ -89,14 +85,14 @@ def test_p_zero_is_bitwise_the_plain_path():
 
 
 def test_maps_and_lse_are_those_before_dropout():
-    q, k, v = _qkv((2, 3, 17, 8))
+    q, k, v = qkv((2, 3, 17, 8))
     _, maps, lse = attention(q, k, v, dropout_p=0.5, export="full", return_lse=True, backend="cpp")
     _, maps0, lse0 = attention(q, k, v, export="full", return_lse=True, backend="cpp")
     assert torch.equal(maps, maps0) and torch.equal(lse, lse0)
 
 
 def test_repeatable_under_manual_seed_and_different_across_draws():
-    q, k, v = _qkv((2, 3, 65, 16), torch.float32)
+    q, k, v = qkv((2, 3, 65, 16), torch.float32)
 
     def run(seed):
         torch.manual_seed(seed)
@@ -108,23 +104,26 @@ def test_repeatable_under_manual_seed_and_different_across_draws():
     assert not torch.equal(a[0], c[0])
 
 
+@pytest.mark.slow
 def test_mean_of_many_draws_approaches_the_eval_output():
-    q, k, v = [t.detach() for t in _qkv((1, 2, 17, 8))]
+    q, k, v = [t.detach() for t in qkv((1, 2, 17, 8))]
     want = attention(q, k, v, backend="cpp")
     mean = sum(attention(q, k, v, dropout_p=0.2, backend="cpp") for _ in range(4000)) / 4000
     assert max_err(mean, want) < 0.05
     assert max_err(attention(q, k, v, dropout_p=0.2, backend="cpp"), want) > 0.1
 
 
+@pytest.mark.slow
 def test_gradcheck_with_dropout():
-    q, k, v = _qkv((1, 2, 6, 4))
+    q, k, v = qkv((1, 2, 6, 4))
     rng = torch.tensor([11, 22], dtype=torch.int64)
     assert torch.autograd.gradcheck(
         lambda q, k, v: _fwd(q, k, v, rng, 0.4, "full")[:3:2], (q, k, v))
 
 
+@pytest.mark.slow
 def test_opcheck_with_dropout():
-    q, k, v = [t.detach() for t in _qkv((2, 3, 17, 8))]
+    q, k, v = [t.detach() for t in qkv((2, 3, 17, 8))]
     rng = torch.tensor([5, 6], dtype=torch.int64)
     torch.library.opcheck(torch.ops.fastattnreg.attention_fwd.default,
                           (q, k, v, None, rng, 0.3, "cls", 0.25))
@@ -134,9 +133,10 @@ def test_opcheck_with_dropout():
     torch.library.opcheck(torch.ops.fastattnreg.attention_bwd.default, args)
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_with_dropout_matches_eager_under_the_same_seed():
     torch._dynamo.reset()
-    q, k, v = _qkv((2, 3, 17, 8))
+    q, k, v = qkv((2, 3, 17, 8))
 
     def loss_fn(q, k, v):
         return attention(q, k, v, dropout_p=0.3).square().sum()
@@ -152,13 +152,13 @@ def test_compile_fullgraph_with_dropout_matches_eager_under_the_same_seed():
 
 @pytest.mark.parametrize("p", [-0.1, 1.0, float("nan"), True, "0.1"])
 def test_bad_dropout_p_is_named(p):
-    q, k, v = _qkv((1, 1, 5, 4))
+    q, k, v = qkv((1, 1, 5, 4))
     with pytest.raises(ValueError, match=r"dropout_p must be a number in \[0, 1\); got"):
         attention(q, k, v, dropout_p=p, backend="cpp")
 
 
 def test_the_raw_op_checks_dropout_too():
-    q, k, v = [t.detach() for t in _qkv((1, 1, 5, 4))]
+    q, k, v = [t.detach() for t in qkv((1, 1, 5, 4))]
     with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\); got 1"):
         _fwd(q, k, v, torch.tensor([1, 2]), 1.0)
     with pytest.raises(ValueError, match=r"needs rng"):

@@ -9,10 +9,9 @@ import torch
 
 from fastattnreg import attention
 from conftest import requires_cpp
+from inputs import qkv
 
-
-def _qkv(shape=(1, 2, 17, 16), dtype=torch.float32):
-    return [torch.randn(shape, dtype=dtype) for _ in range(3)]
+SMALL = (1, 2, 17, 16)  # (B, H, N, D) of the inputs every error case starts from
 
 
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
@@ -39,17 +38,17 @@ def test_bad_tensors(backend, make, match):
 
 
 def test_mixed_devices():
-    q, k, v = _qkv()
+    q, k, v = qkv(SMALL, torch.float32, requires_grad=False)
     with pytest.raises(ValueError, match=r"must be on one device; got cpu and meta"):
         attention(q, k.to("meta"), v)
 
 
 @requires_cpp
 def test_cpp_limits():
-    q, k, v = _qkv(dtype=torch.float16)
+    q, k, v = qkv(SMALL, torch.float16, requires_grad=False)
     with pytest.raises(ValueError, match=r"q dtype must be one of .*for backend 'cpp'; got torch.float16"):
         attention(q, k, v, backend="cpp")
-    q, k, v = _qkv(shape=(1, 1, 5, 300))
+    q, k, v = qkv((1, 1, 5, 300), torch.float32, requires_grad=False)
     with pytest.raises(ValueError, match=r"head dim D must be in \[1, 256\] for backend 'cpp'; got 300"):
         attention(q, k, v, backend="cpp")
 
@@ -66,18 +65,18 @@ def test_cpp_limits():
 )
 def test_bad_options(kwargs, error, match):
     with pytest.raises(error, match=match):
-        attention(*_qkv(), **kwargs)
+        attention(*qkv(SMALL, torch.float32, requires_grad=False), **kwargs)
 
 
 def test_bad_env_override(monkeypatch):
     monkeypatch.setenv("FASTATTNREG_BACKEND", "gpu")
     with pytest.raises(ValueError, match=r"FASTATTNREG_BACKEND must be one of .*got 'gpu'"):
-        attention(*_qkv())
+        attention(*qkv(SMALL, torch.float32, requires_grad=False))
 
 
 @requires_cpp
 def test_cpu_backend_rejects_other_devices():
-    q, k, v = [t.to("meta") for t in _qkv()]
+    q, k, v = [t.to("meta") for t in qkv(SMALL, torch.float32, requires_grad=False)]
     with pytest.raises(RuntimeError, match=r"backend='cpp' runs on CPU tensors only; got tensors on meta"):
         attention(q, k, v, backend="cpp")
 
@@ -100,7 +99,7 @@ def test_the_raw_op_checks_too(args, match):
 
 @requires_cpp
 def test_raw_backward_checks_gradient_shapes():
-    q, k, v = _qkv()
+    q, k, v = qkv(SMALL, torch.float32, requires_grad=False)
     out, lse, maps = torch.ops.fastattnreg.attention_fwd(q, k, v, None, None, 0.25, "cls", 0.0)
     with pytest.raises(ValueError, match=r"dmaps must have shape \[1, 2, 17\]; got \[1, 17\]"):
         torch.ops.fastattnreg.attention_bwd(None, q, k, v, out, lse, None, maps[:, 0], None, None,
@@ -110,6 +109,7 @@ def test_raw_backward_checks_gradient_shapes():
                                             0.25, "none", 0.0, False)
 
 
+@pytest.mark.slow
 def test_package_works_without_the_extension():
     """With _C missing: one clear warning at import, the reference path works, 'cpp' is refused."""
     code = textwrap.dedent(
@@ -139,6 +139,7 @@ def test_package_works_without_the_extension():
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr
 
 
+@pytest.mark.slow
 def test_import_fails_without_the_extension_when_it_is_required():
     """FASTATTNREG_REQUIRE_CPP=1 (scripts/run_tests.sh) turns the missing _C into an ImportError
     at `import fastattnreg` that names the variable and the build command."""

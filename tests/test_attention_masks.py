@@ -7,15 +7,11 @@ import torch.nn.functional as F
 
 from fastattnreg import attention, attention_ref
 from conftest import max_err, requires_cpp
+from inputs import EXPORTS, qkv
 
 pytestmark = requires_cpp
 
-EXPORTS = (None, "full", "head_mean", "cls", "key_mean")
 MASK_KINDS = ("key_padding", "shared_bias", "per_head_bool", "full_bias")
-
-
-def _qkv(shape, dtype=torch.float64):
-    return [torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3)]
 
 
 def _mask(kind, B, H, N, dtype=torch.float64, dead_row=True):
@@ -59,7 +55,7 @@ def _grads(outs, inputs, up):
 @pytest.mark.parametrize("export", EXPORTS)
 def test_float64_matches_reference_with_all_gradients(shape, kind, export):
     B, H, N, _ = shape
-    q, k, v = _qkv(shape)
+    q, k, v = qkv(shape)
     mask = _mask(kind, B, H, N)
     inputs = [q, k, v] + ([mask] if mask.dtype != torch.bool else [])
     ref = _outs(attention_ref, q, k, v, mask, export)
@@ -77,7 +73,7 @@ def test_float64_matches_reference_with_all_gradients(shape, kind, export):
 @pytest.mark.parametrize("export", ["full", "cls", "key_mean"])
 def test_masked_entries_and_dead_rows_are_exact_zeros(export):
     B, H, N = 2, 3, 17
-    q, k, v = _qkv((B, H, N, 8))
+    q, k, v = qkv((B, H, N, 8))
     mask = _mask("per_head_bool", B, H, N)
     out, maps, lse = attention(q, k, v, attn_mask=mask, export="full", return_lse=True,
                                backend="cpp")
@@ -90,7 +86,7 @@ def test_masked_entries_and_dead_rows_are_exact_zeros(export):
 
 def test_bool_mask_equals_minus_inf_bias_and_sdpa():
     B, H, N, D = 2, 3, 65, 16
-    q, k, v = [t.detach() for t in _qkv((B, H, N, D))]
+    q, k, v = [t.detach() for t in qkv((B, H, N, D))]
     mask = _mask("key_padding", B, H, N)
     bias = torch.zeros(B, 1, 1, N, dtype=torch.float64).masked_fill(~mask, float("-inf"))
     a = attention(q, k, v, attn_mask=mask, backend="cpp")
@@ -104,7 +100,7 @@ def test_bool_mask_equals_minus_inf_bias_and_sdpa():
 def test_mask_is_read_through_strides_never_copied():
     """A transposed (non-contiguous) bias and a broadcast one give what their dense copies give."""
     B, H, N = 2, 2, 17
-    q, k, v = [t.detach() for t in _qkv((B, H, N, 8))]
+    q, k, v = [t.detach() for t in qkv((B, H, N, 8))]
     bias = torch.randn(N, N, dtype=torch.float64).t()
     assert not bias.is_contiguous()
     dense = bias.contiguous().expand(B, H, N, N).contiguous()
@@ -114,7 +110,7 @@ def test_mask_is_read_through_strides_never_copied():
 
 def test_float_bias_gradient_is_summed_over_broadcast_axes():
     B, H, N = 3, 2, 17
-    q, k, v = _qkv((B, H, N, 8))
+    q, k, v = qkv((B, H, N, 8))
     for shape in [(N, N), (1, H, N, N), (B, 1, 1, N), (H, 1, N)]:
         bias = torch.randn(shape, dtype=torch.float64, requires_grad=True)
         (g,) = torch.autograd.grad(attention(q, k, v, attn_mask=bias, backend="cpp").sum(), bias)
@@ -122,8 +118,9 @@ def test_float_bias_gradient_is_summed_over_broadcast_axes():
         assert g.shape == bias.shape and max_err(g, want) < 1e-12
 
 
+@pytest.mark.slow
 def test_gradcheck_with_a_learned_bias():
-    q, k, v = _qkv((1, 2, 6, 4))
+    q, k, v = qkv((1, 2, 6, 4))
     bias = torch.randn(2, 6, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda q, k, v, b: attention(q, k, v, attn_mask=b, export="full", return_lse=True,
@@ -132,10 +129,11 @@ def test_gradcheck_with_a_learned_bias():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["key_padding", "shared_bias"])
 def test_opcheck(kind):
     B, H, N = 2, 3, 17
-    q, k, v = _qkv((B, H, N, 8))
+    q, k, v = qkv((B, H, N, 8))
     mask = _mask(kind, B, H, N, dead_row=False)
     torch.library.opcheck(torch.ops.fastattnreg.attention_fwd.default,
                           (q, k, v, mask, None, 0.3, "full", 0.0))
@@ -147,10 +145,11 @@ def test_opcheck(kind):
     torch.library.opcheck(torch.ops.fastattnreg.attention_bwd.default, args)
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_with_a_mask():
     torch._dynamo.reset()
     B, H, N = 2, 3, 17
-    q, k, v = _qkv((B, H, N, 8))
+    q, k, v = qkv((B, H, N, 8))
     bias = _mask("shared_bias", B, H, N, dead_row=False)
 
     def loss_fn(q, k, v, bias):
@@ -166,7 +165,7 @@ def test_compile_fullgraph_with_a_mask():
 
 def test_reruns_are_bitwise_equal():
     B, H, N = 4, 6, 197
-    q, k, v = _qkv((B, H, N, 64), torch.float32)
+    q, k, v = qkv((B, H, N, 64), torch.float32)
     bias = torch.randn(1, H, N, N, requires_grad=True)
 
     def run():
@@ -180,7 +179,7 @@ def test_reruns_are_bitwise_equal():
 @pytest.mark.parametrize("kind", ["key_padding", "full_bias"])
 def test_bfloat16_error_at_most_twice_the_references(kind):
     B, H, N, D = 2, 3, 65, 32
-    q64, k64, v64 = _qkv((B, H, N, D))
+    q64, k64, v64 = qkv((B, H, N, D))
     mask64 = _mask(kind, B, H, N, dead_row=False)
     ref = attention_ref(q64, k64, v64, attn_mask=mask64, export="full")
     q, k, v = [t.detach().bfloat16() for t in (q64, k64, v64)]
@@ -202,13 +201,13 @@ def test_bfloat16_error_at_most_twice_the_references(kind):
     ],
 )
 def test_bad_masks_are_named(mask, match):
-    q, k, v = _qkv((2, 3, 17, 8))
+    q, k, v = qkv((2, 3, 17, 8))
     with pytest.raises(ValueError, match=match):
         attention(q, k, v, attn_mask=mask, backend="cpp")
 
 
 def test_the_raw_op_checks_masks_too():
-    q, k, v = [t.detach() for t in _qkv((2, 3, 17, 8))]
+    q, k, v = [t.detach() for t in qkv((2, 3, 17, 8))]
     with pytest.raises(ValueError, match=r"does not broadcast to \(B, H, N, N\) = \[2, 3, 17, 17\]"):
         torch.ops.fastattnreg.attention_fwd(q, k, v, torch.ones(4, 17, 17, dtype=torch.bool),
                                             None, 0.3, "none", 0.0)

@@ -8,6 +8,7 @@ from conftest import max_err, requires_cpp
 pytestmark = requires_cpp
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("export", ["none", "full", "head_mean", "cls"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_opcheck_forward(export, dtype):
@@ -16,6 +17,7 @@ def test_opcheck_forward(export, dtype):
                           (q, k, v, None, None, 0.25, export, 0.0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("export", ["none", "full", "head_mean", "cls"])
 def test_opcheck_backward(export):
     q, k, v = [torch.randn(2, 3, 17, 16, dtype=torch.float64) for _ in range(3)]
@@ -26,6 +28,7 @@ def test_opcheck_backward(export):
     torch.library.opcheck(torch.ops.fastattnreg.attention_bwd.default, args)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("export", [None, "head_mean", "cls"])
 def test_compile_fullgraph_forward_and_backward(export):
     torch._dynamo.reset()
@@ -50,6 +53,7 @@ def test_compile_fullgraph_forward_and_backward(export):
         assert max_err(g, r) < 1e-10
 
 
+@pytest.mark.slow
 def test_compile_inductor_fullgraph():
     """The default inductor backend also traces the op as one node."""
     torch._dynamo.reset()

@@ -1,4 +1,5 @@
-"""Smoke test of the benchmark harness, bench_attention and plot.py on a tiny shape.
+"""Smoke tests of the benchmark harness, every benchmark (attention, match, refiner, ViT step,
+init) and plot.py on a tiny shape.
 
 It checks plumbing only (CSV columns, one row per provider x mode, memory column, PNG written);
 speed and memory are never asserted (no timed assertions in tests). Everything is written
@@ -15,10 +16,28 @@ import torch
 # `benchmarks` is a repo-root folder, not an installed package: make it importable under a bare
 # `pytest` too (python -m pytest already puts the current directory first).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import bench_attention, bench_match, harness  # noqa: E402
+from benchmarks import bench_attention, bench_match, bench_refiner, harness  # noqa: E402
 from conftest import requires_cpp  # noqa: E402
 
-pytestmark = requires_cpp
+# Each test runs a benchmark end to end, peak memory measured in fresh processes.
+pytestmark = [requires_cpp, pytest.mark.slow]
+
+
+def read_rows(csv_path: Path) -> list[dict]:
+    """The rows of a benchmark CSV, after checking its header is the harness's."""
+    with csv_path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == harness.CSV_COLUMNS
+    return rows
+
+
+def assert_timed(row: dict, shape: str, measured: bool) -> None:
+    """A row of `shape` in float32 with ordered percentiles, and a peak-memory entry exactly
+    when this provider and mode were measured."""
+    assert row["shape"] == shape and row["dtype"] == "float32"
+    assert 0 < float(row["p20_ms"]) <= float(row["median_ms"]) <= float(row["p80_ms"])
+    assert (row["peak_extra_mb"] != "") == measured
 
 
 def test_bench_attention_writes_csv_and_plot(tmp_path, capsys):
@@ -31,18 +50,13 @@ def test_bench_attention_writes_csv_and_plot(tmp_path, capsys):
     assert "median ms" in printed and "targets 1x2x17x16" in printed
     assert "TFLOP/s 1x2x17x16" in printed and "run on CUDA only" in printed
 
-    with csv_path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-    assert tuple(reader.fieldnames) == harness.CSV_COLUMNS
+    rows = read_rows(csv_path)
     providers = bench_attention.default_providers(torch.device("cpu"))  # not CUDA-only ones
     got = sorted((r["provider"], r["mode"]) for r in rows)
     assert got == sorted((p, m) for p in providers for m in harness.MODES)
     for r in rows:
-        assert r["op"] == "attention" and r["shape"] == "1x2x17x16" and r["dtype"] == "float32"
-        assert 0 < float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
-        measured = r["provider"] == "sdpa" and r["mode"] == "fwd+bwd"
-        assert (r["peak_extra_mb"] != "") == measured
+        assert r["op"] == "attention"
+        assert_timed(r, "1x2x17x16", r["provider"] == "sdpa" and r["mode"] == "fwd+bwd")
     float(next(r for r in rows if r["peak_extra_mb"])["peak_extra_mb"])  # a number
 
     pytest.importorskip("matplotlib")  # the optional "bench" dependency
@@ -66,18 +80,40 @@ def test_bench_match_writes_csv_and_prints_targets(tmp_path, capsys, monkeypatch
     assert "targets kl rows=all 1x2x17x16" in printed and "targets mse_logits rows=all" in printed
     assert bench_match.ENV_VAR not in os.environ  # restored after the run
 
-    with csv_path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-    assert tuple(reader.fieldnames) == harness.CSV_COLUMNS
+    rows = read_rows(csv_path)
     got = sorted((r["op"], r["provider"], r["mode"]) for r in rows)
     assert got == sorted((f"attention_match_{kind}", p, m) for kind in ("kl", "mse_logits")
                          for p in bench_match.DEVICE_PROVIDERS["cpu"].split(",")
                          for m in harness.MODES)
     for r in rows:
-        assert r["shape"] == "1x2x17x16" and r["dtype"] == "float32"
-        assert 0 < float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
-        assert (r["peak_extra_mb"] != "") == (r["provider"] == "naive" and r["mode"] == "fwd+bwd")
+        assert_timed(r, "1x2x17x16", r["provider"] == "naive" and r["mode"] == "fwd+bwd")
+
+
+def test_bench_refiner_writes_csv_and_prints_targets(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(bench_refiner.ENV_VAR, raising=False)
+    csv_path = tmp_path / "r.csv"
+    results = bench_refiner.main([
+        "--shapes", "1x2x17x16", "--repeats", "2", "--warmup", "1",
+        "--memory-providers", "naive", "--csv", str(csv_path),
+    ])
+    printed = capsys.readouterr().out
+    assert "median ms" in printed
+    assert "targets train 1x2x17x16 fwd+bwd: fastattnreg/naive time" in printed
+    assert "fastattnreg/naive peak extra memory" in printed
+    assert bench_refiner.ENV_VAR not in os.environ  # restored after the run
+    assert sorted(results) == ["eval", "train"]
+
+    rows = read_rows(csv_path)
+    got = sorted((r["op"], r["provider"], r["mode"]) for r in rows)
+    want = [(f"refined_attention_{setting}", p, m)
+            for setting, modes in bench_refiner.SETTINGS.items()
+            for p in bench_refiner.PROVIDERS for m in modes]
+    assert got == sorted(want)
+    for r in rows:
+        measured = r["provider"] == "naive" and r["mode"] == "fwd+bwd"
+        assert_timed(r, "1x2x17x16", measured)
+    with pytest.raises(SystemExit):
+        bench_refiner.main(["--shapes", "2x17x16", "--csv", str(csv_path)])
 
 
 def test_memory_subprocess_sees_allocations_despite_a_big_parent():
@@ -112,17 +148,12 @@ def test_bench_vit_step_writes_csv_and_ratios(tmp_path, capsys, monkeypatch):
     assert "median ms" in printed and "ratios vit_tiny_patch2_8 batch 2 fwd+bwd: cpp/timm" in printed
     assert bench_vit_step.ENV_VAR not in os.environ  # restored after the run
 
-    with csv_path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-    assert tuple(reader.fieldnames) == harness.CSV_COLUMNS
+    rows = read_rows(csv_path)
     got = sorted((r["op"], r["provider"], r["mode"]) for r in rows)
     assert got == sorted(("vit_step_vit_tiny_patch2_8", p, m) for p in bench_vit_step.PROVIDERS
                          for m in ("fwd", "fwd+bwd"))
     for r in rows:
-        assert r["shape"] == "2" and r["dtype"] == "float32"
-        assert 0 < float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
-        assert (r["peak_extra_mb"] != "") == (r["provider"] == "cpp" and r["mode"] == "fwd+bwd")
+        assert_timed(r, "2", r["provider"] == "cpp" and r["mode"] == "fwd+bwd")
     with pytest.raises(SystemExit):
         bench_vit_step.main(["--presets", "vit_huge:2", "--csv", str(csv_path)])
 

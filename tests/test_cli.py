@@ -71,6 +71,7 @@ def test_unreadable_resume_checkpoint(capsys, tmp_path):
                   "does not exist")
 
 
+@pytest.mark.slow
 def test_the_real_command_exits_nonzero_with_one_line(tmp_path):
     rc, out, err = cli("train", "--method", "nope", "--out", str(tmp_path / "o"))
     assert rc == 2 and out == ""
@@ -80,6 +81,7 @@ def test_the_real_command_exits_nonzero_with_one_line(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 @requires_cpp
 def test_compare_writes_table_files_and_plots(capsys, tmp_path):
     argv = ["compare", "--methods", "baseline,link", "--seeds", "0,1", "--epochs", "2",

@@ -15,9 +15,10 @@ import torch
 
 from fastattnreg import attention, attention_match, refined_attention
 from conftest import requires_cpp
+from inputs import EXPORTS
 from test_refiner import make_case
 
-pytestmark = requires_cpp
+pytestmark = [requires_cpp, pytest.mark.slow]  # each case reruns an op under many settings
 
 THREADS = (1, 2, 3, 4)
 PADS = (1, 5, 16)  # elements: 4, 20 and 64 bytes off the float32 buffers' 64-byte alignment
@@ -116,7 +117,6 @@ def refiner_case(shape, dtype, training, export):
     return run
 
 
-EXPORTS = (None, "full", "head_mean", "cls", "key_mean")
 CASES = {
     **{f"attention-{e}-f32": attention_case((2, 3, 300, 64), torch.float32, e) for e in EXPORTS},
     **{f"attention-{e}-f64": attention_case((2, 2, 197, 40), torch.float64, e) for e in EXPORTS},

@@ -18,9 +18,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from conftest import requires_cpp
 
-pytestmark = requires_cpp
+pytestmark = [requires_cpp, pytest.mark.slow]  # every test forks children that run the kernels
+
 TESTS = Path(__file__).resolve().parent
 
 _COMMON = textwrap.dedent("""

@@ -225,6 +225,7 @@ TIMM_VARIANTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(TIMM_VARIANTS))
 @pytest.mark.parametrize("method", ["fit", "closed_form"])
 def test_structured_init_on_stock_timm_vit_attends_as_impulse(variant, method):

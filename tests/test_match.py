@@ -72,6 +72,7 @@ def test_teacher_gets_no_gradient_and_out_equals_attention():
     assert tq.grad is None and tk.grad is None
 
 
+@pytest.mark.slow
 @requires_cpp
 @pytest.mark.parametrize("kind,rows", list(itertools.product(KINDS, ROWS)))
 def test_gradcheck_float64(kind, rows):
@@ -82,6 +83,7 @@ def test_gradcheck_float64(kind, rows):
     )
 
 
+@pytest.mark.slow
 @requires_cpp
 @pytest.mark.parametrize("kind,rows", [("kl", "all"), ("mse_logits", "cls"), ("mse_probs", "all")])
 def test_opcheck(kind, rows):
@@ -96,6 +98,7 @@ def test_opcheck(kind, rows):
          out, lse, tq, tk, tlse, None, 0.25, 0.35, kind, rows))
 
 
+@pytest.mark.slow
 @requires_cpp
 def test_compile_fullgraph():
     torch._dynamo.reset()

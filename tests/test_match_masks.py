@@ -87,6 +87,7 @@ def test_fully_masked_rows_add_zero_but_count_in_the_mean():
     assert max_err(loss, kl) < 1e-12
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_gradcheck_with_a_bias(kind):
     q, k, v, tq, tk = _case((1, 2, 6, 4, 4))
@@ -107,6 +108,7 @@ def test_a_mask_that_requires_grad_is_refused():
         torch.ops.fastattnreg.attention_match_fwd(q, k, v, tq, tk, bias, 0.5, 0.5, "kl", "all")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,rows", [("kl", "all"), ("mse_logits", "cls")])
 def test_opcheck_with_a_mask(kind, rows):
     q, k, v, tq, tk = [t.detach() for t in _case((2, 2, 17, 16, 8))]

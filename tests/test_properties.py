@@ -24,13 +24,13 @@ from fastattnreg import (attention, attention_match, attention_match_ref, attent
                          refined_attention, refined_attention_ref)
 from fastattnreg.ops.dropout import dropout_keep_mask
 from conftest import requires_cpp
+from inputs import EXPORTS
 from property_inputs import (_spread, assert_close, batch_heads, grads_or_zeros, head_dims,
                              layouts, masks, max_abs_err, seq_lens, subset)
 from refiner_kinks import flip_patterns, kink_candidates, relu6_hook
 
-pytestmark = requires_cpp
+pytestmark = [requires_cpp, pytest.mark.slow]  # hypothesis draws 150 examples per property
 
-EXPORTS = (None, "full", "head_mean", "cls", "key_mean")
 TOL = {torch.float64: 1e-10, torch.float32: 2e-4}
 # Logit scales: the default, 0 and negative ones included; none below float32's smallest normal
 # magnitude (refused, see ops.checks.scale_limits and tests/test_input_guards.py).

@@ -145,6 +145,7 @@ def test_bfloat16_runs_in_float32_and_is_close():
     assert max_err(out, want) <= 2 * max_err(ref, want) + 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("ksize,n", [(3, 5), (5, 4)])
 def test_gradcheck(training, ksize, n):
@@ -170,6 +171,7 @@ def _raw_args(training, save_probs, dropout):
             1 / 0.7 if dropout else 1.0, training, save_probs, "none")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("training,save_probs,dropout",
                          [(True, False, False), (True, False, True), (False, True, False),
                           (False, False, False)])
@@ -178,6 +180,7 @@ def test_opcheck(training, save_probs, dropout):
     torch.library.opcheck(torch.ops.fastattnreg.refined_attention_fwd.default, args)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_torch_compile_fullgraph_matches_eager(training):
     qkv, params, running = make_case(2, 3, 17, 8, 3, 3, dtype=torch.float32)

@@ -102,6 +102,7 @@ def test_bfloat16_maps_are_bfloat16_and_close():
     assert max_err(maps, want) <= 2 * max_err(ref, want) + 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("export", EXPORTS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gradcheck_through_out_and_maps(training, export):
@@ -119,6 +120,7 @@ def _raw_export_args(training, save_probs, export):
     return (*_raw_args(training, save_probs, False)[:-1], export)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("export", EXPORTS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_opcheck_forward_and_backward_with_maps(training, export):
@@ -132,6 +134,7 @@ def test_opcheck_forward_and_backward_with_maps(training, export):
     torch.library.opcheck(torch.ops.fastattnreg.refined_attention_bwd.default, bwd_args)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_torch_compile_fullgraph_with_export_matches_eager(training):
     qkv, params, running = make_case(2, 3, 17, 8, 3, 3, dtype=torch.float32)

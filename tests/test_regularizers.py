@@ -280,7 +280,7 @@ def test_aal_shapes_schedule_and_frozen_cnn():
     assert tuple(logits.shape) == (2, 5) and tuple(vit_maps.shape) == (2, 6, 4, 4)
     assert tuple(aal.cnn_maps(x, (4, 4)).shape) == (2, 24, 4, 4)
     logits, loss = aal(x)
-    assert loss.dim() == 0 and torch.isfinite(loss)
+    assert loss.dim() == 0 and torch.isfinite(loss) and loss.item() > 0
     assert all(m.export is None and m.maps is None for m in _layers(vit))  # restored, no leak
     assert aal.weight() == 2000.0 and aal.weight(3) == pytest.approx(2000 * 0.99**3)
     aal.set_epoch(2)

@@ -82,12 +82,14 @@ def _pytest(tmp_path, case, no_skips):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # a child pytest run
 def test_cuda_skips_pass_under_the_flag(tmp_path):
     res = _pytest(tmp_path, "cuda_skip", no_skips=True)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "2 passed, 2 skipped" in res.stdout and "skips refused" not in res.stdout, res.stdout
 
 
+@pytest.mark.slow  # a child pytest run
 @pytest.mark.parametrize("case,reason", [
     ("other_skip", "fastattnreg._C is not built"),
     ("module_skip", "could not import 'a_module_that_is_not_installed'"),
@@ -99,12 +101,14 @@ def test_other_skips_fail_the_run_under_the_flag(tmp_path, case, reason):
     assert f"skips refused ({NO_SKIPS_VAR}=1)" in res.stdout and reason in res.stdout, res.stdout
 
 
+@pytest.mark.slow  # a child pytest run
 @pytest.mark.parametrize("case", ["cuda_skip", "other_skip", "module_skip", "xfail"])
 def test_without_the_flag_skips_pass(tmp_path, case):
     res = _pytest(tmp_path, case, no_skips=False)
     assert res.returncode == 0 and "skips refused" not in res.stdout, res.stdout + res.stderr
 
 
+@pytest.mark.slow  # a child pytest run
 def test_a_failed_run_keeps_its_status_and_no_tests_stays_exit_5(tmp_path):
     res = _pytest(tmp_path, "failure_and_skip", no_skips=True)
     assert res.returncode == pytest.ExitCode.TESTS_FAILED, res.stdout + res.stderr

@@ -11,7 +11,6 @@ import io
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 timm = pytest.importorskip("timm")
 from timm.models import create_feature_extractor, get_graph_node_names  # noqa: E402
@@ -19,7 +18,7 @@ from timm.models import create_feature_extractor, get_graph_node_names  # noqa: 
 from fastattnreg import FusedAttention, RefinerAttention  # noqa: E402
 from fastattnreg.nn.attention import fused_attention  # noqa: E402
 from fastattnreg.nn.refiner import refiner_attention  # noqa: E402
-from conftest import max_err, requires_cpp  # noqa: E402
+from conftest import OpDtypes, max_err, requires_cpp  # noqa: E402
 
 pytestmark = requires_cpp
 
@@ -131,6 +130,7 @@ def test_refiner_forward_backward_trains_every_parameter(arch):
 # ---------------------------------------------------------------------------- TorchScript
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,layer", CASES, ids=IDS)
 def test_torchscript_matches_eager_and_runs_the_kernels(arch, layer):
     eager = make_model(arch, layer)
@@ -141,6 +141,7 @@ def test_torchscript_matches_eager_and_runs_the_kernels(arch, layer):
     check_eval(eager, scripted, images())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,layer", CASES, ids=IDS)
 def test_torchscript_save_and_load(arch, layer):
     eager = make_model(arch, layer).eval()
@@ -179,6 +180,7 @@ def fx_model(model):
     return create_feature_extractor(model, [eval_nodes[-1]]), eval_nodes[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,layer", CASES, ids=IDS)
 def test_fx_trace_keeps_the_attention_call_as_one_node(arch, layer):
     eager = make_model(arch, layer)
@@ -190,6 +192,7 @@ def test_fx_trace_keeps_the_attention_call_as_one_node(arch, layer):
     check_eval(eager, traced, images(), run=lambda m, t: m(t)[node])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,layer", CASES, ids=IDS)
 def test_fx_then_torchscript(arch, layer):
     eager = make_model(arch, layer)
@@ -250,6 +253,7 @@ def test_plain_symbolic_trace_and_intermediate_nodes():
 # ------------------------------------------------------------------ torch.export, compile
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,layer", CASES, ids=IDS)
 def test_torch_export(arch, layer):
     """Exported in each mode (an exported module keeps the mode it was exported in)."""
@@ -269,6 +273,7 @@ def test_torch_export(arch, layer):
                 assert close(exported(y), eager(y))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,layer", CASES, ids=IDS)
 def test_torch_compile_fullgraph_forward_and_backward(arch, layer):
     """In float64: inductor reorders float32 sums, and the refiner's float32 gradients are good
@@ -294,6 +299,7 @@ def _autocast_run(model, x, dy, spy=None):
     return out, [p.grad for p in model.parameters()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,layer", CASES, ids=IDS)
 def test_autocast_bfloat16_runs_the_kernels_in_bfloat16(arch, layer):
     """The op sees bfloat16 q; outputs and gradients are within twice the error (vs float64) of
@@ -328,23 +334,7 @@ def test_autocast_bfloat16_runs_the_kernels_in_bfloat16(arch, layer):
                                                                           before[name]), name
 
 
-class OpDtypes(TorchDispatchMode):
-    """Records the dtype of every tensor argument of each fastattnreg op it sees."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "fastattnreg":
-            self.calls.append((func._schema.name,
-                               [a.dtype if isinstance(a, torch.Tensor) else None for a in args]))
-        return func(*args, **(kwargs or {}))
-
-    def dtypes(self, op, index):
-        return {args[index] for name, args in self.calls if name == op}
-
-
+@pytest.mark.slow
 def test_torch_compile_under_autocast():
     torch._dynamo.reset()
     eager = make_model("vit", "fused").eval()

@@ -13,6 +13,8 @@ pytest.importorskip("sklearn")
 from conftest import requires_cpp  # noqa: E402
 from test_train import REPO, TINY_ARGS  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here starts DDP process groups
+
 TIMEOUT_S = 4
 SLACK_S = 15  # process exit, a loaded 2-core machine
 

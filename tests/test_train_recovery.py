@@ -91,6 +91,7 @@ def resume(out, cache):
     return err
 
 
+@pytest.mark.slow
 @requires_cpp
 def test_sigkill_mid_epoch_then_resume_is_bitwise_the_same(tmp_path, reference):
     out = tmp_path / "run"
@@ -104,6 +105,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_the_same(tmp_path, reference):
     assert_same_run(out, reference)
 
 
+@pytest.mark.slow
 @requires_cpp
 def test_sigkill_inside_the_checkpoint_write_then_resume(tmp_path, reference):
     """Every checkpoint write sleeps (test hook) between writing its temporary file and the
@@ -119,6 +121,7 @@ def test_sigkill_inside_the_checkpoint_write_then_resume(tmp_path, reference):
     assert_same_run(out, reference)
 
 
+@pytest.mark.slow
 @requires_cpp
 def test_sigkill_before_the_first_checkpoint_then_resume(tmp_path, reference):
     out = tmp_path / "run"
@@ -147,6 +150,7 @@ def digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 @requires_cpp
 def test_a_loss_that_is_not_finite_stops_and_keeps_the_last_checkpoint(capsys, tmp_path):
     # a good first epoch of two ...
@@ -180,6 +184,7 @@ def test_a_loss_that_is_not_finite_stops_and_keeps_the_last_checkpoint(capsys, t
 
 # ------------------------------------------------------------------------------ compare
 
+@pytest.mark.slow
 @requires_cpp
 def test_compare_resume_reruns_a_run_whose_settings_changed(capsys, tmp_path):
     base = ["compare", "--methods", "baseline", "--seeds", "0", *TINY_ARGS] + out_args(tmp_path)

@@ -119,6 +119,7 @@ def test_rng_states_survive_a_weights_only_round_trip():
     assert state["python"]["gauss_next"] is not None and state["numpy"]["has_gauss"] == 1
 
 
+@pytest.mark.slow
 @requires_cpp
 def test_a_cached_guide_that_cannot_be_loaded_safely_is_trained_again(tmp_path):
     """A cached link CNN whose checkpoint holds a numpy array (as an older version stored its

@@ -21,16 +21,17 @@ import pytest
 import torch
 
 import fastattnreg
-from fastattnreg import attention_ref
-from conftest import max_err, requires_triton, rerun_without_triton_interpreter
+from conftest import requires_triton, rerun_without_triton_interpreter
 from conftest import requires_cuda_triton as requires_cuda  # CUDA tests of the Triton kernels
-from interpreter_runner import assert_interpreted_group_passes
+from inputs import EXPORTS, HEAD_DIMS, SEQ_LENS, grid_shape, qkv_on
+from interpreter_runner import interpreted_groups
 from triton_attention_checks import (
-    assert_low_precision_rule, errors_vs_float64, low_precision_errors, make_inputs, run_all,
-    triton_attention,
+    assert_compiled_matches_float64, assert_low_precision_rule, errors_vs_float64,
+    low_precision_errors, run_all, triton_attention,
 )
 from triton_mask_dropout_checks import (
-    MASK_KINDS, compare_with_reference, low_precision_mask_errors, make_mask,
+    MASK_KINDS, assert_compiled_mask_dropout_matches_eager, compare_with_reference,
+    low_precision_mask_errors, make_mask,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,24 +48,13 @@ def _child(args, extra_env=None, timeout=600):
 # ------------------------------------------------------------------------- interpreter group
 
 
-@requires_triton
-@pytest.mark.parametrize("group", ["values", "reruns", "errors", "registration"])
-def test_interpreted_kernels(group):
-    """Runs tests/triton_interpret_cases.py -k interp_<group> under TRITON_INTERPRET=1."""
-    res = _child(["-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES),
-                  "-k", f"interp_{group}"], {"TRITON_INTERPRET": "1"})
-    report = res.stdout[-8000:] + res.stderr[-4000:]
-    assert res.returncode == 0, report
-    assert " passed" in res.stdout and "skipped" not in res.stdout, report
+test_interpreted_kernels = interpreted_groups(CASES, ["values", "reruns", "errors",
+                                                      "registration"])
+test_interpreted_masks_and_dropout = interpreted_groups(MASK_CASES, ["masks", "dropout",
+                                                                     "maskops"])
 
 
-@requires_triton
-@pytest.mark.parametrize("group", ["masks", "dropout", "maskops"])
-def test_interpreted_masks_and_dropout(group):
-    """Runs tests/triton_mask_dropout_cases.py -k interp_<group> under TRITON_INTERPRET=1."""
-    assert_interpreted_group_passes(MASK_CASES, group)
-
-
+@pytest.mark.slow
 @requires_triton
 def test_triton_ops_register_without_the_cpp_extension():
     """The Triton ops live in the fastattnreg namespace as a fragment; they must not need _C."""
@@ -123,23 +113,11 @@ def test_triton_backend_refuses_cpu_tensors_without_the_interpreter(request):
 
 # -------------------------------------------------------------------------------- CUDA group
 
-SEQ_LENS = (1, 17, 65, 197, 257)
-HEAD_DIMS = (16, 48, 64, 80)
-BATCH_HEADS = ((1, 1), (2, 3), (3, 2), (1, 4))
-EXPORTS = (None, "full", "head_mean", "cls", "key_mean")
-
-
-def _shape(n, d):
-    # The same cycling of B x H as test_attention.py, so both backends see the same shapes.
-    b, h = BATCH_HEADS[(SEQ_LENS.index(n) + HEAD_DIMS.index(d)) % len(BATCH_HEADS)]
-    return b, h, n, d
-
-
 @requires_cuda
 @pytest.mark.parametrize("n,d", list(itertools.product(SEQ_LENS, HEAD_DIMS)))
 @pytest.mark.parametrize("export", EXPORTS)
 def test_cuda_float32_against_float64(n, d, export):
-    for name, err in errors_vs_float64(_shape(n, d), export, "cuda").items():
+    for name, err in errors_vs_float64(grid_shape(n, d), export, "cuda").items():
         assert err <= 1e-4, f"{name}: {err:.3g}"
 
 
@@ -148,7 +126,7 @@ def test_cuda_float32_against_float64(n, d, export):
 @pytest.mark.parametrize("n,d", list(itertools.product(SEQ_LENS, HEAD_DIMS)))
 @pytest.mark.parametrize("export", EXPORTS)
 def test_cuda_low_precision_error_at_most_twice_the_references(n, d, export, dtype):
-    assert_low_precision_rule(low_precision_errors(_shape(n, d), export, "cuda", dtype))
+    assert_low_precision_rule(low_precision_errors(grid_shape(n, d), export, "cuda", dtype))
 
 
 @requires_cuda
@@ -161,7 +139,7 @@ def test_cuda_long_sequences(n):
 @requires_cuda
 @pytest.mark.parametrize("export", EXPORTS)
 def test_cuda_reruns_are_bitwise_equal(export):
-    q, k, v = make_inputs((4, 6, 197, 64), torch.bfloat16, "cuda")
+    q, k, v = qkv_on((4, 6, 197, 64), torch.bfloat16, "cuda")
     for a, b in zip(run_all(q, k, v, export), run_all(q, k, v, export)):
         assert torch.equal(a, b)
 
@@ -169,7 +147,7 @@ def test_cuda_reruns_are_bitwise_equal(export):
 @requires_cuda
 @pytest.mark.parametrize("kind", ["key_padding", "full_bias"])
 def test_cuda_reruns_with_mask_and_dropout_are_bitwise_equal(kind):
-    q, k, v = make_inputs((4, 6, 197, 64), torch.bfloat16, "cuda")
+    q, k, v = qkv_on((4, 6, 197, 64), torch.bfloat16, "cuda")
     mask = make_mask(kind, 4, 6, 197, torch.bfloat16, "cuda")
     rng = torch.tensor([11, 12], device="cuda")
     leaves = [q, k, v] + ([mask] if mask.requires_grad else [])
@@ -242,26 +220,13 @@ def test_cuda_dropout_keep_mask_read_back_from_one_hot_values():
 @pytest.mark.parametrize("export", [None, "full", "head_mean", "cls", "key_mean"])
 def test_cuda_compile_fullgraph_inductor(export):
     """Inductor sees the kernels through wrap_triton (triton_op), forward and backward."""
-    torch._dynamo.reset()
-    q, k, v = make_inputs((2, 3, 65, 48), torch.float32, "cuda")
-
-    def loss_fn(fn, q, k, v):
-        return sum((r.double() ** 2).sum() for r in fn(q, k, v, export=export, return_lse=True))
-
-    compiled = torch.compile(lambda *a: loss_fn(fastattnreg.attention, *a), fullgraph=True)
-    loss = compiled(q, k, v)
-    grads = torch.autograd.grad(loss, (q, k, v))
-    q64, k64, v64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = loss_fn(attention_ref, q64, k64, v64)
-    ref_grads = torch.autograd.grad(ref, (q64, k64, v64))
-    assert abs(loss.item() - ref.item()) <= 1e-4 * max(1.0, abs(ref.item()))
-    for g, r in zip(grads, ref_grads):
-        assert max_err(g, r) <= 1e-3 * max(1.0, r.abs().max().item())
+    q, k, v = qkv_on((2, 3, 65, 48), torch.float32, "cuda")
+    assert_compiled_matches_float64(fastattnreg.attention, q, k, v, export)
 
 
 @requires_cuda
 def test_cuda_auto_backend_picks_triton():
-    q, k, v = make_inputs((2, 3, 17, 48), torch.float32, "cuda", requires_grad=False)
+    q, k, v = qkv_on((2, 3, 17, 48), torch.float32, "cuda", requires_grad=False)
     assert fastattnreg.backend.resolve("auto", q.device) == "triton"
     assert torch.equal(fastattnreg.attention(q, k, v), triton_attention(q, k, v))
 
@@ -271,23 +236,8 @@ def test_cuda_compile_fullgraph_with_mask_and_dropout():
     """Inductor around the triton_ops with a float bias requiring grad and dropout: the rng is
     drawn in the graph and loaded by the kernels. Inductor draws random numbers its own way
     unless fallback_random is set; with it, the same seed repeats the eager numbers."""
-    torch._dynamo.reset()
-    q, k, v = make_inputs((2, 3, 65, 48), torch.float32, "cuda")
+    q, k, v = qkv_on((2, 3, 65, 48), torch.float32, "cuda")
     bias = make_mask("shared_bias", 2, 3, 65, torch.float32, "cuda")
-
-    def loss_fn(q, k, v, bias):
-        out, maps, lse = fastattnreg.attention(q, k, v, attn_mask=bias, dropout_p=0.2,
-                                               export="key_mean", return_lse=True)
-        return (out ** 2).sum() + (maps ** 2).sum() + (lse ** 2).sum()
-
-    compiled = torch.compile(loss_fn, fullgraph=True)
-    torch.manual_seed(3)
-    with torch._inductor.config.patch(fallback_random=True):
-        loss = compiled(q, k, v, bias)
-        grads = torch.autograd.grad(loss, (q, k, v, bias))
-    torch.manual_seed(3)
-    eager = loss_fn(q, k, v, bias)
-    eager_grads = torch.autograd.grad(eager, (q, k, v, bias))
-    assert abs(loss.item() - eager.item()) <= 1e-5 * max(1.0, abs(eager.item()))
-    for g, e in zip(grads, eager_grads):
-        assert max_err(g, e) <= 1e-5 * max(1.0, e.abs().max().item())
+    assert_compiled_mask_dropout_matches_eager(
+        fastattnreg.attention, q, k, v, bias,
+        compile_context=lambda: torch._inductor.config.patch(fallback_random=True))

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from fastattnreg import attention_match, attention_match_ref
-from conftest import max_err, requires_triton
+from conftest import max_err
 from conftest import requires_cuda_triton as requires_cuda  # CUDA tests of the Triton kernels
-from interpreter_runner import assert_interpreted_group_passes
+from interpreter_runner import interpreted_groups
 from match_mask_checks import MASK_KINDS, errors_against_reference, make_match_mask
 
 CASES = Path(__file__).resolve().parent / "triton_match_cases.py"
@@ -26,18 +26,10 @@ KINDS = ("kl", "mse_probs", "mse_logits")
 ROWS = ("all", "cls")
 
 
-@requires_triton
-@pytest.mark.parametrize("group", ["values", "reruns", "errors", "registration"])
-def test_interpreted_kernels(group):
-    """Runs tests/triton_match_cases.py -k interp_<group> under TRITON_INTERPRET=1."""
-    assert_interpreted_group_passes(CASES, group)
-
-
-@requires_triton
-@pytest.mark.parametrize("group", ["maskvalues", "maskzero", "maskops"])
-def test_interpreted_mask_kernels(group):
-    """Runs tests/triton_match_mask_cases.py -k interp_<group> under TRITON_INTERPRET=1."""
-    assert_interpreted_group_passes(MASK_CASES, group)
+test_interpreted_kernels = interpreted_groups(CASES, ["values", "reruns", "errors",
+                                                      "registration"])
+test_interpreted_mask_kernels = interpreted_groups(MASK_CASES, ["maskvalues", "maskzero",
+                                                                "maskops"])
 
 
 # --------------------------------------------------------------------------------------- CUDA

@@ -14,9 +14,12 @@ import pytest
 
 import fastattnreg
 
-pytestmark = pytest.mark.skipif(
-    not fastattnreg.backend.triton_installed() or fastattnreg.backend._triton_interpret,
-    reason="needs Triton's compiler frontend (not the interpreter)")
+pytestmark = [
+    pytest.mark.skipif(
+        not fastattnreg.backend.triton_installed() or fastattnreg.backend._triton_interpret,
+        reason="needs Triton's compiler frontend (not the interpreter)"),
+    pytest.mark.slow,  # compiles every kernel specialisation to Triton IR
+]
 
 if fastattnreg.backend.triton_installed():
     import triton

@@ -14,19 +14,16 @@ import pytest
 import torch
 
 from fastattnreg import refined_attention, refined_attention_ref
-from conftest import max_err, requires_triton
+from conftest import max_err
 from conftest import requires_cuda_triton as requires_cuda  # CUDA tests of the Triton kernels
-from interpreter_runner import assert_interpreted_group_passes
+from interpreter_runner import interpreted_groups
 from test_refiner import PARAM_NAMES, clone_running, make_case, run_with_grads
 
 CASES = Path(__file__).resolve().parent / "triton_refiner_cases.py"
 
 
-@requires_triton
-@pytest.mark.parametrize("group", ["values", "maps", "reruns", "errors", "registration"])
-def test_interpreted_kernels(group):
-    """Runs tests/triton_refiner_cases.py -k interp_<group> under TRITON_INTERPRET=1."""
-    assert_interpreted_group_passes(CASES, group)
+test_interpreted_kernels = interpreted_groups(CASES, ["values", "maps", "reruns", "errors",
+                                                      "registration"])
 
 
 # --------------------------------------------------------------------------------------- CUDA

@@ -10,18 +10,13 @@ import torch
 
 from fastattnreg import attention, attention_ref
 from conftest import max_err
+from inputs import qkv_on
 
 NAMES = ("out", "maps", "lse")
 
 
 def triton_attention(*args, **kwargs):
     return attention(*args, backend="triton", **kwargs)
-
-
-def make_inputs(shape, dtype, device, requires_grad=True):
-    """q, k, v of `shape`, drawn in float64 on the CPU (so every dtype sees the same numbers)."""
-    return [torch.randn(shape, dtype=torch.float64).to(device=device, dtype=dtype)
-            .requires_grad_(requires_grad) for _ in range(3)]
 
 
 def outputs_and_grads(fn, q, k, v, export, upstream, **kwargs):
@@ -43,6 +38,26 @@ def reference64(q, k, v, export, **kwargs):
     return ref, ref_grads, upstream
 
 
+def assert_compiled_matches_float64(fn, q, k, v, export, **compile_kwargs):
+    """torch.compile(fullgraph=True) of fn (attention's signature) inside a loss, the sum of
+    squares of out, the maps and the LSE: the loss and dq, dk, dv against attention_ref run
+    eagerly in float64 on the same values."""
+    torch._dynamo.reset()
+
+    def loss_fn(f, q, k, v):
+        return sum((r.double() ** 2).sum() for r in f(q, k, v, export=export, return_lse=True))
+
+    compiled = torch.compile(lambda *a: loss_fn(fn, *a), fullgraph=True, **compile_kwargs)
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    q64, k64, v64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = loss_fn(attention_ref, q64, k64, v64)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64))
+    assert abs(loss.item() - ref.item()) <= 1e-4 * max(1.0, abs(ref.item()))
+    for g, r in zip(grads, ref_grads):
+        assert max_err(g, r) <= 1e-3 * max(1.0, r.abs().max().item())
+
+
 def named(outs, grads, export):
     names = [n for n in NAMES if export is not None or n != "maps"] + ["dq", "dk", "dv"]
     return dict(zip(names, list(outs) + list(grads)))
@@ -52,7 +67,7 @@ def errors_vs_float64(shape, export, device, dtype=torch.float32, **kwargs):
     """{name: max abs error} of the Triton outputs and gradients against float64 math.
 
     Also checks shapes and dtypes (maps in the input dtype, LSE float32)."""
-    q, k, v = make_inputs(shape, dtype, device)
+    q, k, v = qkv_on(shape, dtype, device)
     ref, ref_grads, upstream = reference64(q, k, v, export, **kwargs)
     outs, grads = outputs_and_grads(triton_attention, q, k, v, export, upstream, **kwargs)
     got, want = named(outs, grads, export), named(ref, ref_grads, export)
@@ -67,7 +82,7 @@ def errors_vs_float64(shape, export, device, dtype=torch.float32, **kwargs):
 def low_precision_errors(shape, export, device, dtype):
     """{name: (triton error, error of attention_ref run in dtype)} against float64 math: the
     FlashAttention rule asks the first to be at most twice the second."""
-    q, k, v = make_inputs(shape, dtype, device)
+    q, k, v = qkv_on(shape, dtype, device)
     ref, ref_grads, upstream = reference64(q, k, v, export)
     outs, grads = outputs_and_grads(triton_attention, q, k, v, export, upstream)
 

@@ -15,9 +15,10 @@ import torch
 import fastattnreg
 from fastattnreg import attention, attention_ref
 from conftest import max_err
+from inputs import EXPORTS, qkv, qkv_on
 from triton_attention_checks import (
-    assert_low_precision_rule, errors_vs_float64, low_precision_errors, make_inputs, run_all,
-    triton_attention,
+    assert_compiled_matches_float64, assert_low_precision_rule, errors_vs_float64,
+    low_precision_errors, run_all, triton_attention,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -25,8 +26,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs TRITON_INTERPRET=1 set before the import and Triton installed",
 )
 
-EXPORTS = (None, "full", "head_mean", "cls", "key_mean")
-# (B, H, N, D): B*H up to 6; every N and D of the brief at least once.
+# (B, H, N, D): B*H up to 6; N from 1 to 130 (more than one tile), head dims 16, 48 and 64.
 SHAPES = ((1, 1, 1, 16), (2, 3, 17, 48), (3, 2, 65, 64), (1, 4, 65, 16), (2, 1, 130, 48))
 FP32_TOL = 1e-4
 
@@ -57,7 +57,7 @@ def test_interp_values_low_precision_rule(shape, export, dtype):
 @pytest.mark.parametrize("export", ["full", "head_mean", "cls", "key_mean"])
 def test_interp_values_gradient_through_one_output(used, export):
     """Only one output carries a gradient: the others arrive as None and are skipped."""
-    q, k, v = make_inputs((2, 3, 65, 16), torch.float32, "cpu")
+    q, k, v = qkv_on((2, 3, 65, 16), torch.float32, "cpu")
     names = ("out", "maps", "lse")
     outs = dict(zip(names, triton_attention(q, k, v, export=export, return_lse=True)))
     q64, k64, v64 = (t.double() for t in (q, k, v))
@@ -70,7 +70,7 @@ def test_interp_values_gradient_through_one_output(used, export):
 
 
 def test_interp_values_maps_are_consistent_probabilities():
-    q, k, v = make_inputs((2, 3, 65, 48), torch.float32, "cpu", requires_grad=False)
+    q, k, v = qkv_on((2, 3, 65, 48), torch.float32, "cpu", requires_grad=False)
     _, full = triton_attention(q, k, v, export="full")
     _, head_mean = triton_attention(q, k, v, export="head_mean")
     _, cls = triton_attention(q, k, v, export="cls")
@@ -98,7 +98,7 @@ def test_interp_values_noncontiguous_and_custom_scale():
 
 
 def test_interp_values_auto_backend_keeps_cpu_tensors_off_triton():
-    q, k, v = make_inputs((1, 2, 17, 16), torch.float32, "cpu", requires_grad=False)
+    q, k, v = qkv_on((1, 2, 17, 16), torch.float32, "cpu", requires_grad=False)
     want = "cpp" if fastattnreg.cpp_available() else "reference"
     assert fastattnreg.backend.resolve("auto", q.device) == want
     assert max_err(attention(q, k, v), triton_attention(q, k, v)) < 1e-5
@@ -109,7 +109,7 @@ def test_interp_values_auto_backend_keeps_cpu_tensors_off_triton():
 
 @pytest.mark.parametrize("export", EXPORTS)
 def test_interp_reruns_are_bitwise_equal(export):
-    q, k, v = make_inputs((2, 2, 130, 48), torch.float32, "cpu")  # 3 x 3 tiles per head
+    q, k, v = qkv_on((2, 2, 130, 48), torch.float32, "cpu")  # 3 x 3 tiles per head
     for a, b in zip(run_all(q, k, v, export), run_all(q, k, v, export)):
         assert torch.equal(a, b)
 
@@ -118,7 +118,7 @@ def test_interp_reruns_are_bitwise_equal(export):
 
 
 def _qkv(shape=(1, 2, 17, 16), dtype=torch.float32):
-    return [torch.randn(shape, dtype=dtype) for _ in range(3)]
+    return qkv(shape, dtype, requires_grad=False)
 
 
 @pytest.mark.parametrize(
@@ -201,22 +201,8 @@ def test_interp_registration_opcheck(export):
 
 @pytest.mark.parametrize("export", [None, "head_mean", "cls", "key_mean"])
 def test_interp_registration_compile_fullgraph(export):
-    torch._dynamo.reset()
-    q, k, v = make_inputs((2, 3, 17, 16), torch.float32, "cpu")
-
-    def loss_fn(fn, q, k, v):
-        return sum((r.double() ** 2).sum() for r in fn(q, k, v, export=export, return_lse=True))
-
-    compiled = torch.compile(lambda *a: loss_fn(triton_attention, *a), fullgraph=True,
-                             backend="aot_eager")
-    loss = compiled(q, k, v)
-    grads = torch.autograd.grad(loss, (q, k, v))
-    q64, k64, v64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = loss_fn(attention_ref, q64, k64, v64)
-    ref_grads = torch.autograd.grad(ref, (q64, k64, v64))
-    assert abs(loss.item() - ref.item()) <= 1e-4 * max(1.0, abs(ref.item()))
-    for g, r in zip(grads, ref_grads):
-        assert max_err(g, r) <= 1e-3 * max(1.0, r.abs().max().item())
+    q, k, v = qkv_on((2, 3, 17, 16), torch.float32, "cpu")
+    assert_compiled_matches_float64(triton_attention, q, k, v, export, backend="aot_eager")
 
 
 def test_interp_registration_ops_sit_beside_the_cpp_ops():

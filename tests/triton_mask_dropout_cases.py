@@ -28,9 +28,11 @@ import fastattnreg
 from fastattnreg import attention
 from fastattnreg.ops.dropout import draw_rng, dropout_keep_mask, dropout_threshold, philox4x32
 from fastattnreg.triton.dropout import dropout_keep
+from inputs import EXPORTS, qkv
 from triton_attention_checks import triton_attention
 from triton_mask_dropout_checks import (
-    FLOAT_KINDS, MASK_KINDS, compare_with_reference, full_keep_view, inf_aware_err,
+    FLOAT_KINDS, MASK_KINDS, assert_compiled_mask_dropout_matches_eager, compare_with_reference,
+    full_keep_view, inf_aware_err,
     low_precision_mask_errors, make_mask, triton_op_run,
 )
 
@@ -39,7 +41,6 @@ pytestmark = pytest.mark.skipif(
     reason="needs TRITON_INTERPRET=1 set before the import and Triton installed",
 )
 
-EXPORTS = (None, "full", "head_mean", "cls", "key_mean")
 SMALL, TWO_TILES = (2, 2, 17, 16), (1, 2, 65, 32)
 FP32_TOL = 1e-4
 
@@ -48,10 +49,6 @@ def _assert_errors(errors, tol=FP32_TOL):
     print(", ".join(f"{k}={v:.1e}" for k, v in errors.items()))
     for name, err in errors.items():
         assert err <= tol, f"{name}: {err:.3g}"
-
-
-def _qkv(shape, requires_grad=True):
-    return [torch.randn(shape).requires_grad_(requires_grad) for _ in range(3)]
 
 
 # ------------------------------------------------------------------------------------- masks
@@ -84,7 +81,7 @@ def test_interp_masks_low_precision_rule(kind, export, p, dtype):
 def test_interp_masks_dead_rows_are_zero_with_lse_minus_inf():
     """A query that sees no key: out 0, every map 0 on its row, LSE -inf, zero gradients."""
     B, H, N, D = SMALL
-    q, k, v = _qkv(SMALL)
+    q, k, v = qkv(SMALL, torch.float32)
     mask = make_mask("dead_rows", B, H, N, torch.float32, "cpu")
     dead = ~mask[:, 0, :, 0]  # (B, N)
     out, lse, full = triton_op_run(q, k, v, mask, None, 0.0, "full")
@@ -102,7 +99,7 @@ def test_interp_masks_dead_rows_are_zero_with_lse_minus_inf():
 @pytest.mark.parametrize("kind", MASK_KINDS)
 def test_interp_masks_masked_entries_of_the_maps_are_exactly_zero(kind):
     B, H, N, D = SMALL
-    q, k, v = _qkv(SMALL, requires_grad=False)
+    q, k, v = qkv(SMALL, torch.float32, requires_grad=False)
     mask = make_mask(kind, B, H, N, torch.float32, "cpu", requires_grad=False)
     _, _, full = triton_op_run(q, k, v, mask, None, 0.0, "full")
     takes_part = full_keep_view(mask, (B, H, N, N))
@@ -114,7 +111,7 @@ def test_interp_masks_dmask_is_dlogits_of_the_full_shape(kind):
     """The backward op's dmask is (B, H, N, N) dL/d(logits) = dS; the autograd rule sums it to
     the mask's shape. dS of a row sums to the LSE's gradient (softmax rows sum to 1)."""
     B, H, N, D = SMALL
-    q, k, v = _qkv(SMALL, requires_grad=False)
+    q, k, v = qkv(SMALL, torch.float32, requires_grad=False)
     mask = make_mask(kind, B, H, N, torch.float32, "cpu", requires_grad=False)
     out, lse, _ = triton_op_run(q, k, v, mask, None, 0.0, None)
     dlse = torch.randn_like(lse)
@@ -164,7 +161,7 @@ def test_interp_dropout_keep_mask_read_back_from_one_hot_values(p):
 
 
 def test_interp_dropout_p0_is_bitwise_the_run_without_dropout():
-    q, k, v = _qkv(SMALL)
+    q, k, v = qkv(SMALL, torch.float32)
     mask = make_mask("shared_bias", 2, 2, 17, torch.float32, "cpu")
     rng = torch.tensor([5, 6])
 
@@ -180,7 +177,7 @@ def test_interp_dropout_p0_is_bitwise_the_run_without_dropout():
 
 
 def test_interp_dropout_same_rng_is_bitwise_equal_and_another_differs():
-    q, k, v = _qkv(SMALL)
+    q, k, v = qkv(SMALL, torch.float32)
 
     def run(rng):
         outs = list(triton_op_run(q, k, v, None, torch.tensor(rng), 0.3, "key_mean"))
@@ -197,7 +194,7 @@ def test_interp_dropout_same_rng_is_bitwise_equal_and_another_differs():
 def test_interp_dropout_public_attention_draws_from_torchs_generator():
     """attention(dropout_p=p) takes (seed, offset) from torch's generator: the same draw made
     by hand gives the reference the kernels' keep-mask; a rerun under the same seed repeats."""
-    q, k, v = _qkv(SMALL, requires_grad=False)
+    q, k, v = qkv(SMALL, torch.float32, requires_grad=False)
     torch.manual_seed(7)
     out = attention(q, k, v, dropout_p=0.2, backend="triton")
     torch.manual_seed(7)
@@ -243,7 +240,7 @@ def test_interp_dropout_stream_uses_64_bit_indices():
 
 
 def _raw(shape=SMALL):
-    return [torch.randn(shape) for _ in range(3)]
+    return qkv(shape, torch.float32, requires_grad=False)
 
 
 @pytest.mark.parametrize(
@@ -343,22 +340,7 @@ def test_interp_maskops_compile_fullgraph_with_mask_and_dropout():
     """attention() with a float bias requiring grad and dropout, compiled whole (aot_eager: the
     ops are opaque under the interpreter); the rng is drawn inside the graph, so the same seed
     gives the eager run's numbers."""
-    torch._dynamo.reset()
-    q, k, v = _qkv(SMALL)
+    q, k, v = qkv(SMALL, torch.float32)
     bias = make_mask("shared_bias", 2, 2, 17, torch.float32, "cpu")
-
-    def loss_fn(q, k, v, bias):
-        out, maps, lse = attention(q, k, v, attn_mask=bias, dropout_p=0.2, export="key_mean",
-                                   return_lse=True, backend="triton")
-        return (out ** 2).sum() + (maps ** 2).sum() + (lse ** 2).sum()
-
-    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
-    torch.manual_seed(3)
-    loss = compiled(q, k, v, bias)
-    grads = torch.autograd.grad(loss, (q, k, v, bias))
-    torch.manual_seed(3)
-    eager = loss_fn(q, k, v, bias)
-    eager_grads = torch.autograd.grad(eager, (q, k, v, bias))
-    assert abs(loss.item() - eager.item()) <= 1e-5 * max(1.0, abs(eager.item()))
-    for g, e in zip(grads, eager_grads):
-        assert inf_aware_err(g, e) <= 1e-5 * max(1.0, e.abs().max().item())
+    assert_compiled_mask_dropout_matches_eager(triton_attention, q, k, v, bias,
+                                               backend="aot_eager")

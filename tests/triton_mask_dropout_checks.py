@@ -8,10 +8,13 @@ keep-mask ops.dropout.dropout_keep_mask draws from it.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from fastattnreg import attention_ref
 from fastattnreg.ops.dropout import dropout_keep_mask
+from inputs import qkv_on
 
 MASK_KINDS = ("key_padding", "dead_rows", "shared_bias", "shared_bias_transposed", "head_bool",
               "full_bias")
@@ -60,6 +63,33 @@ def full_keep_view(mask, shape):
     m = mask.detach().cpu()
     m = m if m.dtype == torch.bool else m != float("-inf")
     return m.expand(shape)
+
+
+def assert_compiled_mask_dropout_matches_eager(attention_fn, q, k, v, bias, *,
+                                               compile_context=contextlib.nullcontext,
+                                               **compile_kwargs):
+    """torch.compile(fullgraph=True) of a loss on attention_fn(q, k, v, attn_mask=bias,
+    dropout_p=0.2, export="key_mean", return_lse=True): the dropout stream is drawn inside the
+    graph, so under one seed the compiled loss and its gradients (q, k, v and the bias) equal
+    the eager run's. compile_context wraps the compiled call (e.g. an inductor setting)."""
+    torch._dynamo.reset()
+
+    def loss_fn(q, k, v, bias):
+        out, maps, lse = attention_fn(q, k, v, attn_mask=bias, dropout_p=0.2, export="key_mean",
+                                      return_lse=True)
+        return (out ** 2).sum() + (maps ** 2).sum() + (lse ** 2).sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, **compile_kwargs)
+    torch.manual_seed(3)
+    with compile_context():
+        loss = compiled(q, k, v, bias)
+        grads = torch.autograd.grad(loss, (q, k, v, bias))
+    torch.manual_seed(3)
+    eager = loss_fn(q, k, v, bias)
+    eager_grads = torch.autograd.grad(eager, (q, k, v, bias))
+    assert abs(loss.item() - eager.item()) <= 1e-5 * max(1.0, abs(eager.item()))
+    for g, e in zip(grads, eager_grads):
+        assert inf_aware_err(g, e) <= 1e-5 * max(1.0, e.abs().max().item())
 
 
 def inf_aware_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -117,8 +147,7 @@ def mask_dropout_results(shape, kind, export, p, device, dtype=torch.float32, se
     mask and keep-mask, under the same random upstream gradients."""
     torch.manual_seed(seed)
     B, H, N, D = shape
-    q, k, v = [torch.randn(shape, dtype=torch.float64).to(device=device, dtype=dtype)
-               .requires_grad_() for _ in range(3)]
+    q, k, v = qkv_on(shape, dtype, device)
     mask = None if kind is None else make_mask(kind, B, H, N, dtype, device)
     rng_t = torch.tensor(rng, dtype=torch.int64, device=device) if p > 0 else None
     keep = dropout_keep_mask((B, H, N, N), p, rng_t.cpu()) if p > 0 else None
