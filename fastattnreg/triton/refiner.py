@@ -16,7 +16,7 @@ K^2 shifted pixels (K^4 in the backward's depthwise-transposed pass); reading H 
 is far cheaper than recomputing H dot products of length D from q, k and the LSE each time. No
 C-channel (B, C, N, N) tensor is ever written: every C-channel value is recomputed from P in
 registers. The backward keeps a few H-channel fp32 maps (dA*, A*, dX4, dX3, Z below), all
-O(B * H * N^2) as the issue allows.
+O(B * H * N^2), the size of the maps themselves.
 
 Layout of the refinement kernels: a program owns a BLOCK_M x BLOCK_N rectangle of pixels (query
 rows x key columns) of one image b, flattened to BLOCK_P = BLOCK_M * BLOCK_N rows of a tile whose
