@@ -4,8 +4,9 @@ The C++ kernels (csrc/cpu/match.cpp) and the Triton kernels (triton/match.py, re
 ops/triton_match.py) compute, per matched query row, the student's and the teacher's attention
 from their q, k and reduce the divergence in the same pass, so neither model's (B, H, N, N) maps
 is ever stored; the backward folds the loss gradient into the attention backward. This file
-adds the fake kernels and autograd of torch.ops.fastattnreg.attention_match_fwd / _bwd, the
-reference `attention_match_ref` and the public `attention_match()`.
+adds the fake kernels of torch.ops.fastattnreg.attention_match_fwd / _bwd, registers their
+autograd rule (ops/match_autograd.py) and defines the public `attention_match()`; the reference
+`attention_match_ref` is in ops/match_ref.py.
 
 Shapes: q, k, v (B, H, N, D); teacher_q, teacher_k (B, H, N, Dt), Dt may differ from D.
 Matched rows: rows="all", every query row over every key (R = N); rows="cls", query 0 over keys
@@ -21,44 +22,10 @@ from __future__ import annotations
 import torch
 
 from .. import backend as _backend
-from .attention import masked_logits, softmax_rows
 from .checks import (MATCH_KINDS, MATCH_ROWS, accumulation_dtype, check_attn_mask,
                      check_choice, check_match_mask_needs_no_grad, check_qkv, check_scale)
-
-
-def attention_match_ref(q, k, v, teacher_q, teacher_k, *, attn_mask=None, kind="kl", rows="all",
-                        scale=None, teacher_scale=None):
-    """Plain PyTorch with materialised maps: (out, loss), loss in float32 (float64 for float64).
-
-    attn_mask (as attention()'s) applies to the student's and the teacher's logits alike; the
-    keys it masks (logit -inf in both) take no part in any row's divergence, and a matched row
-    with every key masked contributes 0 (it still counts in the mean). It gets no gradient.
-    """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    teacher_scale = teacher_q.shape[-1] ** -0.5 if teacher_scale is None else teacher_scale
-    acc = accumulation_dtype(q.dtype)
-    mask = None
-    if attn_mask is not None:
-        mask = attn_mask.detach() if attn_mask.dtype == torch.bool else attn_mask.detach().to(acc)
-    s_logits = masked_logits((q.to(acc) @ k.to(acc).transpose(-2, -1)) * scale, mask)
-    out = (softmax_rows(s_logits) @ v.to(acc)).to(q.dtype)
-    with torch.no_grad():  # the teacher gets no gradient
-        t_logits = masked_logits(
-            (teacher_q.to(acc) @ teacher_k.to(acc).transpose(-2, -1)) * teacher_scale, mask)
-    if rows == "cls":
-        s_logits, t_logits = s_logits[:, :, :1, 1:], t_logits[:, :, :1, 1:]
-    live = torch.isfinite(t_logits)  # (B, H, R, n): the keys that take part
-    dead = ~live.any(dim=-1)  # (B, H, R): rows whose every key is masked
-    if kind == "mse_logits":
-        per_row = (s_logits - t_logits).masked_fill(~live, 0.0).square().sum(-1)
-    else:
-        log_ps = s_logits.masked_fill(dead.unsqueeze(-1), 0.0).log_softmax(-1)
-        log_pt = t_logits.masked_fill(dead.unsqueeze(-1), 0.0).log_softmax(-1)
-        if kind == "kl":
-            per_row = (log_pt.exp() * (log_pt - log_ps)).masked_fill(~live, 0.0).sum(-1)
-        else:
-            per_row = (log_ps.exp() - log_pt.exp()).square().sum(-1)
-    return out, per_row.masked_fill(dead, 0.0).mean()
+from .match_autograd import register_match_autograd
+from .match_ref import attention_match_ref
 
 
 if _backend.cpp_available():
@@ -81,26 +48,7 @@ if _backend.cpp_available():
                         attn_mask, scale, teacher_scale, kind, rows):
         return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
-    def _setup_context(ctx, inputs, output):
-        q, k, v, teacher_q, teacher_k, attn_mask, scale, teacher_scale, kind, rows = inputs
-        check_match_mask_needs_no_grad(attn_mask)
-        out, lse, teacher_lse, _ = output
-        # O(B*H*N) beyond the inputs: out, the student's LSE and the teacher's row LSEs.
-        ctx.save_for_backward(q, k, v, out, lse, teacher_q, teacher_k, teacher_lse, attn_mask)
-        ctx.args = (scale, teacher_scale, kind, rows)
-        ctx.set_materialize_grads(False)
-
-    def _match_backward(ctx, dout, dlse, dteacher_lse, drow_loss):
-        q, k, v, out, lse, teacher_q, teacher_k, teacher_lse, attn_mask = ctx.saved_tensors
-        # dteacher_lse is dropped: the teacher's LSE does not depend on the student.
-        dq, dk, dv = torch.ops.fastattnreg.attention_match_bwd(
-            dout, dlse, drow_loss, q, k, v, out, lse, teacher_q, teacher_k, teacher_lse,
-            attn_mask, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None, None
-
-    torch.library.register_autograd(
-        "fastattnreg::attention_match_fwd", _match_backward, setup_context=_setup_context
-    )
+    register_match_autograd("attention_match_fwd", "attention_match_bwd")
 
 
 if _backend.triton_installed():

@@ -13,7 +13,7 @@ the two (B, H, R) row LSEs and the mask; never P.
 
 attn_mask (as the C++ ops': bool or an additive bias of q's dtype, broadcastable to (B, H, N, N))
 applies to the student's and the teacher's logits alike and gets no gradient: the autograd rule
-returns None for it and refuses a mask that requires grad (check_match_mask_needs_no_grad).
+returns None for it and refuses a mask that requires grad (ops/match_autograd.py).
 Imported only when Triton is installed (see fastattnreg.backend).
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 
 from ..triton import match as _kernels
-from .checks import (MATCH_KINDS, MATCH_ROWS, check_attn_mask, check_choice,
-                     check_match_mask_needs_no_grad)
+from .checks import MATCH_KINDS, MATCH_ROWS, check_attn_mask, check_choice
+from .match_autograd import register_match_autograd
 from .triton_ops import (check_saved_attention, check_tensor, check_triton_inputs,
                          contiguous_or_none, define_triton_op, unit_stride)
 
@@ -117,26 +117,4 @@ triton_attention_match_bwd = define_triton_op(BWD_NAME, _bwd_impl, BWD_SCHEMA, _
 
 # ---------------------------------------------------------------------------------- autograd
 
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, tq, tk, attn_mask, scale, teacher_scale, kind, rows = inputs
-    check_match_mask_needs_no_grad(attn_mask)
-    out, lse, trow_lse, _, srow_lse = output
-    ctx.save_for_backward(q, k, v, out, lse, tq, tk, trow_lse, srow_lse, attn_mask)
-    # The matched-row LSEs exist for the backward; they are not differentiable outputs (the
-    # teacher's does not depend on the student at all).
-    ctx.mark_non_differentiable(trow_lse, srow_lse)
-    ctx.args = (scale, teacher_scale, kind, rows)
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, dout, dlse, _dtrow_lse, drow_loss, _dsrow_lse):
-    q, k, v, out, lse, tq, tk, trow_lse, srow_lse, attn_mask = ctx.saved_tensors
-    dq, dk, dv = torch.ops.fastattnreg.triton_attention_match_bwd(
-        dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, trow_lse, srow_lse, attn_mask,
-        *ctx.args)
-    # The teacher and the mask get no gradient (the mask shapes the teacher's logits too).
-    return dq, dk, dv, None, None, None, None, None, None, None
-
-
-torch.library.register_autograd(FWD_NAME, _backward, setup_context=_setup_context)
+register_match_autograd(FWD_NAME.split("::")[1], BWD_NAME.split("::")[1])
