@@ -280,3 +280,21 @@ def test_finetune_starts_at_the_source_with_a_new_head(tmp_path):
         assert same == (not k.startswith("head.")), k  # body copied, head drawn anew
     logits, reg = built.task(torch.randn(2, 1, 8, 8))
     assert logits.shape == (2, 5) and reg.item() == 0.0
+
+
+@pytest.mark.slow
+@requires_cpp
+def test_bf16_precision_runs_the_attention_ops_in_bf16(tmp_path, monkeypatch):
+    seen = []
+    fwd = torch.ops.fastattnreg.attention_fwd
+
+    class Spy:
+        def __call__(self, q, *args):
+            seen.append(q.dtype)
+            return fwd(q, *args)
+
+    monkeypatch.setattr(torch.ops.fastattnreg, "attention_fwd", Spy(), raising=False)
+    m = run(tmp_path, precision="bf16")
+    assert m["config"]["precision"] == "bf16"
+    assert np.isfinite(m["epochs"][0]["train_loss"])
+    assert seen and set(seen) == {torch.bfloat16}  # no float32 round trip under autocast

@@ -69,6 +69,9 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a ViTConfig field, e.g. --model-opt depth=6 (repeatable)")
     p.add_argument("--backend", default=d.backend, choices=("auto", "cpp", "triton", "reference"))
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--precision", default=d.precision, choices=("fp32", "bf16"),
+                   help="fp32, or bf16: forward passes under torch.autocast in bfloat16 (CPU "
+                        "and GPU; the attention ops run in bfloat16)")
     p.add_argument("--structured-method", default=d.structured_method,
                    choices=("closed_form", "fit"))
     p.add_argument("--structured-kernel", type=int, default=d.structured_kernel)
@@ -144,7 +147,7 @@ def config_from_args(args, method: str, seed: int) -> TrainConfig:
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
         label_smoothing=args.label_smoothing, augment=args.augment, img_size=args.img_size,
         model=args.model, model_overrides=parse_overrides(args.model_opt),
-        backend=args.backend, device=resolve_device(args.device),
+        backend=args.backend, device=resolve_device(args.device), precision=args.precision,
         structured_method=args.structured_method, structured_kernel=args.structured_kernel,
         gta_source=args.gta_source, gta_weight=args.gta_weight, gta_kind=args.gta_kind,
         gta_rows=args.gta_rows, gta_source_epochs=args.gta_source_epochs,
@@ -279,6 +282,9 @@ def _main(argv, holder: list) -> int:
             raise UsageError(f"--device {args.device} under torchrun: the device follows the "
                              f"process group ({ctx.device.type})")
         args.device = str(ctx.device.type)
+        if args.precision == "bf16" and ctx.device.type == "cuda" and \
+                not torch.cuda.is_bf16_supported():
+            raise UsageError("--precision bf16: this GPU does not support bfloat16")
         rc = (cmd_train if args.command == "train" else cmd_compare)(args, ctx)
         if ctx.world > 1:  # only after success: a failed rank leaves without a last collective
             torch.distributed.destroy_process_group()

@@ -41,6 +41,7 @@ class TrainConfig:
     model_overrides: dict = field(default_factory=dict)  # ViTConfig fields
     backend: str = "auto"  # attention backend (fastattnreg.backend)
     device: str = "cpu"
+    precision: str = "fp32"  # fp32 | bf16 (torch.autocast in bfloat16 for forward passes)
     # structured init (docs/methods.md section 2)
     structured_method: str = "fit"  # closed_form: peaked maps (q/k norm ~6x fit's), 25% acc
     structured_kernel: int = 3

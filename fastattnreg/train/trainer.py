@@ -18,6 +18,7 @@ of BatchNorm layers (Refiner) are per rank, as usual under DDP.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -102,15 +103,25 @@ def steps_per_epoch(n: int, batch_size: int, world: int) -> int:
     return full + (1 if rest >= world else 0)
 
 
+def autocast_for(precision: str, device) -> contextlib.AbstractContextManager:
+    """The forward passes' precision: torch.autocast in bfloat16 for "bf16" (matmuls and the
+    attention ops in bfloat16, with their float32 statistics; losses are taken in float32),
+    nothing for "fp32"."""
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data, device) -> tuple[float, float]:
+def evaluate(model: nn.Module, data, device, precision: str = "fp32") -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of `model` on the whole test split."""
     model.eval()
     loss_sum, correct = 0.0, 0
     for i in range(0, len(data.y_test), EVAL_BATCH):
         x = data.normalise(data.x_test[i:i + EVAL_BATCH]).to(device)
         y = data.y_test[i:i + EVAL_BATCH].to(device)
-        logits = model(x)
+        with autocast_for(precision, device):
+            logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
         correct += (logits.argmax(dim=1) == y).sum().item()
     n = len(data.y_test)
@@ -304,7 +315,8 @@ def train_epoch(state: RunState, data, config: TrainConfig, ctx: DistContext, ep
         mine = slice(ctx.rank, None, ctx.world)
         x = data.normalise(xb[mine]).to(ctx.device)
         y = data.y_train[idx][mine].to(ctx.device)
-        logits, reg = state.step_task(x)
+        with autocast_for(config.precision, ctx.device):
+            logits, reg = state.step_task(x)
         ce = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
         scale = len(y) * ctx.world / len(idx)
         state.optimizer.zero_grad(set_to_none=True)
@@ -319,7 +331,7 @@ def train_epoch(state: RunState, data, config: TrainConfig, ctx: DistContext, ep
         totals.add(ce_value, reg_value, (logits.argmax(dim=1) == y).sum().item(), len(y))
     epoch_time = time.perf_counter() - t0
     totals = totals.all_ranks(ctx)
-    test_loss, test_acc = evaluate(state.model, data, ctx.device)
+    test_loss, test_acc = evaluate(state.model, data, ctx.device, config.precision)
     if not math.isfinite(test_loss):
         _stop(name, epoch, f"the test loss is not finite ({test_loss:g})", state.history, config)
     return {"epoch": epoch + 1, "lr": state.optimizer.param_groups[0]["lr"],
