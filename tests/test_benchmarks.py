@@ -107,7 +107,7 @@ def test_bench_refiner_writes_csv_and_prints_targets(tmp_path, capsys, monkeypat
     got = sorted((r["op"], r["provider"], r["mode"]) for r in rows)
     want = [(f"refined_attention_{setting}", p, m)
             for setting, modes in bench_refiner.SETTINGS.items()
-            for p in bench_refiner.PROVIDERS for m in modes]
+            for p in bench_refiner.DEVICE_PROVIDERS["cpu"].split(",") for m in modes]
     assert got == sorted(want)
     for r in rows:
         measured = r["provider"] == "naive" and r["mode"] == "fwd+bwd"
