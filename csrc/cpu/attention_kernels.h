@@ -158,6 +158,31 @@ void score_gemm(int64_t m, acc_t alpha, const acc_t* X, const KeyOperand<acc_t>&
   }
 }
 
+// s (N) = alpha x Y^T for one query row x (Dy), each s_j summed over the head dim in ascending
+// order, whatever the operands' addresses. The CLS-row logits of student and teacher
+// (attention_match) both come from here, so a teacher that copies the student gives bitwise-equal
+// logits: BLAS's rounding of a one-row product depends on its operands' alignment (MKL on AVX2
+// builds, measured), and the two rows sit in different buffers.
+template <typename acc_t>
+void row_scores(acc_t alpha, const acc_t* x, const KeyOperand<acc_t>& y, acc_t* s) {
+  if (y.transposed_copy) {  // y.data: Dy rows of ld, row d holds component d of every key
+    std::fill(s, s + y.N, acc_t(0));
+    for (int64_t d = 0; d < y.Dy; ++d) {
+      const acc_t xd = x[d];
+      const acc_t* yd = y.data + d * y.ld;
+      for (int64_t j = 0; j < y.N; ++j) s[j] += xd * yd[j];
+    }
+  } else {  // y.data: N rows of ld, row j holds key j
+    for (int64_t j = 0; j < y.N; ++j) {
+      const acc_t* yj = y.data + j * y.ld;
+      acc_t dot = 0;
+      for (int64_t d = 0; d < y.Dy; ++d) dot += x[d] * yj[d];
+      s[j] = dot;
+    }
+  }
+  for (int64_t j = 0; j < y.N; ++j) s[j] *= alpha;
+}
+
 // Hands out task indices one at a time from a shared counter to torch's intra-op threads. ViT
 // heads are short (tens of microseconds) and the two threads of this kind of machine do not run
 // at equal speed, so a static split left one spinning at the barrier (libgomp ~10% in perf).
@@ -219,23 +244,25 @@ void teacher_logits(const Teacher<scalar_t, acc_t>& t, const MaskView<scalar_t>&
                     const KeyOperand<acc_t>& tk, acc_t* tq_buf, acc_t* st) {
   const int64_t hdt = N * t.Dt;
   const acc_t* TQ = tile_as_acc(t.q + bh * hdt + i0 * t.Dt, mr * t.Dt, tq_buf);
-  score_gemm(mr, t.scale, TQ, tk, st);
+  if (t.cls_rows)
+    row_scores(t.scale, TQ, tk, st);  // mr = 1; equal to the student's, see row_scores
+  else
+    score_gemm(mr, t.scale, TQ, tk, st);
   if (mask.on())
     for (int64_t r = 0; r < mr; ++r) mask.apply_row(st + r * N, N, b, h, i0 + r);
 }
 
 // The student's logits of the matched rows, into sl (mr x N). For every row they are the score
-// tile S itself (copied: the softmax overwrites S). For the CLS row they are recomputed by a
-// one-row GEMM of the same shape as the teacher's, so a teacher that is a copy of the student
-// gives bitwise-equal logits and a loss of exactly 0 (BLAS may round a 1-row product
-// differently from the same row inside an m-row product). The mask is applied as to S.
+// tile S itself (copied: the softmax overwrites S). For the CLS row they are recomputed by
+// row_scores, as the teacher's are, so a teacher that is a copy of the student gives
+// bitwise-equal logits and a loss of exactly 0. The mask is applied as to S.
 template <typename scalar_t, typename acc_t>
 void student_match_logits(const Teacher<scalar_t, acc_t>& t, const MaskView<scalar_t>& mask,
                           int64_t b, int64_t h, const acc_t* S, const acc_t* Q,
                           const KeyOperand<acc_t>& K, int64_t mr, int64_t N, acc_t scale,
                           acc_t* sl) {
   if (t.cls_rows) {
-    score_gemm(1, scale, Q, K, sl);
+    row_scores(scale, Q, K, sl);
     if (mask.on()) mask.apply_row(sl, N, b, h, 0);
   } else {
     std::copy(S, S + mr * N, sl);

@@ -13,7 +13,7 @@
 // loads of Y and six broadcasts of X for 24 FMAs. A k x 64 panel of Y (16 KiB at k = 64) stays in
 // L1 while every row block of X passes over it. Each S element is one chain of FMAs over k in
 // order, so a row's result does not depend on the block it sits in or on m: a one-row product
-// equals the same row of an m-row product bitwise (attention_match's CLS-row logits rely on that).
+// equals the same row of an m-row product bitwise.
 //
 // The same register blocking serves bf16 operands on AVX512-BF16 builds (Bf16PairDot): one step
 // of the inner dim is then a pair of bf16 (bf16_pack.h), multiplied pairwise into the float
