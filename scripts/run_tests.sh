@@ -13,20 +13,9 @@ export FASTATTNREG_NO_SKIPS=${FASTATTNREG_NO_SKIPS:-1}
 if [ "$#" -gt 0 ]; then
   exec .venv/bin/python -m pytest -q -rs --durations=25 "$@"
 fi
-# The whole suite: the ahead-of-time Triton compiles (tests/test_triton_aot.py, ~9 CPU-minutes
-# of single-threaded ptxas) run in a second pytest process beside the rest, whose interpreter
-# and build tests leave a core idle much of the time; the run fails if either fails.
-aot_log=$(mktemp)
-trap 'rm -f "$aot_log"' EXIT
-.venv/bin/python -m pytest -q -rs -p no:cacheprovider tests/test_triton_aot.py > "$aot_log" 2>&1 &
-aot_pid=$!
-rest=0
-.venv/bin/python -m pytest -q -rs --durations=25 --deselect tests/test_triton_aot.py || rest=$?
-aot=0
-wait "$aot_pid" || aot=$?
-echo "---- tests/test_triton_aot.py (run beside the rest) ----"
-cat "$aot_log"
-if [ "$rest" -ne 0 ] || [ "$aot" -ne 0 ]; then
-  echo "test run failed: suite exit $rest, ahead-of-time compile tests exit $aot" >&2
-  exit 1
-fi
+# The whole suite, in two pytest-xdist workers (one per core of the 2-core CI machine): each takes
+# a contiguous share of the tests and an idle one steals from the end of the other's queue. The
+# tests marked `long` (minutes on one core) are collected first (tests/conftest.py), so they run
+# beside the short ones instead of ending the run alone.
+exec .venv/bin/python -m pytest -q -rs --durations=25 -n "${FASTATTNREG_TEST_WORKERS:-2}" \
+  --dist worksteal

@@ -35,14 +35,15 @@ if ! "$VPY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '
 fi
 
 # hypothesis: the property tests; cmake (the pip package, which puts cmake and ctest in
-# .venv/bin, where tests/test_cpp_unit.py looks first): the C++ unit tests.
-test_imports="timm, pytest, expecttest, matplotlib, numpy, sklearn, tqdm, torchvision, hypothesis"
+# .venv/bin, where tests/test_cpp_unit.py looks first): the C++ unit tests; pytest-xdist: the
+# whole suite in two processes (run_tests.sh).
+test_imports="timm, pytest, xdist, expecttest, matplotlib, numpy, sklearn, tqdm, torchvision, hypothesis"
 if ! "$VPY" -c "import $test_imports" 2>/dev/null || [ ! -x .venv/bin/cmake ] || \
    [ ! -x .venv/bin/ctest ]; then
   echo "[setup] installing test and benchmark dependencies"
   # torchvision==0.29.1 is the release that matches torch==2.14.1 (another one would replace torch)
   quiet_pip "$VPY" -m pip install -q timm pytest expecttest matplotlib numpy scikit-learn tqdm \
-    torchvision==0.29.1 hypothesis cmake
+    torchvision==0.29.1 hypothesis cmake pytest-xdist
 fi
 
 # Rebuild the extension only when its sources or build files changed since the last build.

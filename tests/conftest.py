@@ -23,6 +23,21 @@ def pytest_configure(config):
     skip_policy.register(config)
 
 
+def _long_minutes(item) -> float:
+    """The `minutes` of a test's `long` marker (its approximate time on one core), else 0."""
+    marker = item.get_closest_marker("long")
+    return 0.0 if marker is None else float(marker.kwargs["minutes"])
+
+
+def pytest_collection_modifyitems(items):
+    """Puts the tests marked `long(minutes=...)` (the ahead-of-time Triton compiles, the CMake
+    and wheel builds) first, longest first, keeping the order otherwise. pytest-xdist's
+    worksteal scheduler (scripts/run_tests.sh runs `-n 2 --dist worksteal`) hands each worker a
+    contiguous share and lets an idle worker steal from the end of another's queue, so a long
+    test queued early runs beside the short ones while one queued late would end the run alone."""
+    items.sort(key=lambda item: -_long_minutes(item))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

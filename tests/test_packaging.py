@@ -104,6 +104,7 @@ def _copy_checkout(dest):
 
 
 @pytest.mark.slow
+@pytest.mark.long(minutes=2)
 def test_sdist_builds_a_wheel_that_imports_with_the_cpp_kernels(tmp_path):
     # The sdist of a clean copy, by setuptools' PEP 517 hook (what `python -m build --sdist` calls).
     checkout, dist = tmp_path / "checkout", tmp_path / "dist"

@@ -31,6 +31,7 @@ import fastattnreg
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.long(minutes=8),
     pytest.mark.skipif(not fastattnreg.backend.triton_installed()
                        or fastattnreg.backend._triton_interpret,
                        reason="needs Triton's compiler (not the interpreter)"),
