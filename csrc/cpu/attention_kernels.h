@@ -161,8 +161,8 @@ void score_gemm(int64_t m, acc_t alpha, const acc_t* X, const KeyOperand<acc_t>&
 // s (N) = alpha x Y^T for one query row x (Dy), each s_j summed over the head dim in ascending
 // order, whatever the operands' addresses. The CLS-row logits of student and teacher
 // (attention_match) both come from here, so a teacher that copies the student gives bitwise-equal
-// logits: BLAS's rounding of a one-row product depends on its operands' alignment (MKL on AVX2
-// builds, measured), and the two rows sit in different buffers.
+// logits. BLAS gives no such promise: on AVX2 builds MKL rounded the same one-row product from
+// two different buffers differently (measured).
 template <typename acc_t>
 void row_scores(acc_t alpha, const acc_t* x, const KeyOperand<acc_t>& y, acc_t* s) {
   if (y.transposed_copy) {  // y.data: Dy rows of ld, row d holds component d of every key
