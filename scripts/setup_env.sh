@@ -51,7 +51,7 @@ stamp=$(cat setup.py pyproject.toml $(find csrc -path csrc/tests -prune -o \( -n
 if [ "$(cat .venv/.fastattnreg-build 2>/dev/null)" != "$stamp" ] || \
    ! "$VPY" -c "import fastattnreg._C" 2>/dev/null; then
   echo "[setup] building the C++ extension"
-  CFLAGS="-g0" quiet_pip "$VPY" -m pip install -q --no-build-isolation -e .
+  quiet_pip "$VPY" -m pip install -q --no-build-isolation -e .
   echo "$stamp" > .venv/.fastattnreg-build
 fi
 "$VPY" -c "import fastattnreg, torch; print('[setup] ready: torch', torch.__version__, '| C++ kernels:', fastattnreg.cpp_available())"
