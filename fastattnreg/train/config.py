@@ -27,6 +27,8 @@ class TrainConfig:
     method: str = "baseline"  # a method or a '+' combination (methods.py)
     data: str = "digits"  # digits | cifar10:PATH | folder:PATH
     train_fraction: float = 1.0  # stratified fraction of the training split, fixed seed 0
+    # a stratified part of that subset held out for validation (fixed seed); 0: evaluate on test
+    val_fraction: float = 0.0
     classes: str = ""  # the task's classes ('' = all; '5-9', '0,2,4'), labels renumbered from 0
     seed: int = 0  # model init, data order, augmentation
     epochs: int = 50
@@ -60,6 +62,7 @@ class TrainConfig:
     link_weight: float = 0.1  # tuned: 0.003 55.8%, 0.01 55.1, 0.03 61.0, 0.1 64.9, 0.3 61.6, 1.0 44.2
     link_decay: float = 0.99
     link_cnn_layers: str = ""  # comma-separated CNN submodule names; '' = the CNN's default
+    link_advanced_k: int = 4  # link_advanced: links kept per CNN channel (of M*H = 16 here)
     cnn_epochs: int = 40  # auto CNN: epochs on the same training subset
     cnn_lr: float = 3e-3
 
