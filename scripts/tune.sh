@@ -3,10 +3,11 @@
 # method gets 4 values of its one main hyper-parameter, 2 seeds each, trained on 70% of the
 # main job's training subset and scored on the other 30% (--val-fraction 0.3: the test split is
 # never read). Stage 1 tunes the learning rate of the methods that have no weight of their own;
-# stage 2 tunes the regularisers' weight (or k) at the learning rate the code's defaults give
-# them, so run it after the stage-1 choices are the defaults. Each setting writes
+# stage 2 tunes the regularisers' weights at the learning rate the code's defaults give them,
+# so run it after the stage-1 choices are the defaults; stage 3 tunes link_advanced's k, whose
+# first run is a link run, at link's chosen weight. Each setting writes
 # runs/tune/<benchmark>/<method>/<flag>=<value>/summary.csv; scripts/tune_table.py reads them.
-# Usage: bash scripts/tune.sh [1|2|all] [extra compare arguments]
+# Usage: bash scripts/tune.sh [1|2|3|all] [extra compare arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -34,7 +35,9 @@ if [ "$stage" = 1 ] || [ "$stage" = all ]; then
   tune transfer finetune --lr 2.5e-4 5e-4 1e-3 2e-3
 fi
 if [ "$stage" = 2 ] || [ "$stage" = all ]; then
-  tune transfer gta --gta-weight 0.01 0.03 0.1 0.3
+  tune transfer gta --gta-weight 0.001 0.01 0.1 1.0
   tune digits link --link-weight 0.03 0.1 0.3 1.0
+fi
+if [ "$stage" = 3 ] || [ "$stage" = all ]; then
   tune digits link_advanced --link-advanced-k 1 2 4 8
 fi

@@ -58,3 +58,14 @@ def test_a_run_with_a_validation_split_evaluates_on_it(tmp_path):
     assert (m["data"]["train_images"], m["data"]["test_images"]) == (47, 20)
     acc = m["final"]["test_acc"]
     assert acc * 20 == pytest.approx(round(acc * 20), abs=1e-9)  # a count over 20 images
+
+
+def test_default_learning_rates_follow_the_tuned_table():
+    from fastattnreg.train.config import TUNED_LR, default_lr
+    from fastattnreg.train.methods import parse_method
+    expected = {"baseline": "baseline", "structured": "structured", "mimetic": "mimetic",
+                "refiner": "refiner", "finetune": "finetune", "gta": "finetune",
+                "structured+gta": "finetune", "link": "baseline", "link_advanced": "baseline",
+                "structured+link": "structured", "mimetic+refiner": "mimetic"}
+    for method, row in expected.items():
+        assert default_lr(parse_method(method)) == TUNED_LR[row], method

@@ -23,7 +23,7 @@ from ..models import preset_config
 from .build import check_guides
 from .checkpoint import CheckpointError, load_checkpoint
 from .compare import run_compare
-from .config import STRUCTURED_LR, TrainConfig, default_lr
+from .config import TUNED_LR, TrainConfig, default_lr
 from .data import AUGMENTS, DataError, parse_data_spec
 from .dist import DistContext, init_distributed
 from .methods import MethodError, parse_method, parse_overrides
@@ -60,8 +60,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size")
     p.add_argument("--lr", type=float, default=None,
-                   help=f"AdamW peak learning rate (default {d.lr:g}; structured: "
-                        f"{STRUCTURED_LR:g})")
+                   help="AdamW peak learning rate (default: the method's tuned rate, "
+                        + ", ".join(f"{m} {lr:g}" for m, lr in TUNED_LR.items()) + ")")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
