@@ -55,7 +55,7 @@ def _result(acc, data=None):
     return {"final": {"test_acc": acc, "epoch_time_s": 0.5}, "data": data or {}}
 
 
-def test_summary_carries_both_epoch_times_after_the_issue_columns():
+def test_summary_carries_both_epoch_times_after_the_accuracy_columns():
     results = {("baseline", s): _result(a) for s, a in ((0, 0.5), (1, 0.6))}
     results.update({("refiner", s): _result(a) for s, a in ((0, 0.7), (1, 0.75))})
     timings = {"baseline": {"fused_backend": "cpp", "fused_s": 0.25, "reference_s": 0.5},

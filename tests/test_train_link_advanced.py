@@ -66,3 +66,22 @@ def test_link_advanced_trains_and_its_masked_links_stay_zero(tmp_path):
     weight, mask = task["link.links.weight"], task["link.link_mask"]
     assert torch.equal(weight * (1 - mask), torch.zeros_like(weight))  # no gradient leaks
     assert mask.flatten(1).sum(dim=1).eq(2).all()
+
+
+@pytest.mark.slow
+@requires_cpp
+def test_compare_trains_the_shared_link_run_once(tmp_path, capsys):
+    from fastattnreg.train.cli import main
+    from test_train import TINY_ARGS
+    argv = ["compare", "--methods", "link,link_advanced", "--seeds", "0", "--epochs", "1",
+            "--cnn-epochs", "1", "--time-epochs", "0", "--link-advanced-k", "2", *TINY_ARGS, "--out", str(tmp_path / "out"),
+            "--cache-dir", str(tmp_path / "cache")]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "link seed 0: also link_advanced's first run (cached)" in err
+    assert "training link guide" not in err and "using link guide" in err
+    (shared,) = [n for n in os.listdir(tmp_path / "cache") if n.startswith("link-")]
+    run = torch.load(tmp_path / "out" / "runs" / "link-s0" / "checkpoint.pt", weights_only=True)
+    cached = torch.load(tmp_path / "cache" / shared / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(v, cached["model"][k]) for k, v in run["model"].items())
+    assert torch.equal(run["task"]["link.links.weight"], cached["task"]["link.links.weight"])

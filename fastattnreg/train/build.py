@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_checkpoint, seed_everything
+from .checkpoint import CheckpointError, load_checkpoint, save_json, save_torch, seed_everything
 from ..models.small_cnn import SMALL_CNN_LAYERS, SmallCNN
 from .config import TrainConfig
 from .data import data_info_of, other_classes
@@ -156,6 +156,28 @@ def basic_links(config: TrainConfig, spec: MethodSpec, *, cache_dir, ctx, log, p
                       progress=progress, train_guide=train_guide)
     task = ckpt["task"]
     return {"weight": task["link.links.weight"], "bias": task["link.links.bias"]}
+
+
+def share_link_run(config: TrainConfig, folder: str, cache_dir: str) -> bool:
+    """Copies a finished `link` run (folder) into cache_dir as the first run of link_advanced with
+    the same configuration and seed, so that a comparison of both trains it once. The copy
+    records basic_link_config's configuration (link_advanced_k at its default: k does not
+    change a link run); the checkpoint goes first and metrics.json last, so the cache entry
+    counts as complete only once both are there. Returns whether it copied."""
+    spec = parse_method(config.method)
+    if spec.regulariser != "link":
+        return False
+    basic = basic_link_config(config, spec)
+    target = os.path.join(cache_dir, f"link-{basic.key()}")
+    if _complete(target, basic):
+        return False
+    ckpt = load_checkpoint(os.path.join(folder, "checkpoint.pt"), f"{folder}: checkpoint")
+    with open(os.path.join(folder, "metrics.json")) as f:
+        metrics = json.load(f)
+    os.makedirs(target, exist_ok=True)
+    save_torch({**ckpt, "config": basic.to_dict()}, os.path.join(target, "checkpoint.pt"))
+    save_json({**metrics, "config": basic.to_dict()}, os.path.join(target, "metrics.json"))
+    return True
 
 
 def check_guides(config: TrainConfig) -> None:

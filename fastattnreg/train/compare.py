@@ -24,6 +24,7 @@ from .checkpoint import (CheckpointError, load_checkpoint, remove_stale_temps, s
                          save_text)
 from .dist import DistContext
 from .backend_timing import time_backends
+from .build import share_link_run
 from .plots import plot_accuracy, plot_attention
 from .stats import mean_ci, paired_difference, verdict
 from .trainer import train_run, versions
@@ -98,6 +99,8 @@ def run_compare(configs: dict, methods: list[str], seeds: list[int], out: str, *
             if plan == "reuse":
                 log(f"[compare] {method} seed {seed}: finished earlier, read back")
                 results[(method, seed)] = _finished(folder)
+                if ctx.is_main:
+                    share_link_run(configs[(method, seed)], folder, cache_dir)
                 continue
             if plan == "restart" and why:
                 log(f"[compare] {method} seed {seed}: {why}; training it again")
@@ -107,6 +110,8 @@ def run_compare(configs: dict, methods: list[str], seeds: list[int], out: str, *
             results[(method, seed)] = train_run(
                 configs[(method, seed)], folder, resume=again, ctx=ctx, log=log,
                 progress=progress, name=f"{method}-s{seed}", cache_dir=cache_dir)
+            if ctx.is_main and share_link_run(configs[(method, seed)], folder, cache_dir):
+                log(f"[compare] {method} seed {seed}: also link_advanced's first run (cached)")
     timings = {}
     for method in methods if time_epochs > 0 else ():
         log(f"[compare] {method}: timing {time_epochs} training epochs on each backend")
