@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Sets everything up (see setup_env.sh) and runs the main job: two comparisons on the embedded
 # digits with 5 seeds each (fastattnreg compare), each printing its table (95% intervals, paired
-# differences to the reference row) and writing runs/main/<benchmark>/ (metrics.json,
-# results.csv, summary.csv, accuracy.png, attention.png).
+# differences to the reference row, each method's training epoch timed on the fused backend and
+# on --backend reference) and writing runs/main/<benchmark>/ (metrics.json, results.csv,
+# summary.csv, accuracy.png, attention.png). The methods' defaults come from
+# scripts/tune.sh (docs/results.md).
 # Extra arguments go to `fastattnreg compare` (e.g. --resume after an interruption).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +13,7 @@ bash scripts/setup_env.sh
 # second thread costs more in synchronisation than it saves, and on a busy machine two spinning
 # OpenMP threads made an epoch 10x slower.
 .venv/bin/python -m fastattnreg compare \
-  --methods baseline,structured,mimetic,refiner,link --seeds 0,1,2,3,4 \
+  --methods baseline,structured,mimetic,refiner,link,link_advanced --seeds 0,1,2,3,4 \
   --train-fraction 0.1 --data digits --threads 1 --out runs/main/digits --overwrite "$@"
 # Transfer (like for like): the task is digits 5-9 at 10%; the source of finetune and gta trains
 # on every training image of digits 0-4 (it never sees the task's labels); gta's reference row

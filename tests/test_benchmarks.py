@@ -170,3 +170,18 @@ def test_bench_init_writes_csv(tmp_path, capsys):
     assert [r["method"] for r in written] == ["fit", "closed_form"] == [r["method"] for r in rows]
     for r in written:
         assert r["grid"] == "4" and float(r["seconds"]) > 0 and float(r["min_hit_rate"]) >= 0.95
+
+
+def test_init_locality_splits_each_patch_query_attention(capsys):
+    pytest.importorskip("sklearn")
+    from benchmarks import init_locality
+
+    rows = {(r["method"], r["pos_embed"]): r for r in init_locality.main(["--seeds", "1"])}
+    assert "| mimetic | learn |" in capsys.readouterr().out
+    for r in rows.values():  # the four parts are a patch query's whole attention
+        assert r["self"] + r["neighbours"] + r["farther"] + r["cls"] == pytest.approx(1, abs=1e-5)
+    uniform_neighbours = 84 / 16 / 17  # 84 (query, neighbour) pairs on the 4x4 grid, 17 keys
+    base = rows[("baseline", "learn")]
+    assert base["neighbours"] == pytest.approx(uniform_neighbours, abs=0.02)  # no prior
+    assert rows[("mimetic", "learn")]["self"] > 3 * base["self"]  # q k^T ~ I: itself first
+    assert rows[("structured", "sincos")]["neighbours"] > 1.5 * uniform_neighbours

@@ -77,7 +77,8 @@ def test_the_real_command_exits_nonzero_with_one_line(tmp_path):
     assert rc == 2 and out == ""
     assert err.strip().splitlines() == [
         "fastattnreg: error: unknown method 'nope' in 'nope'; methods: baseline, structured, "
-        "mimetic, refiner, gta, finetune, link, cnn (combine with '+', e.g. structured+gta)"]
+        "mimetic, refiner, gta, finetune, link, link_advanced, cnn (combine with '+', e.g. "
+        "structured+gta)"]
     assert not (tmp_path / "o").exists()
 
 
@@ -104,10 +105,16 @@ def test_compare_writes_table_files_and_plots(capsys, tmp_path):
     assert link["verdict"] in ("better", "worse", "indistinguishable")
     header = (out / "summary.csv").read_text().splitlines()[0]
     assert header == ("benchmark,method,reference,seeds,test_acc_mean,test_acc_std,ci95_low,"
-                      "ci95_high,delta,delta_ci95_low,delta_ci95_high,verdict,epoch_time_s")
+                      "ci95_high,delta,delta_ci95_low,delta_ci95_high,verdict,epoch_time_s,"
+                      "fused_backend,epoch_time_fused_s,epoch_time_reference_s")
+    for row in metrics["summary"]:  # each method timed on both paths after its runs
+        assert row["fused_backend"] == "cpp"
+        assert row["epoch_time_fused_s"] > 0 and row["epoch_time_reference_s"] > 0
     # a finished comparison is read back, not retrained
     assert main(argv + ["--resume"]) == 0
     captured = capsys.readouterr()
-    assert "finished earlier, read back" in captured.err and table.splitlines()[2] in captured.out
+    assert "finished earlier, read back" in captured.err
+    # the same accuracies; the two epoch times are measured again
+    assert table.splitlines()[2].rsplit(maxsplit=2)[0] in captured.out
     # and an existing run is not overwritten by accident
     fails_cleanly(capsys, out, argv, "already holds a run")

@@ -29,6 +29,9 @@ from test_train import TINY_ARGS  # noqa: E402
     ("--warmup-epochs", "50", "--warmup-epochs must be in [0, --epochs) = [0, 50); got 50"),
     ("--train-fraction", "nan", "--train-fraction must be a finite number in (0, 1]; got nan"),
     ("--train-fraction", "1.01", "--train-fraction must be in (0, 1]; got 1.01"),
+    ("--val-fraction", "1", "--val-fraction must be in [0, 1); got 1.0"),
+    ("--val-fraction", "-0.2", "--val-fraction must be in [0, 1); got -0.2"),
+    ("--link-advanced-k", "0", "--link-advanced-k must be > 0; got 0"),
     ("--label-smoothing", "1", "--label-smoothing must be in [0, 1); got 1.0"),
     ("--label-smoothing", "-inf", "--label-smoothing must be a finite number in [0, 1)"),
     ("--img-size", "0", "--img-size must be > 0; got 0"),
@@ -56,6 +59,8 @@ def test_compare_seeds_and_numbers(capsys, tmp_path):
                   "--seeds must be in [0, 4294967295]; got -2")
     fails_cleanly(capsys, tmp_path, ["compare", "--lr", "nan"] + out_args(tmp_path),
                   "--lr must be a finite number > 0; got nan")
+    fails_cleanly(capsys, tmp_path, ["compare", "--time-epochs", "-1"] + out_args(tmp_path),
+                  "--time-epochs must be >= 0; got -1")
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -67,6 +72,8 @@ def test_compare_seeds_and_numbers(capsys, tmp_path):
      "kernel_size=5"),
     (["--method", "link", "--link-cnn-layers", "layer2,nope"],
      "--method link: cnn_layers: cnn has no submodule named 'nope'"),
+    (["--method", "link_advanced", "--link-advanced-k", "17"],
+     "--link-advanced-k: k must be an int in [1, 16] (links per CNN channel, at most M*H = 16)"),
     (["--method", "gta", "--model-opt", "class_token=false"],
      "global_pool='token' needs class_token=True"),
 ])
@@ -76,7 +83,8 @@ def test_model_and_method_are_checked_by_a_dry_run(capsys, tmp_path, argv, needl
 
 def test_the_dry_run_moves_no_rng():
     configs = [TrainConfig(method=m, classes="5-9") for m in
-               ("structured", "mimetic", "refiner", "gta", "finetune", "link", "cnn")]
+               ("structured", "mimetic", "refiner", "gta", "finetune", "link", "link_advanced",
+                "cnn")]
     torch.manual_seed(11)
     random.seed(11)
     np.random.seed(11)

@@ -16,14 +16,15 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_checkpoint, seed_everything
+from .checkpoint import CheckpointError, load_checkpoint, save_json, save_torch, seed_everything
 from ..models.small_cnn import SMALL_CNN_LAYERS, SmallCNN
 from .config import TrainConfig
 from .data import data_info_of, other_classes
 from .dist import DistContext
 from .guide_cnns import TORCHVISION_LAYERS, TorchvisionInput, torchvision_cnn
-from .methods import (MethodError, MethodSpec, PlainTask, build_vit, gta_student, make_gta_task,
-                      make_link_task, new_head, parse_method, vit_from_checkpoint)
+from .methods import (LINKS, MethodError, MethodSpec, PlainTask, advance_links, build_vit,
+                      gta_student, make_gta_task, make_link_task, new_head, parse_method,
+                      vit_from_checkpoint)
 
 
 class GuideTrainer(Protocol):
@@ -59,13 +60,16 @@ def build(config: TrainConfig, data, *, cache_dir: str, ctx: DistContext,
     """
     spec = parse_method(config.method)
     info = data_info(data)
-    source = cnn_guide = None
+    source = cnn_guide = trained_links = None
     if spec.regulariser in ("gta", "finetune"):
         source = gta_source(config, data, spec, cache_dir=cache_dir, ctx=ctx, log=log,
                             progress=progress, train_guide=train_guide)
-    elif spec.regulariser == "link":
+    elif spec.regulariser in LINKS:
         cnn_guide = link_cnn(config, data, cache_dir=cache_dir, ctx=ctx, log=log,
                              progress=progress, train_guide=train_guide)
+    if spec.regulariser == "link_advanced":
+        trained_links = basic_links(config, spec, cache_dir=cache_dir, ctx=ctx, log=log,
+                                    progress=progress, train_guide=train_guide)
     seed_everything(config.seed)
     if spec.cnn:
         cnn = SmallCNN(info["in_chans"], info["num_classes"], info["img_size"])
@@ -80,15 +84,21 @@ def build(config: TrainConfig, data, *, cache_dir: str, ctx: DistContext,
     vit = build_vit(config, info, spec)
     if cnn_guide is not None:
         cnn, layers, cnn_input = cnn_guide
-        return Built(make_link_task(vit, cnn, layers, cnn_input, config, info), vit, spec, "vit")
+        task = make_link_task(vit, cnn, layers, cnn_input, config, info)
+        if trained_links is not None:
+            try:
+                task = advance_links(task, config.link_advanced_k, trained_links)
+            except ValueError as exc:
+                raise MethodError(f"--link-advanced-k: {exc}") from None
+        return Built(task, vit, spec, "vit")
     return Built(PlainTask(vit), vit, spec, "vit")
 
 
 # ------------------------------------------------------------------------------ guides
 
 GUIDE_FIELDS = ("gta_source", "gta_weight", "gta_kind", "gta_rows", "gta_source_epochs",
-                "gta_source_seed", "gta_source_classes", "link_cnn", "link_weight", "link_decay", "link_cnn_layers",
-                "cnn_epochs", "cnn_lr")
+                "gta_source_seed", "gta_source_classes", "link_cnn", "link_weight", "link_decay",
+                "link_cnn_layers", "link_advanced_k", "cnn_epochs", "cnn_lr")
 VIT_FIELDS = ("model", "model_overrides", "backend", "structured_method", "structured_kernel")
 
 
@@ -116,8 +126,10 @@ def source_classes(config: TrainConfig) -> str:
 
 def source_config(config: TrainConfig, spec: MethodSpec) -> TrainConfig:
     """The source of gta / finetune: the scratch part of the method (init), on every training
-    image of the source's classes."""
-    return config.with_(method=spec.scratch_name, train_fraction=1.0,
+    image of the source's classes. It has no validation split: with the default classes
+    ("other") the task's held-out images are not among its classes; with "all" it sees every
+    training image, the task's validation images included."""
+    return config.with_(method=spec.scratch_name, train_fraction=1.0, val_fraction=0.0,
                         classes=source_classes(config), seed=config.gta_source_seed,
                         epochs=config.gta_source_epochs, **_reset(config, GUIDE_FIELDS))
 
@@ -128,6 +140,46 @@ def cnn_config(config: TrainConfig) -> TrainConfig:
                         **_reset(config, GUIDE_FIELDS + VIT_FIELDS))
 
 
+def basic_link_config(config: TrainConfig, spec: MethodSpec) -> TrainConfig:
+    """The `link` run whose final links link_advanced starts from: the same configuration and
+    seed with the basic links (link_advanced_k does not change it)."""
+    return config.with_(method=spec.basic_link_name,
+                        link_advanced_k=TrainConfig().link_advanced_k)
+
+
+def basic_links(config: TrainConfig, spec: MethodSpec, *, cache_dir, ctx, log, progress,
+                train_guide: GuideTrainer) -> dict:
+    """{"weight", "bias"} of the links a `link` run of this seed ends with (run and cached
+    when absent)."""
+    cfg = basic_link_config(config, spec)
+    ckpt = cached_run(cfg, f"link-{cfg.key()}", cache_dir=cache_dir, ctx=ctx, log=log,
+                      progress=progress, train_guide=train_guide)
+    task = ckpt["task"]
+    return {"weight": task["link.links.weight"], "bias": task["link.links.bias"]}
+
+
+def share_link_run(config: TrainConfig, folder: str, cache_dir: str) -> bool:
+    """Copies a finished `link` run (folder) into cache_dir as the first run of link_advanced with
+    the same configuration and seed, so that a comparison of both trains it once. The copy
+    records basic_link_config's configuration (link_advanced_k at its default: k does not
+    change a link run); the checkpoint goes first and metrics.json last, so the cache entry
+    counts as complete only once both are there. Returns whether it copied."""
+    spec = parse_method(config.method)
+    if spec.regulariser != "link":
+        return False
+    basic = basic_link_config(config, spec)
+    target = os.path.join(cache_dir, f"link-{basic.key()}")
+    if _complete(target, basic):
+        return False
+    ckpt = load_checkpoint(os.path.join(folder, "checkpoint.pt"), f"{folder}: checkpoint")
+    with open(os.path.join(folder, "metrics.json")) as f:
+        metrics = json.load(f)
+    os.makedirs(target, exist_ok=True)
+    save_torch({**ckpt, "config": basic.to_dict()}, os.path.join(target, "checkpoint.pt"))
+    save_json({**metrics, "config": basic.to_dict()}, os.path.join(target, "metrics.json"))
+    return True
+
+
 def check_guides(config: TrainConfig) -> None:
     """Validate guide arguments before anything is written (one-line errors)."""
     spec = parse_method(config.method)
@@ -136,7 +188,7 @@ def check_guides(config: TrainConfig) -> None:
         if "vit_config" not in ckpt:
             raise CheckpointError(f"--gta-source: {config.gta_source!r} holds no ViT (a CNN "
                                   "checkpoint?)")
-    if spec.regulariser == "link" and config.link_cnn != "auto":
+    if spec.regulariser in LINKS and config.link_cnn != "auto":
         parse_torchvision_spec(config.link_cnn)
 
 

@@ -23,7 +23,7 @@ from ..models import preset_config
 from .build import check_guides
 from .checkpoint import CheckpointError, load_checkpoint
 from .compare import run_compare
-from .config import STRUCTURED_LR, TrainConfig, default_lr
+from .config import TUNED_LR, TrainConfig, default_lr
 from .data import AUGMENTS, DataError, parse_data_spec
 from .dist import DistContext, init_distributed
 from .methods import MethodError, parse_method, parse_overrides
@@ -50,14 +50,18 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="digits (embedded, default) | digits32 | cifar10:PATH | folder:PATH")
     p.add_argument("--train-fraction", type=float, default=d.train_fraction,
                    help="stratified fraction of the training split, in (0, 1] (fixed seed 0)")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="hold this stratified part of the training subset out and evaluate on "
+                        "it instead of the test split (hyper-parameter tuning), in [0, 1); "
+                        "default 0: evaluate on the test split")
     p.add_argument("--classes", default=d.classes,
                    help="the task's classes, e.g. 5-9 or 0,2,4 (labels renumbered from 0); "
                         "default all")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size")
     p.add_argument("--lr", type=float, default=None,
-                   help=f"AdamW peak learning rate (default {d.lr:g}; structured: "
-                        f"{STRUCTURED_LR:g})")
+                   help="AdamW peak learning rate (default: the method's tuned rate, "
+                        + ", ".join(f"{m} {lr:g}" for m, lr in TUNED_LR.items()) + ")")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
@@ -92,6 +96,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link-decay", type=float, default=d.link_decay)
     p.add_argument("--link-cnn-layers", default=d.link_cnn_layers,
                    help="comma-separated CNN submodules (default: the CNN's own choice)")
+    p.add_argument("--link-advanced-k", type=int, default=d.link_advanced_k,
+                   help="link_advanced: links kept per CNN channel, in [1, blocks x heads]")
     p.add_argument("--cnn-epochs", type=int, default=d.cnn_epochs)
     p.add_argument("--cnn-lr", type=float, default=d.cnn_lr)
     p.add_argument("--cache-dir", default=os.path.join("runs", "cache"),
@@ -114,7 +120,8 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     tr = sub.add_parser("train", help="train one method (one seed)")
     tr.add_argument("--method", default="baseline",
-                    help="baseline | structured | mimetic | refiner | gta | link | cnn, or a "
+                    help="baseline | structured | mimetic | refiner | gta | finetune | link | "
+                         "link_advanced | cnn, or a "
                          "combination such as structured+gta")
     tr.add_argument("--seed", type=int, default=0)
     _add_run_arguments(tr)
@@ -122,6 +129,10 @@ def make_parser() -> argparse.ArgumentParser:
     cp.add_argument("--methods", default="baseline,structured,mimetic,refiner,gta,link",
                     help="comma-separated methods (each may be a '+' combination)")
     cp.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    cp.add_argument("--time-epochs", type=int, default=2,
+                    help="after the runs, time this many training epochs of each method on the "
+                         "fused backend and on --backend reference, in turn (summary columns "
+                         "epoch_time_fused_s, epoch_time_reference_s); 0 skips it")
     _add_run_arguments(cp)
     return parser
 
@@ -141,6 +152,7 @@ def resolve_device(text: str) -> str:
 def config_from_args(args, method: str, seed: int) -> TrainConfig:
     return TrainConfig(
         method=method, data=args.data, train_fraction=args.train_fraction,
+        val_fraction=args.val_fraction,
         classes=args.classes, seed=seed,
         epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr if args.lr is not None else default_lr(parse_method(method)),
@@ -154,7 +166,8 @@ def config_from_args(args, method: str, seed: int) -> TrainConfig:
         gta_source_seed=args.gta_source_seed, gta_source_classes=args.gta_source_classes,
         link_cnn=args.link_cnn,
         link_weight=args.link_weight, link_decay=args.link_decay,
-        link_cnn_layers=args.link_cnn_layers, cnn_epochs=args.cnn_epochs, cnn_lr=args.cnn_lr)
+        link_cnn_layers=args.link_cnn_layers, link_advanced_k=args.link_advanced_k,
+        cnn_epochs=args.cnn_epochs, cnn_lr=args.cnn_lr)
 
 
 def validate_data_and_model(args) -> None:
@@ -242,7 +255,8 @@ def cmd_compare(args, ctx) -> int:
     out = args.out or os.path.join("runs", default_name(args))
     check_out_dir(out, args.resume, args.overwrite)
     run_compare(configs, names, seeds, out, resume=args.resume, ctx=ctx, log=_logger(ctx),
-                progress=not args.no_progress, cache_dir=args.cache_dir)
+                progress=not args.no_progress, cache_dir=args.cache_dir,
+                time_epochs=args.time_epochs)
     return 0
 
 

@@ -3,7 +3,9 @@
 out/
   runs/<method>-s<seed>/   each run's own folder (metrics.json, log.csv, checkpoint.pt)
   metrics.json             every run's per-epoch history and final metrics, the summary table
-  results.csv              one row per run; summary.csv one row per method
+  results.csv              one row per run; summary.csv one row per method, with each
+                           method's training epoch timed on the fused backend and on the
+                           reference path after its runs (backend_timing.py; --time-epochs)
   accuracy.png             test accuracy per epoch, mean over seeds with a +-std band
   attention.png            head-mean CLS attention (last block) and rollout over test images
 With --resume, a finished run is read back only when the configuration in its metrics.json
@@ -21,6 +23,8 @@ import time
 from .checkpoint import (CheckpointError, load_checkpoint, remove_stale_temps, save_json,
                          save_text)
 from .dist import DistContext
+from .backend_timing import time_backends
+from .build import share_link_run
 from .plots import plot_accuracy, plot_attention
 from .stats import mean_ci, paired_difference, verdict
 from .trainer import train_run, versions
@@ -80,7 +84,8 @@ def resume_plan(folder: str, config) -> tuple[str, str]:
 
 
 def run_compare(configs: dict, methods: list[str], seeds: list[int], out: str, *, resume: bool,
-                ctx: DistContext, log, progress: bool, cache_dir: str) -> dict:
+                ctx: DistContext, log, progress: bool, cache_dir: str,
+                time_epochs: int = 0) -> dict:
     t_start = time.perf_counter()
     if ctx.is_main and resume:
         remove_stale_temps(out)
@@ -94,6 +99,8 @@ def run_compare(configs: dict, methods: list[str], seeds: list[int], out: str, *
             if plan == "reuse":
                 log(f"[compare] {method} seed {seed}: finished earlier, read back")
                 results[(method, seed)] = _finished(folder)
+                if ctx.is_main:
+                    share_link_run(configs[(method, seed)], folder, cache_dir)
                 continue
             if plan == "restart" and why:
                 log(f"[compare] {method} seed {seed}: {why}; training it again")
@@ -103,8 +110,16 @@ def run_compare(configs: dict, methods: list[str], seeds: list[int], out: str, *
             results[(method, seed)] = train_run(
                 configs[(method, seed)], folder, resume=again, ctx=ctx, log=log,
                 progress=progress, name=f"{method}-s{seed}", cache_dir=cache_dir)
+            if ctx.is_main and share_link_run(configs[(method, seed)], folder, cache_dir):
+                log(f"[compare] {method} seed {seed}: also link_advanced's first run (cached)")
+    timings = {}
+    for method in methods if time_epochs > 0 else ():
+        log(f"[compare] {method}: timing {time_epochs} training epochs on each backend")
+        timings[method] = time_backends(configs[(method, seeds[0])], cache_dir=cache_dir,
+                                        ctx=ctx, log=log, rounds=time_epochs)
     wall = time.perf_counter() - t_start
-    summary = summarise(results, methods, seeds, benchmark_name(configs[(methods[0], seeds[0])]))
+    summary = summarise(results, methods, seeds, benchmark_name(configs[(methods[0], seeds[0])]),
+                        timings)
     if ctx.is_main:
         write_outputs(out, configs, results, summary, methods, seeds, wall)
         print(format_table(summary, seeds, configs[(methods[0], seeds[0])], wall))
@@ -130,9 +145,12 @@ def _finite(x: float):
     return None if math.isnan(x) else x
 
 
-def summarise(results: dict, methods: list[str], seeds: list[int], benchmark: str) -> list[dict]:
+def summarise(results: dict, methods: list[str], seeds: list[int], benchmark: str,
+              timings: dict | None = None) -> list[dict]:
     """One row per method: the mean test accuracy over seeds with its 95% interval, and the
-    paired difference to the reference row (same seeds) with its interval and verdict."""
+    paired difference to the reference row (same seeds) with its interval and verdict;
+    `timings` ({method: time_backends(...)}) adds the fused and reference epoch times."""
+    timings = timings or {}
     accs = {m: [results[(m, s)]["final"]["test_acc"] for s in seeds] for m in methods}
     rows = []
     for method in methods:
@@ -148,13 +166,19 @@ def summarise(results: dict, methods: list[str], seeds: list[int], benchmark: st
                      "delta_ci95_high": None if delta is None else _finite(delta.high),
                      "verdict": "" if delta is None else verdict(delta),
                      "test_accs": accs[method], "epoch_time_s": statistics.mean(times),
-                     "reference_path": results[(method, seeds[0])].get("reference_path", [])})
+                     "eval_split": results[(method, seeds[0])].get("data", {}).get(
+                         "eval_split", "test"),
+                     "reference_path": results[(method, seeds[0])].get("reference_path", []),
+                     "fused_backend": timings.get(method, {}).get("fused_backend", ""),
+                     "epoch_time_fused_s": timings.get(method, {}).get("fused_s"),
+                     "epoch_time_reference_s": timings.get(method, {}).get("reference_s")})
     return rows
 
 
 SUMMARY_COLUMNS = ("benchmark", "method", "reference", "seeds", "test_acc_mean", "test_acc_std",
                    "ci95_low", "ci95_high", "delta", "delta_ci95_low", "delta_ci95_high",
-                   "verdict", "epoch_time_s")
+                   "verdict", "epoch_time_s", "fused_backend", "epoch_time_fused_s",
+                   "epoch_time_reference_s")
 
 
 def summary_csv(summary: list[dict]) -> str:
@@ -168,12 +192,15 @@ def summary_csv(summary: list[dict]) -> str:
 
 
 def format_table(summary: list[dict], seeds: list[int], config, wall: float) -> str:
-    head = (f"Test accuracy on {summary[0]['benchmark']} (train fraction "
-            f"{config.train_fraction:g}, {config.epochs} epochs, {len(seeds)} seeds: "
+    split = summary[0]["eval_split"]
+    held = f", {config.val_fraction:g} of it held out" if split == "validation" else ""
+    head = (f"{split.capitalize()} accuracy on {summary[0]['benchmark']} (train fraction "
+            f"{config.train_fraction:g}{held}, {config.epochs} epochs, {len(seeds)} seeds: "
             f"{','.join(map(str, seeds))}); intervals are 95% t intervals over seeds, differences "
             "paired by seed")
     lines = [head, f"{'method':<18} {'mean ± std (%)':>15} {'95% CI':>14}  {'reference':<12}"
-                   f"{'difference (pt)':>16} {'95% CI':>15}  {'verdict':<17} {'s/epoch':>7}"]
+                   f"{'difference (pt)':>16} {'95% CI':>15}  {'verdict':<17} {'s/epoch':>7}"
+                   f" {'fused s':>8} {'ref. s':>8}"]
     for r in summary:
         ci = ("-" if r["ci95_low"] is None else
               f"[{100 * r['ci95_low']:.1f}, {100 * r['ci95_high']:.1f}]")
@@ -184,9 +211,16 @@ def format_table(summary: list[dict], seeds: list[int], config, wall: float) -> 
             dci = ("-" if r["delta_ci95_low"] is None else
                    f"[{100 * r['delta_ci95_low']:+.1f}, {100 * r['delta_ci95_high']:+.1f}]")
         note = " (reference path)" if r["reference_path"] else ""
+        timed = "".join(" " + ("-" if r[k] is None else f"{r[k]:.3f}").rjust(8)
+                        for k in ("epoch_time_fused_s", "epoch_time_reference_s"))
         lines.append(f"{r['method']:<18} {100 * r['test_acc_mean']:>7.2f} ± "
                      f"{100 * r['test_acc_std']:<5.2f} {ci:>14}  {r['reference']:<12}"
-                     f"{diff:>16} {dci:>15}  {r['verdict']:<17} {r['epoch_time_s']:>7.2f}{note}")
+                     f"{diff:>16} {dci:>15}  {r['verdict']:<17} {r['epoch_time_s']:>7.2f}{timed}{note}")
+    backends = sorted({r["fused_backend"] for r in summary if r["fused_backend"]})
+    if backends:
+        lines.append(f"fused s / ref. s: the median training epoch on the fused backend "
+                     f"({', '.join(backends)}) and on --backend reference, timed in turn after "
+                     "the runs")
     lines.append(f"total wall time {wall:.0f} s (guide training included)")
     return "\n".join(lines)
 

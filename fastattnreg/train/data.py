@@ -20,7 +20,10 @@ Sources (`--data`):
 
 The training subset (`--train-fraction f`, 0 < f <= 1) is a stratified sample of the training
 split with a fixed seed (0), independent of --seed: every method and seed of a comparison sees
-the same images. Pixels are scaled to [0, 1] and normalised per channel with the mean and std of
+the same images. `--val-fraction v` (0 <= v < 1) holds a stratified v of that subset out as a
+validation split (fixed seed VAL_SEED): the run trains on the rest and evaluates on the held-out
+images instead of the test split, so that hyper-parameters are chosen without the test split.
+Pixels are scaled to [0, 1] and normalised per channel with the mean and std of
 the whole training split.
 """
 from __future__ import annotations
@@ -37,6 +40,7 @@ import torch
 from . import digits32
 
 SUBSET_SEED = 0  # fixed: the training subset never depends on --seed
+VAL_SEED = 1  # fixed: the validation images never depend on --seed
 DIGITS_TEST_SIZE = 0.25
 AUGMENTS = ("none", "flip", "crop", "crop-flip")
 
@@ -63,6 +67,7 @@ class ImageData:
     std: torch.Tensor
     classes: list = field(default_factory=list)
     full_train_size: int = 0
+    eval_split: str = "test"  # what x_test holds: "test", or "validation" (--val-fraction)
 
     @property
     def in_chans(self) -> int:
@@ -81,7 +86,7 @@ class ImageData:
         return {"data": self.name, "train_images": int(self.y_train.numel()),
                 "full_train_images": self.full_train_size, "test_images": int(self.y_test.numel()),
                 "num_classes": self.num_classes, "in_chans": self.in_chans,
-                "img_size": self.img_size}
+                "img_size": self.img_size, "eval_split": self.eval_split}
 
 
 # ------------------------------------------------------------------------------ parsing
@@ -170,12 +175,14 @@ def _select(x: torch.Tensor, y: torch.Tensor, classes: list[int]):
 
 
 def load_data(spec: str, train_fraction: float = 1.0, img_size: int = 32,
-              classes: str = "") -> ImageData:
+              classes: str = "", val_fraction: float = 0.0) -> ImageData:
     """The training subset and the test split of `spec` (see the module docstring), restricted
     to `classes` (a --classes value; '' keeps all) with their labels renumbered from 0. The
     normalisation statistics are those of the whole training split, whichever classes are kept,
-    so a source model and its fine-tuned student see the same pixel scale."""
+    so a source model and its fine-tuned student see the same pixel scale. With val_fraction > 0
+    the returned test images are the validation images held out of the training subset."""
     check_fraction(train_fraction)
+    check_val_fraction(val_fraction)
     kind, path = parse_data_spec(spec)
     selected = classes
     if kind == "digits":
@@ -196,8 +203,34 @@ def load_data(spec: str, train_fraction: float = 1.0, img_size: int = 32,
     num_classes = len(classes)
     full = int(y_tr.numel())
     idx = training_subset(y_tr.numpy(), train_fraction, num_classes)
+    if val_fraction > 0:
+        fit, val = validation_split(y_tr[idx].numpy(), val_fraction, num_classes)
+        return ImageData(spec, x_tr[idx][fit], y_tr[idx][fit], x_tr[idx][val], y_tr[idx][val],
+                         num_classes, scale, mean, std, classes, full, eval_split="validation")
     return ImageData(spec, x_tr[idx], y_tr[idx], x_te, y_te, num_classes, scale, mean, std,
                      classes, full)
+
+
+def check_val_fraction(fraction: float) -> float:
+    if not (isinstance(fraction, (int, float)) and 0.0 <= fraction < 1.0):
+        raise DataError(f"--val-fraction must be in [0, 1); got {fraction!r}")
+    return float(fraction)
+
+
+def validation_split(labels: np.ndarray, fraction: float,
+                     num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training indices, validation indices) of a training subset with `labels`: a stratified
+    `fraction` held out with the fixed seed VAL_SEED, both sorted. DataError when either part
+    would hold fewer images than there are classes."""
+    n = len(labels)
+    held = int(round(fraction * n))
+    if held < num_classes or n - held < num_classes:
+        raise DataError(f"--val-fraction {fraction} holds out {held} of the {n} training images; "
+                        f"both parts need at least the {num_classes} classes' worth")
+    from sklearn.model_selection import train_test_split
+    fit, val = train_test_split(np.arange(n), test_size=held, stratify=labels,
+                                random_state=VAL_SEED)
+    return torch.from_numpy(np.sort(fit)), torch.from_numpy(np.sort(val))
 
 
 def training_subset(labels: np.ndarray, fraction: float, num_classes: int) -> torch.Tensor:

@@ -9,10 +9,13 @@ task (a module whose forward(x) returns (logits, regulariser)).
   gta         fine-tune from a source ViT with GTALoss (source: --gta-source CKPT or auto)
   finetune    fine-tune from the same source without the regulariser (gta's reference row)
   link        train with AttentionLink to a frozen CNN (--link-cnn auto or torchvision:...)
+  link_advanced  AAL's advanced links: the links a `link` run of the same seed ends with keep,
+              per CNN channel, their --link-advanced-k strongest entries (AttentionLink.advanced);
+              a fresh ViT (the same initial weights) trains with those sparse links
   cnn         the small CNN alone (the guide `link` trains), for reference; not combinable
 
 Combinations join them with '+': at most one init (structured / mimetic) and at most one of gta
-/ link. With gta the init applies to the *source* (the model trained from scratch): the student
+/ finetune / link / link_advanced. With gta the init applies to the *source* (the model trained from scratch): the student
 starts as a copy of the source's weights, as GTA fine-tunes. refiner does not combine with gta
 or link: both read the attention through FusedAttention's map slots, which RefinerAttention's
 refined maps do not feed.
@@ -32,9 +35,12 @@ from ..models import ViTConfig, VisionTransformer, create_model
 from ..nn.regularizers import AttentionLink, GTALoss
 from .config import TrainConfig
 
-METHODS = ("baseline", "structured", "mimetic", "refiner", "gta", "finetune", "link", "cnn")
+METHODS = ("baseline", "structured", "mimetic", "refiner", "gta", "finetune", "link",
+           "link_advanced", "cnn")
 INITS = ("structured", "mimetic")
-REGULARISERS = ("gta", "link", "finetune")  # at most one: each decides how the ViT starts or trains
+# at most one: each decides how the ViT starts or trains
+REGULARISERS = ("gta", "link", "link_advanced", "finetune")
+LINKS = ("link", "link_advanced")  # the regularisers that train AttentionLink
 
 
 class MethodError(ValueError):
@@ -45,7 +51,7 @@ class MethodError(ValueError):
 class MethodSpec:
     init: Optional[str] = None  # "structured" | "mimetic"
     refiner: bool = False
-    regulariser: Optional[str] = None  # "gta" | "link"
+    regulariser: Optional[str] = None  # "gta" | "finetune" | "link" | "link_advanced"
     cnn: bool = False
 
     @property
@@ -59,6 +65,11 @@ class MethodSpec:
     def scratch_name(self) -> str:
         """The method of the model trained from scratch (the GTA source): init (+ refiner)."""
         return MethodSpec(self.init, self.refiner).name
+
+    @property
+    def basic_link_name(self) -> str:
+        """The `link` method whose final links link_advanced starts from (same init)."""
+        return MethodSpec(self.init, self.refiner, "link").name
 
 
 def parse_method(text: str) -> MethodSpec:
@@ -79,7 +90,7 @@ def parse_method(text: str) -> MethodSpec:
     if len(regs) > 1:
         raise MethodError(f"method {text!r}: {' and '.join(regs)} each decide how the ViT "
                           "starts or trains; choose one")
-    if "refiner" in parts and set(regs) & {"gta", "link"}:
+    if "refiner" in parts and set(regs) & {"gta", *LINKS}:
         raise MethodError(f"method {text!r}: refiner does not combine with {regs[0]} (the "
                           "regularisers read FusedAttention maps, not refined ones)")
     if "baseline" in parts and len(parts) > 1:
@@ -207,6 +218,20 @@ def make_link_task(vit: nn.Module, cnn: nn.Module, cnn_layers, cnn_input, config
     link = AttentionLink(vit, cnn, list(cnn_layers), weight=config.link_weight,
                          decay=config.link_decay, cnn_input_size=(c, s, s))
     return LinkTask(link, cnn_input)
+
+
+def advance_links(task: LinkTask, k: int, links: Optional[dict] = None) -> LinkTask:
+    """link_advanced's task: `links` ({"weight": (C, M*H, 1, 1), "bias": (C,)}, the final links
+    of a `link` run) are loaded into the task's links, then AttentionLink.advanced(k) keeps, per
+    CNN channel, the k largest in magnitude; the kept links go on training. links=None keeps
+    the task's own (freshly initialised) links, which is what a dry run checks. ValueError
+    when k is outside [1, M*H]."""
+    if links is not None:
+        with torch.no_grad():
+            task.link.links.weight.copy_(links["weight"])
+            task.link.links.bias.copy_(links["bias"])
+    task.link = task.link.advanced(k)
+    return task
 
 
 def new_head(student: nn.Module, num_classes: int) -> None:

@@ -5,6 +5,8 @@ attention.png  for a few test images (one per class, first seed's final model of
                method): the last block's head-mean attention of the class token over the patch
                grid, and the attention rollout over all blocks (fastattnreg.models); for a ViT
                without class token, the attention each patch receives, averaged over queries.
+               Each map is drawn over its image (grey), one patch per grid cell, half
+               transparent, so the attended patches show where they lie on the digit.
                A Refiner ViT's maps are its refined attention A* (what multiplies v); A* comes
                out of a BatchNorm and may have negative entries, and then the rollout (which
                treats each map as row-stochastic weights) is left out for that model.
@@ -85,6 +87,14 @@ def attention_grids(model, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torc
     return last.reshape(-1, g, g), None if rolled is None else rolled.reshape(-1, g, g)
 
 
+def overlay(ax, img: np.ndarray, grid: np.ndarray) -> None:
+    """The (H, W, C) image in grey with the (g, g) map stretched over it, each grid cell covering
+    its patch, half transparent."""
+    h, w = img.shape[:2]
+    ax.imshow(img.mean(axis=-1), cmap="gray", extent=(0, w, h, 0))
+    ax.imshow(grid, cmap="viridis", alpha=0.55, extent=(0, w, h, 0), interpolation="nearest")
+
+
 def plot_attention(checkpoints: dict[str, str], config, path: str) -> None:
     """attention.png at `path` for the final models in checkpoints ({method: checkpoint.pt},
     in row order) on example test images of config's data; CNN checkpoints are left out."""
@@ -119,7 +129,7 @@ def plot_attention(checkpoints: dict[str, str], config, path: str) -> None:
                           cmap="gray" if img.shape[-1] == 1 else None)
         axes[0][j].set_title(f"class {data.classes[int(data.y_test[idx[j]])]}", fontsize=8)
         for i, (label, grids) in enumerate(rows, start=1):
-            axes[i][j].imshow(grids[j], cmap="viridis")
+            overlay(axes[i][j], img, grids[j])
             if j == 0:
                 axes[i][j].set_ylabel(label, fontsize=7)
     for row in axes:

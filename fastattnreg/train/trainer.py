@@ -410,7 +410,8 @@ def train_run(config: TrainConfig, out_dir: str, *, resume: bool = False,
     ctx = ctx or DistContext()
     log = log or log_to_stderr
     name = name or os.path.basename(os.path.normpath(out_dir))
-    data = load_data(config.data, config.train_fraction, config.img_size, config.classes)
+    data = load_data(config.data, config.train_fraction, config.img_size, config.classes,
+                     config.val_fraction)
     ckpt = read_resume_checkpoint(out_dir, config) if resume else None
     # Guides that build() must train are trained by this same function, into the cache.
     built = build(config, data, cache_dir=cache_dir, ctx=ctx, log=log, progress=progress,

@@ -20,8 +20,8 @@ from .build import param_shapes, parse_torchvision_spec, source_classes
 from .checkpoint import load_checkpoint, rng_state, set_rng_state
 from .data import data_info_of, parse_classes
 from .guide_cnns import TORCHVISION_LAYERS, TorchvisionInput, torchvision_cnn
-from .methods import (MethodSpec, PlainTask, build_vit, gta_student, make_gta_task,
-                      make_link_task, parse_method)
+from .methods import (LINKS, MethodSpec, PlainTask, advance_links, build_vit, gta_student,
+                      make_gta_task, make_link_task, parse_method)
 
 SEED_MAX = 2**32 - 1  # seeds also seed numpy's legacy generator, which takes 32 bits
 
@@ -63,6 +63,7 @@ SEED = Limit(0, SEED_MAX)
 # argparse dest -> limit, for both commands (None values: flag not given, its default applies)
 NUMBER_LIMITS = {
     "train_fraction": FRACTION,
+    "val_fraction": Limit(0, 1, high_open=True),
     "epochs": COUNT,
     "batch_size": COUNT,
     "lr": POSITIVE,
@@ -75,9 +76,11 @@ NUMBER_LIMITS = {
     "gta_source_seed": SEED,
     "link_weight": NON_NEGATIVE,
     "link_decay": FRACTION,
+    "link_advanced_k": COUNT,
     "cnn_epochs": COUNT,
     "cnn_lr": POSITIVE,
     "threads": COUNT,
+    "time_epochs": NON_NEGATIVE,
     "ddp_timeout": POSITIVE,
     "seed": SEED,
 }
@@ -145,7 +148,7 @@ def needed_packages(command: str, data: str, train_fraction: float, configs) -> 
         need += [("torchvision", "--data folder:PATH (ImageFolder)"),
                  ("PIL", "--data folder:PATH (reading images)")]
     for config in configs:
-        if parse_method(config.method).regulariser == "link" and config.link_cnn != "auto":
+        if parse_method(config.method).regulariser in LINKS and config.link_cnn != "auto":
             need.append(("torchvision", f"--link-cnn {config.link_cnn}"))
             break
     if command == "compare":
@@ -210,7 +213,7 @@ def dry_run(config, info: dict) -> None:
                     source = given
                 task = (make_gta_task(gta_student(source), source, cfg)
                         if spec.regulariser == "gta" else PlainTask(gta_student(source)))
-            elif spec.regulariser == "link":
+            elif spec.regulariser in LINKS:
                 vit = build_vit(cfg, info, spec)
                 layers = [s for s in config.link_cnn_layers.split(",") if s]
                 if config.link_cnn == "auto":
@@ -221,6 +224,11 @@ def dry_run(config, info: dict) -> None:
                     cnn, default, cnn_input = (torchvision_cnn(arch, path),
                                                TORCHVISION_LAYERS[arch], TorchvisionInput())
                 task = make_link_task(vit, cnn, layers or list(default), cnn_input, cfg, info)
+                if spec.regulariser == "link_advanced":
+                    try:
+                        task = advance_links(task, config.link_advanced_k)
+                    except ValueError as exc:
+                        raise UsageError(f"--link-advanced-k: {exc}") from None
             else:
                 task = PlainTask(build_vit(cfg, info, spec))
             task.eval()

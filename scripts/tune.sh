@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The tuning budget of the main job (docs/results.md, "How the defaults were chosen"): every
+# method gets 4 values of its one main hyper-parameter, 2 seeds each, trained on 70% of the
+# main job's training subset and scored on the other 30% (--val-fraction 0.3: the test split is
+# never read). Stage 1 tunes the learning rate of the methods that have no weight of their own;
+# stage 2 tunes the regularisers' weights at the learning rate the code's defaults give them,
+# so run it after the stage-1 choices are the defaults; stage 3 tunes link_advanced's k, whose
+# first run is a link run, at link's chosen weight. Each setting writes
+# runs/tune/<benchmark>/<method>/<flag>=<value>/summary.csv; scripts/tune_table.py reads them.
+# Usage: bash scripts/tune.sh [1|2|3|all] [extra compare arguments]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+stage=${1:-all}
+shift || true
+common=(--seeds 0,1 --train-fraction 0.1 --val-fraction 0.3 --data digits --threads 1
+        --time-epochs 0 --no-progress --overwrite)
+
+tune() {  # benchmark, method, flag, values...
+  local bench=$1 method=$2 flag=$3
+  shift 3
+  local classes=()
+  [ "$bench" = transfer ] && classes=(--classes 5-9)
+  for value in "$@"; do
+    "$PY" -m fastattnreg compare --methods "$method" "${classes[@]}" "$flag" "$value" \
+      "${common[@]}" --out "runs/tune/$bench/$method/${flag#--}=$value" "${extra[@]}"
+  done
+}
+
+extra=("$@")
+lrs=(5e-4 1e-3 2e-3 4e-3)
+if [ "$stage" = 1 ] || [ "$stage" = all ]; then
+  for method in baseline structured mimetic refiner; do tune digits "$method" --lr "${lrs[@]}"; done
+  tune transfer baseline --lr "${lrs[@]}"
+  tune transfer finetune --lr 2.5e-4 5e-4 1e-3 2e-3
+fi
+if [ "$stage" = 2 ] || [ "$stage" = all ]; then
+  tune transfer gta --gta-weight 0.001 0.01 0.1 1.0
+  tune digits link --link-weight 0.03 0.1 0.3 1.0
+fi
+if [ "$stage" = 3 ] || [ "$stage" = all ]; then
+  tune digits link_advanced --link-advanced-k 1 2 4 8
+fi
