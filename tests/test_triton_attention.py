@@ -35,6 +35,8 @@ from triton_mask_dropout_checks import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
+FP32_MAX_HEAD_DIM = 64  # the maps and backward kernels' largest fp32 head dim (tiles.py)
+FP32_HEAD_DIMS = [d for d in HEAD_DIMS if d <= FP32_MAX_HEAD_DIM]
 CASES = Path(__file__).resolve().parent / "triton_interpret_cases.py"
 MASK_CASES = Path(__file__).resolve().parent / "triton_mask_dropout_cases.py"
 
@@ -114,11 +116,26 @@ def test_triton_backend_refuses_cpu_tensors_without_the_interpreter(request):
 # -------------------------------------------------------------------------------- CUDA group
 
 @requires_cuda
-@pytest.mark.parametrize("n,d", list(itertools.product(SEQ_LENS, HEAD_DIMS)))
+@pytest.mark.parametrize("n,d", list(itertools.product(SEQ_LENS, FP32_HEAD_DIMS)))
 @pytest.mark.parametrize("export", EXPORTS)
 def test_cuda_float32_against_float64(n, d, export):
     for name, err in errors_vs_float64(grid_shape(n, d), export, "cuda").items():
         assert err <= 1e-4, f"{name}: {err:.3g}"
+
+
+@requires_cuda
+@pytest.mark.parametrize("d", [d for d in HEAD_DIMS if d > FP32_MAX_HEAD_DIM])
+def test_cuda_float32_beyond_head_dim_64_runs_the_forward_and_refuses_maps_and_backward(d):
+    """fp32 tiles padded to 128 columns spill registers in the maps, dK/dV and dQ kernels with
+    every tile (fastattnreg/triton/tiles.py): those launches raise; the forward runs."""
+    q, k, v = qkv_on((2, 3, 65, d), torch.float32, "cuda")
+    out = fastattnreg.attention(q, k, v, backend="triton")
+    assert torch.isfinite(out).all()
+    refused = rf"head dim {d} .* torch\.float32 inputs is above {FP32_MAX_HEAD_DIM}"
+    with pytest.raises(ValueError, match=refused + r".*_maps_kernel"):
+        fastattnreg.attention(q, k, v, backend="triton", export="full")
+    with pytest.raises(ValueError, match=refused + r".*dK/dV"):
+        out.sum().backward()
 
 
 @requires_cuda

@@ -158,6 +158,16 @@ def test_interp_maps_cls_train_kernel_5_dropout_with_out():
     _compare_maps((1, 2, 17, 16, 2, 5), True, "cls", attn_drop=0.25, seed=12)
 
 
+def test_interp_maps_full_eval_head_dim_split_over_programs():
+    """C = 48 (CP = 64) and D = 40: the out kernel's 16 head-dim columns per program give three
+    programs per query block (the last one partial), each recomputing A*; only the first writes
+    the maps."""
+    from fastattnreg.triton.refiner import out_d_block
+
+    assert out_d_block(40, 64) == 16
+    _compare_maps((1, 2, 17, 40, 24, 3), False, "full", seed=14)
+
+
 def test_interp_maps_full_eval_four_tiles_forward_and_errors():
     """N = 33: four 32 x 32 pixel tiles, each writing its own part of every map; raw-op errors."""
     qkv, params, running = _float32(*make_case(1, 2, 33, 16, 1, 3, seed=13))

@@ -45,10 +45,10 @@ from torch.library import wrap_triton
 from .dropout import Dropout, dropout_keep
 from .teacher import Teacher, _loss_grad_tile, _teacher_rows
 from .tiles import (
-    _LOG2E, DELTA_TILES, DKDV_TILES, DQ_TILES, FWD_TILES, INTERPRET, LOG2E, MAPS_TILES,
-    MAX_GRID_Z, _apply_mask, _dot, _load_tile, _logits, _lse_end, _lse_step, _operand, _probs,
-    _program_head, _query_program, _round_to_bf16, _row_stats, _store_tile, dot_options,
-    mask_args, strides, tuned,
+    _LOG2E, DELTA_TILES, DKDV_TILES, DQ_TILES, FWD_TILES, INTERPRET, KEY_MEAN_TILES, LOG2E,
+    MAPS_TILES, MAX_GRID_Z, _apply_mask, _dot, _load_tile, _logits, _lse_end, _lse_step,
+    _operand, _probs, _program_head, _query_program, _round_to_bf16, _row_stats, _store_tile,
+    dot_options, mask_args, strides, tuned,
 )
 
 __all__ = ["INTERPRET", "MAX_GRID_Z", "attention_bwd", "attention_fwd", "maps_shape",
@@ -277,7 +277,7 @@ def _maps_kernel(Q, K, Lse, Mask, Maps,
     tl.store(ptrs, acc.to(Maps.dtype.element_ty), mask=mask)
 
 
-@tuned(MAPS_TILES)
+@tuned(KEY_MEAN_TILES)
 @triton.jit
 def _key_mean_kernel(Q, K, Lse, Mask, Maps,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,

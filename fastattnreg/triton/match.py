@@ -35,14 +35,14 @@ from .teacher import (
     KINDS, Teacher, _lse_or_zero, _loss_terms, _matched, _pair_logits, _teacher_rows,
 )
 from .tiles import (
-    DELTA_TILES, _dot, _load_tile, _lse_end, _lse_step, _query_program, dot_options, mask_args,
+    MATCH_TILES, _dot, _load_tile, _lse_end, _lse_step, _query_program, dot_options, mask_args,
     strides, tuned,
 )
 
 __all__ = ["KINDS", "match_bwd", "match_fwd", "matched_rows"]
 
 
-@tuned(DELTA_TILES, teacher=True)
+@tuned(MATCH_TILES, teacher=True)
 @triton.jit
 def _match_loss_kernel(Q, K, TQ, TK, Mask, Lse, TLse, SRowLse, TRowLse, RowLoss,
                        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
@@ -108,7 +108,7 @@ def _match_loss_kernel(Q, K, TQ, TK, Mask, Lse, TLse, SRowLse, TRowLse, RowLoss,
     tl.store(TRowLse + out_rows, tlse, mask=rows < R)
 
 
-@tuned(DELTA_TILES, teacher=True)
+@tuned(MATCH_TILES, teacher=True)
 @triton.jit
 def _match_c_kernel(Q, K, TQ, TK, Mask, SRowLse, TRowLse, DRow, C,
                     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,

@@ -60,16 +60,18 @@ the stages below carry it to every input; dV = A*^T dout, and
 dq, dk from dS = P (dP - rowsum(P dP)), dP = dA keep drop_scale. Every reduction goes through a
 (tiles, ...) partial buffer summed by torch in a fixed order: no atomics, reruns are bitwise equal.
 
-Tiles (not autotuned: the partial buffers' sizes must be known before the launch): 16 x 16
-pixels with 8 warps on the GPU (the batched tl.dot needs >= 16 on each side), 32 x 32 in the
-interpreter (fewer, bigger programs run much faster there). Evidence: every kernel and stage was
-compiled for sm_90a and sm_80 without a GPU (Triton 3.8, ptxas -v). On sm_90a at CP = 32
-(K = 3) the stats kernels do not spill and the others spill 0.01-1.2 KB per thread (the out
-kernel's (HP, 16, D) fp32 accumulator, the backward's STAGE 1); at CP = 64 all but STAGE 1 of
-the stats spill 0.1-2.8 KB; 4 warps spilled 2-4x more. Shared memory peaks at 160 KiB (STAGE 1,
-CP = 64). The out kernel with each EXPORT (0-3; fp32 and bf16 maps, K = 3, CP = 16, 8 warps)
-compiles for sm_90a the same way. Nothing has run on a GPU yet: neither speed nor the GPU
-numerics are measured.
+Tiles (not autotuned: the partial buffers' sizes must be known before the launch): the forward's
+stats and out kernels take 16 x 16 pixels with 8 warps on the GPU (the out kernel's batched
+tl.dot needs >= 16 on each side), the backward's grad kernel 8 x 8 pixels with 4 warps (its
+STAGE 1 keeps the most (BLOCK_P, CP) fp32 tiles live: at 16 x 16 it spilled 2.3 KB per thread
+at CP = 32 and 4.6 KB at CP = 64, with 16 warps more); the interpreter takes 32 x 32 (fewer,
+bigger programs run much faster there). The out kernel splits the head dim over grid axis 2 in
+blocks of OUT_BLOCK_ELEMS / CP columns, each program recomputing A* for its block: its
+(HP, BLOCK_M, D) fp32 accumulator spilled 1.1-2.2 KB per thread at D = 64..128. Evidence:
+tests/test_triton_aot.py compiles every kernel and stage for sm_80 and sm_90a without a GPU
+(Triton's ptxas) at CP = 32 and 64 (HP = 16, K = 3) and each padded head dim, and fails on more
+than 1 KiB of spills per thread (benchmarks/results/triton_aot.csv). Nothing has run on a GPU
+yet: neither speed nor the GPU numerics are measured.
 The backward's STAGE 1 costs K^2 (K^2 + 1) expansions per pixel (90 at K = 3, 650 at K = 5);
 keeping the ReLU6 masks of Y2 as bits and using the kernel's autocorrelation for the x^2 term
 would bring it to (2K - 1)^2, not done yet.
@@ -89,6 +91,10 @@ from .tiles import INTERPRET, MAX_GRID_Z, _round_to_bf16, dot_options
 _N_AFF_ROWS = 6  # rows of the affine table per BatchNorm: a, b, mean, rstd, c0, c1
 # Channel dots: 3xTF32 keeps fp32 accuracy on tensor cores (the interpreter computes exactly).
 _CHANNEL_PRECISION = tl.constexpr("tf32x3")
+# Head-dim columns times padded channels of one _out_kernel program: its (HP, BLOCK_M, D_BLOCK)
+# fp32 accumulator sits beside the refinement's (BLOCK_P, CP) tiles; at CP = 64 32 columns spill
+# 1.1 KB per thread (fp32, full maps, sm_80), 16 columns 0.9 KB (ptxas).
+OUT_BLOCK_ELEMS = 1024
 
 
 def padded(n: int) -> int:
@@ -96,12 +102,20 @@ def padded(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def pixel_tile(N: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of the refinement kernels; see the module docstring."""
+def pixel_tile(N: int, backward: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the refinement kernels: the forward's (stats and out
+    kernels) or the backward's (grad kernel); see the module docstring."""
     if INTERPRET:
         side = max(16, min(32, triton.next_power_of_2(N)))
         return side, side, 4
-    return 16, 16, 8
+    return (8, 8, 4) if backward else (16, 16, 8)
+
+
+def out_d_block(D: int, CP: int) -> int:
+    """Head-dim columns per _out_kernel program at CP padded channels: the padded head dim up to
+    OUT_BLOCK_ELEMS / CP (>= 16, tl.dot's minimum); a larger head dim is split over grid axis 2
+    (each program recomputes A* for its columns)."""
+    return min(max(16, triton.next_power_of_2(D)), max(16, OUT_BLOCK_ELEMS // CP))
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -281,21 +295,24 @@ def _store_maps(Maps, refined, b, H, N, i, j, offs_h, EXPORT: tl.constexpr,
 @triton.jit
 def _out_kernel(P, Keep, WeT, Wd, WrT, Aff, V, Out, Maps, stride_vb, stride_vh, stride_vn,
                 H, N, drop_scale,
-                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, KS: tl.constexpr,
+                HEAD_DIM: tl.constexpr, D_BLOCK: tl.constexpr, KS: tl.constexpr,
                 HAS_KEEP: tl.constexpr, HP: tl.constexpr, CP: tl.constexpr, UPCAST: tl.constexpr,
                 EXPORT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Out[b, :, rows] = A*[b, :, rows, :] V[b], and the maps of A* by EXPORT (0: none; see
-    _store_maps); grid (cdiv(N, BLOCK_M), B)."""
+    """Out[b, :, rows, cols_d] = A*[b, :, rows, :] V[b, :, :, cols_d] for the D_BLOCK head-dim
+    columns cols_d of program_id(2), and (programs of column block 0 only, so each map pixel
+    has one writer) the maps of A* by EXPORT (0: none; see _store_maps); grid
+    (cdiv(N, BLOCK_M), B, cdiv(HEAD_DIM, D_BLOCK))."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
+    pid_d = tl.program_id(2)
     offs_p = tl.arange(0, BLOCK_M * BLOCK_N)
     offs_h = tl.arange(0, HP)
     offs_c = tl.arange(0, CP)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
+    offs_d = pid_d * D_BLOCK + tl.arange(0, D_BLOCK)
     i = pid_m * BLOCK_M + offs_p // BLOCK_N
     v_base = V + b.to(tl.int64) * stride_vb + offs_h[:, None, None].to(tl.int64) * stride_vh
-    acc = tl.zeros((HP, BLOCK_M, D_PAD), tl.float32)
+    acc = tl.zeros((HP, BLOCK_M, D_BLOCK), tl.float32)
     for start_n in range(0, N, BLOCK_N):
         j = start_n + offs_p % BLOCK_N
         a, _, _ = _expand(P, Keep, WeT, Aff, b, H, N, i, j, offs_h, offs_c, drop_scale, CP,
@@ -307,7 +324,8 @@ def _out_kernel(P, Keep, WeT, Wd, WrT, Aff, V, Out, Maps, stride_vb, stride_vh, 
         refined = x4 * _aff(Aff, 3, 0, offs_h, CP) + _aff(Aff, 3, 1, offs_h, CP)
         refined = tl.where(_inside(i, j, N)[:, None], refined, 0.0)  # (BLOCK_P, HP)
         if EXPORT != 0:
-            _store_maps(Maps, refined, b, H, N, i, j, offs_h, EXPORT, UPCAST)
+            if pid_d == 0:
+                _store_maps(Maps, refined, b, H, N, i, j, offs_h, EXPORT, UPCAST)
         # Pixel p = r * BLOCK_N + c: (BLOCK_P, HP) -> (HP, BLOCK_M, BLOCK_N), one matrix per head.
         refined = tl.permute(tl.reshape(refined, (BLOCK_M, BLOCK_N, HP)), (2, 0, 1))
         cols = start_n + offs_n
@@ -411,7 +429,8 @@ def _grad_kernel(P, Keep, WeT, Wd, WrT, Aff, GradIn, GradOut, Part, PartW, H, N,
 class _Problem:
     """Sizes, padded weights (fp32) and the launch geometry shared by the launchers."""
 
-    def __init__(self, q, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, eps, drop_scale):
+    def __init__(self, q, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, eps, drop_scale,
+                 backward=False):
         self.B, self.H, self.N, self.D = q.shape
         self.C, self.K = w_exp.shape[0], w_dw.shape[-1]
         self.HP, self.CP = padded(self.H), padded(self.C)
@@ -429,7 +448,7 @@ class _Problem:
         self.eps = [float(e) for e in eps]
         self.keep = keep
         self.drop_scale = float(drop_scale)
-        self.block_m, self.block_n, self.num_warps = pixel_tile(self.N)
+        self.block_m, self.block_n, self.num_warps = pixel_tile(self.N, backward)
         self.grid = (triton.cdiv(self.N, self.block_m), triton.cdiv(self.N, self.block_n), self.B)
         self.tiles = self.grid[0] * self.grid[1] * self.B
         self.count = self.B * self.N * self.N
@@ -529,12 +548,13 @@ def refined_fwd(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, r
                          running_var.double().split(pb.sizes)))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     maps = torch.empty(_maps_shape(pb.B, pb.H, pb.N, export), dtype=q.dtype, device=q.device)
-    d_pad = max(16, triton.next_power_of_2(pb.D))
+    d_block = out_d_block(pb.D, pb.CP)
     meta = pb.meta()
-    wrap_triton(_out_kernel)[(pb.grid[0], pb.B)](
+    wrap_triton(_out_kernel)[(pb.grid[0], pb.B, triton.cdiv(pb.D, d_block))](
         *pb.common(probs, pb.affine_table(stats)), v, out, maps if export != "none" else out,
         v.stride(0), v.stride(1), v.stride(2), pb.H, pb.N, pb.drop_scale, HEAD_DIM=pb.D,
-        D_PAD=d_pad, UPCAST=dot_options(q.dtype)["UPCAST"], EXPORT=_EXPORT_CODES[export], **meta)
+        D_BLOCK=d_block, UPCAST=dot_options(q.dtype)["UPCAST"], EXPORT=_EXPORT_CODES[export],
+        **meta)
     mean = torch.cat([m for m, _ in stats]).float()
     var = torch.cat([s for _, s in stats]).float()
     if not (training or save_probs):
@@ -548,7 +568,8 @@ def refined_bwd(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, me
     fastattnreg::refined_attention_bwd. probs: the forward's P, or (0,) after an eval-mode
     forward that did not keep it (recomputed here). mean/var: what the forward returned.
     dmaps: the gradient of the maps exported with `export`, or None."""
-    pb = _Problem(q, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, eps, drop_scale)
+    pb = _Problem(q, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, eps, drop_scale,
+                  backward=True)
     B, H, N, C, K, HP, CP = pb.B, pb.H, pb.N, pb.C, pb.K, pb.HP, pb.CP
     if probs.numel() == 0:
         probs = probs_fwd(q, k, v, scale)

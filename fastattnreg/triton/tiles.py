@@ -6,23 +6,34 @@ the log2 domain inside the softmax kernels (exp2 is the fast path) and in natura
 loss reads them; LSEs are stored in natural log.
 
 Tile sizes (autotuned on the GPU over the short lists below; the interpreter uses one 64 x 64
-tile, as autotuning there is pointless and bigger tiles run faster). Each kernel's Tiles holds
-three lists, and the autotuner's pruning (pruner) offers a launch only the one of its regime:
-  * plain (16-bit inputs, no mask, dropout, maps' gradient or teacher): rows and columns of 32,
-    64 or 128; 128 x 64, 4 warps, 3 stages is FlashAttention-2's forward choice for D <= 64 on
-    Ampere and Hopper; dK/dV programs own 32..128 keys, dQ programs 64..128 queries.
+tile, as autotuning there is pointless and bigger tiles run faster). Every tile in the lists
+compiles without register spills for sm_80 and sm_90a (ptxas -v, no spill stores) with the
+heaviest flags of its regime; a tile that spills anywhere leaves the list. Each kernel's Tiles
+holds three regimes, each split by padded head dim (D_PAD, or the teacher's TD_PAD where that is
+larger), and the autotuner's pruning (pruner) offers a launch only the list of its regime and
+head dim:
+  * plain (16-bit inputs, no mask, dropout, maps' gradient or teacher): at D_PAD <= 64 rows and
+    columns of 32 to 128 (128 x 64, 8 warps, 3 stages for the forward); at D_PAD = 128 the
+    (BLOCK_M, D_PAD) fp32 accumulators and operand tiles double: the forward keeps 128 x 32
+    and 64 x 64 with 8 warps and 2 stages, the backward 32- and 64-row tiles, 2 stages.
   * heavy (16-bit inputs with any of those): a mask tile is read through a (BLOCK_M, BLOCK_N)
     tile of pointers, dropout runs one Philox4x32-10 per entry and the teacher adds its own
-    logits; at D = 128 the 64- and 128-row tiles spill there (up to ~9 KB per thread in the
-    forward with dropout, sm_90a), so the heavy lists hold 16- and 32-row tiles.
-  * fp32 (3xTF32 dots: every operand split in two, 4-byte tiles): the smallest tiles, 8 warps.
+    logits: 16- and 32-row tiles for the attention forward and backward, 8 warps for dQ and
+    the forward with a teacher at D_PAD = 128.
+  * fp32 (3xTF32 dots: every operand split in two, 4-byte tiles): mostly 16-row tiles, one
+    stage. At D_PAD = 128 the maps, dK/dV and dQ kernels spill with every tile down to 16 x 16
+    (ptxas: 16 bytes to 13 KB per thread), so they have no fp32 list there: such a launch is
+    refused with a ValueError naming the head dim, the dtype and the limit (64). The forward,
+    the key-mean map, delta and the match rows run fp32 up to D = 128.
+  The maps, delta and match-row kernels keep one short list for plain and heavy flags: with a
+  mask their 64 x 64 (4 warps, 3 stages) and 128 x 64 tiles spill 40 B to 1.2 KB per thread at
+  every head dim, down to D_PAD = 16.
   Tiles larger than the sequence are pruned too (N = 17 needs no 128-row tile).
-  Evidence: tests/test_triton_aot.py compiles every kernel over every config of its lists, each
-  dtype and the heaviest flags at D = 128 for sm_80 and sm_90a with Triton's ptxas (no GPU);
-  benchmarks/results/triton_aot.csv holds registers, spills and shared memory per variant. At
-  D = 128 about half of the variants still spill (tests/triton_aot_known_spills.csv: the 64-
-  and 128-row plain tiles, every fp32 backward and match tile); the lists are not yet split by
-  head dim. The speed of the configs is measured by the autotuner on the GPU only.
+  Evidence: tests/test_triton_aot.py compiles every kernel over every tile of its lists, each
+  dtype, each padded head dim (16, 32, 64, 128) and the heaviest flags for sm_80 and sm_90a
+  with Triton's ptxas (no GPU) and fails on any spill; benchmarks/results/triton_aot.csv holds
+  registers, spills and shared memory per variant. The speed of the tiles is measured by the
+  autotuner on the GPU only.
 """
 from __future__ import annotations
 
@@ -43,39 +54,74 @@ _LN2 = tl.constexpr(0.6931471805599453)
 MAX_GRID_Z = 65535  # CUDA limit of grid axes 1 and 2, where the heads (or query blocks) go
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel; see the module docstring.
-# Each list is a Tiles: `plain` for 16-bit inputs without a mask, dropout, maps' gradient or
-# teacher; `heavy` for 16-bit inputs with any of them; `fp32` for fp32 inputs (3xTF32 splits
-# every operand in two). The bigger tiles spill registers in the last two (ptxas, sm_90a, D = 128).
+# Each Tiles holds, per regime, (largest padded head dim, tiles) pairs in increasing head dim: a
+# launch gets the tiles of the first pair that covers its padded head dim. A regime with no pair
+# that covers it has no tile that compiles without register spills there: such a launch is
+# refused (pruner).
 
 
 class Tiles(NamedTuple):
+    kernel: str  # what the error message of a refused launch names
     plain: tuple
     heavy: tuple
     fp32: tuple
 
+    def for_dim(self, regime: str, d_pad: int) -> tuple:
+        """The tiles of `regime` for padded head dim d_pad; () where none compiles unspilled."""
+        for top, tiles in getattr(self, regime):
+            if d_pad <= top:
+                return tiles
+        return ()
+
+    def max_dim(self, regime: str) -> int:
+        """The largest padded head dim `regime` has tiles for (0: none)."""
+        pairs = getattr(self, regime)
+        return pairs[-1][0] if pairs else 0
+
     def all(self) -> tuple:
-        return tuple(dict.fromkeys(self.plain + self.heavy + self.fp32))
+        return tuple(dict.fromkeys(t for regime in ("plain", "heavy", "fp32")
+                                   for _, tiles in getattr(self, regime) for t in tiles))
 
 
 FWD_TILES = Tiles(
-    plain=((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3),
-           (32, 32, 4, 2), (32, 32, 8, 2)),
-    heavy=((16, 32, 4, 2), (32, 16, 4, 2)),
-    fp32=((16, 32, 8, 1),))
-_MAPS = ((64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 32, 8, 2), (32, 32, 4, 2))
-MAPS_TILES = Tiles(plain=_MAPS, heavy=_MAPS, fp32=_MAPS)
-_DELTA = ((64, 64, 4, 3), (128, 64, 8, 3), (32, 32, 4, 2))
-DELTA_TILES = Tiles(plain=_DELTA, heavy=_DELTA, fp32=_DELTA)
+    "the attention forward (_fwd_kernel)",
+    plain=((64, ((128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2),
+                 (32, 32, 8, 2))),
+           (128, ((64, 64, 8, 2), (128, 32, 8, 2), (32, 32, 4, 2), (32, 32, 8, 2)))),
+    heavy=((64, ((16, 32, 4, 2), (32, 16, 4, 2))),
+           (128, ((32, 16, 4, 2), (16, 32, 8, 2)))),
+    fp32=((128, ((16, 32, 8, 1),)),))
+# The maps, key-mean, delta and match-row kernels hold one list for plain and heavy flags: its
+# tiles compile unspilled with the heavy flags, whose instructions include the plain ones'.
+_MAPS = ((64, ((64, 32, 8, 2), (32, 32, 4, 2))),
+         (128, ((32, 32, 4, 2),)))
+MAPS_TILES = Tiles("the attention maps (_maps_kernel)", plain=_MAPS, heavy=_MAPS,
+                   fp32=((64, ((16, 32, 8, 1), (16, 16, 8, 1), (32, 16, 8, 1))),))
+_KEY_MEAN = ((128, ((64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 32, 8, 2),
+                    (32, 32, 4, 2))),)
+KEY_MEAN_TILES = Tiles("the key-mean map (_key_mean_kernel)", plain=_KEY_MEAN, heavy=_KEY_MEAN,
+                       fp32=((128, ((64, 32, 8, 2), (16, 32, 8, 1), (32, 16, 8, 1))),))
+_DELTA = ((128, ((64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2))),)
+DELTA_TILES = Tiles("the backward's delta (_delta_kernel)", plain=_DELTA, heavy=_DELTA,
+                    fp32=((128, ((16, 32, 8, 1), (16, 16, 4, 1))),))
+_MATCH = ((128, ((64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2))),)
+MATCH_TILES = Tiles("the match loss's row kernels (_match_loss_kernel, _match_c_kernel)",
+                    plain=_MATCH, heavy=_MATCH, fp32=((128, ((16, 16, 4, 1),)),))
 DKDV_TILES = Tiles(
-    plain=((32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 64, 8, 2), (32, 32, 8, 2),
-           (16, 32, 4, 2)),
-    heavy=((32, 32, 8, 2),),
-    fp32=((16, 16, 8, 1),))
+    "the backward's dK/dV pass (_bwd_kernel)",
+    plain=((64, ((32, 64, 4, 3), (64, 64, 4, 3), (32, 64, 8, 2), (32, 32, 8, 2),
+                 (16, 32, 4, 2))),
+           (128, ((32, 64, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)))),
+    heavy=((128, ((32, 32, 8, 2),)),),
+    fp32=((64, ((16, 16, 8, 1),)),))
 DQ_TILES = Tiles(
-    plain=((128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3), (32, 32, 8, 2),
-           (16, 32, 4, 2)),
-    heavy=((16, 32, 4, 2),),
-    fp32=((16, 16, 8, 1), (32, 16, 8, 1)))
+    "the backward's dQ pass (_bwd_kernel)",
+    plain=((64, ((128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (32, 32, 8, 2),
+                 (16, 32, 4, 2))),
+           (128, ((64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)))),
+    heavy=((64, ((32, 32, 8, 2), (16, 16, 4, 2), (16, 16, 8, 2))),
+           (128, ((16, 32, 8, 2),))),
+    fp32=((64, ((16, 32, 8, 1), (16, 16, 8, 1))),))
 # The interpreter runs each program as numpy on the CPU: fewer, bigger tiles are much faster
 # (16 x 16 tiles take 5-10x the time of 64 x 64), and autotuning there is pointless.
 _INTERPRET_TILE = (64, 64, 4, 1)
@@ -104,14 +150,35 @@ def regime(dtype: torch.dtype, flags: dict) -> str:
     return "heavy" if heavy else "plain"
 
 
+def launch_dim(named_args: dict, flags: dict) -> int:
+    """The padded head dim a launch's tiles hold: the larger of the student's (HEAD_DIM) and,
+    where the kernel has one, the teacher's (TEACHER_DIM)."""
+    dims = [flags.get(name, named_args.get(name)) for name in ("HEAD_DIM", "TEACHER_DIM")]
+    dims = [d for d in dims if d is not None]
+    return padded_dim(max(dims))
+
+
 def pruner(tiles: Tiles):
-    """The autotuner's early pruning for `tiles`: the configs of the launch's regime, less those
-    much larger than the sequence (N = 17 needs no 128-row tile); keeps >= 1."""
+    """The autotuner's early pruning for `tiles`: the configs of the launch's regime and padded
+    head dim, less those much larger than the sequence (N = 17 needs no 128-row tile); keeps
+    >= 1. A launch whose regime has no tiles at its head dim raises a ValueError."""
 
     def prune(configs, named_args, **flags):
         if INTERPRET:
             return configs
-        wanted = getattr(tiles, regime(named_args["Q"].dtype, flags))
+        dtype = named_args["Q"].dtype
+        kind = regime(dtype, flags)
+        d_pad = launch_dim(named_args, flags)
+        wanted = tiles.for_dim(kind, d_pad)
+        if not wanted:
+            dims = {name: flags.get(name, named_args.get(name))
+                    for name in ("HEAD_DIM", "TEACHER_DIM")}
+            raise ValueError(
+                f"head dim {dims['HEAD_DIM']} (teacher {dims['TEACHER_DIM']}; tiles padded to "
+                f"{d_pad}) with {dtype} inputs is above {tiles.max_dim(kind)}, the largest "
+                f"padded head dim at which {tiles.kernel} compiles without register spills "
+                f"for these inputs on the Triton backend; use float16 / bfloat16 inputs, a "
+                f"smaller head dim, or the 'cpp' or 'reference' backend")
         configs = [c for c in configs
                    if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                    in wanted]
