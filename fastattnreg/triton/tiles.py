@@ -30,7 +30,8 @@ head dim:
   every head dim, down to D_PAD = 16.
   Tiles larger than the sequence are pruned too (N = 17 needs no 128-row tile).
   Evidence: tests/test_triton_aot.py compiles every kernel over every tile of its lists, each
-  dtype, each padded head dim (16, 32, 64, 128) and the heaviest flags for sm_80 and sm_90a
+  dtype and the heaviest flags at padded head dims 64 and 128 (the largest of each range; 16
+  and 32 on request) for sm_80 and sm_90a
   with Triton's ptxas (no GPU) and fails on any spill; benchmarks/results/triton_aot.csv holds
   registers, spills and shared memory per variant. The speed of the tiles is measured by the
   autotuner on the GPU only.
