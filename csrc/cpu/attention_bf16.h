@@ -175,28 +175,32 @@ namespace fastattnreg::cpu::kernels {
 template <typename scalar_t, typename acc_t>
 bool forward_bf16(const ForwardTensors<scalar_t, acc_t>& t,
                   const AttentionCall<scalar_t, acc_t>& c) {
-#ifdef FASTATTNREG_AVX512_BF16
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (c.teacher == nullptr && bf16_kernels() == Bf16Kernels::Avx512Bf16) {
+    // Read on every build, so an unknown FASTATTNREG_SIMD is refused everywhere.
+    [[maybe_unused]] const Bf16Kernels kernels = bf16_kernels();
+#ifdef FASTATTNREG_AVX512_BF16
+    if (c.teacher == nullptr && kernels == Bf16Kernels::Avx512Bf16) {
       run_forward_tasks<Bf16ForwardWorker>(t, c);
       return true;
     }
-  }
 #endif
+  }
   return false;
 }
 
 template <typename scalar_t, typename acc_t>
 bool backward_bf16(const BackwardTensors<scalar_t, acc_t>& t,
                    const AttentionCall<scalar_t, acc_t>& c) {
-#ifdef FASTATTNREG_AVX512_BF16
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (c.teacher == nullptr && bf16_kernels() == Bf16Kernels::Avx512Bf16) {
+    // Read on every build, so an unknown FASTATTNREG_SIMD is refused everywhere.
+    [[maybe_unused]] const Bf16Kernels kernels = bf16_kernels();
+#ifdef FASTATTNREG_AVX512_BF16
+    if (c.teacher == nullptr && kernels == Bf16Kernels::Avx512Bf16) {
       run_backward_tasks<Bf16BackwardWorker>(t, c);
       return true;
     }
-  }
 #endif
+  }
   return false;
 }
 
