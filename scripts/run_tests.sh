@@ -15,7 +15,7 @@ if [ "$#" -gt 0 ]; then
 fi
 # The whole suite, in two pytest-xdist workers (one per core of the 2-core CI machine): each takes
 # a contiguous share of the tests and an idle one steals from the end of the other's queue. The
-# tests marked `long` (minutes on one core) are collected first (tests/conftest.py), so they run
-# beside the short ones instead of ending the run alone.
+# tests marked `long` (minutes on one core) start the workers' shares (tests/long_first.py), so
+# they run beside the short ones instead of ending the run alone.
 exec .venv/bin/python -m pytest -q -rs --durations=25 -n "${FASTATTNREG_TEST_WORKERS:-2}" \
   --dist worksteal

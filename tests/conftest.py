@@ -14,6 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastattnreg
+import long_first
 import skip_policy
 
 CUDA_SKIP_REASON = f"{skip_policy.CUDA_SKIP_PREFIX}: no CUDA device is present"
@@ -30,12 +31,11 @@ def _long_minutes(item) -> float:
 
 
 def pytest_collection_modifyitems(items):
-    """Puts the tests marked `long(minutes=...)` (the ahead-of-time Triton compiles, the CMake
-    and wheel builds) first, longest first, keeping the order otherwise. pytest-xdist's
-    worksteal scheduler (scripts/run_tests.sh runs `-n 2 --dist worksteal`) hands each worker a
-    contiguous share and lets an idle worker steal from the end of another's queue, so a long
-    test queued early runs beside the short ones while one queued late would end the run alone."""
-    items.sort(key=lambda item: -_long_minutes(item))
+    """Puts each test marked `long(minutes=...)` (the ahead-of-time Triton compiles, the CMake
+    and wheel builds) at the start of a pytest-xdist worker's share (tests/long_first.py), so
+    every one starts at once; without xdist (one share) they simply come first."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    items[:] = long_first.order(items, _long_minutes, workers)
 
 
 @pytest.fixture(autouse=True)
