@@ -1,12 +1,17 @@
 """Builds the C++ unit tests (csrc/tests, CMakeLists.txt) against the installed torch and runs
 them with ctest.
 
+The tests link the kernel objects of the extension's own build: `setup.py build_ext` compiles
+them into build/cpp-objects (git-ignored), with the venv's bin folder first on PATH, so that
+torch's build uses ninja and ccache from there where they are installed (scripts/setup_env.sh
+installs both and builds the extension through ccache, so these compiles are cache hits).
+
 cmake, ctest and ninja are taken from the folder of sys.executable first (the pip `cmake` and
 `ninja` packages that scripts/setup_env.sh installs into .venv/bin), then from PATH. Without
 cmake/ctest the test skips, and fails under FASTATTNREG_REQUIRE_CPP=1 (scripts/run_tests.sh).
 
-The build lives in build/cmake-tests (git-ignored) and is reused across runs, so a second run
-only recompiles what changed. The kernel compile flags come from setup.py (one source of truth:
+The CMake build lives in build/cmake-tests (git-ignored) and is reused across runs, so a second
+run only recompiles what changed. The kernel compile flags come from setup.py (one source of truth:
 `FASTATTNREG_PRINT_FLAGS=1 python setup.py` prints them).
 """
 import os
@@ -21,8 +26,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_DIR = ROOT / "build" / "cmake-tests"
+OBJECTS_DIR = ROOT / "build" / "cpp-objects"
 CUDA_ROOT = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
 
+OBJECTS_TIMEOUT_S = 1200
 CONFIGURE_TIMEOUT_S = 300
 BUILD_TIMEOUT_S = 1200
 CTEST_TIMEOUT_S = 900
@@ -81,6 +88,16 @@ def _torch_prefix_and_kernel_flags():
     return lines[0], lines[-1]
 
 
+def _build_kernel_objects():
+    """Compiles the extension's objects into OBJECTS_DIR with setup.py (incremental: ninja
+    recompiles only what changed), with this interpreter's bin folder first on PATH."""
+    env = {**os.environ,
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    _run([sys.executable, "setup.py", "build_ext", "--build-temp", OBJECTS_DIR,
+          "--build-lib", OBJECTS_DIR / "lib"], OBJECTS_TIMEOUT_S, "kernel objects (setup.py)",
+         env=env)
+
+
 def _cmake_version(cmake):
     """"X.Y.Z" of `cmake --version` (the pip cmake's bin/cmake is a Python launcher of a binary
     elsewhere, so paths cannot be compared with the CMAKE_COMMAND of a build tree)."""
@@ -112,7 +129,9 @@ def test_cpp_unit():
         pytest.skip(f"cmake/ctest not found {where}")
 
     prefix, flags = _torch_prefix_and_kernel_flags()
-    wanted = {"CMAKE_PREFIX_PATH": prefix, "FASTATTNREG_KERNEL_FLAGS": flags}
+    _build_kernel_objects()
+    wanted = {"CMAKE_PREFIX_PATH": prefix, "FASTATTNREG_KERNEL_FLAGS": flags,
+              "FASTATTNREG_OBJECTS_DIR": str(OBJECTS_DIR)}
 
     # A build tree configured for another checkout (a moved or copied repo) or by another cmake
     # version (e.g. the system cmake before the pip one) is not reused.
