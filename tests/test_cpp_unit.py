@@ -118,7 +118,7 @@ def _cached(var):
 
 
 @pytest.mark.slow
-@pytest.mark.long(minutes=3)
+@pytest.mark.long(minutes=1)
 def test_cpp_unit():
     cmake, ctest, ninja = find_tool("cmake"), find_tool("ctest"), find_tool("ninja")
     if cmake is None or ctest is None:

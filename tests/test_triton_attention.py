@@ -4,7 +4,7 @@ Two groups:
   * interpreter (any machine with Triton): tests/triton_interpret_cases.py and, for masks,
     dropout and their op checks, tests/triton_mask_dropout_cases.py run on CPU tensors in a
     child process with TRITON_INTERPRET=1 (the variable must be set before Triton defines the
-    kernels), one group per test here so a failure names its group and shows the child's report.
+    kernels), one test per case file here; a failure shows the child's report.
   * CUDA (skipped without a GPU): the shape grid of test_attention.py, fp16/bf16 by the
     FlashAttention rule, masks and dropout, opcheck and torch.compile(fullgraph=True) of the
     triton_op registration.
@@ -24,7 +24,7 @@ import fastattnreg
 from conftest import requires_triton, rerun_without_triton_interpreter
 from conftest import requires_cuda_triton as requires_cuda  # CUDA tests of the Triton kernels
 from inputs import EXPORTS, HEAD_DIMS, SEQ_LENS, grid_shape, qkv_on
-from interpreter_runner import interpreted_groups
+from interpreter_runner import interpreted_cases
 from triton_attention_checks import (
     assert_compiled_matches_float64, assert_low_precision_rule, errors_vs_float64,
     low_precision_errors, run_all, triton_attention,
@@ -50,10 +50,8 @@ def _child(args, extra_env=None, timeout=600):
 # ------------------------------------------------------------------------- interpreter group
 
 
-test_interpreted_kernels = interpreted_groups(CASES, ["values", "reruns", "errors",
-                                                      "registration"])
-test_interpreted_masks_and_dropout = interpreted_groups(MASK_CASES, ["masks", "dropout",
-                                                                     "maskops"])
+test_interpreted_kernels = interpreted_cases(CASES)
+test_interpreted_masks_and_dropout = interpreted_cases(MASK_CASES)
 
 
 @pytest.mark.slow

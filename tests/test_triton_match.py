@@ -3,7 +3,7 @@
   * interpreter (any machine with Triton): tests/triton_match_cases.py and, with attention
     masks, tests/triton_match_mask_cases.py run on CPU tensors in a child process with
     TRITON_INTERPRET=1 (set before Triton defines the kernels; tests/interpreter_runner.py), one
-    group per test here so a failure names its group and shows the child's report.
+    test per case file here; a failure shows the child's report.
   * CUDA (skipped without a GPU): the shapes of test_match.py in float32 against float64, with
     and without masks, the teacher copy, opcheck and torch.compile(fullgraph=True) of the
     triton_op registration.
@@ -17,7 +17,7 @@ import torch
 from fastattnreg import attention_match, attention_match_ref
 from conftest import max_err
 from conftest import requires_cuda_triton as requires_cuda  # CUDA tests of the Triton kernels
-from interpreter_runner import interpreted_groups
+from interpreter_runner import interpreted_cases
 from match_mask_checks import MASK_KINDS, errors_against_reference, make_match_mask
 
 CASES = Path(__file__).resolve().parent / "triton_match_cases.py"
@@ -26,10 +26,8 @@ KINDS = ("kl", "mse_probs", "mse_logits")
 ROWS = ("all", "cls")
 
 
-test_interpreted_kernels = interpreted_groups(CASES, ["values", "reruns", "errors",
-                                                      "registration"])
-test_interpreted_mask_kernels = interpreted_groups(MASK_CASES, ["maskvalues", "maskzero",
-                                                                "maskops"])
+test_interpreted_kernels = interpreted_cases(CASES)
+test_interpreted_mask_kernels = interpreted_cases(MASK_CASES)
 
 
 # --------------------------------------------------------------------------------------- CUDA

@@ -1,8 +1,8 @@
 """refined_attention(backend="triton"): the Triton kernels against refined_attention_ref.
 
   * interpreter (any machine with Triton): tests/triton_refiner_cases.py runs on CPU tensors in a
-    child process with TRITON_INTERPRET=1 (set before Triton defines the kernels), one group per
-    test here so a failure names its group and shows the child's report.
+    child process with TRITON_INTERPRET=1 (set before Triton defines the kernels); a failure
+    shows the child's report.
   * CUDA (skipped without a GPU): the shapes of test_refiner.py in float32 against float64,
     float16/bfloat16 within twice the eager reference's own error in that dtype (both against
     float64), opcheck and torch.compile(fullgraph=True) of the triton_op registration, the
@@ -16,14 +16,13 @@ import torch
 from fastattnreg import refined_attention, refined_attention_ref
 from conftest import max_err
 from conftest import requires_cuda_triton as requires_cuda  # CUDA tests of the Triton kernels
-from interpreter_runner import interpreted_groups
+from interpreter_runner import interpreted_cases
 from test_refiner import PARAM_NAMES, clone_running, make_case, run_with_grads
 
 CASES = Path(__file__).resolve().parent / "triton_refiner_cases.py"
 
 
-test_interpreted_kernels = interpreted_groups(CASES, ["values", "maps", "reruns", "errors",
-                                                      "registration"])
+test_interpreted_kernels = interpreted_cases(CASES)
 
 
 # --------------------------------------------------------------------------------------- CUDA

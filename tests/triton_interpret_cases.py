@@ -2,7 +2,7 @@
 
 Not collected by a plain `pytest` run (the name does not start with test_): TRITON_INTERPRET=1 has
 to be set before Triton defines the kernels, so test_triton_attention.py runs this file in its
-own process, one group (-k interp_<group>) at a time. To run it by hand:
+own process (tests/interpreter_runner.py). To run it by hand (-k interp_<group>: one group):
     TRITON_INTERPRET=1 python -m pytest -q tests/triton_interpret_cases.py
 Shapes are small and awkward (N in {1, 17, 65, 130}: one, partial and several 64-wide tiles;
 D in {16, 48, 64}: 48 is padded to 64 and masked).

@@ -2,7 +2,7 @@
 under Triton's interpreter.
 
 Not collected by a plain `pytest` run: test_triton_attention.py runs it in a child process with
-TRITON_INTERPRET=1 (tests/interpreter_runner.py), one group (-k interp_<group>) at a time:
+TRITON_INTERPRET=1 (tests/interpreter_runner.py); -k interp_<group> runs one group by hand:
   masks     every mask kind x every export against attention_ref (float64), forward and every
             gradient (dq, dk, dv and the float masks' dmask); fully masked rows; map zeros.
   dropout   the kernels' keep-mask is ops.dropout.dropout_keep_mask (against the reference given

@@ -1,8 +1,8 @@
 """attention_match(backend="triton") on CPU tensors under Triton's interpreter.
 
 Not collected by a plain `pytest` run: TRITON_INTERPRET=1 must be set before Triton defines the
-kernels, so tests/test_triton_match.py runs this file in its own process, one group
-(-k interp_<group>) at a time. By hand:
+kernels, so tests/test_triton_match.py runs this file in its own process. By hand
+(-k interp_<group>: one group):
     TRITON_INTERPRET=1 python -m pytest -q tests/triton_match_cases.py
 float32 kernels against attention_match_ref in float64 on small awkward shapes (N in {2, 17, 65,
 130}: one, partial and several 64-wide tiles; student and teacher head dims 16..80 that differ).

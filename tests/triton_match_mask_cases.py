@@ -2,7 +2,7 @@
 
 Not collected by a plain `pytest` run: TRITON_INTERPRET=1 must be set before Triton defines the
 kernels, so tests/test_triton_match.py runs this file in a child process
-(tests/interpreter_runner.py), one group (-k interp_<group>) at a time:
+(tests/interpreter_runner.py); -k interp_<group> runs one group by hand:
   maskvalues  every mask of match_mask_checks.MASK_KINDS x kind x rows, float32 against
               attention_match_ref in float64: out, loss, dq, dk, dv.
   maskzero    fully masked rows (out 0, LSE -inf, row loss 0, no gradient, counted in the

@@ -1,8 +1,8 @@
 """refined_attention(backend="triton") on CPU tensors under Triton's interpreter.
 
 Not collected by a plain `pytest` run: TRITON_INTERPRET=1 must be set before Triton defines the
-kernels, so tests/test_triton_refiner.py runs this file in its own process, one group
-(-k interp_<group>) at a time. By hand:
+kernels, so tests/test_triton_refiner.py runs this file in its own process. By hand
+(-k interp_<group>: one group):
     TRITON_INTERPRET=1 python -m pytest -q tests/triton_refiner_cases.py
 float32 kernels against refined_attention_ref in float64 on small shapes (N = 17: one partial
 32 x 32 pixel tile; N = 33: four, with halos across tile edges), kernel 3 and 5, expansion 1..4,
