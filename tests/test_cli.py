@@ -91,8 +91,11 @@ def test_compare_writes_table_files_and_plots(capsys, tmp_path):
     table = capsys.readouterr().out
     assert "baseline" in table and "link" in table and "±" in table
     out = tmp_path / "out"
-    for f in ("metrics.json", "results.csv", "summary.csv", "accuracy.png", "attention.png"):
+    for f in ("metrics.json", "results.csv", "summary.csv", "table.txt", "accuracy.png",
+              "attention.png"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    saved = (out / "table.txt").read_text()
+    assert saved.startswith("Test accuracy on") and saved.rstrip("\n") in table  # as printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["method"] for r in metrics["summary"]] == ["baseline", "link"]
     assert len(metrics["runs"]) == 4 and len((out / "results.csv").read_text().splitlines()) == 5

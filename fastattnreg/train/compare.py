@@ -121,8 +121,9 @@ def run_compare(configs: dict, methods: list[str], seeds: list[int], out: str, *
     summary = summarise(results, methods, seeds, benchmark_name(configs[(methods[0], seeds[0])]),
                         timings)
     if ctx.is_main:
-        write_outputs(out, configs, results, summary, methods, seeds, wall)
-        print(format_table(summary, seeds, configs[(methods[0], seeds[0])], wall))
+        table = format_table(summary, seeds, configs[(methods[0], seeds[0])], wall)
+        write_outputs(out, configs, results, summary, methods, seeds, wall, table)
+        print(table)
     return {"summary": summary, "runs": results}
 
 
@@ -225,7 +226,9 @@ def format_table(summary: list[dict], seeds: list[int], config, wall: float) -> 
     return "\n".join(lines)
 
 
-def write_outputs(out, configs, results, summary, methods, seeds, wall) -> None:
+def write_outputs(out, configs, results, summary, methods, seeds, wall, table: str) -> None:
+    """metrics.json, results.csv, summary.csv, table.txt (the printed table), accuracy.png and
+    attention.png in `out`."""
     os.makedirs(out, exist_ok=True)
     first = configs[(methods[0], seeds[0])].to_dict()
     shared = {k: v for k, v in first.items() if k not in ("method", "seed")}  # same for all runs
@@ -242,6 +245,7 @@ def write_outputs(out, configs, results, summary, methods, seeds, wall) -> None:
              f"{r['final']['epoch_time_s']:.4f}" for r in runs]
     save_text("\n".join(rows) + "\n", os.path.join(out, "results.csv"))
     save_text(summary_csv(summary), os.path.join(out, "summary.csv"))
+    save_text(table + "\n", os.path.join(out, "table.txt"))
     plot_accuracy(runs, methods, os.path.join(out, "accuracy.png"))
     first_seed = {m: os.path.join(run_dir(out, m, seeds[0]), "checkpoint.pt") for m in methods}
     plot_attention(first_seed, configs[(methods[0], seeds[0])], os.path.join(out, "attention.png"))
