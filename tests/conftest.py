@@ -14,6 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastattnreg
+import interpreter_device_calls
 import long_first
 import skip_policy
 
@@ -22,6 +23,10 @@ CUDA_SKIP_REASON = f"{skip_policy.CUDA_SKIP_PREFIX}: no CUDA device is present"
 
 def pytest_configure(config):
     skip_policy.register(config)
+    if os.environ.get("TRITON_INTERPRET") == "1" and fastattnreg.backend.triton_installed():
+        # The interpreter case files' children (tests/interpreter_runner.py): helper calls inside
+        # a launch skip Triton's repeated language patching (tests/interpreter_device_calls.py).
+        interpreter_device_calls.install()
 
 
 def _long_minutes(item) -> float:
