@@ -7,7 +7,10 @@
 # so run it after the stage-1 choices are the defaults; stage 3 tunes link_advanced's k, whose
 # first run is a link run, at link's chosen weight. Each setting writes
 # runs/tune/<benchmark>/<method>/<flag>=<value>/summary.csv; scripts/tune_table.py reads them.
-# Usage: bash scripts/tune.sh [1|2|3|all] [extra compare arguments]
+# Stage d32 tunes the learning rate of the main job's digits32 methods (baseline, structured,
+# refiner) on its setting (--data digits32 --train-fraction 0.3 --epochs 30), two settings at a
+# time, one per core; it is not part of `all`.
+# Usage: bash scripts/tune.sh [1|2|3|all|d32] [extra compare arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -19,11 +22,12 @@ common=(--seeds 0,1 --train-fraction 0.1 --val-fraction 0.3 --data digits --thre
 tune() {  # benchmark, method, flag, values...
   local bench=$1 method=$2 flag=$3
   shift 3
-  local classes=()
-  [ "$bench" = transfer ] && classes=(--classes 5-9)
+  local task=()  # after the common arguments: these override them
+  [ "$bench" = transfer ] && task=(--classes 5-9)
+  [ "$bench" = digits32 ] && task=(--data digits32 --train-fraction 0.3 --epochs 30)
   for value in "$@"; do
-    "$PY" -m fastattnreg compare --methods "$method" "${classes[@]}" "$flag" "$value" \
-      "${common[@]}" --out "runs/tune/$bench/$method/${flag#--}=$value" "${extra[@]}"
+    "$PY" -m fastattnreg compare --methods "$method" "$flag" "$value" "${common[@]}" \
+      "${task[@]}" --out "runs/tune/$bench/$method/${flag#--}=$value" "${extra[@]}"
   done
 }
 
@@ -40,4 +44,16 @@ if [ "$stage" = 2 ] || [ "$stage" = all ]; then
 fi
 if [ "$stage" = 3 ] || [ "$stage" = all ]; then
   tune digits link_advanced --link-advanced-k 1 2 4 8
+fi
+if [ "$stage" = d32 ]; then
+  # Two settings at a time (one thread each); `wait -n` fails the stage when a run fails.
+  running=0
+  for method in baseline structured refiner; do
+    for lr in "${lrs[@]}"; do
+      if [ "$running" -ge 2 ]; then wait -n; running=$((running - 1)); fi
+      tune digits32 "$method" --lr "$lr" > /dev/null &
+      running=$((running + 1))
+    done
+  done
+  while [ "$running" -gt 0 ]; do wait -n; running=$((running - 1)); done
 fi

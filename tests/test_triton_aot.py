@@ -3,9 +3,9 @@
 The interpreter proves the kernels' numbers but never runs the compiler; this test does, with
 the ptxas that ships with Triton (tests/triton_aot.py), for each autotune config the autotuner
 keeps for a long sequence, each input dtype (fp16, bf16, fp32), the largest padded head dim of
-each of the tile lists' head-dim ranges (64 and 128; FASTATTNREG_AOT_HEAD_DIMS also compiles 16
-and 32) and the compile-time variants the launchers
-use that hold the most per tile: the float-bias mask with dropout and the maps' gradient, the
+the tile lists' head-dim ranges (64 and 128) that holds the tile (FASTATTNREG_AOT_HEAD_DIMS
+compiles every tile at each head dim it lists, 16 and 32 too) and the compile-time variants the
+launchers use that hold the most per tile: the float-bias mask with dropout and the maps' gradient, the
 match loss's teacher (the backward of mse_probs, whose row term is read too), the Refiner's
 stages at the channel paddings of ViT-S and ViT-B (C = 3 H: CP 32 and 64). Lighter flag sets of
 the same kernel compile to a subset of these instructions.
@@ -32,7 +32,7 @@ import fastattnreg
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.long(minutes=12),
+    pytest.mark.long(minutes=8),
     pytest.mark.skipif(not fastattnreg.backend.triton_installed()
                        or fastattnreg.backend._triton_interpret,
                        reason="needs Triton's compiler (not the interpreter)"),
@@ -44,9 +44,15 @@ ARCHS = (80, 90)
 DTYPES = ("fp16", "bf16", "fp32")
 # The padded head dims compiled. The tile lists (tiles.py) differ between head dims up to 64 and
 # 128, and a tile holds the most live values at the largest padded head dim its list serves, so
-# the default compiles those two; FASTATTNREG_AOT_HEAD_DIMS=16,32,64,128 compiles every padded
-# head dim of D in [16, 128] (about twice the variants, ~25 CPU-minutes).
-HEAD_DIMS = tuple(int(d) for d in os.environ.get("FASTATTNREG_AOT_HEAD_DIMS", "64,128").split(","))
+# the default compiles those two, and each attention/match tile only once per kernel, flag set
+# and dtype, at the largest of them whose list holds it (128 where both lists hold it: by the
+# same reasoning it holds fewer live values at 64). That is 346 variants; compiling every tile
+# at both would be 486 (about 3 CPU-minutes more). FASTATTNREG_AOT_HEAD_DIMS=16,32,64,128
+# compiles every tile of every padded head dim of D in [16, 128] (962 variants, ~17 to 25
+# CPU-minutes).
+EVERY_HEAD_DIM = "FASTATTNREG_AOT_HEAD_DIMS" in os.environ
+HEAD_DIMS = tuple(sorted((int(d) for d in os.environ.get("FASTATTNREG_AOT_HEAD_DIMS",
+                                                         "64,128").split(",")), reverse=True))
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 REFINER_SPILL_LIMIT = 1024  # bytes per thread; attention and match kernels: 0
 LONG_N = 4096  # the autotuner's pruning keeps every tile for a sequence this long
@@ -120,6 +126,8 @@ def _jobs():
     per variant, (kernel name, dtype, head dim, error message) per refused launch)."""
     import importlib
     jobs, refused = [], []
+    compiled = set()  # (module, name, flags without the head dims, dtype, tile)
+    dim_keys = set(_dims(16))
     for module, name, flags in _attention_variants():
         kernel = getattr(importlib.import_module(f"fastattnreg.triton.{module}"), name)
         for dtype in DTYPES:
@@ -131,6 +139,13 @@ def _jobs():
                 refused.append((name, dtype, flags["HEAD_DIM"], str(exc)))
                 continue
             for m, n, w, s in tiles:
+                # HEAD_DIMS runs from the largest down, so a tile already compiled was compiled
+                # at a larger head dim.
+                seen = (module, name, tuple(sorted((k, v) for k, v in flags.items()
+                                                   if k not in dim_keys)), dtype, (m, n, w, s))
+                if seen in compiled and not EVERY_HEAD_DIM:
+                    continue
+                compiled.add(seen)
                 label = f"{m}x{n}w{w}s{s} " + _flag_label(flags)
                 constexprs = dict(flags, BLOCK_M=m, BLOCK_N=n, UPCAST=False,
                                   PRECISION="tf32x3" if dtype == "fp32" else "tf32")
