@@ -5,8 +5,8 @@ the ptxas that ships with Triton (tests/triton_aot.py), for each autotune config
 keeps for a long sequence, each input dtype (fp16, bf16, fp32), the largest padded head dim of
 the tile lists' head-dim ranges (64 and 128) that holds the tile (FASTATTNREG_AOT_HEAD_DIMS
 compiles every tile at each head dim it lists, 16 and 32 too) and the compile-time variants the
-launchers use that hold the most per tile: the float-bias mask with dropout and the maps' gradient, the
-match loss's teacher (the backward of mse_probs, whose row term is read too), the Refiner's
+launchers use that hold the most per tile: the float-bias mask with dropout and the maps'
+gradient, the match loss's teacher (the backward of mse_probs, whose row term is read too), the Refiner's
 stages at the channel paddings of ViT-S and ViT-B (C = 3 H: CP 32 and 64). Lighter flag sets of
 the same kernel compile to a subset of these instructions.
 
