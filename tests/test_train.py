@@ -159,6 +159,28 @@ def test_same_seed_same_run_and_other_seed_other_run(tmp_path):
     assert history(a) != history(c)
 
 
+@pytest.mark.slow
+@requires_cpp
+def test_eval_every_changes_no_number_of_the_training(tmp_path):
+    every = run(tmp_path, name="every", epochs=3, method="refiner")
+    sparse = run(tmp_path, name="sparse", epochs=3, method="refiner", eval_every=2)
+    trained = ("train_loss", "train_reg", "train_acc", "lr")
+    assert [[h[k] for k in trained] for h in every["epochs"]] == \
+        [[h[k] for k in trained] for h in sparse["epochs"]]
+    # evaluated after epoch 2 (every 2nd) and epoch 3 (the last), with the same numbers
+    assert [h["test_acc"] is None for h in sparse["epochs"]] == [True, False, False]
+    for e in (1, 2):
+        assert sparse["epochs"][e]["test_acc"] == every["epochs"][e]["test_acc"]
+    assert sparse["final"]["test_acc"] == every["final"]["test_acc"]
+    assert model_state(tmp_path / "every").keys() == model_state(tmp_path / "sparse").keys()
+    assert all(torch.equal(v, model_state(tmp_path / "sparse")[k])
+               for k, v in model_state(tmp_path / "every").items())
+    rows = (tmp_path / "sparse" / "log.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    first = dict(zip(header, rows[1].split(",")))
+    assert first["test_loss"] == first["test_acc"] == "" and first["train_loss"] != ""
+
+
 # ------------------------------------------------------------------------------ DDP
 
 @pytest.mark.slow

@@ -128,16 +128,19 @@ def source_config(config: TrainConfig, spec: MethodSpec) -> TrainConfig:
     """The source of gta / finetune: the scratch part of the method (init), on every training
     image of the source's classes. It has no validation split: with the default classes
     ("other") the task's held-out images are not among its classes; with "all" it sees every
-    training image, the task's validation images included."""
+    training image, the task's validation images included. A guide is evaluated once, after its
+    last epoch."""
     return config.with_(method=spec.scratch_name, train_fraction=1.0, val_fraction=0.0,
                         classes=source_classes(config), seed=config.gta_source_seed,
-                        epochs=config.gta_source_epochs, **_reset(config, GUIDE_FIELDS))
+                        epochs=config.gta_source_epochs, eval_every=config.gta_source_epochs,
+                        **_reset(config, GUIDE_FIELDS))
 
 
 def cnn_config(config: TrainConfig) -> TrainConfig:
-    """The link guide: the small CNN on the same training subset and seed as the ViT."""
-    return config.with_(method="cnn", epochs=config.cnn_epochs, lr=config.cnn_lr,
-                        **_reset(config, GUIDE_FIELDS + VIT_FIELDS))
+    """The link guide: the small CNN on the same training subset and seed as the ViT, evaluated
+    after its last epoch."""
+    return config.with_(method="cnn", epochs=config.cnn_epochs, eval_every=config.cnn_epochs,
+                        lr=config.cnn_lr, **_reset(config, GUIDE_FIELDS + VIT_FIELDS))
 
 
 def basic_link_config(config: TrainConfig, spec: MethodSpec) -> TrainConfig:
@@ -147,15 +150,54 @@ def basic_link_config(config: TrainConfig, spec: MethodSpec) -> TrainConfig:
                         link_advanced_k=TrainConfig().link_advanced_k)
 
 
+# A guide run's cache folder (in cache_dir) and configuration: "<kind>-<hash of the config>".
+
+def source_run(config: TrainConfig, spec: MethodSpec) -> tuple[str, TrainConfig]:
+    cfg = source_config(config, spec)
+    return f"gta-source-{cfg.key()}", cfg
+
+
+def cnn_run(config: TrainConfig) -> tuple[str, TrainConfig]:
+    cfg = cnn_config(config)
+    return f"cnn-{cfg.key()}", cfg
+
+
+def basic_link_run(config: TrainConfig, spec: MethodSpec) -> tuple[str, TrainConfig]:
+    cfg = basic_link_config(config, spec)
+    return f"link-{cfg.key()}", cfg
+
+
+def guide_runs(config: TrainConfig) -> list[tuple[str, TrainConfig]]:
+    """The cached guide runs (cache folder name, configuration) that building `config` reads,
+    each after the guides it reads itself (link_advanced: the CNN, then the link run that uses
+    it). compare --workers trains them before the runs that read them."""
+    spec = parse_method(config.method)
+    runs = []
+    if spec.regulariser in ("gta", "finetune") and config.gta_source == "auto":
+        runs.append(source_run(config, spec))
+    elif spec.regulariser in LINKS and config.link_cnn == "auto":
+        runs.append(cnn_run(config))
+    if spec.regulariser == "link_advanced":
+        runs.append(basic_link_run(config, spec))
+    return runs
+
+
 def basic_links(config: TrainConfig, spec: MethodSpec, *, cache_dir, ctx, log, progress,
                 train_guide: GuideTrainer) -> dict:
     """{"weight", "bias"} of the links a `link` run of this seed ends with (run and cached
     when absent)."""
-    cfg = basic_link_config(config, spec)
-    ckpt = cached_run(cfg, f"link-{cfg.key()}", cache_dir=cache_dir, ctx=ctx, log=log,
+    name, cfg = basic_link_run(config, spec)
+    ckpt = cached_run(cfg, name, cache_dir=cache_dir, ctx=ctx, log=log,
                       progress=progress, train_guide=train_guide)
     task = ckpt["task"]
     return {"weight": task["link.links.weight"], "bias": task["link.links.bias"]}
+
+
+def shared_link_run(config: TrainConfig):
+    """(cache folder name, configuration) under which share_link_run stores a finished run of
+    `config`: a `link` method's run; None for any other method."""
+    spec = parse_method(config.method)
+    return basic_link_run(config, spec) if spec.regulariser == "link" else None
 
 
 def share_link_run(config: TrainConfig, folder: str, cache_dir: str) -> bool:
@@ -164,11 +206,11 @@ def share_link_run(config: TrainConfig, folder: str, cache_dir: str) -> bool:
     records basic_link_config's configuration (link_advanced_k at its default: k does not
     change a link run); the checkpoint goes first and metrics.json last, so the cache entry
     counts as complete only once both are there. Returns whether it copied."""
-    spec = parse_method(config.method)
-    if spec.regulariser != "link":
+    shared = shared_link_run(config)
+    if shared is None:
         return False
-    basic = basic_link_config(config, spec)
-    target = os.path.join(cache_dir, f"link-{basic.key()}")
+    name, basic = shared
+    target = os.path.join(cache_dir, name)
     if _complete(target, basic):
         return False
     ckpt = load_checkpoint(os.path.join(folder, "checkpoint.pt"), f"{folder}: checkpoint")
@@ -215,8 +257,8 @@ def gta_source(config: TrainConfig, data, spec: MethodSpec, *, cache_dir, ctx, l
             raise MethodError(f"--gta-source {config.gta_source}: its ViT does not have the "
                               f"shapes of model {config.resolved_model()!r} on this data")
         return source
-    cfg = source_config(config, spec)
-    ckpt = cached_run(cfg, f"gta-source-{cfg.key()}", cache_dir=cache_dir, ctx=ctx, log=log,
+    name, cfg = source_run(config, spec)
+    ckpt = cached_run(cfg, name, cache_dir=cache_dir, ctx=ctx, log=log,
                       progress=progress, train_guide=train_guide)
     return vit_from_checkpoint(ckpt)
 
@@ -226,8 +268,8 @@ def link_cnn(config: TrainConfig, data, *, cache_dir, ctx, log, progress,
     """(frozen CNN, layer names, input transform or None)."""
     layers = [s for s in config.link_cnn_layers.split(",") if s]
     if config.link_cnn == "auto":
-        cfg = cnn_config(config)
-        ckpt = cached_run(cfg, f"cnn-{cfg.key()}", cache_dir=cache_dir, ctx=ctx, log=log,
+        name, cfg = cnn_run(config)
+        ckpt = cached_run(cfg, name, cache_dir=cache_dir, ctx=ctx, log=log,
                           progress=progress, train_guide=train_guide)
         cnn = SmallCNN(**ckpt["cnn_config"])
         cnn.load_state_dict(ckpt["model"])
@@ -268,6 +310,11 @@ def cached_run(cfg: TrainConfig, name: str, *, cache_dir: str, ctx: DistContext,
         log(f"[cache] using {cfg.method} guide from {folder}")
     ctx.wait_for_main()
     return load_checkpoint(path, what)
+
+
+def guide_is_cached(cache_dir: str, name: str, cfg: TrainConfig) -> bool:
+    """Whether cache_dir/name holds a finished run of cfg (cached_run then only loads it)."""
+    return _complete(os.path.join(cache_dir, name), cfg)
 
 
 def _complete(folder: str, cfg: TrainConfig) -> bool:

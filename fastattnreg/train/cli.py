@@ -28,6 +28,7 @@ from .data import AUGMENTS, DataError, parse_data_spec
 from .dist import DistContext, init_distributed
 from .methods import MethodError, parse_method, parse_overrides
 from .trainer import TrainingError, log_to_stderr, resumable, train_run
+from .workers import check_workers
 from .validate import (UsageError, check_models, check_numbers, check_overrides, check_packages,
                        check_seeds, ddp_timeout_default, needed_packages)
 
@@ -58,6 +59,10 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="the task's classes, e.g. 5-9 or 0,2,4 (labels renumbered from 0); "
                         "default all")
     p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="evaluate after every this many epochs and after the last one (the "
+                        "same training and final numbers; fewer points in log.csv and the "
+                        "accuracy plot); default 1")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size")
     p.add_argument("--lr", type=float, default=None,
                    help="AdamW peak learning rate (default: the method's tuned rate, "
@@ -133,6 +138,9 @@ def make_parser() -> argparse.ArgumentParser:
                     help="after the runs, time this many training epochs of each method on the "
                          "fused backend and on --backend reference, in turn (summary columns "
                          "epoch_time_fused_s, epoch_time_reference_s); 0 skips it")
+    cp.add_argument("--workers", type=int, default=1,
+                    help="train the runs in this many processes at once, each with --threads "
+                         "threads (CPU only; the same numbers as 1); default 1")
     _add_run_arguments(cp)
     return parser
 
@@ -154,7 +162,7 @@ def config_from_args(args, method: str, seed: int) -> TrainConfig:
         method=method, data=args.data, train_fraction=args.train_fraction,
         val_fraction=args.val_fraction,
         classes=args.classes, seed=seed,
-        epochs=args.epochs, batch_size=args.batch_size,
+        epochs=args.epochs, eval_every=args.eval_every, batch_size=args.batch_size,
         lr=args.lr if args.lr is not None else default_lr(parse_method(method)),
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
         label_smoothing=args.label_smoothing, augment=args.augment, img_size=args.img_size,
@@ -249,6 +257,10 @@ def cmd_compare(args, ctx) -> int:
     if not seeds or len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds must name distinct integers; got {args.seeds!r}")
     check_seeds(seeds)
+    try:
+        check_workers(args.workers, ctx)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     validate_data_and_model(args)
     configs = {(n, s): config_from_args(args, n, s) for n in names for s in seeds}
     validate_run(args, "compare", [configs[(n, seeds[0])] for n in names])
@@ -256,7 +268,7 @@ def cmd_compare(args, ctx) -> int:
     check_out_dir(out, args.resume, args.overwrite)
     run_compare(configs, names, seeds, out, resume=args.resume, ctx=ctx, log=_logger(ctx),
                 progress=not args.no_progress, cache_dir=args.cache_dir,
-                time_epochs=args.time_epochs)
+                time_epochs=args.time_epochs, workers=args.workers)
     return 0
 
 

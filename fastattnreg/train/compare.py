@@ -28,6 +28,7 @@ from .build import share_link_run
 from .plots import plot_accuracy, plot_attention
 from .stats import mean_ci, paired_difference, verdict
 from .trainer import train_run, versions
+from .workers import check_workers, plan_tasks, run_tasks
 
 RUNS = "runs"
 
@@ -85,11 +86,16 @@ def resume_plan(folder: str, config) -> tuple[str, str]:
 
 def run_compare(configs: dict, methods: list[str], seeds: list[int], out: str, *, resume: bool,
                 ctx: DistContext, log, progress: bool, cache_dir: str,
-                time_epochs: int = 0) -> dict:
+                time_epochs: int = 0, workers: int = 1) -> dict:
+    """Trains every (method, seed) of `configs` into out/runs/, times each method's epochs on
+    both backends (time_epochs > 0), prints the table and writes the comparison's files.
+    workers > 1: in that many processes (workers.py), with the same numbers."""
+    check_workers(workers, ctx)
     t_start = time.perf_counter()
     if ctx.is_main and resume:
         remove_stale_temps(out)
     results = {}
+    to_train = {}  # (method, seed) -> continue its checkpoint?
     for method in methods:
         for seed in seeds:
             folder = run_dir(out, method, seed)
@@ -106,17 +112,24 @@ def run_compare(configs: dict, methods: list[str], seeds: list[int], out: str, *
                 log(f"[compare] {method} seed {seed}: {why}; training it again")
             elif plan == "continue" and why:
                 log(f"[compare] {method} seed {seed}: {why}; continuing its checkpoint")
-            again = plan == "continue"
+            to_train[(method, seed)] = plan == "continue"
+    if workers > 1:
+        results_in, timings = _run_in_workers(configs, methods, seeds, out, to_train, workers,
+                                              cache_dir=cache_dir, time_epochs=time_epochs,
+                                              log=log)
+        results.update(results_in)
+    else:
+        for (method, seed), again in to_train.items():
+            folder = run_dir(out, method, seed)
             results[(method, seed)] = train_run(
                 configs[(method, seed)], folder, resume=again, ctx=ctx, log=log,
                 progress=progress, name=f"{method}-s{seed}", cache_dir=cache_dir)
-            if ctx.is_main and share_link_run(configs[(method, seed)], folder, cache_dir):
-                log(f"[compare] {method} seed {seed}: also link_advanced's first run (cached)")
-    timings = {}
-    for method in methods if time_epochs > 0 else ():
-        log(f"[compare] {method}: timing {time_epochs} training epochs on each backend")
-        timings[method] = time_backends(configs[(method, seeds[0])], cache_dir=cache_dir,
-                                        ctx=ctx, log=log, rounds=time_epochs)
+            _share(configs[(method, seed)], folder, cache_dir, ctx, log)
+        timings = {}
+        for method in methods if time_epochs > 0 else ():
+            log(f"[compare] {method}: timing {time_epochs} training epochs on each backend")
+            timings[method] = time_backends(configs[(method, seeds[0])], cache_dir=cache_dir,
+                                            ctx=ctx, log=log, rounds=time_epochs)
     wall = time.perf_counter() - t_start
     summary = summarise(results, methods, seeds, benchmark_name(configs[(methods[0], seeds[0])]),
                         timings)
@@ -125,6 +138,33 @@ def run_compare(configs: dict, methods: list[str], seeds: list[int], out: str, *
         write_outputs(out, configs, results, summary, methods, seeds, wall, table)
         print(table)
     return {"summary": summary, "runs": results}
+
+
+def _share(config, folder: str, cache_dir: str, ctx: DistContext, log) -> None:
+    """A finished `link` run also becomes link_advanced's first run (build.share_link_run)."""
+    if ctx.is_main and share_link_run(config, folder, cache_dir):
+        log(f"[compare] {config.method} seed {config.seed}: also link_advanced's first run "
+            "(cached)")
+
+
+def _run_in_workers(configs, methods, seeds, out, to_train, workers, *, cache_dir, time_epochs,
+                    log) -> tuple[dict, dict]:
+    """({(method, seed): metrics} of the runs in to_train, {method: epoch timings}), trained and
+    timed in `workers` processes (workers.py)."""
+    folders = {key: run_dir(out, *key) for key in configs}
+    tasks = plan_tasks(configs, folders, to_train, methods, seeds, time_epochs, cache_dir)
+    log(f"[compare] {len(tasks)} tasks ({sum(k[0] == 'guide' for k in tasks)} guides, "
+        f"{len(to_train)} runs, {sum(k[0] == 'time' for k in tasks)} timings) in {workers} "
+        "worker processes")
+
+    def on_done(key, result):
+        if key[0] == "run":
+            _share(configs[key[1:]], folders[key[1:]], cache_dir, DistContext(), log)
+
+    done = run_tasks(tasks, workers, on_done)
+    results = {key[1:]: value for key, value in done.items() if key[0] == "run"}
+    timings = {key[1]: value for key, value in done.items() if key[0] == "time"}
+    return results, timings
 
 
 def reference_of(method: str, methods: list[str]) -> str | None:

@@ -43,6 +43,9 @@ class TrainConfig:
     classes: str = ""  # the task's classes ('' = all; '5-9', '0,2,4'), labels renumbered from 0
     seed: int = 0  # model init, data order, augmentation
     epochs: int = 50
+    # evaluate on the test (or validation) split after every this many epochs and after the
+    # last one; evaluation never changes training, so the final numbers do not depend on it
+    eval_every: int = 1
     batch_size: int = 32  # global batch (split over DDP ranks)
     lr: float = 2e-3  # AdamW peak learning rate (the command line's default: default_lr)
     weight_decay: float = 0.05  # AdamW, not applied to biases, norms, tokens, embeddings

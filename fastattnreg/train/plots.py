@@ -1,6 +1,6 @@
 """PNG plots of a comparison (matplotlib, Agg backend, no display needed).
 
-accuracy.png   test accuracy per epoch for each method: mean over seeds, +-1 std band.
+accuracy.png   test accuracy per evaluated epoch for each method: mean over seeds, +-1 std band.
 attention.png  for a few test images (one per class, first seed's final model of each ViT
                method): the last block's head-mean attention of the class token over the patch
                grid, and the attention rollout over all blocks (fastattnreg.models); for a ViT
@@ -41,8 +41,10 @@ def plot_accuracy(runs: list[dict], methods: list[str], path: str) -> None:
     for method in methods:
         curves = [[h["test_acc"] for h in r["epochs"]] for r in runs if r["method"] == method]
         length = min(len(c) for c in curves)
-        acc = 100 * np.array([c[:length] for c in curves])  # (seeds, epochs)
-        epochs = np.arange(1, length + 1)
+        # the epochs every seed evaluated (--eval-every leaves the others without a test_acc)
+        tested = [e for e in range(length) if all(c[e] is not None for c in curves)]
+        acc = 100 * np.array([[c[e] for e in tested] for c in curves])  # (seeds, epochs)
+        epochs = np.array(tested) + 1
         mean, std = acc.mean(axis=0), acc.std(axis=0)
         ax.plot(epochs, mean, label=method)
         ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)

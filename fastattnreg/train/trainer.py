@@ -299,8 +299,9 @@ def checkpoint_of(state: RunState, config: TrainConfig) -> dict:
 
 def train_epoch(state: RunState, data, config: TrainConfig, ctx: DistContext, epoch: int,
                 name: str, *, first_of_process: bool) -> dict:
-    """Trains epoch `epoch` (0-based), evaluates on the test split and returns its log.csv row.
-    TrainingError, before anything is written, when a loss is not finite."""
+    """Trains epoch `epoch` (0-based), evaluates on the test split when config.eval_every says so
+    (test_loss and test_acc None otherwise) and returns its log.csv row. TrainingError, before
+    anything is written, when a loss is not finite."""
     task = state.task
     if hasattr(task, "set_epoch"):
         task.set_epoch(epoch)
@@ -331,14 +332,23 @@ def train_epoch(state: RunState, data, config: TrainConfig, ctx: DistContext, ep
         totals.add(ce_value, reg_value, (logits.argmax(dim=1) == y).sum().item(), len(y))
     epoch_time = time.perf_counter() - t0
     totals = totals.all_ranks(ctx)
-    test_loss, test_acc = evaluate(state.model, data, ctx.device, config.precision)
-    if not math.isfinite(test_loss):
-        _stop(name, epoch, f"the test loss is not finite ({test_loss:g})", state.history, config)
+    test_loss = test_acc = None
+    if evaluates(epoch, config):
+        test_loss, test_acc = evaluate(state.model, data, ctx.device, config.precision)
+        if not math.isfinite(test_loss):
+            _stop(name, epoch, f"the test loss is not finite ({test_loss:g})", state.history,
+                  config)
     return {"epoch": epoch + 1, "lr": state.optimizer.param_groups[0]["lr"],
             "train_loss": totals.loss_sum / totals.images,
             "train_reg": totals.reg_sum / totals.images,
             "train_acc": totals.correct / totals.images, "test_loss": test_loss,
             "test_acc": test_acc, "epoch_time_s": epoch_time}
+
+
+def evaluates(epoch: int, config: TrainConfig) -> bool:
+    """Whether epoch `epoch` (0-based) ends with an evaluation: every config.eval_every-th epoch
+    and the last one."""
+    return (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
 
 
 def _stop(name: str, epoch: int, what: str, history: list, config: TrainConfig) -> None:
@@ -380,17 +390,19 @@ def _metrics(header: dict, history: list[dict], config: TrainConfig) -> dict:
     if history:
         last = history[-1]
         times = [h["epoch_time_s"] for h in history]
+        tested = [h["test_acc"] for h in history if h["test_acc"] is not None]
         out["final"] = {"test_acc": last["test_acc"], "test_loss": last["test_loss"],
                         "train_loss": last["train_loss"], "train_acc": last["train_acc"],
-                        "best_test_acc": max(h["test_acc"] for h in history),
+                        "best_test_acc": max(tested) if tested else None,
                         "epoch_time_s": sum(times) / len(times)}
     return out
 
 
 def _write_logs(out_dir, header, history, config) -> None:
     """log.csv and metrics.json from the history (one row per finished epoch)."""
-    lines = [",".join(CSV_FIELDS)] + [",".join(f"{h[k]:.6g}" if isinstance(h[k], float)
-                                              else str(h[k]) for k in CSV_FIELDS) for h in history]
+    def cell(value) -> str:  # an epoch without evaluation leaves its test columns empty
+        return "" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value)
+    lines = [",".join(CSV_FIELDS)] + [",".join(cell(h[k]) for k in CSV_FIELDS) for h in history]
     save_text("\n".join(lines) + "\n", os.path.join(out_dir, "log.csv"))
     save_json(_metrics(header, history, config), os.path.join(out_dir, "metrics.json"))
 
@@ -438,9 +450,10 @@ def train_run(config: TrainConfig, out_dir: str, *, resume: bool = False,
         row = train_epoch(state, data, config, ctx, epoch, name, first_of_process=epoch == start)
         state.history.append(row)
         state.epochs_done = epoch + 1
-        log(f"[{name}] epoch {epoch + 1}/{config.epochs} loss {row['train_loss']:.4f} "
-            f"reg {row['train_reg']:.4f} train_acc {row['train_acc']:.4f} "
+        tested = "" if row["test_acc"] is None else \
             f"test_loss {row['test_loss']:.4f} test_acc {row['test_acc']:.4f} "
+        log(f"[{name}] epoch {epoch + 1}/{config.epochs} loss {row['train_loss']:.4f} "
+            f"reg {row['train_reg']:.4f} train_acc {row['train_acc']:.4f} {tested}"
             f"lr {row['lr']:.2e} {row['epoch_time_s']:.2f}s{suffix}")
         if ctx.is_main:
             save_epoch(out_dir, header, state, config)
