@@ -8,9 +8,10 @@
 # first run is a link run, at link's chosen weight. Each setting writes
 # runs/tune/<benchmark>/<method>/<flag>=<value>/summary.csv; scripts/tune_table.py reads them.
 # Stage d32 tunes the learning rate of the main job's digits32 methods (baseline, structured,
-# refiner) on its setting (--data digits32 --train-fraction 0.3 --epochs 30), two settings at a
-# time, one per core; it is not part of `all`.
-# Usage: bash scripts/tune.sh [1|2|3|all|d32] [extra compare arguments]
+# refiner) on its setting (--data digits32 --train-fraction 0.3 --epochs 30), stage d32-batch
+# their batch size at their default rates (8, 16, 32: more and smaller steps in the same 30
+# epochs), two settings at a time, one per core; neither is part of `all`.
+# Usage: bash scripts/tune.sh [1|2|3|all|d32|d32-batch] [extra compare arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -45,15 +46,24 @@ fi
 if [ "$stage" = 3 ] || [ "$stage" = all ]; then
   tune digits link_advanced --link-advanced-k 1 2 4 8
 fi
+# The digits32 stages run two settings at a time (one thread each); `wait -n` fails the stage
+# when a run fails.
+running=0
+start() {  # tune's arguments, one value: in the background, at most two at a time
+  if [ "$running" -ge 2 ]; then wait -n; running=$((running - 1)); fi
+  tune "$@" > /dev/null &
+  running=$((running + 1))
+}
+finish() { while [ "$running" -gt 0 ]; do wait -n; running=$((running - 1)); done; }
 if [ "$stage" = d32 ]; then
-  # Two settings at a time (one thread each); `wait -n` fails the stage when a run fails.
-  running=0
   for method in baseline structured refiner; do
-    for lr in "${lrs[@]}"; do
-      if [ "$running" -ge 2 ]; then wait -n; running=$((running - 1)); fi
-      tune digits32 "$method" --lr "$lr" > /dev/null &
-      running=$((running + 1))
-    done
+    for lr in "${lrs[@]}"; do start digits32 "$method" --lr "$lr"; done
   done
-  while [ "$running" -gt 0 ]; do wait -n; running=$((running - 1)); done
+  finish
+fi
+if [ "$stage" = d32-batch ]; then
+  for method in baseline structured refiner; do
+    for batch in 8 16 32; do start digits32 "$method" --batch-size "$batch"; done
+  done
+  finish
 fi
