@@ -33,6 +33,8 @@ compare --methods baseline,finetune,gta --classes 5-9 \
   --train-fraction 0.1 --data digits --out runs/main/transfer "${args[@]}"
 # digits32: each digit upscaled to 16x16 at a random place on a 32x32 canvas, 64 tokens of 4x4
 # patches. 30% of the training split (404 images) and 30 epochs: at 20% the baseline stays near
-# chance (docs/results.md).
+# chance (docs/results.md). Batch 16 for baseline and structured, 32 for the Refiner: each
+# method's best of 8, 16 and 32 on the validation split (scripts/tune.sh d32-batch).
 compare --methods baseline,structured,refiner --train-fraction 0.3 --epochs 30 \
+  --method-opt baseline:batch-size=16 --method-opt structured:batch-size=16 \
   --data digits32 --out runs/main/digits32 "${args[@]}"

@@ -42,6 +42,16 @@ def out_args(tmp_path):
     (["train", "--augment", "rotate"], "invalid choice"),
     (["train", "--model-opt", "depth=-1"], "depth"),
     (["compare", "--seeds", "0,x"], "--seeds"),
+    (["compare", "--method-opt", "baseline"], "--method-opt must be METHOD:SETTING=VALUE"),
+    (["compare", "--methods", "baseline", "--method-opt", "refiner:lr=1e-3"],
+     "'refiner' is not compared"),
+    (["compare", "--method-opt", "magic:lr=1e-3"], "unknown method 'magic'"),
+    (["compare", "--method-opt", "baseline:epochs=3"], "'epochs' cannot be set per method"),
+    (["compare", "--method-opt", "baseline:batch-size=x"], "'x' is not an integer"),
+    (["compare", "--method-opt", "baseline:lr=-1"], "--method-opt baseline:lr must be > 0"),
+    (["compare", "--method-opt", "baseline:warmup-epochs=50"], "warmup-epochs must be in [0, "),
+    (["compare", "--method-opt", "baseline:lr=1e-3", "--method-opt", "baseline:lr=2e-3"],
+     "sets lr of baseline twice"),
     (["train", "--method", "link", "--link-cnn", "torchvision:resnet18:/no/file.pth"],
      "no weights file"),
 ])
@@ -86,7 +96,8 @@ def test_the_real_command_exits_nonzero_with_one_line(tmp_path):
 @requires_cpp
 def test_compare_writes_table_files_and_plots(capsys, tmp_path):
     argv = ["compare", "--methods", "baseline,link", "--seeds", "0,1", "--epochs", "2",
-            "--cnn-epochs", "1", *TINY_ARGS, *out_args(tmp_path)]
+            "--cnn-epochs", "1", *TINY_ARGS, "--method-opt", "link:batch-size=16",
+            *out_args(tmp_path)]
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "baseline" in table and "link" in table and "±" in table
@@ -99,6 +110,14 @@ def test_compare_writes_table_files_and_plots(capsys, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["method"] for r in metrics["summary"]] == ["baseline", "link"]
     assert len(metrics["runs"]) == 4 and len((out / "results.csv").read_text().splitlines()) == 5
+    # --method-opt: link's runs alone train with batch 16; the table and metrics.json say so
+    for seed in (0, 1):
+        for method, batch in (("baseline", 32), ("link", 16)):
+            run = json.loads((out / "runs" / f"{method}-s{seed}" / "metrics.json").read_text())
+            assert run["config"]["batch_size"] == batch
+    assert "batch_size per method: baseline 32, link 16" in table
+    assert metrics["config_per_method"]["batch_size"] == {"baseline": 32, "link": 16}
+    assert "batch_size" not in metrics["config"] and metrics["config"]["epochs"] == 2
     base, link = metrics["summary"]
     assert base["reference"] == "" and base["delta"] is None
     assert base["test_acc_mean"] == pytest.approx(sum(base["test_accs"]) / 2)

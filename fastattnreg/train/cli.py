@@ -30,7 +30,7 @@ from .methods import MethodError, parse_method, parse_overrides
 from .trainer import TrainingError, log_to_stderr, resumable, train_run
 from .workers import check_workers
 from .validate import (UsageError, check_models, check_numbers, check_overrides, check_packages,
-                       check_seeds, ddp_timeout_default, needed_packages)
+                       check_seeds, ddp_timeout_default, needed_packages, parse_method_opts)
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -138,6 +138,11 @@ def make_parser() -> argparse.ArgumentParser:
                     help="after the runs, time this many training epochs of each method on the "
                          "fused backend and on --backend reference, in turn (summary columns "
                          "epoch_time_fused_s, epoch_time_reference_s); 0 skips it")
+    cp.add_argument("--method-opt", action="append", default=[],
+                    metavar="METHOD:SETTING=VALUE",
+                    help="a training setting of one method's runs only, e.g. "
+                         "baseline:batch-size=16 (repeatable; settings: lr, batch-size, "
+                         "weight-decay, warmup-epochs, label-smoothing)")
     cp.add_argument("--workers", type=int, default=1,
                     help="train the runs in this many processes at once, each with --threads "
                          "threads (CPU only; the same numbers as 1); default 1")
@@ -262,7 +267,9 @@ def cmd_compare(args, ctx) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     validate_data_and_model(args)
-    configs = {(n, s): config_from_args(args, n, s) for n in names for s in seeds}
+    own = parse_method_opts(args.method_opt, names, args.epochs)
+    configs = {(n, s): config_from_args(args, n, s).with_(**own.get(n, {}))
+               for n in names for s in seeds}
     validate_run(args, "compare", [configs[(n, seeds[0])] for n in names])
     out = args.out or os.path.join("runs", default_name(args))
     check_out_dir(out, args.resume, args.overwrite)

@@ -134,7 +134,8 @@ def run_compare(configs: dict, methods: list[str], seeds: list[int], out: str, *
     summary = summarise(results, methods, seeds, benchmark_name(configs[(methods[0], seeds[0])]),
                         timings)
     if ctx.is_main:
-        table = format_table(summary, seeds, configs[(methods[0], seeds[0])], wall)
+        table = format_table(summary, seeds, configs[(methods[0], seeds[0])], wall,
+                             method_settings(configs, methods, seeds))
         write_outputs(out, configs, results, summary, methods, seeds, wall, table)
         print(table)
     return {"summary": summary, "runs": results}
@@ -232,7 +233,17 @@ def summary_csv(summary: list[dict]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def format_table(summary: list[dict], seeds: list[int], config, wall: float) -> str:
+def method_settings(configs: dict, methods: list[str], seeds: list[int]) -> dict:
+    """{setting: {method: value}} for the settings (besides method and seed) whose values differ
+    between the methods: the tuned learning rates, compare --method-opt."""
+    first = {m: configs[(m, seeds[0])].to_dict() for m in methods}
+    keys = [k for k in first[methods[0]] if k not in ("method", "seed")]
+    return {k: {m: first[m][k] for m in methods} for k in keys
+            if len({repr(first[m][k]) for m in methods}) > 1}
+
+
+def format_table(summary: list[dict], seeds: list[int], config, wall: float,
+                 per_method: dict | None = None) -> str:
     split = summary[0]["eval_split"]
     held = f", {config.val_fraction:g} of it held out" if split == "validation" else ""
     head = (f"{split.capitalize()} accuracy on {summary[0]['benchmark']} (train fraction "
@@ -262,6 +273,10 @@ def format_table(summary: list[dict], seeds: list[int], config, wall: float) -> 
         lines.append(f"fused s / ref. s: the median training epoch on the fused backend "
                      f"({', '.join(backends)}) and on --backend reference, timed in turn after "
                      "the runs")
+    for setting, values in (per_method or {}).items():
+        lines.append(f"{setting} per method: " + ", ".join(f"{m} {v:g}" if isinstance(v, float)
+                                                          else f"{m} {v}"
+                                                          for m, v in values.items()))
     lines.append(f"total wall time {wall:.0f} s (guide training included)")
     return "\n".join(lines)
 
@@ -270,14 +285,15 @@ def write_outputs(out, configs, results, summary, methods, seeds, wall, table: s
     """metrics.json, results.csv, summary.csv, table.txt (the printed table), accuracy.png and
     attention.png in `out`."""
     os.makedirs(out, exist_ok=True)
+    per_method = method_settings(configs, methods, seeds)
     first = configs[(methods[0], seeds[0])].to_dict()
-    shared = {k: v for k, v in first.items() if k not in ("method", "seed")}  # same for all runs
+    shared = {k: v for k, v in first.items() if k not in ("method", "seed") + tuple(per_method)}
     runs = [{"method": m, "seed": s, "folder": run_dir(out, m, s),
              "final": results[(m, s)]["final"], "epochs": results[(m, s)]["epochs"],
              "reference_path": results[(m, s)].get("reference_path", [])}
             for m in methods for s in seeds]
     save_json({"status": "complete", "methods": methods, "seeds": seeds, "config": shared,
-               "summary": summary, "runs": runs, "wall_time_s": wall, "versions": versions()},
+               "config_per_method": per_method, "summary": summary, "runs": runs, "wall_time_s": wall, "versions": versions()},
               os.path.join(out, "metrics.json"))
     rows = ["method,seed,test_acc,test_loss,best_test_acc,epoch_time_s"]
     rows += [f"{r['method']},{r['seed']},{r['final']['test_acc']:.6f},"

@@ -20,8 +20,8 @@ from .build import param_shapes, parse_torchvision_spec, source_classes
 from .checkpoint import load_checkpoint, rng_state, set_rng_state
 from .data import data_info_of, parse_classes
 from .guide_cnns import TORCHVISION_LAYERS, TorchvisionInput, torchvision_cnn
-from .methods import (LINKS, MethodSpec, PlainTask, advance_links, build_vit, gta_student,
-                      make_gta_task, make_link_task, parse_method)
+from .methods import (LINKS, MethodError, MethodSpec, PlainTask, advance_links, build_vit,
+                      gta_student, make_gta_task, make_link_task, parse_method)
 
 SEED_MAX = 2**32 - 1  # seeds also seed numpy's legacy generator, which takes 32 bits
 
@@ -87,6 +87,9 @@ NUMBER_LIMITS = {
     "seed": SEED,
 }
 STRUCTURED_KERNELS = (3, 5)
+# compare --method-opt: the training settings one method's runs may set for themselves
+METHOD_OPT_TYPES = {"lr": float, "batch_size": int, "weight_decay": float,
+                    "warmup_epochs": int, "label_smoothing": float}
 
 
 def flag(dest: str) -> str:
@@ -112,6 +115,46 @@ def check_numbers(args) -> None:
                          f"{args.warmup_epochs}")
     if args.structured_kernel not in STRUCTURED_KERNELS:
         raise UsageError(f"--structured-kernel must be 3 or 5; got {args.structured_kernel}")
+
+
+def parse_method_opts(items: Iterable[str], methods: list[str], epochs: int) -> dict:
+    """compare --method-opt: ['baseline:batch-size=16'] -> {'baseline': {'batch_size': 16}}.
+    `methods` are the canonical names of --methods (parse_method(...).name). UsageError naming
+    the item for a malformed item, a method not compared, a setting that cannot be set per
+    method, a value of the wrong type or outside its limit, or one setting given twice."""
+    allowed = ", ".join(flag(d)[2:] for d in METHOD_OPT_TYPES)
+    out: dict = {}
+    for item in items:
+        method, colon, setting = item.partition(":")
+        name, equals, raw = setting.partition("=")
+        if not (colon and equals and method and name):
+            raise UsageError(f"--method-opt must be METHOD:SETTING=VALUE (e.g. "
+                             f"baseline:batch-size=16); got {item!r}")
+        try:
+            method = parse_method(method).name
+        except MethodError as exc:
+            raise UsageError(f"--method-opt {item}: {exc}") from None
+        if method not in methods:
+            raise UsageError(f"--method-opt {item}: {method!r} is not compared (--methods "
+                             f"{','.join(methods)})")
+        dest = name.lstrip("-").replace("-", "_")
+        if dest not in METHOD_OPT_TYPES:
+            raise UsageError(f"--method-opt {item}: {name!r} cannot be set per method; these "
+                             f"can: {allowed}")
+        kind = METHOD_OPT_TYPES[dest]
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise UsageError(f"--method-opt {item}: {raw!r} is not "
+                             f"{'an integer' if kind is int else 'a number'}") from None
+        check_number(f"--method-opt {method}:{flag(dest)[2:]}", value, NUMBER_LIMITS[dest])
+        if dest == "warmup_epochs" and value >= epochs:
+            raise UsageError(f"--method-opt {item}: warmup-epochs must be in [0, --epochs) = "
+                             f"[0, {epochs}); got {value}")
+        if dest in out.get(method, {}):
+            raise UsageError(f"--method-opt sets {flag(dest)[2:]} of {method} twice")
+        out.setdefault(method, {})[dest] = value
+    return out
 
 
 def check_seeds(seeds: Iterable[int], name: str = "--seeds") -> None:
