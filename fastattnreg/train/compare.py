@@ -273,10 +273,9 @@ def format_table(summary: list[dict], seeds: list[int], config, wall: float,
         lines.append(f"fused s / ref. s: the median training epoch on the fused backend "
                      f"({', '.join(backends)}) and on --backend reference, timed in turn after "
                      "the runs")
-    for setting, values in (per_method or {}).items():
-        lines.append(f"{setting} per method: " + ", ".join(f"{m} {v:g}" if isinstance(v, float)
-                                                          else f"{m} {v}"
-                                                          for m, v in values.items()))
+    for setting, values in (per_method or {}).items():  # e.g. "lr per method: baseline 0.002"
+        shown = (f"{m} {v:g}" if isinstance(v, float) else f"{m} {v}" for m, v in values.items())
+        lines.append(f"{setting} per method: " + ", ".join(shown))
     lines.append(f"total wall time {wall:.0f} s (guide training included)")
     return "\n".join(lines)
 
@@ -293,7 +292,8 @@ def write_outputs(out, configs, results, summary, methods, seeds, wall, table: s
              "reference_path": results[(m, s)].get("reference_path", [])}
             for m in methods for s in seeds]
     save_json({"status": "complete", "methods": methods, "seeds": seeds, "config": shared,
-               "config_per_method": per_method, "summary": summary, "runs": runs, "wall_time_s": wall, "versions": versions()},
+               "config_per_method": per_method, "summary": summary, "runs": runs,
+               "wall_time_s": wall, "versions": versions()},
               os.path.join(out, "metrics.json"))
     rows = ["method,seed,test_acc,test_loss,best_test_acc,epoch_time_s"]
     rows += [f"{r['method']},{r['seed']},{r['final']['test_acc']:.6f},"
