@@ -3,6 +3,7 @@ link_advanced of the same seed, longest runs first), the same numbers as one pro
 failure in a worker that stops the comparison."""
 import json
 import os
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -15,7 +16,7 @@ from fastattnreg.train.compare import run_compare, run_dir  # noqa: E402
 from fastattnreg.train.config import TrainConfig  # noqa: E402
 from fastattnreg.train.dist import DistContext  # noqa: E402
 from fastattnreg.train.methods import parse_method  # noqa: E402
-from fastattnreg.train.workers import check_workers, plan_tasks  # noqa: E402
+from fastattnreg.train.workers import Task, check_workers, plan_tasks, run_tasks  # noqa: E402
 from conftest import requires_cpp  # noqa: E402
 from test_train import TINY, quiet  # noqa: E402
 
@@ -143,3 +144,30 @@ def test_a_failing_run_stops_the_comparison(tmp_path, monkeypatch):
     with pytest.raises(testhooks.InjectedFault, match="failure injected"):
         _compare(tmp_path / "out", tmp_path / "cache", workers=2, methods=("baseline",))
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def _sleeps(pid_file: str) -> int:  # in a worker: would hold the comparison for 10 minutes
+    with open(pid_file, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(600)
+    return 0
+
+
+def _fails(pid_file: str) -> int:  # in the other worker, once the sleeping one has started
+    for _ in range(600):
+        if os.path.exists(pid_file) and open(pid_file).read():
+            break
+        time.sleep(0.1)
+    raise ValueError("this task fails")
+
+
+@pytest.mark.slow
+def test_a_failure_terminates_the_tasks_still_running(tmp_path):
+    pid_file = str(tmp_path / "sleeping.pid")
+    tasks = {("slow",): Task(("slow",), (_sleeps, {"pid_file": pid_file}), order=(0,)),
+             ("fails",): Task(("fails",), (_fails, {"pid_file": pid_file}), order=(1,))}
+    with pytest.raises(ValueError, match="this task fails"):
+        run_tasks(tasks, 2, lambda key, result: None)
+    pid = int(open(pid_file).read())
+    with pytest.raises(ProcessLookupError):  # terminated and reaped, not left sleeping
+        os.kill(pid, 0)

@@ -147,11 +147,12 @@ def run_tasks(tasks: dict[TaskKey, Task], workers: int,
 def _stop(pool: ProcessPoolExecutor) -> None:
     """Cancels what has not started and terminates the workers (their runs' last checkpoints
     stay complete). ProcessPoolExecutor has no public terminate before Python 3.14."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # shutdown drops them
     pool.shutdown(wait=False, cancel_futures=True)
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
+    for process in processes:
         if process.is_alive():
             process.terminate()
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
+    for process in processes:
         process.join(timeout=30)
 
 
