@@ -7,10 +7,11 @@
 # so run it after the stage-1 choices are the defaults; stage 3 tunes link_advanced's k, whose
 # first run is a link run, at link's chosen weight. Each setting writes
 # runs/tune/<benchmark>/<method>/<flag>=<value>/summary.csv; scripts/tune_table.py reads them.
-# Stage d32 tunes the learning rate of the main job's digits32 methods (baseline, structured,
-# refiner) on its setting (--data digits32 --train-fraction 0.3 --epochs 30), stage d32-batch
-# their batch size at their default rates (8, 16, 32: more and smaller steps in the same 30
-# epochs), two settings at a time, one per core; neither is part of `all`.
+# Stage d32-batch tunes the batch size of the main job's digits32 methods (baseline,
+# structured, refiner) on its setting (--data digits32 --train-fraction 0.3 --epochs 30) at
+# their default rates (8, 16, 32: more and smaller steps in the same 30 epochs); stage d32 then
+# tunes their learning rate at batch 16, the batch size d32-batch chose for all three. Both run
+# two settings at a time, one per core; neither is part of `all`.
 # Usage: bash scripts/tune.sh [1|2|3|all|d32|d32-batch] [extra compare arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,6 +57,7 @@ start() {  # tune's arguments, one value: in the background, at most two at a ti
 }
 finish() { while [ "$running" -gt 0 ]; do wait -n; running=$((running - 1)); done; }
 if [ "$stage" = d32 ]; then
+  extra=(--batch-size 16 "${extra[@]}")  # an extra --batch-size given to the script wins
   for method in baseline structured refiner; do
     for lr in "${lrs[@]}"; do start digits32 "$method" --lr "$lr"; done
   done

@@ -185,3 +185,20 @@ def test_init_locality_splits_each_patch_query_attention(capsys):
     assert base["neighbours"] == pytest.approx(uniform_neighbours, abs=0.02)  # no prior
     assert rows[("mimetic", "learn")]["self"] > 3 * base["self"]  # q k^T ~ I: itself first
     assert rows[("structured", "sincos")]["neighbours"] > 1.5 * uniform_neighbours
+
+
+def test_init_locality_class_token_rows_peak_after_the_first_block_under_structured_init(capsys):
+    pytest.importorskip("sklearn")
+    from benchmarks import init_locality
+
+    rows = {(r["data"], r["method"]): r for r in init_locality.main(["--seeds", "1",
+                                                                      "--class-token"])}
+    assert "| digits32 | structured |" in capsys.readouterr().out
+    for data, tokens in (("digits", 17), ("digits32", 65)):
+        base, structured = rows[(data, "baseline")], rows[(data, "structured")]
+        assert base["tokens"] == structured["tokens"] == tokens
+        assert max(base["peaks"]) < 1.5 / tokens  # a near-uniform row: it pools the image
+        # the first block's class query is zero (zero embedding row): a uniform row; later
+        # blocks' class queries carry content through the fitted W_q and peak
+        assert structured["peaks"][0] < 1.5 / tokens
+        assert min(structured["peaks"][1:]) > 0.3

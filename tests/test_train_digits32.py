@@ -32,9 +32,12 @@ def test_each_digit_lies_in_one_16_pixel_box_at_a_varying_place():
     assert canvases[canvases < 128].std() < 0.1 * 255  # light noise on the background
 
 
-def test_digits32_model_sees_64_tokens():
+def test_digits32_model_sees_64_tokens_pooled_without_a_class_token():
     cfg = TrainConfig(data="digits32")
     model = create_model(cfg.resolved_model())
     x = torch.randn(2, 1, 32, 32)
     assert model(x).shape == (2, 10)
-    assert model.patch_embed.num_patches == 64
+    assert model.patch_embed.num_patches == 64 and model.num_prefix_tokens == 0
+    # the classifier reads the patch-token mean; the fixed sin-cos embedding is no parameter
+    assert model.config.global_pool == "avg"
+    assert "pos_embed" not in dict(model.named_parameters())

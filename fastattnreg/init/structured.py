@@ -14,7 +14,10 @@ and with norm1's bias zero (its default) and q/k biases zeroed every logit in th
 columns is then exactly 0 whatever W_q, W_k are: the class query attends uniformly, and each
 patch query sees the class key at logit 0. Both methods keep the prefix keys in every patch
 row's softmax (target 0 there, so the impulse must beat them, as it has to at run time) and
-leave the prefix queries' rows out of the target and the loss.
+leave the prefix queries' rows out of the target and the loss. That uniform class row holds in
+the first block only: later blocks' class tokens carry content, their queries pass through the
+fitted W_q, and their rows peak on a few fixed keys. The method is meant for models that pool
+the patch tokens (class_token=False, global_pool="avg"), as its authors train it.
 """
 from __future__ import annotations
 
