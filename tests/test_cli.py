@@ -54,6 +54,9 @@ def out_args(tmp_path):
      "sets lr of baseline twice"),
     (["train", "--method", "link", "--link-cnn", "torchvision:resnet18:/no/file.pth"],
      "no weights file"),
+    # digits32's ViT has no class token: GTA's default class-token rows do not exist there
+    (["train", "--method", "gta", "--data", "digits32", "--classes", "5-9"],
+     "rows='cls' needs a class token but the student has num_prefix_tokens=0; use rows='all'"),
 ])
 def test_bad_command_lines(capsys, tmp_path, argv, needle):
     fails_cleanly(capsys, tmp_path, argv + out_args(tmp_path), needle)

@@ -236,6 +236,13 @@ def test_gta_bad_arguments_name_the_value():
         GTALoss(student, _vit(num_heads=4))
     with pytest.raises(ValueError, match=r"student has 3 FusedAttention layers but source has 2"):
         GTALoss(student, _vit(depth=2))
+    pooled = _vit(class_token=False, global_pool="avg")
+    with pytest.raises(ValueError, match=r"rows='cls' needs a class token but the student has "
+                                         r"num_prefix_tokens=0; use rows='all'"):
+        GTALoss(copy.deepcopy(pooled), pooled)
+    with pytest.raises(ValueError, match=r"but the source has num_prefix_tokens=0"):
+        GTALoss(student, pooled)
+    GTALoss(copy.deepcopy(pooled), pooled, rows="all")  # every row: no class token needed
 
 
 # -------------------------------------------------------------------------------------- AAL

@@ -66,6 +66,14 @@ class GTALoss(nn.Module):
         if student is source:
             raise ValueError("student and source must be two models; got the same object twice "
                              "(pass copy.deepcopy(source) as the student)")
+        if rows == "cls":
+            # rows="cls" matches query row 0, which is a patch's row in a model without a
+            # class token (e.g. global average pooling)
+            for role, model in (("student", student), ("source", source)):
+                prefix = getattr(model, "num_prefix_tokens", None)
+                if prefix == 0:
+                    raise ValueError(f"rows='cls' needs a class token but the {role} has "
+                                     f"num_prefix_tokens=0; use rows='all'")
         student_layers = fused_attention_layers(student, "student")
         source_layers = fused_attention_layers(source, "source")
         if layers is None and len(student_layers) != len(source_layers):
