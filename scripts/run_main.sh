@@ -3,8 +3,8 @@
 # digits with 5 seeds each (fastattnreg compare), each printing its table (95% intervals, paired
 # differences to the reference row, each method's training epoch timed on the fused backend and
 # on --backend reference) and writing runs/main/<benchmark>/ (metrics.json, results.csv,
-# summary.csv, table.txt, accuracy.png, attention.png). The methods' defaults come from
-# scripts/tune.sh on the 8x8 digits (docs/results.md).
+# summary.csv, table.txt, accuracy.png, attention.png). Every method's settings come from
+# scripts/tune.sh, on a validation split (docs/results.md).
 # Each comparison trains its runs in two worker processes of one thread each (--workers 2, one
 # per core of a 2-core machine; the same numbers as one process): the models are so small
 # (batch 16 or 32 x 17 or 64 tokens x 64 channels) that a second thread per run costs more in
@@ -24,7 +24,16 @@ compare() {
     --eval-every 5 --overwrite "$@"
 }
 args=("$@")
+# The 8x8 digits: the ViT classifies the mean of its patch tokens, on the fixed sin-cos
+# embedding, as on digits32 (the preset itself keeps its class token, which GTA's class rows
+# need in the transfer task below). Each method's rate (and link's weight and k) is its best
+# on the validation split for this model (docs/results.md).
 compare --methods baseline,structured,mimetic,refiner,link,link_advanced \
+  --model-opt class_token=false --model-opt global_pool=avg --model-opt pos_embed=sincos \
+  --method-opt baseline:lr=4e-3 --method-opt structured:lr=2e-3 \
+  --method-opt mimetic:lr=1e-3 --method-opt refiner:lr=1e-3 \
+  --method-opt link:lr=4e-3 --method-opt link_advanced:lr=4e-3 \
+  --link-weight 0.03 --link-advanced-k 4 \
   --train-fraction 0.1 --data digits --out runs/main/digits "${args[@]}"
 # Transfer (like for like): the task is digits 5-9 at 10%; the source of finetune and gta trains
 # on every training image of digits 0-4 (it never sees the task's labels); gta's reference row

@@ -12,7 +12,11 @@
 # their default rates (8, 16, 32: more and smaller steps in the same 30 epochs); stage d32 then
 # tunes their learning rate at batch 16, the batch size d32-batch chose for all three. Both run
 # two settings at a time, one per core; neither is part of `all`.
-# Usage: bash scripts/tune.sh [1|2|3|all|d32|d32-batch] [extra compare arguments]
+# Stage pooled spends the 8x8 budget on the model the main job's 8x8 comparison trains, the
+# mean of the patch tokens on the fixed sin-cos embedding: the rates of baseline, structured,
+# mimetic and refiner, then link's weight and link_advanced's k at the baseline's chosen rate,
+# 4e-3 (runs/tune/digits-pooled/); two settings at a time; not part of `all`.
+# Usage: bash scripts/tune.sh [1|2|3|all|d32|d32-batch|pooled] [extra compare arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -27,6 +31,8 @@ tune() {  # benchmark, method, flag, values...
   local task=()  # after the common arguments: these override them
   [ "$bench" = transfer ] && task=(--classes 5-9)
   [ "$bench" = digits32 ] && task=(--data digits32 --train-fraction 0.3 --epochs 30)
+  [ "$bench" = digits-pooled ] && task=(--model-opt class_token=false
+    --model-opt global_pool=avg --model-opt pos_embed=sincos)
   for value in "$@"; do
     "$PY" -m fastattnreg compare --methods "$method" "$flag" "$value" "${common[@]}" \
       "${task[@]}" --out "runs/tune/$bench/$method/${flag#--}=$value" "${extra[@]}"
@@ -61,6 +67,18 @@ if [ "$stage" = d32 ]; then
   for method in baseline structured refiner; do
     for lr in "${lrs[@]}"; do start digits32 "$method" --lr "$lr"; done
   done
+  finish
+fi
+if [ "$stage" = pooled ]; then
+  for method in baseline structured mimetic refiner; do
+    for lr in "${lrs[@]}"; do start digits-pooled "$method" --lr "$lr"; done
+  done
+  finish
+  extra=(--lr 4e-3 "${extra[@]}")  # the links train at the baseline's chosen rate
+  for weight in 0.03 0.1 0.3 1.0; do start digits-pooled link --link-weight "$weight"; done
+  finish
+  extra=(--link-weight 0.03 "${extra[@]}")  # link's chosen weight
+  for k in 1 2 4 8; do start digits-pooled link_advanced --link-advanced-k "$k"; done
   finish
 fi
 if [ "$stage" = d32-batch ]; then
