@@ -139,6 +139,6 @@ def plot_attention(checkpoints: dict[str, str], config, path: str) -> None:
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle("attention over test images (first seed's final models)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # 0.35 in for the title
     save_png(fig, path)
     plt.close(fig)
