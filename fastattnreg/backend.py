@@ -23,8 +23,9 @@ ENV_VAR = "FASTATTNREG_BACKEND"
 REQUIRE_CPP_VAR = "FASTATTNREG_REQUIRE_CPP"
 
 _cpp_error: str | None = None
+_cpp_module = None
 try:
-    importlib.import_module("fastattnreg._C")  # runs the TORCH_LIBRARY registrations
+    _cpp_module = importlib.import_module("fastattnreg._C")  # runs the TORCH_LIBRARY registrations
     _cpp_loaded = True
 except ImportError as exc:  # not built, or built against another torch
     if os.environ.get(REQUIRE_CPP_VAR, "0") == "1":
@@ -67,6 +68,27 @@ def triton_available() -> bool:
     """True when the Triton kernels can run here: Triton is installed and either a CUDA device
     is present or TRITON_INTERPRET=1 was set before fastattnreg was imported."""
     return _triton_installed and (_triton_interpret or torch.cuda.is_available())
+
+
+# The variables that cap the instruction sets of the libraries under torch's CPU ops, with what
+# they mean unset: MKL (float matmuls) and oneDNN (convolutions) then pick the widest the CPU has.
+NUMERICS_VARS = ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+
+
+def cpu_numerics() -> dict:
+    """The instruction sets that decide the rounding of CPU float ops in this process.
+
+    Two machines give bitwise the same training numbers only where every entry agrees: "aten"
+    (torch's own vector kernels, capped by ATEN_CPU_CAPABILITY), "kernels" (what this package's
+    C++ kernels were compiled for, capped by FASTATTNREG_SIMD at build time; None without the
+    extension) and MKL's and oneDNN's caps ("auto" when unset). docs/results.md shows the
+    settings that reproduce an AVX2 machine's numbers on an AVX-512 one.
+    """
+    out = {"aten": torch.backends.cpu.get_cpu_capability().lower(),
+           "kernels": _cpp_module._vector_isa() if _cpp_module is not None else None}
+    for var in NUMERICS_VARS:
+        out[var] = os.environ.get(var, "auto")
+    return out
 
 
 def check_backend_name(backend: str) -> None:

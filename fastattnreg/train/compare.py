@@ -20,6 +20,7 @@ import os
 import statistics
 import time
 
+from ..backend import cpu_numerics
 from .checkpoint import (CheckpointError, load_checkpoint, remove_stale_temps, save_json,
                          save_text)
 from .dist import DistContext
@@ -134,8 +135,9 @@ def run_compare(configs: dict, methods: list[str], seeds: list[int], out: str, *
     summary = summarise(results, methods, seeds, benchmark_name(configs[(methods[0], seeds[0])]),
                         timings)
     if ctx.is_main:
-        table = format_table(summary, seeds, configs[(methods[0], seeds[0])], wall,
-                             method_settings(configs, methods, seeds))
+        first = configs[(methods[0], seeds[0])]
+        table = format_table(summary, seeds, first, wall, method_settings(configs, methods, seeds),
+                             cpu_numerics() if first.device == "cpu" else None)
         write_outputs(out, configs, results, summary, methods, seeds, wall, table)
         print(table)
     return {"summary": summary, "runs": results}
@@ -243,7 +245,7 @@ def method_settings(configs: dict, methods: list[str], seeds: list[int]) -> dict
 
 
 def format_table(summary: list[dict], seeds: list[int], config, wall: float,
-                 per_method: dict | None = None) -> str:
+                 per_method: dict | None = None, numerics: dict | None = None) -> str:
     split = summary[0]["eval_split"]
     held = f", {config.val_fraction:g} of it held out" if split == "validation" else ""
     head = (f"{split.capitalize()} accuracy on {summary[0]['benchmark']} (train fraction "
@@ -276,6 +278,8 @@ def format_table(summary: list[dict], seeds: list[int], config, wall: float,
     for setting, values in (per_method or {}).items():  # e.g. "lr per method: baseline 0.002"
         shown = (f"{m} {v:g}" if isinstance(v, float) else f"{m} {v}" for m, v in values.items())
         lines.append(f"{setting} per method: " + ", ".join(shown))
+    if numerics:  # the accuracies are bitwise those of another CPU where this line agrees
+        lines.append("CPU instruction sets: " + ", ".join(f"{k} {v}" for k, v in numerics.items()))
     lines.append(f"total wall time {wall:.0f} s (guide training included)")
     return "\n".join(lines)
 

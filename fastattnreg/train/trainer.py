@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import __version__
-from ..backend import resolve
+from ..backend import cpu_numerics, resolve
 from . import testhooks
 from .build import Built, build
 from .checkpoint import (CheckpointError, is_temp, load_checkpoint, remove_stale_temps,
@@ -179,7 +179,8 @@ def load_extra_state(task: nn.Module, model: nn.Module, extra: dict) -> None:
 
 def versions() -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__,
-           "fastattnreg": __version__, "numpy": numpy.__version__}
+           "fastattnreg": __version__, "numpy": numpy.__version__,
+           "cpu_numerics": cpu_numerics()}
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,

@@ -1,0 +1,60 @@
+"""backend.cpu_numerics(): the instruction sets behind the rounding of CPU float ops, which the
+trainer records in metrics.json and compare prints under its table. Each entry must report what
+actually runs: the kernels' entry the build's own flags, ATen's and the libraries' entries the
+caps set in the environment before torch starts."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import requires_cpp
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PROBE = "import json, fastattnreg.backend as b; print(json.dumps(b.cpu_numerics()))"
+CAPS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+
+
+def _numerics(**env) -> dict:
+    """cpu_numerics() in a fresh process (the caps are read once, when torch starts)."""
+    clean = {k: v for k, v in os.environ.items() if k not in CAPS}
+    out = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, cwd=REPO,
+                         capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@requires_cpp
+def test_kernels_entry_is_the_instruction_set_setup_py_compiles_for():
+    # The same FASTATTNREG_SIMD as the build (none in CI), so setup.py prints the build's flags.
+    flags = subprocess.run([sys.executable, "setup.py"], cwd=REPO, capture_output=True,
+                           text=True, timeout=120, check=True,
+                           env={**os.environ, "FASTATTNREG_PRINT_FLAGS": "1"}).stdout.split()
+    expected = ("avx512" if "-DCPU_CAPABILITY_AVX512" in flags else
+                "avx2" if "-DCPU_CAPABILITY_AVX2" in flags else "default")
+    assert _numerics()["kernels"] == expected
+
+
+def test_unset_caps_read_auto_and_set_caps_are_reported():
+    free = _numerics()
+    assert free["MKL_ENABLE_INSTRUCTIONS"] == free["ONEDNN_MAX_CPU_ISA"] == "auto"
+    capped = _numerics(ATEN_CPU_CAPABILITY="default", MKL_ENABLE_INSTRUCTIONS="AVX2",
+                       ONEDNN_MAX_CPU_ISA="AVX2")
+    # "default" is ATen's scalar fallback, which every CPU can run, so the cap always takes.
+    assert capped["aten"] == "default"
+    assert capped["MKL_ENABLE_INSTRUCTIONS"] == capped["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+
+
+def test_compare_table_names_the_instruction_sets():
+    from fastattnreg.train.compare import format_table, summarise
+    from fastattnreg.train.config import TrainConfig
+    results = {("baseline", s): {"final": {"test_acc": 0.5, "epoch_time_s": 0.1}, "data": {}}
+               for s in (0, 1)}
+    rows = summarise(results, ["baseline"], [0, 1], "digits")
+    numerics = {"aten": "avx2", "kernels": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    table = format_table(rows, [0, 1], TrainConfig(), 1.0, numerics=numerics)
+    assert ("CPU instruction sets: aten avx2, kernels avx2, MKL_ENABLE_INSTRUCTIONS AVX2, "
+            "ONEDNN_MAX_CPU_ISA AVX2") in table.splitlines()
+    assert "CPU instruction sets" not in format_table(rows, [0, 1], TrainConfig(), 1.0)
