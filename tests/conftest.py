@@ -1,4 +1,4 @@
-"""Shared fixtures, skip markers and helpers for the test suite.
+"""Shared fixtures, skip markers, paths (TESTS, ROOT), tolerances and helpers for the test suite.
 
 Skips: CUDA-only tests use `requires_cuda` / `requires_cuda_triton`, whose reasons start with
 "needs CUDA"; with FASTATTNREG_NO_SKIPS=1 (scripts/run_tests.sh) every other skip fails the run
@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,24 @@ import long_first
 import skip_policy
 
 CUDA_SKIP_REASON = f"{skip_policy.CUDA_SKIP_PREFIX}: no CUDA device is present"
+TESTS = Path(__file__).resolve().parent  # this folder
+ROOT = TESTS.parent  # the repository's root folder
+# The interpreter case files' tolerance for float32 kernels against a float64 reference on
+# unit-scale inputs (a check scales it by the reference's size where that grows).
+FP32_TOL = 1e-4
 
+
+
+def cpp_schema(name: str) -> str:
+    """The schema text csrc/registration.cpp gives op `name`, e.g. "attention_fwd(Tensor q, ...)
+    -> (...)" (its adjacent string literals joined), for the tests that hold the Triton ops'
+    schemas, stated in Python, to the C++ ones."""
+    source = (ROOT / "csrc" / "registration.cpp").read_text()
+    for call in re.findall(r"m\.def\((.*?)\);", source, flags=re.S):
+        text = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', call))
+        if text.startswith(name + "("):
+            return text
+    raise AssertionError(f"no m.def of {name} in csrc/registration.cpp")
 
 def pytest_configure(config):
     skip_policy.register(config)

@@ -3,8 +3,9 @@
 TRITON_INTERPRET=1 must be set before Triton defines the kernels, so the cases cannot run in the
 parent pytest process; the child's report (its failing cases by name) comes back in the
 assertion message on failure. Every test_triton_<op>.py builds its interpreter tests with
-`interpreted_cases`, one test per case file: one child runs every case of the file, since a
-child's start (torch, Triton and the interpreter's rewrite of each kernel) costs about 5 s.
+`interpreted_cases`, one test per case file of the op (tests/triton_<op>_cases.py and, for
+attention masks, tests/triton_<op>_mask_cases.py): one child runs every case of the file, since
+a child's start (torch, Triton and the interpreter's rewrite of each kernel) costs about 5 s.
 The cases of a file are named test_interp_<group>_..., so `-k interp_<group>` runs one group by
 hand.
 """
@@ -15,9 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import requires_triton
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT, requires_triton
 
 
 def assert_interpreted_cases_pass(cases: Path, timeout: int = 900) -> None:

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from fastattnreg import attention, attention_ref
+from fastattnreg.ops.checks import ATTENTION_EXPORTS
 from conftest import max_err, requires_cpp
-from inputs import EXPORTS, HEAD_DIMS, SEQ_LENS, grid_shape, qkv
+from inputs import HEAD_DIMS, SEQ_LENS, grid_shape, qkv
 
 pytestmark = requires_cpp
 
@@ -42,7 +43,7 @@ def _cpp(*args, **kwargs):
 
 
 @pytest.mark.parametrize("n,d", list(itertools.product(SEQ_LENS, HEAD_DIMS)))
-@pytest.mark.parametrize("export", EXPORTS)
+@pytest.mark.parametrize("export", ATTENTION_EXPORTS)
 def test_float64_matches_reference_with_all_gradients(n, d, export):
     (q, k, v), up, want = _float64_case(n, d, export)
     outs, grads = _outputs_and_grads(_cpp, q, k, v, export, up)
@@ -55,7 +56,7 @@ def test_float64_matches_reference_with_all_gradients(n, d, export):
 
 
 @pytest.mark.parametrize("n,d", [(1, 16), (17, 48), (65, 64), (197, 80), (257, 64)])
-@pytest.mark.parametrize("export", EXPORTS)
+@pytest.mark.parametrize("export", ATTENTION_EXPORTS)
 def test_float32_within_1e5_of_float64_reference(n, d, export):
     inputs64, up, want = _float64_case(n, d, export)
     q, k, v = [t.detach().float().requires_grad_() for t in inputs64]
@@ -65,7 +66,7 @@ def test_float32_within_1e5_of_float64_reference(n, d, export):
 
 
 @pytest.mark.parametrize("n,d", [(1, 16), (17, 48), (65, 64), (197, 80), (257, 16)])
-@pytest.mark.parametrize("export", EXPORTS)
+@pytest.mark.parametrize("export", ATTENTION_EXPORTS)
 def test_bfloat16_error_at_most_twice_the_references(n, d, export):
     """FlashAttention's rule: error vs float64 <= 2x the error of the reference run in bf16."""
     inputs64, up, want = _float64_case(n, d, export)
@@ -83,7 +84,7 @@ def test_bfloat16_error_at_most_twice_the_references(n, d, export):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("export", EXPORTS)
+@pytest.mark.parametrize("export", ATTENTION_EXPORTS)
 def test_gradcheck_float64(export):
     q, k, v = qkv((2, 2, 6, 8), torch.float64)
     assert torch.autograd.gradcheck(
@@ -92,7 +93,7 @@ def test_gradcheck_float64(export):
     )
 
 
-@pytest.mark.parametrize("export", EXPORTS)
+@pytest.mark.parametrize("export", ATTENTION_EXPORTS)
 def test_reruns_are_bitwise_equal(export):
     """Several threads work on a shape with many heads; two runs must agree to the bit."""
     q, k, v = qkv((4, 6, 197, 64), torch.float32)

@@ -11,8 +11,8 @@ import torch
 from fastattnreg import (attention, attention_match, attention_match_ref, attention_ref,
                          refined_attention)
 from conftest import OpDtypes, max_err, requires_cpp
-from inputs import qkv
-from test_refiner import call, clone_running, make_case
+from inputs import qkv, refiner_inputs
+from test_refiner import call, clone_running
 
 pytestmark = requires_cpp
 
@@ -140,7 +140,7 @@ def _refiner_step(qkv, params, running, backend, dout):
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 def test_refined_attention_under_autocast_keeps_running_stats_float32(backend):
-    qkv, params, running = make_case(2, 2, 17, 16, 3, 3)
+    qkv, params, running = refiner_inputs(2, 2, 17, 16, 3, 3)
     dout = torch.randn(2, 2, 17, 16, dtype=torch.float64)
     truth_running = clone_running(running)
     truth = _refiner_step(qkv, params, truth_running, "reference", dout)

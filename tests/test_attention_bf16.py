@@ -7,12 +7,12 @@ import torch
 
 import fastattnreg._C as native
 from fastattnreg import attention, attention_ref
+from fastattnreg.ops.checks import ATTENTION_EXPORTS
 from fastattnreg.ops.dropout import dropout_keep_mask
 from conftest import max_err, requires_cpp
 
 pytestmark = requires_cpp
 
-EXPORTS = (None, "full", "head_mean", "cls", "key_mean")
 # Odd N and odd D take the zero-padded bf16 pairs; N = 300 gives a head two query blocks (a
 # block holds up to 80K / N rows), over which dK and dV accumulate.
 SHAPES = ((1, 1, 1, 16), (2, 3, 17, 33), (3, 2, 65, 64), (1, 2, 197, 80), (1, 1, 300, 64))
@@ -106,7 +106,7 @@ def _case(shape, export, mask_kind, dropout_p, kernels):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("export", EXPORTS)
+@pytest.mark.parametrize("export", ATTENTION_EXPORTS)
 def test_every_export_within_twice_torch_bf16(kernels, shape, export):
     _case(shape, export, None, 0.0, kernels)
 
@@ -123,7 +123,7 @@ def test_dropout_within_twice_torch_bf16(kernels, shape, export):
     _case(shape, export, "float", 0.2, kernels)
 
 
-@pytest.mark.parametrize("export", EXPORTS)
+@pytest.mark.parametrize("export", ATTENTION_EXPORTS)
 def test_reruns_are_bitwise_equal(kernels, export):
     """Several threads share the heads; two runs must agree to the bit."""
     q, k, v = [torch.randn(4, 6, 197, 64, dtype=torch.bfloat16, requires_grad=True)

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from fastattnreg import attention, attention_ref
+from fastattnreg.ops.checks import ATTENTION_EXPORTS
 from fastattnreg.ops.dropout import dropout_keep_mask, dropout_threshold, philox4x32
 from conftest import max_err, requires_cpp
-from inputs import EXPORTS, qkv
+from inputs import qkv
 
 pytestmark = requires_cpp
 
@@ -51,7 +52,7 @@ def test_kernel_mask_is_the_reference_stream(shape, p):
     assert abs(keep.double().mean().item() - (1 - p)) < 0.05
 
 
-@pytest.mark.parametrize("export", EXPORTS)
+@pytest.mark.parametrize("export", ATTENTION_EXPORTS)
 @pytest.mark.parametrize("shape", [(2, 3, 17, 8), (1, 2, 300, 24)])
 def test_forward_and_gradients_exact_given_the_mask(shape, export):
     p = 0.3

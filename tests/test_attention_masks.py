@@ -6,38 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from fastattnreg import attention, attention_ref
+from fastattnreg.ops.checks import ATTENTION_EXPORTS
 from conftest import max_err, requires_cpp
-from inputs import EXPORTS, qkv
+from inputs import ATTENTION_MASK_KINDS, attention_mask, qkv
 
 pytestmark = requires_cpp
-
-MASK_KINDS = ("key_padding", "shared_bias", "per_head_bool", "full_bias")
-
-
-def _mask(kind, B, H, N, dtype=torch.float64, dead_row=True):
-    """A mask of each broadcast form. dead_row: one query row of every head with every key
-    masked (key padding masks a whole batch element's keys instead)."""
-    if kind == "key_padding":  # (B, 1, 1, N) bool; batch element 0 keeps only its first key
-        m = torch.ones(B, 1, 1, N, dtype=torch.bool)
-        m[0, ..., 1:] = False
-        if B > 1:
-            m[1, ..., N // 2:] = False
-        return m
-    if kind == "shared_bias":  # (N, N) float: relative-position-like bias, -inf on a band
-        m = torch.randn(N, N, dtype=dtype)
-        m[N // 2, :] = float("-inf") if dead_row else m[N // 2, :]
-        return m.requires_grad_()
-    if kind == "per_head_bool":  # (1, H, N, N) bool
-        m = torch.rand(1, H, N, N) > 0.4
-        m[..., torch.arange(N), torch.arange(N)] = True
-        if dead_row:
-            m[0, 0, N - 1, :] = False
-        return m
-    m = torch.randn(B, H, N, N, dtype=dtype)  # full float bias, with some -inf entries
-    m[torch.rand(B, H, N, N) < 0.2] = float("-inf")
-    m[..., torch.arange(N), torch.arange(N)] = 0.0
-    return m.requires_grad_()
-
 
 def _outs(fn, q, k, v, mask, export):
     res = fn(q, k, v, attn_mask=mask, export=export, return_lse=True)
@@ -51,12 +24,12 @@ def _grads(outs, inputs, up):
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 17, 8), (1, 2, 65, 16), (2, 1, 300, 24)])
-@pytest.mark.parametrize("kind", MASK_KINDS)
-@pytest.mark.parametrize("export", EXPORTS)
+@pytest.mark.parametrize("kind", ATTENTION_MASK_KINDS)
+@pytest.mark.parametrize("export", ATTENTION_EXPORTS)
 def test_float64_matches_reference_with_all_gradients(shape, kind, export):
     B, H, N, _ = shape
     q, k, v = qkv(shape)
-    mask = _mask(kind, B, H, N)
+    mask = attention_mask(kind, B, H, N)
     inputs = [q, k, v] + ([mask] if mask.dtype != torch.bool else [])
     ref = _outs(attention_ref, q, k, v, mask, export)
     got = _outs(lambda *a, **kw: attention(*a, backend="cpp", **kw), q, k, v, mask, export)
@@ -74,7 +47,7 @@ def test_float64_matches_reference_with_all_gradients(shape, kind, export):
 def test_masked_entries_and_dead_rows_are_exact_zeros(export):
     B, H, N = 2, 3, 17
     q, k, v = qkv((B, H, N, 8))
-    mask = _mask("per_head_bool", B, H, N)
+    mask = attention_mask("per_head_bool", B, H, N)
     out, maps, lse = attention(q, k, v, attn_mask=mask, export="full", return_lse=True,
                                backend="cpp")
     assert (maps[~mask.expand(B, H, N, N)] == 0).all()
@@ -87,7 +60,7 @@ def test_masked_entries_and_dead_rows_are_exact_zeros(export):
 def test_bool_mask_equals_minus_inf_bias_and_sdpa():
     B, H, N, D = 2, 3, 65, 16
     q, k, v = [t.detach() for t in qkv((B, H, N, D))]
-    mask = _mask("key_padding", B, H, N)
+    mask = attention_mask("key_padding", B, H, N)
     bias = torch.zeros(B, 1, 1, N, dtype=torch.float64).masked_fill(~mask, float("-inf"))
     a = attention(q, k, v, attn_mask=mask, backend="cpp")
     b = attention(q, k, v, attn_mask=bias, backend="cpp")
@@ -134,7 +107,7 @@ def test_gradcheck_with_a_learned_bias():
 def test_opcheck(kind):
     B, H, N = 2, 3, 17
     q, k, v = qkv((B, H, N, 8))
-    mask = _mask(kind, B, H, N, dead_row=False)
+    mask = attention_mask(kind, B, H, N, dead_row=False)
     torch.library.opcheck(torch.ops.fastattnreg.attention_fwd.default,
                           (q, k, v, mask, None, 0.3, "full", 0.0))
     q, k, v, mask = q.detach(), k.detach(), v.detach(), mask.detach()
@@ -150,7 +123,7 @@ def test_compile_fullgraph_with_a_mask():
     torch._dynamo.reset()
     B, H, N = 2, 3, 17
     q, k, v = qkv((B, H, N, 8))
-    bias = _mask("shared_bias", B, H, N, dead_row=False)
+    bias = attention_mask("shared_bias", B, H, N, dead_row=False)
 
     def loss_fn(q, k, v, bias):
         out, maps = attention(q, k, v, attn_mask=bias, export="key_mean")
@@ -180,7 +153,7 @@ def test_reruns_are_bitwise_equal():
 def test_bfloat16_error_at_most_twice_the_references(kind):
     B, H, N, D = 2, 3, 65, 32
     q64, k64, v64 = qkv((B, H, N, D))
-    mask64 = _mask(kind, B, H, N, dead_row=False)
+    mask64 = attention_mask(kind, B, H, N, dead_row=False)
     ref = attention_ref(q64, k64, v64, attn_mask=mask64, export="full")
     q, k, v = [t.detach().bfloat16() for t in (q64, k64, v64)]
     mask = mask64.detach().bfloat16() if mask64.dtype != torch.bool else mask64

@@ -13,11 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import ROOT, requires_cpp
+
 # `benchmarks` is a repo-root folder, not an installed package: make it importable under a bare
 # `pytest` too (python -m pytest already puts the current directory first).
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import bench_attention, bench_match, bench_refiner, harness  # noqa: E402
-from conftest import requires_cpp  # noqa: E402
+sys.path.insert(0, str(ROOT))
+from benchmarks import (  # noqa: E402
+    bench_attention, bench_init, bench_match, bench_refiner, bench_vit_step, harness,
+    init_locality,
+)
 
 # Each test runs a benchmark end to end, peak memory measured in fresh processes.
 pytestmark = [requires_cpp, pytest.mark.slow]
@@ -60,7 +64,7 @@ def test_bench_attention_writes_csv_and_plot(tmp_path, capsys):
     float(next(r for r in rows if r["peak_extra_mb"])["peak_extra_mb"])  # a number
 
     pytest.importorskip("matplotlib")  # the optional "bench" dependency
-    from benchmarks import plot
+    from benchmarks import plot  # imports matplotlib, an optional dependency
 
     png = tmp_path / "a.png"
     plot.main(["--csv", str(csv_path), "--out", str(png)])
@@ -123,8 +127,6 @@ def test_memory_subprocess_sees_allocations_despite_a_big_parent():
     measurement +0 MB.) Naive attention at (8, 6, 197, 64) keeps several 7.4 MB (B,H,N,N)
     tensors alive at once, so anything below one of them means the measurement is broken.
     """
-    import torch
-
     ballast = torch.ones(128 * 2**20)  # 512 MB resident in the parent while the child runs
     ballast.add_(1)
     mb, error = harness.measure_peak_extra_mb(
@@ -136,8 +138,6 @@ def test_memory_subprocess_sees_allocations_despite_a_big_parent():
 
 
 def test_bench_vit_step_writes_csv_and_ratios(tmp_path, capsys, monkeypatch):
-    from benchmarks import bench_vit_step
-
     monkeypatch.delenv(bench_vit_step.ENV_VAR, raising=False)
     csv_path = tmp_path / "v.csv"
     bench_vit_step.main([
@@ -159,8 +159,6 @@ def test_bench_vit_step_writes_csv_and_ratios(tmp_path, capsys, monkeypatch):
 
 
 def test_bench_init_writes_csv(tmp_path, capsys):
-    from benchmarks import bench_init
-
     csv_path = tmp_path / "s.csv"
     rows = bench_init.main(["--cases", "vit_tiny_patch2_8@8", "--kernels", "3", "--repeats", "1",
                             "--csv", str(csv_path)])
@@ -174,8 +172,6 @@ def test_bench_init_writes_csv(tmp_path, capsys):
 
 def test_init_locality_splits_each_patch_query_attention(capsys):
     pytest.importorskip("sklearn")
-    from benchmarks import init_locality
-
     rows = {(r["method"], r["pos_embed"]): r for r in init_locality.main(["--seeds", "1"])}
     assert "| mimetic | learn |" in capsys.readouterr().out
     for r in rows.values():  # the four parts are a patch query's whole attention
@@ -189,8 +185,6 @@ def test_init_locality_splits_each_patch_query_attention(capsys):
 
 def test_init_locality_class_token_rows_peak_after_the_first_block_under_structured_init(capsys):
     pytest.importorskip("sklearn")
-    from benchmarks import init_locality
-
     rows = {(r["data"], r["method"]): r for r in init_locality.main(["--seeds", "1",
                                                                       "--class-token"])}
     assert "| digits32 | structured |" in capsys.readouterr().out

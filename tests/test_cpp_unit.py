@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
 BUILD_DIR = ROOT / "build" / "cmake-tests"
 OBJECTS_DIR = ROOT / "build" / "cpp-objects"
 CUDA_ROOT = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))

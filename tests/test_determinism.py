@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from fastattnreg import attention, attention_match, refined_attention
+from fastattnreg.ops.checks import ATTENTION_EXPORTS, MATCH_KINDS, MATCH_ROWS
 from conftest import requires_cpp
-from inputs import EXPORTS
-from test_refiner import make_case
+from inputs import match_inputs, refiner_inputs
 
 pytestmark = [requires_cpp, pytest.mark.slow]  # each case reruns an op under many settings
 
@@ -86,9 +86,9 @@ def attention_case(shape, dtype, export=None, mask=None, dropout=None):
 def match_case(shape, dtype, kind, rows):
     def run(pad):
         gen = torch.Generator().manual_seed(1)
-        q, k, v = (place(_randn(gen, *shape, dtype=dtype), pad).requires_grad_()
-                   for _ in range(3))
-        tq, tk = (place(_randn(gen, *shape[:3], 24, dtype=dtype), pad) for _ in range(2))
+        drawn = [t.to(dtype) for t in match_inputs((*shape, 24), rng=gen)]
+        q, k, v = (place(t, pad).requires_grad_() for t in drawn[:3])
+        tq, tk = (place(t, pad) for t in drawn[3:])
         mask = place(torch.rand(shape[0], 1, 1, shape[2], generator=gen) < 0.9, pad)
         out, loss = attention_match(q, k, v, tq, tk, attn_mask=mask, kind=kind, rows=rows,
                                     backend="cpp")
@@ -101,7 +101,7 @@ def refiner_case(shape, dtype, training, export):
     B, H, N, D = shape
 
     def run(pad):
-        qkv, params, (means, variances) = make_case(B, H, N, D, 3, 3, dtype=dtype, seed=2)
+        qkv, params, (means, variances) = refiner_inputs(B, H, N, D, 3, 3, dtype=dtype, seed=2)
         qkv = [place(t, pad) for t in qkv]
         params = [place(t, pad) for t in params]
         means, variances = [place(t, pad) for t in means], [place(t, pad) for t in variances]
@@ -118,8 +118,10 @@ def refiner_case(shape, dtype, training, export):
 
 
 CASES = {
-    **{f"attention-{e}-f32": attention_case((2, 3, 300, 64), torch.float32, e) for e in EXPORTS},
-    **{f"attention-{e}-f64": attention_case((2, 2, 197, 40), torch.float64, e) for e in EXPORTS},
+    **{f"attention-{e}-f32": attention_case((2, 3, 300, 64), torch.float32, e)
+       for e in ATTENTION_EXPORTS},
+    **{f"attention-{e}-f64": attention_case((2, 2, 197, 40), torch.float64, e)
+       for e in ATTENTION_EXPORTS},
     "attention-full-f32-d160": attention_case((1, 3, 257, 160), torch.float32, "full"),
     "attention-cls-bf16": attention_case((2, 3, 197, 64), torch.bfloat16, "cls"),
     "attention-float-mask": attention_case((2, 3, 197, 48), torch.float32, "full", mask="float"),
@@ -130,7 +132,7 @@ CASES = {
     "attention-dropout-seed": attention_case((2, 3, 65, 64), torch.float64, None,
                                              dropout="seed"),
     **{f"match-{kd}-{r}": match_case((2, 3, 197, 48), torch.float32, kd, r)
-       for kd in ("kl", "mse_probs", "mse_logits") for r in ("all", "cls")},
+       for kd in MATCH_KINDS for r in MATCH_ROWS},
     "refiner-train-f32": refiner_case((2, 3, 65, 32), torch.float32, True, "full"),
     "refiner-eval-f32": refiner_case((2, 3, 65, 32), torch.float32, False, "head_mean"),
     "refiner-train-f64": refiner_case((2, 2, 40, 16), torch.float64, True, None),

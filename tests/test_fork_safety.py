@@ -16,15 +16,12 @@ hanging the suite.
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-from conftest import requires_cpp
+from conftest import TESTS, requires_cpp
 
 pytestmark = [requires_cpp, pytest.mark.slow]  # every test forks children that run the kernels
-
-TESTS = Path(__file__).resolve().parent
 
 _COMMON = textwrap.dedent("""
     import os, sys
@@ -32,7 +29,7 @@ _COMMON = textwrap.dedent("""
     import fastattnreg
     from fastattnreg import attention, refined_attention
     sys.path.insert(0, {tests!r})
-    from test_refiner import make_case
+    from inputs import refiner_inputs
 
     torch.set_num_threads(2)
 
@@ -41,7 +38,7 @@ _COMMON = textwrap.dedent("""
         q, k, v = (torch.randn(2, 3, 65, 16, generator=g).requires_grad_() for _ in range(3))
         out, maps = attention(q, k, v, export="full", backend="cpp")
         (out.square().sum() + maps.square().sum()).backward()
-        qkv, params, running = make_case(2, 3, 65, 16, 2, 3, dtype=torch.float32)
+        qkv, params, running = refiner_inputs(2, 3, 65, 16, 2, 3, dtype=torch.float32)
         r = refined_attention(*qkv, *params[:3], params[3:7], params[7:11], *running,
                               training=True, backend="cpp")
         r.square().sum().backward()

@@ -5,13 +5,11 @@ The GPU path itself (setup, the CUDA test group, the benchmarks) needs a GPU and
 import csv
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from benchmarks import gpu_table, harness
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT
 
 
 def test_without_a_gpu_it_says_so_in_one_line_and_exits_0(tmp_path):

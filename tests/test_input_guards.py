@@ -21,7 +21,8 @@ from fastattnreg.init import mimetic_init_, structured_init_
 from fastattnreg.models import create_model
 from fastattnreg.ops.checks import scale_limits
 from conftest import max_err, requires_cpp
-from test_refiner import call, make_case
+from inputs import refiner_inputs
+from test_refiner import call
 
 F32_LO, F32_HI = scale_limits(torch.float32)
 F64_LO, F64_HI = scale_limits(torch.float64)
@@ -61,7 +62,7 @@ def test_out_of_range_scales_are_refused_by_every_op(backend, dtype, scale):
         attention(q, q, q, scale=scale, backend=backend)
     with pytest.raises(ValueError, match="teacher_" + msg):
         attention_match(q, q, q, q, q, teacher_scale=scale, backend=backend)
-    qkv, params, running = make_case(1, 2, 5, 4, 2, 3, dtype=dtype)
+    qkv, params, running = refiner_inputs(1, 2, 5, 4, 2, 3, dtype=dtype)
     with pytest.raises(ValueError, match=msg):
         call(refined_attention, qkv, params, running, training=False, scale=scale,
              backend=backend)
@@ -80,12 +81,16 @@ def test_the_raw_ops_refuse_them_too(scale):
 
 @requires_cpp
 def test_in_range_extremes_are_accepted():
+    """The extreme scales each dtype takes give what attention_ref gives in float64: one-hot
+    attention at the largest magnitudes, uniform attention at the smallest and at 0."""
     q = torch.randn(1, 1, 4, 4, dtype=torch.float64)
     for scale in (F32_HI, -F32_LO, 1e100):  # float64 takes scales float32 would not
-        attention(q, q, q, scale=scale, backend="cpp")
+        got = attention(q, q, q, scale=scale, backend="cpp")
+        assert max_err(got, attention_ref(q, q, q, scale=scale)) < 1e-12, scale
     qf = q.float()
     for scale in (F32_HI, F32_LO, -F32_LO, 0.0):
-        attention(qf, qf, qf, scale=scale, backend="cpp")
+        got = attention(qf, qf, qf, scale=scale, backend="cpp")
+        assert max_err(got, attention_ref(q, q, q, scale=scale)) < 1e-6, scale
 
 
 @requires_cpp
@@ -112,7 +117,7 @@ def test_scale_zero_gives_the_float_masks_gradient(dtype):
 
 
 def _bad_running(kind):
-    qkv, params, running = make_case(2, 2, 9, 4, 2, 3)
+    qkv, params, running = refiner_inputs(2, 2, 9, 4, 2, 3)
     means, variances = running
     if kind == "nan_var":
         variances[1][2] = float("nan")
@@ -161,7 +166,7 @@ def test_bad_running_statistics_are_refused_before_any_update(backend, training,
     ("momentum", float("nan"), r"momentum must be a number in \[0, 1\] .*got nan"),
 ])
 def test_bad_eps_and_momentum_are_refused_before_any_update(arg, value, match):
-    qkv, params, running = make_case(2, 2, 9, 4, 2, 3)
+    qkv, params, running = refiner_inputs(2, 2, 9, 4, 2, 3)
     before = [t.clone() for t in running[0] + running[1]]
     with pytest.raises(ValueError, match=match):
         call(refined_attention, qkv, params, running, training=True, backend="cpp",
@@ -172,7 +177,7 @@ def test_bad_eps_and_momentum_are_refused_before_any_update(arg, value, match):
 @requires_cpp
 def test_the_raw_refiner_op_checks_statistics_and_eps():
     """Without the Python checks (TorchScript calls the op directly), the C++ op refuses them."""
-    qkv, params, _ = make_case(1, 2, 6, 4, 2, 3)
+    qkv, params, _ = refiner_inputs(1, 2, 6, 4, 2, 3)
     q, k, v = (t.detach() for t in qkv)
     w_exp, w_dw, w_pro = (p.detach() for p in params[:3])
     gamma = torch.cat([p.detach() for p in params[3:7]])

@@ -4,21 +4,14 @@ import itertools
 import pytest
 import torch
 
-from fastattnreg import attention_match, attention_match_ref
+from fastattnreg import attention, attention_match, attention_match_ref
+from fastattnreg.ops.checks import MATCH_KINDS, MATCH_ROWS
 from conftest import max_err, requires_cpp
+from inputs import match_inputs, qkv
 
-KINDS = ("kl", "mse_probs", "mse_logits")
-ROWS = ("all", "cls")
 # (B, H, N, D, teacher D): awkward ViT lengths, teacher head dims that differ from the student's
 SHAPES = [(1, 1, 2, 16, 16), (2, 3, 17, 48, 16), (1, 2, 65, 64, 80), (2, 1, 197, 80, 64),
           (1, 2, 257, 16, 48)]
-
-
-def _case(shape, dtype):
-    B, H, N, D, Dt = shape
-    q, k, v = [torch.randn(B, H, N, D, dtype=dtype, requires_grad=True) for _ in range(3)]
-    tq, tk = [torch.randn(B, H, N, Dt, dtype=dtype) for _ in range(2)]
-    return q, k, v, tq, tk
 
 
 def _loss_and_grads(fn, q, k, v, tq, tk, dout, dloss, **kw):
@@ -29,10 +22,10 @@ def _loss_and_grads(fn, q, k, v, tq, tk, dout, dloss, **kw):
 
 @requires_cpp
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("kind,rows", list(itertools.product(KINDS, ROWS)))
+@pytest.mark.parametrize("kind,rows", list(itertools.product(MATCH_KINDS, MATCH_ROWS)))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_matches_reference_with_all_gradients(shape, kind, rows, dtype):
-    q, k, v, tq, tk = _case(shape, dtype)
+    q, k, v, tq, tk = match_inputs(shape, dtype, requires_grad=True)
     dout, dloss = torch.randn_like(q), torch.tensor(1.3)
     kw = dict(kind=kind, rows=rows)
     ref = _loss_and_grads(attention_match_ref, q, k, v, tq, tk, dout, dloss, **kw)
@@ -49,11 +42,11 @@ def test_matches_reference_with_all_gradients(shape, kind, rows, dtype):
 
 
 @requires_cpp
-@pytest.mark.parametrize("kind,rows", list(itertools.product(KINDS, ROWS)))
+@pytest.mark.parametrize("kind,rows", list(itertools.product(MATCH_KINDS, MATCH_ROWS)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("n", [65, 197])  # either side of the kernels' key-operand switch at 192
 def test_teacher_copy_gives_exactly_zero_loss_and_gradient(kind, rows, dtype, n):
-    q, k, v = [torch.randn(2, 3, n, 48, dtype=dtype, requires_grad=True) for _ in range(3)]
+    q, k, v = qkv((2, 3, n, 48), dtype)
     out, loss = attention_match(q, k, v, q.detach().clone(), k.detach().clone(), kind=kind,
                                 rows=rows, backend="cpp")
     assert loss.item() == 0.0
@@ -63,8 +56,7 @@ def test_teacher_copy_gives_exactly_zero_loss_and_gradient(kind, rows, dtype, n)
 
 @requires_cpp
 def test_teacher_gets_no_gradient_and_out_equals_attention():
-    from fastattnreg import attention
-    q, k, v, tq, tk = _case((2, 2, 17, 16, 32), torch.float64)
+    q, k, v, tq, tk = match_inputs((2, 2, 17, 16, 32), torch.float64, requires_grad=True)
     tq.requires_grad_(), tk.requires_grad_()
     out, loss = attention_match(q, k, v, tq, tk, backend="cpp")
     assert torch.equal(out, attention(q, k, v, backend="cpp"))
@@ -74,9 +66,9 @@ def test_teacher_gets_no_gradient_and_out_equals_attention():
 
 @pytest.mark.slow
 @requires_cpp
-@pytest.mark.parametrize("kind,rows", list(itertools.product(KINDS, ROWS)))
+@pytest.mark.parametrize("kind,rows", list(itertools.product(MATCH_KINDS, MATCH_ROWS)))
 def test_gradcheck_float64(kind, rows):
-    q, k, v, tq, tk = _case((1, 2, 6, 8, 4), torch.float64)
+    q, k, v, tq, tk = match_inputs((1, 2, 6, 8, 4), torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda q, k, v: attention_match(q, k, v, tq, tk, kind=kind, rows=rows, backend="cpp"),
         (q, k, v),
@@ -87,7 +79,7 @@ def test_gradcheck_float64(kind, rows):
 @requires_cpp
 @pytest.mark.parametrize("kind,rows", [("kl", "all"), ("mse_logits", "cls"), ("mse_probs", "all")])
 def test_opcheck(kind, rows):
-    q, k, v, tq, tk = _case((2, 2, 17, 16, 8), torch.float64)
+    q, k, v, tq, tk = match_inputs((2, 2, 17, 16, 8), torch.float64, requires_grad=True)
     torch.library.opcheck(torch.ops.fastattnreg.attention_match_fwd.default,
                           (q, k, v, tq, tk, None, 0.25, 0.35, kind, rows))
     out, lse, tlse, row_loss = torch.ops.fastattnreg.attention_match_fwd(
@@ -102,7 +94,7 @@ def test_opcheck(kind, rows):
 @requires_cpp
 def test_compile_fullgraph():
     torch._dynamo.reset()
-    q, k, v, tq, tk = _case((2, 2, 17, 16, 16), torch.float64)
+    q, k, v, tq, tk = match_inputs((2, 2, 17, 16, 16), torch.float64, requires_grad=True)
 
     def step(q, k, v, tq, tk):
         out, loss = attention_match(q, k, v, tq, tk, kind="kl")
@@ -121,9 +113,9 @@ def test_compile_fullgraph():
 
 
 @requires_cpp
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", MATCH_KINDS)
 def test_reruns_are_bitwise_equal(kind):
-    q, k, v, tq, tk = _case((4, 6, 197, 64, 64), torch.float32)
+    q, k, v, tq, tk = match_inputs((4, 6, 197, 64, 64), torch.float32, requires_grad=True)
 
     def run():
         out, loss = attention_match(q, k, v, tq, tk, kind=kind, backend="cpp")
@@ -135,7 +127,7 @@ def test_reruns_are_bitwise_equal(kind):
 
 
 def test_reference_backend_matches_the_reference():
-    q, k, v, tq, tk = _case((1, 2, 17, 16, 16), torch.float64)
+    q, k, v, tq, tk = match_inputs((1, 2, 17, 16, 16), torch.float64, requires_grad=True)
     out, loss = attention_match(q, k, v, tq, tk, kind="mse_logits", rows="cls", backend="reference")
     ref_out, ref_loss = attention_match_ref(q, k, v, tq, tk, kind="mse_logits", rows="cls")
     assert torch.equal(out, ref_out) and torch.equal(loss, ref_loss)
@@ -157,8 +149,8 @@ def test_reference_backend_matches_the_reference():
     ],
 )
 def test_bad_input(backend, change, match):
-    q, k, v = [torch.randn(2, 2, 17, 16) for _ in range(3)]
-    args = dict(tq=torch.randn(2, 2, 17, 8), tk=torch.randn(2, 2, 17, 8))
+    q, k, v, tq, tk = match_inputs((2, 2, 17, 16, 8), torch.float32)
+    args = dict(tq=tq, tk=tk)
     kw = {}
     for key, val in change.items():
         (args if key in ("tq", "tk") else kw)[key] = val

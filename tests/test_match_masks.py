@@ -7,48 +7,20 @@ import pytest
 import torch
 
 from fastattnreg import attention, attention_match, attention_match_ref
+from fastattnreg.ops.checks import MATCH_KINDS, MATCH_ROWS
 from conftest import max_err, requires_cpp
+from inputs import MATCH_MASK_KINDS, match_inputs, match_mask
 
 pytestmark = requires_cpp
 
-KINDS = ("kl", "mse_probs", "mse_logits")
-ROWS = ("all", "cls")
-
-
-def _case(shape, dtype=torch.float64):
-    B, H, N, D, Dt = shape
-    q, k, v = [torch.randn(B, H, N, D, dtype=dtype, requires_grad=True) for _ in range(3)]
-    tq, tk = [torch.randn(B, H, N, Dt, dtype=dtype) for _ in range(2)]
-    return q, k, v, tq, tk
-
-
-def _mask(kind, B, H, N, dtype=torch.float64):
-    if kind == "key_padding":  # batch 0 keeps only keys 0 and 1: its CLS row has one patch key
-        m = torch.ones(B, 1, 1, N, dtype=torch.bool)
-        m[0, ..., 2:] = False
-        if B > 1:
-            m[1, ..., N // 2:] = False
-        return m
-    if kind == "per_head_bool":  # with one fully masked row (row N-1 of head 0)
-        m = torch.rand(1, H, N, N) > 0.4
-        m[..., torch.arange(N), torch.arange(N)] = True
-        m[0, 0, N - 1, :] = False
-        m[0, H - 1, 0, 1:] = False  # the CLS row of the last head keeps no patch key
-        return m
-    m = torch.randn(N, N, dtype=dtype)  # shared float bias with -inf entries and a dead row
-    m[torch.rand(N, N) < 0.2] = float("-inf")
-    m[torch.arange(N), torch.arange(N)] = 0.0
-    m[N // 2, :] = float("-inf")
-    return m
-
 
 @pytest.mark.parametrize("shape", [(2, 3, 17, 16, 8), (1, 2, 65, 32, 48), (2, 1, 300, 24, 16)])
-@pytest.mark.parametrize("mask_kind", ["key_padding", "per_head_bool", "shared_bias"])
-@pytest.mark.parametrize("kind,rows", list(itertools.product(KINDS, ROWS)))
+@pytest.mark.parametrize("mask_kind", MATCH_MASK_KINDS)
+@pytest.mark.parametrize("kind,rows", list(itertools.product(MATCH_KINDS, MATCH_ROWS)))
 def test_float64_matches_reference_with_all_gradients(shape, mask_kind, kind, rows):
-    q, k, v, tq, tk = _case(shape)
+    q, k, v, tq, tk = match_inputs(shape, requires_grad=True)
     B, H, N = shape[:3]
-    mask = _mask(mask_kind, B, H, N)
+    mask = match_mask(mask_kind, B, H, N, torch.float64, seed=None)
     inputs = [q, k, v]
     dout = torch.randn_like(q)
     ref_out, ref_loss = attention_match_ref(q, k, v, tq, tk, attn_mask=mask, kind=kind, rows=rows)
@@ -62,10 +34,10 @@ def test_float64_matches_reference_with_all_gradients(shape, mask_kind, kind, ro
         assert torch.isfinite(a).all() and max_err(a, b) < 1e-10, name
 
 
-@pytest.mark.parametrize("kind,rows", list(itertools.product(KINDS, ROWS)))
+@pytest.mark.parametrize("kind,rows", list(itertools.product(MATCH_KINDS, MATCH_ROWS)))
 def test_out_is_masked_attention_and_a_copied_teacher_gives_exactly_zero(kind, rows):
-    q, k, v, _, _ = _case((2, 3, 65, 32, 32), torch.float32)
-    mask = _mask("per_head_bool", 2, 3, 65)
+    q, k, v, _, _ = match_inputs((2, 3, 65, 32, 32), torch.float32, requires_grad=True)
+    mask = match_mask("per_head_bool", 2, 3, 65, torch.float64, seed=None)
     out, loss = attention_match(q, k, v, q.detach().clone(), k.detach().clone(), attn_mask=mask,
                                 kind=kind, rows=rows, backend="cpp")
     assert torch.equal(out, attention(q, k, v, attn_mask=mask, backend="cpp"))
@@ -76,7 +48,7 @@ def test_out_is_masked_attention_and_a_copied_teacher_gives_exactly_zero(kind, r
 
 def test_fully_masked_rows_add_zero_but_count_in_the_mean():
     """Row 2 masked entirely: the loss is the other rows' sum over all 5 rows."""
-    q, k, v, tq, tk = _case((1, 1, 5, 4, 4))
+    q, k, v, tq, tk = match_inputs((1, 1, 5, 4, 4), requires_grad=True)
     mask = torch.ones(5, 5, dtype=torch.bool)
     mask[2] = False
     _, loss = attention_match(q, k, v, tq, tk, attn_mask=mask, backend="cpp")
@@ -88,9 +60,9 @@ def test_fully_masked_rows_add_zero_but_count_in_the_mean():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", MATCH_KINDS)
 def test_gradcheck_with_a_bias(kind):
-    q, k, v, tq, tk = _case((1, 2, 6, 4, 4))
+    q, k, v, tq, tk = match_inputs((1, 2, 6, 4, 4), requires_grad=True)
     bias = torch.randn(6, 6, dtype=torch.float64)
     bias[1, 3] = float("-inf")
     assert torch.autograd.gradcheck(
@@ -100,7 +72,7 @@ def test_gradcheck_with_a_bias(kind):
 
 
 def test_a_mask_that_requires_grad_is_refused():
-    q, k, v, tq, tk = _case((1, 2, 6, 4, 4))
+    q, k, v, tq, tk = match_inputs((1, 2, 6, 4, 4), requires_grad=True)
     bias = torch.randn(6, 6, dtype=torch.float64, requires_grad=True)
     with pytest.raises(ValueError, match=r"attn_mask of attention_match must not require grad"):
         attention_match(q, k, v, tq, tk, attn_mask=bias, backend="cpp")
@@ -111,8 +83,8 @@ def test_a_mask_that_requires_grad_is_refused():
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,rows", [("kl", "all"), ("mse_logits", "cls")])
 def test_opcheck_with_a_mask(kind, rows):
-    q, k, v, tq, tk = [t.detach() for t in _case((2, 2, 17, 16, 8))]
-    bias = _mask("shared_bias", 2, 2, 17).detach()
+    q, k, v, tq, tk = match_inputs((2, 2, 17, 16, 8))
+    bias = match_mask("shared_bias", 2, 2, 17, torch.float64, seed=None).detach()
     torch.library.opcheck(torch.ops.fastattnreg.attention_match_fwd.default,
                           (q, k, v, tq, tk, bias, 0.25, 0.35, kind, rows))
     out, lse, tlse, row_loss = torch.ops.fastattnreg.attention_match_fwd(
@@ -124,7 +96,7 @@ def test_opcheck_with_a_mask(kind, rows):
 
 
 def test_bad_mask_is_named():
-    q, k, v, tq, tk = _case((2, 3, 17, 16, 8))
+    q, k, v, tq, tk = match_inputs((2, 3, 17, 16, 8), requires_grad=True)
     with pytest.raises(ValueError, match=r"attn_mask of shape \(4, 17, 17\) does not broadcast"):
         attention_match(q, k, v, tq, tk, attn_mask=torch.ones(4, 17, 17, dtype=torch.bool),
                         backend="cpp")

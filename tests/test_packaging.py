@@ -7,7 +7,7 @@
   this venv's setuptools made importable there, as pip's isolated build env does).
 * The sdist builds a wheel against the installed torch (`pip wheel --no-build-isolation`), and
   that wheel, installed into a folder of its own, imports with the C++ kernels from outside the
-  repository (slow: compiles the extension from scratch).
+  repository (minutes: it compiles the extension from scratch).
 """
 import importlib.util
 import os
@@ -17,11 +17,13 @@ import sys
 import tarfile
 import textwrap
 import zipfile
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # every test runs setup.py or pip in child processes
+
 MESSAGE_START = "fastattnreg: the build needs the installed torch"
 WORKING_COMMAND = "pip install --no-build-isolation ."
 
@@ -103,7 +105,6 @@ def _copy_checkout(dest):
             shutil.copy2(src, dest / rel)
 
 
-@pytest.mark.slow
 @pytest.mark.long(minutes=2)
 def test_sdist_builds_a_wheel_that_imports_with_the_cpp_kernels(tmp_path):
     # The sdist of a clean copy, by setuptools' PEP 517 hook (what `python -m build --sdist` calls).

@@ -13,6 +13,8 @@ Profiles (tests/conftest.py): "ci" (default) draws a fixed set of examples; run
 float64 runs are held to 1e-10 (relative to the largest reference value), float32 ones to 2e-4
 against the float64 reference of the same values.
 """
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -22,16 +24,20 @@ from hypothesis import assume, event, given, settings, strategies as st  # noqa:
 import fastattnreg
 from fastattnreg import (attention, attention_match, attention_match_ref, attention_ref,
                          refined_attention, refined_attention_ref)
+from fastattnreg.ops.checks import ATTENTION_EXPORTS, REFINER_EXPORTS
 from fastattnreg.ops.dropout import dropout_keep_mask
 from conftest import requires_cpp
-from inputs import EXPORTS
-from property_inputs import (_spread, assert_close, batch_heads, grads_or_zeros, head_dims,
-                             layouts, masks, max_abs_err, seq_lens, subset)
+from inputs import refiner_params
+from property_inputs import (Layout, _spread, assert_close, batch_heads, grads_or_zeros,
+                             head_dims, layouts, masks, max_abs_err, seq_lens, subset)
 from refiner_kinks import flip_patterns, kink_candidates, relu6_hook
 
 pytestmark = [requires_cpp, pytest.mark.slow]  # hypothesis draws 150 examples per property
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-4}
+# Hypothesis derives a @given test's fixed (ci profile) examples from the test's source text: a
+# renamed identifier inside one draws other examples. The attention test reads this name.
+EXPORTS = ATTENTION_EXPORTS
 # Logit scales: the default, 0 and negative ones included; none below float32's smallest normal
 # magnitude (refused, see ops.checks.scale_limits and tests/test_input_guards.py).
 SCALES = st.one_of(st.none(), st.sampled_from([0.0, -0.3, 1.0]),
@@ -131,7 +137,7 @@ def test_rows_of_very_negative_logits_keep_finite_map_gradients():
     q, k, v = (torch.randn(2, 2, 17, 16, generator=gen).requires_grad_() for _ in range(3))
     bias = torch.zeros(2, 1, 17, 17)
     bias[1, :, 3:, :] = -100.0  # batch 1: rows 3.. see every key through the padding bias
-    for export in ("full", "head_mean", "cls", "key_mean"):
+    for export in ATTENTION_EXPORTS[1:]:
         outs = attention(q, k, v, attn_mask=bias, export=export, backend="cpp")
         refs = attention_ref(*(t.double() for t in (q, k, v)), attn_mask=bias.double(),
                              export=export)
@@ -206,10 +212,38 @@ def test_attention_match_matches_float64_reference(data):
 REFINER_SEQ = (1, 2, 16, 17, 33, 65, 73, 74, 105, 147, 148, 160, 197, 228, 240)
 
 
-@_share(0.6)
-@given(data=st.data())
-def test_refined_attention_matches_float64_reference(data):
-    draw = data.draw
+@dataclass
+class RefinerCase:
+    """One drawn refined_attention example: its settings and its tensors."""
+    training: bool
+    dtype: torch.dtype
+    gen: torch.Generator  # the tensors' generator, drawn on for upstream gradients too
+    layout: Layout
+    names: list  # the outputs: "out", and "maps" when exported
+    used: list  # the outputs the loss takes a gradient through
+    leaves: list  # q, k, v's leaf tensors (layout.views makes q, k, v of them)
+    params: list
+    run_mean: list
+    run_var: list
+    kwargs: dict  # training, momentum, eps, scale, attn_drop, drop_mask, export
+
+    def run(self, fn, leaves, params, run_mean, run_var, **kw) -> dict:
+        """{output name: tensor} of fn on these leaves' views, with these weights and running
+        statistics (updated in training)."""
+        res = fn(*self.layout.views(leaves), *params[:3], params[3:7], params[7:11], run_mean,
+                 run_var, **self.kwargs, **kw)
+        return dict(zip(self.names, res if "maps" in self.names else [res]))
+
+    def labels(self) -> list:
+        """The names of outputs + running statistics + gradients, as compared."""
+        n_grads = len(self.leaves) + (len(self.params) if self.dtype == torch.float64 else 0)
+        return self.names + [f"running statistic {i}" for i in range(8)] + [
+            f"grad {i}" for i in range(n_grads)]
+
+
+def _draw_refiner_case(draw) -> RefinerCase:
+    """The settings of one example (each drawn with a label, so a failure prints them) and its
+    tensors, from a generator seeded by the draw."""
     training = draw(st.booleans(), label="training")
     n = draw(_spread(REFINER_SEQ, 240, 0.6).filter(lambda x: not training or x >= 2),
              label="N")
@@ -217,11 +251,10 @@ def test_refined_attention_matches_float64_reference(data):
     expansion = draw(st.integers(1, 4), label="expansion")
     ksize = draw(st.sampled_from([1, 3, 5, 7]), label="K")
     b, h = draw(batch_heads(n, 4 * expansion * n * n, 400_000, max_b=2, max_h=3), label="B, H")
-    c = expansion * h
     dtype = draw(st.sampled_from([torch.float64, torch.float32]), label="dtype")
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1), label="seed"))
     layout = draw(layouts((b, h, n, d)), label="layout")
-    export = draw(st.sampled_from([None, "full", "head_mean", "cls"]), label="export")
+    export = draw(st.sampled_from(REFINER_EXPORTS), label="export")
     attn_drop = draw(st.sampled_from([0.0, 0.25]), label="attn_drop") if training else 0.0
     momentum = draw(st.sampled_from([0.1, 0.5, 1.0]), label="momentum")
     eps = draw(st.sampled_from([1e-5, 1e-3]), label="eps")
@@ -233,118 +266,123 @@ def test_refined_attention_matches_float64_reference(data):
     names = ["out"] + (["maps"] if export else [])
     used = subset(draw, names)
 
-    def rnd(*shape, std=1.0, mean=0.0):
-        return (torch.randn(shape, generator=gen, dtype=torch.float64) * std + mean).to(dtype)
-
     leaves = layout.leaves(dtype, gen)
-    sizes = (c, c, h, h)
-    params = [rnd(c, h, 1, 1, std=0.5), rnd(c, 1, ksize, ksize, std=0.5),
-              rnd(h, c, 1, 1, std=0.5)]
-    params += [rnd(s, std=0.2, mean=1.0) for s in sizes] + [rnd(s, std=0.2) for s in sizes]
-    params = [t.requires_grad_() for t in params]
-    run_mean = [rnd(s, std=0.1) for s in sizes]
-    run_var = [(torch.rand(s, generator=gen, dtype=torch.float64) + 0.5).to(dtype) for s in sizes]
+    params, (run_mean, run_var) = refiner_params(h, expansion, ksize, dtype, gen)
     keep = (torch.rand(b, h, n, n, generator=gen) >= attn_drop) if attn_drop else None
+    kwargs = dict(training=training, momentum=momentum, eps=eps, scale=scale,
+                  attn_drop=attn_drop, drop_mask=keep, export=export)
+    return RefinerCase(training=training, dtype=dtype, gen=gen, layout=layout, names=names,
+                       used=used, leaves=leaves, params=params, run_mean=run_mean,
+                       run_var=run_var, kwargs=kwargs)
 
-    def call(fn, qkv, ps, rm, rv, **kw):
-        return fn(*qkv, *ps[:3], ps[3:7], ps[7:11], rm, rv, training=training,
-                  momentum=momentum, eps=eps, scale=scale, attn_drop=attn_drop, drop_mask=keep,
-                  export=export, **kw)
 
-    rm, rv = [t.clone() for t in run_mean], [t.clone() for t in run_var]
-    got = call(refined_attention, layout.views(leaves), params, rm, rv, backend="cpp")
-    got = dict(zip(names, got if export else [got]))
-    leaves64, params64 = _as_f64(leaves), _as_f64(params)
-    rm64, rv64 = [t.double() for t in run_mean], [t.double() for t in run_var]
+def _assert_all_close(got_all, want_all, tols, floors, labels):
+    for a, r, tol, floor, label in zip(got_all, want_all, tols, floors, labels):
+        assert_close(a, r, tol, label, floor)
+
+
+def _compare_float64(case: RefinerCase, got_all, want_all, leaves64, up):
+    """float64 entries within 1e-10 (1e-7 for the weights' gradients) plus twice the
+    reference's own rounding sensitivity: how far it moves when q, k, v move by ~5 ulps."""
+    moved = [(t.detach() * (1 + 1e-15 * torch.randn(t.shape, generator=case.gen,
+                                                    dtype=t.dtype))).requires_grad_()
+             for t in leaves64]
+    params_moved = _as_f64(case.params)
+    rm_m = [t.double().clone() for t in case.run_mean]  # float64 .double() would alias
+    rv_m = [t.double().clone() for t in case.run_var]
+    want_m = case.run(refined_attention_ref, moved, params_moved, rm_m, rv_m)
+    g_m = grads_or_zeros([want_m[nm] for nm in case.used], moved + params_moved, up)
+    moved_all = [want_m[nm] for nm in case.names] + rm_m + rv_m + g_m
+    tols = [1e-10] * (len(case.names) + 8 + len(case.leaves)) + [1e-7] * len(case.params)
+    floors = [2 * max_abs_err(m, w) for m, w in zip(moved_all, want_all)]
+    _assert_all_close(got_all, want_all, tols, floors, case.labels())
+
+
+def _flipped_grads(case: RefinerCase, flips, up):
+    """The float64 reference's gradients of q, k, v's leaves, taken with the derivative of the
+    other side of ReLU6's kink at the inputs `flips` names."""
+    rm_, rv_ = [t.double() for t in case.run_mean], [t.double() for t in case.run_var]
+    l64 = _as_f64(case.leaves)
+    with relu6_hook(flips=flips):
+        w = case.run(refined_attention_ref, l64, _as_f64(case.params), rm_, rv_)
+    return grads_or_zeros([w[nm] for nm in case.used], l64, up)
+
+
+def _compare_float32(case: RefinerCase, got_all, want_all, up, relu6_in64):
+    """float32 by the FlashAttention rule: at most twice the float32 reference's own error
+    (BatchNorm divides by batch standard deviations, which can be small), plus 1e-4.
+
+    A ReLU6 input within float32 rounding of a kink may fall on either side in float32
+    (tests/refiner_kinks.py): the float64 reference is also taken with the derivative of the
+    other side there, and the result must match one of these references."""
+    leaves32, params32 = ([t.detach().clone().requires_grad_() for t in ts]
+                          for ts in (case.leaves, case.params))
+    rm32, rv32 = [t.clone() for t in case.run_mean], [t.clone() for t in case.run_var]
+    relu6_in32 = []
+    with relu6_hook(record=relu6_in32):
+        ref32 = case.run(refined_attention_ref, leaves32, params32, rm32, rv32)
+    g32 = grads_or_zeros([ref32[nm] for nm in case.used], leaves32,
+                         [u.to(case.dtype) for u in up])
+    ref_all = [ref32[nm] for nm in case.names] + rm32 + rv32 + g32
+    tols = [1e-4] * len(got_all)
+    kinks = kink_candidates(relu6_in64, relu6_in32)
+    if kinks:
+        event(f"refiner float32: {min(len(kinks), 4)} ReLU6 input(s) at a kink")
+    assume(len(kinks) <= 3)  # at most 7 more float64 references
+
+    # In float32 the gradients compared are the leaves' (the last len(leaves) entries).
+    outputs_and_stats = want_all[:len(want_all) - len(case.leaves)]
+    variants = [want_all] + [outputs_and_stats + _flipped_grads(case, f, up)
+                             for f in flip_patterns(kinks)]
+    # The float32 reference's own error, against the variant nearest to it.
+    floors = [2 * min(max_abs_err(r, v[i]) for v in variants) for i, r in enumerate(ref_all)]
+    failures = []
+    for variant in variants:
+        try:
+            _assert_all_close(got_all, variant, tols, floors, case.labels())
+            break
+        except AssertionError as err:
+            failures.append(err)
+    else:
+        raise failures[0]
+
+
+@_share(0.6)
+@given(data=st.data())
+def test_refined_attention_matches_float64_reference(data):
+    case = _draw_refiner_case(data.draw)
+    rm, rv = [t.clone() for t in case.run_mean], [t.clone() for t in case.run_var]
+    got = case.run(refined_attention, case.leaves, case.params, rm, rv, backend="cpp")
+    leaves64, params64 = _as_f64(case.leaves), _as_f64(case.params)
+    rm64, rv64 = [t.double() for t in case.run_mean], [t.double() for t in case.run_var]
     relu6_in64 = []  # BN1's and BN2's outputs, (B, C, N, N) each
     with relu6_hook(record=relu6_in64):
-        want = call(refined_attention_ref, layout.views(leaves64), params64, rm64, rv64)
-    want = dict(zip(names, want if export else [want]))
+        want = case.run(refined_attention_ref, leaves64, params64, rm64, rv64)
     # The weights' gradients are compared in float64 only: in training each BatchNorm makes the
     # loss invariant to the scale of every output channel of the convolution before it (and
     # BN_a to BN3's shift), so some weight gradients are exactly 0 (a channel with one input:
     # H = 1, K = 1 or C = 1; BN3's beta) or nearly so, computed as sums over B N^2 pixels of
     # terms that cancel, and near-uniform maps with eps 1e-5 amplify rounding by up to
     # eps ** -1.5: noise of 1e-7 in float64 and of 1e-2 in float32 (the float32 reference is as
-    # far off). So float64 entries are held to 1e-10 (1e-7 for the weights) plus twice the
-    # reference's own rounding sensitivity: how far it moves when q, k, v move by ~5 ulps.
-    wrt = leaves + params if dtype == torch.float64 else leaves
-    wrt64 = leaves64 + params64 if dtype == torch.float64 else leaves64
-    up = _upstream([want[nm] for nm in used], gen)
-    g = grads_or_zeros([got[nm] for nm in used], wrt, [u.to(dtype) for u in up])
-    g64 = grads_or_zeros([want[nm] for nm in used], wrt64, up)
-    got_all = [got[nm] for nm in names] + rm + rv + g
-    want_all = [want[nm] for nm in names] + rm64 + rv64 + g64
-    labels = names + [f"running statistic {i}" for i in range(8)] + [
-        f"grad {i}" for i in range(len(g))]
-
-    def compare(want_list, tols, floors):
-        for a, r, tol, floor, label in zip(got_all, want_list, tols, floors, labels):
-            assert_close(a, r, tol, label, floor)
-
-    if dtype == torch.float64:
-        moved = [(t.detach() * (1 + 1e-15 * torch.randn(t.shape, generator=gen,
-                                                        dtype=t.dtype))).requires_grad_()
-                 for t in leaves64]
-        params_moved = _as_f64(params)
-        rm_m = [t.double().clone() for t in run_mean]  # float64 .double() would alias
-        rv_m = [t.double().clone() for t in run_var]
-        want_m = call(refined_attention_ref, layout.views(moved), params_moved, rm_m, rv_m)
-        want_m = dict(zip(names, want_m if export else [want_m]))
-        g_m = grads_or_zeros([want_m[nm] for nm in used], moved + params_moved, up)
-        moved_all = [want_m[nm] for nm in names] + rm_m + rv_m + g_m
-        compare(want_all, [1e-10] * (len(names) + 8 + len(leaves)) + [1e-7] * len(params),
-                [2 * max_abs_err(m, w) for m, w in zip(moved_all, want_all)])
+    # far off). _compare_float64 and _compare_float32 say what each dtype is held to.
+    float64 = case.dtype == torch.float64
+    wrt = case.leaves + case.params if float64 else case.leaves
+    wrt64 = leaves64 + params64 if float64 else leaves64
+    up = _upstream([want[nm] for nm in case.used], case.gen)
+    g = grads_or_zeros([got[nm] for nm in case.used], wrt, [u.to(case.dtype) for u in up])
+    g64 = grads_or_zeros([want[nm] for nm in case.used], wrt64, up)
+    got_all = [got[nm] for nm in case.names] + rm + rv + g
+    want_all = [want[nm] for nm in case.names] + rm64 + rv64 + g64
+    if float64:
+        _compare_float64(case, got_all, want_all, leaves64, up)
     else:
-        # float32 by the FlashAttention rule: at most twice the float32 reference's own error
-        # (BatchNorm divides by batch standard deviations, which can be small), plus 1e-4.
-        leaves32, params32 = ([t.detach().clone().requires_grad_() for t in ts]
-                              for ts in (leaves, params))
-        rm32, rv32 = [t.clone() for t in run_mean], [t.clone() for t in run_var]
-        relu6_in32 = []
-        with relu6_hook(record=relu6_in32):
-            ref32 = call(refined_attention_ref, layout.views(leaves32), params32, rm32, rv32)
-        ref32 = dict(zip(names, ref32 if export else [ref32]))
-        g32 = grads_or_zeros([ref32[nm] for nm in used], leaves32,
-                             [u.to(dtype) for u in up])
-        ref_all = [ref32[nm] for nm in names] + rm32 + rv32 + g32
-        tols = [1e-4] * len(got_all)
-        # A ReLU6 input within float32 rounding of a kink may fall on either side in float32
-        # (tests/refiner_kinks.py): the float64 reference is also taken with the derivative of
-        # the other side there, and the result must match one of these references.
-        kinks = kink_candidates(relu6_in64, relu6_in32)
-        if kinks:
-            event(f"refiner float32: {min(len(kinks), 4)} ReLU6 input(s) at a kink")
-        assume(len(kinks) <= 3)  # at most 7 more float64 references
-
-        def flipped_grads(flips):
-            rm_, rv_ = [t.double() for t in run_mean], [t.double() for t in run_var]
-            l64 = _as_f64(leaves)
-            with relu6_hook(flips=flips):
-                w = call(refined_attention_ref, layout.views(l64), _as_f64(params), rm_, rv_)
-            w = dict(zip(names, w if export else [w]))
-            return grads_or_zeros([w[nm] for nm in used], l64, up)
-
-        variants = [want_all] + [want_all[:len(want_all) - len(g64)] + flipped_grads(f)
-                                 for f in flip_patterns(kinks)]
-        # The float32 reference's own error, against the variant nearest to it.
-        floors = [2 * min(max_abs_err(r, v[i]) for v in variants) for i, r in enumerate(ref_all)]
-        failures = []
-        for variant in variants:
-            try:
-                compare(variant, tols, floors)
-                break
-            except AssertionError as err:
-                failures.append(err)
-        else:
-            raise failures[0]
-    if not training:  # eval reads the running statistics and leaves them alone
-        assert all(torch.equal(a, r) for a, r in zip(rm + rv, run_mean + run_var))
+        _compare_float32(case, got_all, want_all, up, relu6_in64)
+    if not case.training:  # eval reads the running statistics and leaves them alone
+        assert all(torch.equal(a, r) for a, r in zip(rm + rv, case.run_mean + case.run_var))
 
 
 def test_profiles_are_registered():
     """The CI profile is fixed (derandomised); the thorough one draws ten times as many."""
-    from hypothesis import settings
     ci, thorough = settings.get_profile("ci"), settings.get_profile("thorough")
     assert ci.derandomize and ci.database is None
     assert thorough.max_examples >= 10 * ci.max_examples
@@ -358,21 +396,13 @@ def test_refiner_float32_at_a_relu6_kink():
     float64 reference taken with that side's derivative it is within float32 rounding, and the
     two references differ by far more than the tolerance (so the comparison can fail)."""
     b, h, n, d, expansion, ksize = 2, 2, 58, 17, 4, 7
-    c = expansion * h
     gen = torch.Generator().manual_seed(845978603)
-
-    def rnd(*shape, std=1.0, mean=0.0):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64) * std + mean
-
-    x = rnd(b, n, 3 * h * d)  # timm's qkv layout
+    x = torch.randn(b, n, 3 * h * d, generator=gen, dtype=torch.float64)  # timm's qkv layout
     qkv = x.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
-    sizes = (c, c, h, h)
-    params = [rnd(c, h, 1, 1, std=0.5), rnd(c, 1, ksize, ksize, std=0.5), rnd(h, c, 1, 1, std=0.5)]
-    params += [rnd(s, std=0.2, mean=1.0) for s in sizes] + [rnd(s, std=0.2) for s in sizes]
-    run_mean = [rnd(s, std=0.1) for s in sizes]
-    run_var = [torch.rand(s, generator=gen, dtype=torch.float64) + 0.5 for s in sizes]
+    params, (run_mean, run_var) = refiner_params(h, expansion, ksize, torch.float64, gen,
+                                                 requires_grad=False)
     keep = torch.rand(b, h, n, n, generator=gen) >= 0.25
-    up = rnd(b, h, n, d)
+    up = torch.randn(b, h, n, d, generator=gen, dtype=torch.float64)
 
     def run(fn, dtype, record=None, flips=None, **kw):
         qkv_ = [t.to(dtype).requires_grad_() for t in qkv]

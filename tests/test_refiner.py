@@ -1,40 +1,18 @@
 """refined_attention() on the C++ backend against refined_attention_ref: outputs, running
 statistics and every gradient, plus gradcheck, opcheck, torch.compile, reruns and bad input."""
-import itertools
+import threading
 
 import pytest
 import torch
 
 from fastattnreg import refined_attention, refined_attention_ref
 from conftest import max_err, requires_cpp, rerun_without_triton_interpreter
+from inputs import REFINER_PARAM_NAMES, refiner_inputs
 
 pytestmark = requires_cpp
 
 # (N, B, H): CLS + 4x4, 8x8 and 14x14 patch grids; small B and H where N is large.
 SHAPES = ((17, 2, 3), (65, 2, 2), (197, 1, 2))
-PARAM_NAMES = ("conv_exp", "conv_dw", "conv_pro", "bn1.weight", "bn2.weight", "bn3.weight",
-               "adapt_bn.weight", "bn1.bias", "bn2.bias", "bn3.bias", "adapt_bn.bias")
-
-
-def make_case(B, H, N, D, expansion, ksize, dtype=torch.float64, seed=0):
-    """q, k, v, the conv weights and BatchNorm tensors of a refiner, away from their init so
-    every term matters: (tensors requiring grad, running stats)."""
-    g = torch.Generator().manual_seed(seed)
-    C = expansion * H
-
-    def rnd(*shape, std=1.0, mean=0.0):
-        return (torch.randn(shape, generator=g, dtype=torch.float64) * std + mean).to(dtype)
-
-    qkv = [rnd(B, H, N, D).requires_grad_() for _ in range(3)]
-    sizes = (C, C, H, H)
-    params = [rnd(C, H, 1, 1, std=0.5), rnd(C, 1, ksize, ksize, std=0.5), rnd(H, C, 1, 1, std=0.5)]
-    params += [rnd(c, std=0.2, mean=1.0) for c in sizes] + [rnd(c, std=0.2) for c in sizes]
-    params = [p.requires_grad_() for p in params]
-    running = ([rnd(c, std=0.1) for c in sizes],
-               [(torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(dtype) for c in sizes])
-    return qkv, params, running
-
-
 def call(fn, qkv, params, running, **kw):
     return fn(*qkv, *params[:3], params[3:7], params[7:11], running[0], running[1], **kw)
 
@@ -54,7 +32,7 @@ def run_with_grads(fn, qkv, params, running, dout, **kw):
 @pytest.mark.parametrize("ksize", [3, 5])
 @pytest.mark.parametrize("expansion", [1, 2, 3, 4])
 def test_float64_matches_reference(training, n, b, h, ksize, expansion):
-    qkv, params, running = make_case(b, h, n, 16, expansion, ksize, seed=n + ksize + expansion)
+    qkv, params, running = refiner_inputs(b, h, n, 16, expansion, ksize, seed=n + ksize + expansion)
     dout = torch.randn(b, h, n, 16, dtype=torch.float64)
     ref_running, cpp_running = clone_running(running), clone_running(running)
     ref_out, ref_grads = run_with_grads(refined_attention_ref, qkv, params, ref_running, dout,
@@ -67,7 +45,7 @@ def test_float64_matches_reference(training, n, b, h, ksize, expansion):
     if not training:  # eval mode reads the running statistics and leaves them alone
         for got, want in zip(cpp_running[0] + cpp_running[1], running[0] + running[1]):
             assert torch.equal(got, want)
-    for name, got, want in zip(("dq", "dk", "dv") + PARAM_NAMES, grads, ref_grads):
+    for name, got, want in zip(("dq", "dk", "dv") + REFINER_PARAM_NAMES, grads, ref_grads):
         assert got.shape == want.shape, name
         assert max_err(got, want) < 1e-9 * max(1.0, want.abs().max().item()), name
 
@@ -75,20 +53,20 @@ def test_float64_matches_reference(training, n, b, h, ksize, expansion):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("ksize", [1, 7, 9])  # the unrolled K = 7 path and the run-time-K path
 def test_other_kernel_sizes_match_reference(training, ksize):
-    qkv, params, running = make_case(2, 2, 17, 16, 2, ksize, seed=ksize)
+    qkv, params, running = refiner_inputs(2, 2, 17, 16, 2, ksize, seed=ksize)
     dout = torch.randn(2, 2, 17, 16, dtype=torch.float64)
     ref_out, ref_grads = run_with_grads(refined_attention_ref, qkv, params,
                                         clone_running(running), dout, training=training)
     out, grads = run_with_grads(refined_attention, qkv, params, clone_running(running), dout,
                                 training=training, backend="cpp")
     assert max_err(out, ref_out) < 1e-11
-    for name, got, want in zip(("dq", "dk", "dv") + PARAM_NAMES, grads, ref_grads):
+    for name, got, want in zip(("dq", "dk", "dv") + REFINER_PARAM_NAMES, grads, ref_grads):
         assert max_err(got, want) < 1e-9 * max(1.0, want.abs().max().item()), name
 
 
 @pytest.mark.parametrize("n", [17, 65])
 def test_attention_dropout_matches_reference_with_the_same_mask(n):
-    qkv, params, running = make_case(2, 2, n, 8, 3, 3)
+    qkv, params, running = refiner_inputs(2, 2, n, 8, 3, 3)
     dout = torch.randn(2, 2, n, 8, dtype=torch.float64)
     results = []
     for backend in ("reference", "cpp"):
@@ -106,7 +84,7 @@ def test_attention_dropout_matches_reference_with_the_same_mask(n):
 
 
 def test_attention_dropout_is_off_in_eval_mode():
-    qkv, params, running = make_case(1, 2, 17, 8, 2, 3)
+    qkv, params, running = refiner_inputs(1, 2, 17, 8, 2, 3)
     a = call(refined_attention, qkv, params, running, training=False, attn_drop=0.5, backend="cpp")
     b = call(refined_attention, qkv, params, running, training=False, backend="cpp")
     assert torch.equal(a, b)
@@ -115,7 +93,7 @@ def test_attention_dropout_is_off_in_eval_mode():
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_float32_error_at_most_twice_the_references(training):
     """Error against float64 at most 2x that of the reference run in float32 (plus 1e-6)."""
-    qkv64, params64, running64 = make_case(2, 3, 65, 32, 3, 3)
+    qkv64, params64, running64 = refiner_inputs(2, 3, 65, 32, 3, 3)
     dout = torch.randn(2, 3, 65, 32, dtype=torch.float64)
     want_out, want_grads = run_with_grads(refined_attention_ref, qkv64, params64,
                                           clone_running(running64), dout, training=training)
@@ -133,7 +111,7 @@ def test_float32_error_at_most_twice_the_references(training):
 
 
 def test_bfloat16_runs_in_float32_and_is_close():
-    qkv64, params64, running64 = make_case(2, 2, 17, 16, 3, 3)
+    qkv64, params64, running64 = refiner_inputs(2, 2, 17, 16, 3, 3)
     want = call(refined_attention_ref, qkv64, params64, clone_running(running64), training=True)
     bf = [t.detach().bfloat16() for t in qkv64 + params64]
     running_bf = ([t.bfloat16() for t in running64[0]], [t.bfloat16() for t in running64[1]])
@@ -149,7 +127,7 @@ def test_bfloat16_runs_in_float32_and_is_close():
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("ksize,n", [(3, 5), (5, 4)])
 def test_gradcheck(training, ksize, n):
-    qkv, params, running = make_case(2, 2, n, 3, 2, ksize)
+    qkv, params, running = refiner_inputs(2, 2, n, 3, 2, ksize)
 
     def fn(*tensors):
         return call(refined_attention, tensors[:3], tensors[3:], clone_running(running),
@@ -159,7 +137,7 @@ def test_gradcheck(training, ksize, n):
 
 
 def _raw_args(training, save_probs, dropout):
-    qkv, params, running = make_case(2, 2, 9, 4, 2, 3)
+    qkv, params, running = refiner_inputs(2, 2, 9, 4, 2, 3)
     C, H = 4, 2
     keep = torch.rand(2, 2, 9, 9) > 0.3 if dropout else None
     return (*qkv, params[0].detach().reshape(C, H).requires_grad_(),
@@ -183,7 +161,7 @@ def test_opcheck(training, save_probs, dropout):
 @pytest.mark.slow
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_torch_compile_fullgraph_matches_eager(training):
-    qkv, params, running = make_case(2, 3, 17, 8, 3, 3, dtype=torch.float32)
+    qkv, params, running = refiner_inputs(2, 3, 17, 8, 3, 3, dtype=torch.float32)
     dout = torch.randn(2, 3, 17, 8)
     eager_running, compiled_running = clone_running(running), clone_running(running)
 
@@ -205,7 +183,7 @@ def test_torch_compile_fullgraph_matches_eager(training):
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_reruns_are_bitwise_equal(training):
-    qkv, params, running = make_case(3, 3, 40, 16, 3, 3, dtype=torch.float32)
+    qkv, params, running = refiner_inputs(3, 3, 40, 16, 3, 3, dtype=torch.float32)
     dout = torch.randn(3, 3, 40, 16)
     first = run_with_grads(refined_attention, qkv, params, clone_running(running), dout,
                            training=training, backend="cpp")
@@ -220,13 +198,11 @@ def test_scratch_kept_between_calls_stays_correct_across_shapes_and_threads():
     """The C++ kernels keep their planes and one scratch map from one call to the next
     (kept_cache.h): alternating shapes, kernel sizes and calls from several threads at once
     must give exactly what each call gives alone."""
-    import threading
-
     cases = [((2, 3, 40, 16, 3, 3), 0), ((1, 3, 40, 16, 3, 5), 1), ((2, 3, 40, 16, 2, 3), 2)]
     prepared = []
     for (b, h, n, d, expansion, ksize), seed in cases:
-        qkv, params, running = make_case(b, h, n, d, expansion, ksize, dtype=torch.float32,
-                                         seed=seed)
+        qkv, params, running = refiner_inputs(b, h, n, d, expansion, ksize,
+                                              dtype=torch.float32, seed=seed)
         dout = torch.randn(b, h, n, d, generator=torch.Generator().manual_seed(seed))
         alone = run_with_grads(refined_attention, qkv, params, clone_running(running), dout,
                                training=True, backend="cpp")
@@ -259,7 +235,7 @@ def test_scratch_kept_between_calls_stays_correct_across_shapes_and_threads():
 def test_running_statistics_follow_batchnorm_momentum_and_unbiased_variance():
     """The update is checked against nn.BatchNorm2d itself on the BN_a input recomputed by the
     reference: running <- (1 - m) running + m * batch (unbiased variance)."""
-    qkv, params, running = make_case(2, 2, 17, 8, 3, 3)
+    qkv, params, running = refiner_inputs(2, 2, 17, 8, 3, 3)
     rm0, rv0 = clone_running(running)
     rm, rv = clone_running(running)
     call(refined_attention, qkv, params, (rm, rv), training=True, momentum=[0.1, 0.2, 0.3, 0.5],
@@ -276,7 +252,7 @@ def test_running_statistics_follow_batchnorm_momentum_and_unbiased_variance():
 
 
 def _bad(**changes):
-    qkv, params, running = make_case(1, 2, 9, 4, 2, 3)
+    qkv, params, running = refiner_inputs(1, 2, 9, 4, 2, 3)
     args = {"q": qkv[0], "k": qkv[1], "v": qkv[2], "conv_exp_weight": params[0],
             "conv_dw_weight": params[1], "conv_pro_weight": params[2], "bn_weight": params[3:7],
             "bn_bias": params[7:11], "running_mean": running[0], "running_var": running[1]}

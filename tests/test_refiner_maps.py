@@ -5,13 +5,15 @@ import pytest
 import torch
 
 from fastattnreg import refined_attention, refined_attention_ref
+from fastattnreg.ops.checks import REFINER_EXPORTS
 from conftest import max_err, requires_cpp
-from test_refiner import PARAM_NAMES, _raw_args, call, clone_running, make_case
+from inputs import REFINER_PARAM_NAMES, refiner_inputs
+from test_refiner import _raw_args, call, clone_running
 
 pytestmark = requires_cpp
 
-EXPORTS = ("full", "head_mean", "cls")
-NAMES = ("dq", "dk", "dv") + PARAM_NAMES
+EXPORTS = REFINER_EXPORTS[1:]  # every export that has maps (None has none)
+NAMES = ("dq", "dk", "dv") + REFINER_PARAM_NAMES
 
 
 def _maps_shape(b, h, n, export):
@@ -33,7 +35,7 @@ def _grads(out, maps, inputs, dout, dmaps):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_maps_and_gradients_match_reference(training, shape, ksize, export, via):
     b, h, n, d = shape
-    qkv, params, running = make_case(b, h, n, d, 3, ksize, seed=n + ksize)
+    qkv, params, running = refiner_inputs(b, h, n, d, 3, ksize, seed=n + ksize)
     gen = torch.Generator().manual_seed(n)
     dout = torch.randn(shape, generator=gen, dtype=torch.float64) if via == "both" else None
     dmaps = torch.randn(_maps_shape(b, h, n, export), generator=gen, dtype=torch.float64)
@@ -61,7 +63,7 @@ def test_maps_and_gradients_match_reference(training, shape, ksize, export, via)
 
 @pytest.mark.parametrize("export", EXPORTS)
 def test_maps_with_attention_dropout_match_reference_with_the_same_mask(export):
-    qkv, params, running = make_case(2, 2, 17, 8, 2, 3, seed=3)
+    qkv, params, running = refiner_inputs(2, 2, 17, 8, 2, 3, seed=3)
     mask = torch.rand(2, 2, 17, 17, generator=torch.Generator().manual_seed(1)) >= 0.3
     kw = {"training": True, "attn_drop": 0.3, "drop_mask": mask, "export": export}
     ref_out, ref_maps = call(refined_attention_ref, qkv, params, clone_running(running), **kw)
@@ -77,7 +79,7 @@ def test_maps_with_attention_dropout_match_reference_with_the_same_mask(export):
 @pytest.mark.parametrize("export", EXPORTS)
 def test_maps_agree_with_each_other_and_out_uses_them(export):
     """head_mean and cls are views of the full map; out is the full map times v."""
-    qkv, params, running = make_case(2, 3, 17, 8, 2, 3, seed=5)
+    qkv, params, running = refiner_inputs(2, 3, 17, 8, 2, 3, seed=5)
     with torch.no_grad():
         out, full = call(refined_attention, qkv, params, clone_running(running), training=True,
                          export="full", backend="cpp")
@@ -89,7 +91,7 @@ def test_maps_agree_with_each_other_and_out_uses_them(export):
 
 
 def test_bfloat16_maps_are_bfloat16_and_close():
-    qkv64, params64, running64 = make_case(2, 2, 17, 16, 3, 3)
+    qkv64, params64, running64 = refiner_inputs(2, 2, 17, 16, 3, 3)
     _, want = call(refined_attention_ref, qkv64, params64, clone_running(running64),
                    training=True, export="full")
     bf = [t.detach().bfloat16() for t in qkv64 + params64]
@@ -106,7 +108,7 @@ def test_bfloat16_maps_are_bfloat16_and_close():
 @pytest.mark.parametrize("export", EXPORTS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gradcheck_through_out_and_maps(training, export):
-    qkv, params, running = make_case(2, 2, 5, 3, 2, 3)
+    qkv, params, running = refiner_inputs(2, 2, 5, 3, 2, 3)
 
     def fn(*tensors):
         return call(refined_attention, tensors[:3], tensors[3:], clone_running(running),
@@ -137,7 +139,7 @@ def test_opcheck_forward_and_backward_with_maps(training, export):
 @pytest.mark.slow
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_torch_compile_fullgraph_with_export_matches_eager(training):
-    qkv, params, running = make_case(2, 3, 17, 8, 3, 3, dtype=torch.float32)
+    qkv, params, running = refiner_inputs(2, 3, 17, 8, 3, 3, dtype=torch.float32)
     dout, dmaps = torch.randn(2, 3, 17, 8), torch.randn(2, 17, 17)
 
     def step(q, k, v, *p, rm, rv):
@@ -155,10 +157,10 @@ def test_torch_compile_fullgraph_with_export_matches_eager(training):
         assert max_err(a, b) < 1e-5 * max(1.0, b.abs().max().item())
 
 
-@pytest.mark.parametrize("export", ["full", "head_mean", "cls"])
+@pytest.mark.parametrize("export", EXPORTS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_reruns_with_maps_are_bitwise_equal(training, export):
-    qkv, params, running = make_case(3, 3, 40, 16, 3, 3, dtype=torch.float32)
+    qkv, params, running = refiner_inputs(3, 3, 40, 16, 3, 3, dtype=torch.float32)
     dout = torch.randn(3, 3, 40, 16)
     dmaps = torch.randn(_maps_shape(3, 3, 40, export))
     inputs = (*qkv, *params)
@@ -178,7 +180,7 @@ def test_reruns_with_maps_are_bitwise_equal(training, export):
 def test_backward_gets_none_for_an_unused_output(used, monkeypatch):
     """An unused map gets dmaps None (no (B, H, N, N) zeros); unused out a zero dout (B, H, N, D).
     Both give the reference's gradients."""
-    qkv, params, running = make_case(1, 2, 17, 8, 2, 3)
+    qkv, params, running = refiner_inputs(1, 2, 17, 8, 2, 3)
     out, maps = call(refined_attention, qkv, params, clone_running(running), training=True,
                      export="full", backend="cpp")
     real_bwd = torch.ops.fastattnreg.refined_attention_bwd
@@ -206,7 +208,7 @@ def test_no_export_allocates_no_maps():
 
 
 def test_unknown_export_raises_a_named_value_error():
-    qkv, params, running = make_case(1, 2, 9, 4, 2, 3)
+    qkv, params, running = refiner_inputs(1, 2, 9, 4, 2, 3)
     for backend in ("cpp", "reference"):
         with pytest.raises(ValueError, match=r"export must be one of .*got 'rows'"):
             call(refined_attention, qkv, params, running, training=True, export="rows",

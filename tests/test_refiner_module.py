@@ -6,7 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastattnreg import RefinerAttention
+from fastattnreg import RefinerAttention, refined_attention_ref
+from fastattnreg.models import attention_rollout, create_model
+from fastattnreg.ops.checks import REFINER_EXPORTS
+from fastattnreg.train.plots import attention_grids
 from conftest import max_err, requires_cpp
 
 pytestmark = requires_cpp
@@ -144,11 +147,9 @@ def test_batch_norm_in_another_mode_raises():
         m(torch.randn(1, 5, 24))
 
 
-@pytest.mark.parametrize("export", ["full", "head_mean", "cls"])
+@pytest.mark.parametrize("export", REFINER_EXPORTS[1:])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_maps_match_the_reference_from_the_modules_parameters(training, export):
-    from fastattnreg import refined_attention_ref
-
     torch.manual_seed(0)
     m = RefinerAttention(24, num_heads=3, qkv_bias=True, expansion=2, kernel_size=3,
                          export=export, backend="cpp").double().train(training)
@@ -184,8 +185,6 @@ def test_bad_export_raises():
 
 
 def test_attention_maps_of_a_refiner_vit_match_the_reference_backend():
-    from fastattnreg.models import create_model
-
     torch.manual_seed(0)
     model = create_model("vit_tiny_patch2_8", attn="refiner", backend="cpp").eval()
     ref = create_model("vit_tiny_patch2_8", attn="refiner", backend="reference").eval()
@@ -209,9 +208,6 @@ def test_compare_attention_figure_grids_of_a_refiner_vit():
     """The `compare` figure's grids (train/plots.py) from a Refiner ViT's maps A*: the last
     block's class-token row over the patches, and the rollout only while every map is
     non-negative (a negative A* entry leaves it out)."""
-    from fastattnreg.models import attention_rollout, create_model
-    from fastattnreg.train.plots import attention_grids
-
     torch.manual_seed(0)
     model = create_model("vit_tiny_patch2_8", attn="refiner", backend="cpp")
     x = torch.randn(3, 1, 8, 8)

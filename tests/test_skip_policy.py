@@ -5,14 +5,11 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-from conftest import CUDA_SKIP_REASON
+from conftest import CUDA_SKIP_REASON, TESTS
 from skip_policy import NO_SKIPS_VAR, PLUGIN_NAME
-
-TESTS = Path(__file__).resolve().parent
 
 CASES = {
     "cuda_skip": """

@@ -153,6 +153,7 @@ def test_torchscript_save_and_load(arch, layer):
     check_train_step(eager, loaded, images())
 
 
+@pytest.mark.slow  # scripts a whole model
 def test_torchscript_refuses_backends_it_cannot_run():
     model = make_model("vit", "fused")
     model.blocks[0].attn.backend = "reference"
@@ -233,6 +234,7 @@ def test_fx_refuses_state_it_cannot_keep():
         torch.fx.symbolic_trace(model)
 
 
+@pytest.mark.slow  # FX-traces a whole model
 def test_plain_symbolic_trace_and_intermediate_nodes():
     eager = make_model("vit", "fused").eval()
     traced = torch.fx.symbolic_trace(copy.deepcopy(eager))
@@ -348,6 +350,7 @@ def test_torch_compile_under_autocast():
     assert close(got, want, 2e-2)
 
 
+@pytest.mark.slow  # scripts a whole model
 def test_torchscript_under_autocast():
     eager = make_model("vit", "refiner").eval()
     scripted = torch.jit.script(copy.deepcopy(eager))

@@ -11,12 +11,14 @@ import pytest
 import torch
 
 pytest.importorskip("sklearn")
+from fastattnreg.train.build import build, source_config  # noqa: E402
 from fastattnreg.train.config import TrainConfig  # noqa: E402
-from fastattnreg.train.data import augment, load_data  # noqa: E402
+from fastattnreg.train.data import DataError, augment, load_data, parse_classes  # noqa: E402
+from fastattnreg.train.dist import DistContext  # noqa: E402
+from fastattnreg.train.methods import parse_method  # noqa: E402
 from fastattnreg.train.trainer import train_run  # noqa: E402
-from conftest import requires_cpp  # noqa: E402
+from conftest import ROOT, requires_cpp  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A small ViT on 5% of digits (67 images: batches of 32, 32, 3): seconds per run.
 TINY = dict(train_fraction=0.05, epochs=1, batch_size=32, warmup_epochs=0,
             model_overrides={"depth": 2, "embed_dim": 32, "num_heads": 2},
@@ -38,7 +40,7 @@ def run(tmp_path, name="run", **kw):
 
 def cli(*args, env=None, cwd=None):
     """`python -m fastattnreg ...` in a fresh process: (returncode, stdout, stderr)."""
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, **(env or {}))
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))
     p = subprocess.run([sys.executable, "-m", "fastattnreg", *args], capture_output=True,
                        text=True, env=full_env, cwd=cwd, timeout=300)
     return p.returncode, p.stdout, p.stderr
@@ -190,7 +192,7 @@ def test_ddp_two_cpu_processes_match_one(tmp_path):
             "--cache-dir", str(tmp_path / "cache")]
     rc, _, err = cli(*args, "--out", str(tmp_path / "one"))
     assert rc == 0, err
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc_per_node", "2", "-m", "fastattnreg", *args,
                         "--out", str(tmp_path / "two")], capture_output=True, text=True,
@@ -275,7 +277,6 @@ def test_classes_select_and_renumber_labels():
 
 @pytest.mark.parametrize("text", ["10", "5-3", "a", "", "-1"])
 def test_bad_classes_are_refused(text):
-    from fastattnreg.train.data import DataError, parse_classes
     if text == "":
         assert parse_classes(text, 10) == list(range(10))
         return
@@ -286,9 +287,6 @@ def test_bad_classes_are_refused(text):
 @pytest.mark.slow
 @requires_cpp
 def test_finetune_starts_at_the_source_with_a_new_head(tmp_path):
-    from fastattnreg.train.build import build, source_config
-    from fastattnreg.train.dist import DistContext
-    from fastattnreg.train.methods import parse_method
     cfg = TrainConfig(**{**TINY, "method": "finetune", "classes": "5-9"})
     data = load_data("digits", cfg.train_fraction, classes=cfg.classes)
     built = build(cfg, data, cache_dir=str(tmp_path), ctx=DistContext(), log=quiet,

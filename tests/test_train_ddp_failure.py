@@ -10,8 +10,8 @@ import time
 import pytest
 
 pytest.importorskip("sklearn")
-from conftest import requires_cpp  # noqa: E402
-from test_train import REPO, TINY_ARGS  # noqa: E402
+from conftest import ROOT, requires_cpp  # noqa: E402
+from test_train import TINY_ARGS  # noqa: E402
 
 pytestmark = pytest.mark.slow  # every test here starts DDP process groups
 
@@ -31,7 +31,7 @@ def launch(tmp_path, fault):
     port = free_port()
     procs = {}
     for rank in (0, 1):
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, RANK=str(rank),
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), RANK=str(rank),
                    LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), FASTATTNREG_DDP_CPU="1",
                    FASTATTNREG_TEST_FAIL_RANK=fault)
@@ -93,7 +93,7 @@ def test_a_rank_that_stops_answering_times_out_the_others(tmp_path):
 def test_ranks_wait_for_a_guide_that_trains_longer_than_the_timeout(tmp_path):
     """Rank 0 trains the link CNN (several seconds) while rank 1 waits for it in the long-timeout
     group: a 2 s --ddp-timeout must not cut that wait off."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, FASTATTNREG_DDP_CPU="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), FASTATTNREG_DDP_CPU="1")
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc_per_node", "2", "-m", "fastattnreg", "train", "--method", "link",

@@ -8,13 +8,14 @@ import torch
 
 pytest.importorskip("sklearn")
 from fastattnreg.train.build import build  # noqa: E402
+from fastattnreg.train.cli import main  # noqa: E402
 from fastattnreg.train.config import TrainConfig  # noqa: E402
 from fastattnreg.train.data import load_data  # noqa: E402
 from fastattnreg.train.dist import DistContext  # noqa: E402
 from fastattnreg.train.methods import MethodError, parse_method  # noqa: E402
 from fastattnreg.train.trainer import train_run  # noqa: E402
 from conftest import requires_cpp  # noqa: E402
-from test_train import TINY, model_state, quiet, run  # noqa: E402
+from test_train import TINY, TINY_ARGS, model_state, quiet, run  # noqa: E402
 
 
 def _build(cfg, cache):
@@ -71,8 +72,6 @@ def test_link_advanced_trains_and_its_masked_links_stay_zero(tmp_path):
 @pytest.mark.slow
 @requires_cpp
 def test_compare_trains_the_shared_link_run_once(tmp_path, capsys):
-    from fastattnreg.train.cli import main
-    from test_train import TINY_ARGS
     argv = ["compare", "--methods", "link,link_advanced", "--seeds", "0", "--epochs", "1",
             "--cnn-epochs", "1", "--time-epochs", "0", "--link-advanced-k", "2", *TINY_ARGS, "--out", str(tmp_path / "out"),
             "--cache-dir", str(tmp_path / "cache")]

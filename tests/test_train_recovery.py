@@ -20,9 +20,9 @@ from fastattnreg.train.cli import main  # noqa: E402
 from fastattnreg.train.compare import resume_plan  # noqa: E402
 from fastattnreg.train.config import TrainConfig  # noqa: E402
 from fastattnreg.train.trainer import train_run  # noqa: E402
-from conftest import requires_cpp  # noqa: E402
+from conftest import ROOT, requires_cpp  # noqa: E402
 from test_cli import out_args  # noqa: E402
-from test_train import REPO, TINY, TINY_ARGS, cli, history, quiet  # noqa: E402
+from test_train import TINY, TINY_ARGS, cli, history, quiet  # noqa: E402
 
 # 30 short epochs (about 0.05 s each): a kill right after the first checkpoint lands mid-run
 KILL_ARGS = ["train", "--method", "baseline", "--epochs", "30", "--augment", "crop",
@@ -30,7 +30,7 @@ KILL_ARGS = ["train", "--method", "baseline", "--epochs", "30", "--augment", "cr
 
 
 def start(out, cache, env=None):
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, **(env or {}))
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))
     return subprocess.Popen([sys.executable, "-m", "fastattnreg", *KILL_ARGS, "--out", str(out),
                              "--cache-dir", str(cache)], env=full_env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

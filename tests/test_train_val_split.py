@@ -4,8 +4,9 @@ import pytest
 import torch
 
 pytest.importorskip("sklearn")
-from fastattnreg.train.config import TrainConfig  # noqa: E402
+from fastattnreg.train.config import TUNED_LR, TrainConfig, default_lr  # noqa: E402
 from fastattnreg.train.data import DataError, load_data  # noqa: E402
+from fastattnreg.train.methods import parse_method  # noqa: E402
 from fastattnreg.train.trainer import train_run  # noqa: E402
 from conftest import requires_cpp  # noqa: E402
 
@@ -61,8 +62,6 @@ def test_a_run_with_a_validation_split_evaluates_on_it(tmp_path):
 
 
 def test_default_learning_rates_follow_the_tuned_table():
-    from fastattnreg.train.config import TUNED_LR, default_lr
-    from fastattnreg.train.methods import parse_method
     expected = {"baseline": "baseline", "structured": "structured", "mimetic": "mimetic",
                 "refiner": "refiner", "finetune": "finetune", "gta": "finetune",
                 "structured+gta": "finetune", "link": "baseline", "link_advanced": "baseline",

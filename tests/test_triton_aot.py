@@ -20,15 +20,16 @@ processes (ptxas is single-threaded).
 from __future__ import annotations
 
 import csv
+import importlib
 import os
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import fastattnreg
+from conftest import ROOT
 
 pytestmark = [
     pytest.mark.slow,
@@ -38,7 +39,10 @@ pytestmark = [
                        reason="needs Triton's compiler (not the interpreter)"),
 ]
 
-ROOT = Path(__file__).resolve().parent.parent
+if fastattnreg.backend.triton_installed():  # these modules import Triton
+    from fastattnreg.triton import refiner as R
+    from triton_aot import compile_kernel
+
 CSV = ROOT / "benchmarks" / "results" / "triton_aot.csv"
 ARCHS = (80, 90)
 DTYPES = ("fp16", "bf16", "fp32")
@@ -103,7 +107,6 @@ def _tile_configs(kernel, constexprs, dtype):
 
 
 def _refiner_variants():
-    from fastattnreg.triton import refiner as R
     block_m, block_n, warps = R.pixel_tile(LONG_N)
     bwd_m, bwd_n, bwd_warps = R.pixel_tile(LONG_N, backward=True)
     for cp in (32, 64):
@@ -124,7 +127,6 @@ def _refiner_variants():
 def _jobs():
     """((file, kernel name, constexprs, config label, dtype, arch, warps, stages, spill limit)
     per variant, (kernel name, dtype, head dim, error message) per refused launch)."""
-    import importlib
     jobs, refused = [], []
     compiled = set()  # (module, name, flags without the head dims, dtype, tile)
     dim_keys = set(_dims(16))
@@ -170,9 +172,6 @@ def _flag_label(flags):
 
 
 def _compile_job(job):
-    import importlib
-
-    from triton_aot import compile_kernel
     module, name, constexprs, label, dtype, arch, warps, stages, limit = job
     kernel = getattr(importlib.import_module(f"fastattnreg.triton.{module}"), name)
     try:

@@ -1,8 +1,8 @@
 """attention(backend="triton"): the Triton kernels against attention_ref.
 
 Two groups:
-  * interpreter (any machine with Triton): tests/triton_interpret_cases.py and, for masks,
-    dropout and their op checks, tests/triton_mask_dropout_cases.py run on CPU tensors in a
+  * interpreter (any machine with Triton): tests/triton_attention_cases.py and, for masks,
+    dropout and their op checks, tests/triton_attention_mask_cases.py run on CPU tensors in a
     child process with TRITON_INTERPRET=1 (the variable must be set before Triton defines the
     kernels), one test per case file here; a failure shows the child's report.
   * CUDA (skipped without a GPU): the shape grid of test_attention.py, fp16/bf16 by the
@@ -15,30 +15,30 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 import fastattnreg
-from conftest import requires_triton, rerun_without_triton_interpreter
+from fastattnreg.ops.checks import ATTENTION_EXPORTS, op_exports
+from fastattnreg.ops.dropout import dropout_keep_mask
+from conftest import ROOT, TESTS, requires_triton, rerun_without_triton_interpreter
 from conftest import requires_cuda_triton as requires_cuda  # CUDA tests of the Triton kernels
-from inputs import EXPORTS, HEAD_DIMS, SEQ_LENS, grid_shape, qkv_on
+from inputs import (HEAD_DIMS, SEQ_LENS, TRITON_MASK_KINDS, grid_shape, qkv_on,
+                    triton_attention_mask)
 from interpreter_runner import interpreted_cases
 from triton_attention_checks import (
     assert_compiled_matches_float64, assert_low_precision_rule, errors_vs_float64,
     low_precision_errors, run_all, triton_attention,
 )
-from triton_mask_dropout_checks import (
-    MASK_KINDS, assert_compiled_mask_dropout_matches_eager, compare_with_reference,
-    low_precision_mask_errors, make_mask,
+from triton_attention_mask_checks import (
+    assert_compiled_mask_dropout_matches_eager, compare_with_reference, low_precision_mask_errors,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 FP32_MAX_HEAD_DIM = 64  # the maps and backward kernels' largest fp32 head dim (tiles.py)
 FP32_HEAD_DIMS = [d for d in HEAD_DIMS if d <= FP32_MAX_HEAD_DIM]
-CASES = Path(__file__).resolve().parent / "triton_interpret_cases.py"
-MASK_CASES = Path(__file__).resolve().parent / "triton_mask_dropout_cases.py"
+CASES = TESTS / "triton_attention_cases.py"
+MASK_CASES = TESTS / "triton_attention_mask_cases.py"
 
 
 def _child(args, extra_env=None, timeout=600):
@@ -79,6 +79,7 @@ def test_triton_ops_register_without_the_cpp_extension():
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-4000:]
 
 
+@pytest.mark.slow  # a child interpreter
 def test_package_works_without_triton():
     code = textwrap.dedent(
         """
@@ -115,7 +116,7 @@ def test_triton_backend_refuses_cpu_tensors_without_the_interpreter(request):
 
 @requires_cuda
 @pytest.mark.parametrize("n,d", list(itertools.product(SEQ_LENS, FP32_HEAD_DIMS)))
-@pytest.mark.parametrize("export", EXPORTS)
+@pytest.mark.parametrize("export", ATTENTION_EXPORTS)
 def test_cuda_float32_against_float64(n, d, export):
     for name, err in errors_vs_float64(grid_shape(n, d), export, "cuda").items():
         assert err <= 1e-4, f"{name}: {err:.3g}"
@@ -139,7 +140,7 @@ def test_cuda_float32_beyond_head_dim_64_runs_the_forward_and_refuses_maps_and_b
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("n,d", list(itertools.product(SEQ_LENS, HEAD_DIMS)))
-@pytest.mark.parametrize("export", EXPORTS)
+@pytest.mark.parametrize("export", ATTENTION_EXPORTS)
 def test_cuda_low_precision_error_at_most_twice_the_references(n, d, export, dtype):
     assert_low_precision_rule(low_precision_errors(grid_shape(n, d), export, "cuda", dtype))
 
@@ -152,7 +153,7 @@ def test_cuda_long_sequences(n):
 
 
 @requires_cuda
-@pytest.mark.parametrize("export", EXPORTS)
+@pytest.mark.parametrize("export", ATTENTION_EXPORTS)
 def test_cuda_reruns_are_bitwise_equal(export):
     q, k, v = qkv_on((4, 6, 197, 64), torch.bfloat16, "cuda")
     for a, b in zip(run_all(q, k, v, export), run_all(q, k, v, export)):
@@ -163,7 +164,7 @@ def test_cuda_reruns_are_bitwise_equal(export):
 @pytest.mark.parametrize("kind", ["key_padding", "full_bias"])
 def test_cuda_reruns_with_mask_and_dropout_are_bitwise_equal(kind):
     q, k, v = qkv_on((4, 6, 197, 64), torch.bfloat16, "cuda")
-    mask = make_mask(kind, 4, 6, 197, torch.bfloat16, "cuda")
+    mask = triton_attention_mask(kind, 4, 6, 197, torch.bfloat16, "cuda")
     rng = torch.tensor([11, 12], device="cuda")
     leaves = [q, k, v] + ([mask] if mask.requires_grad else [])
 
@@ -177,13 +178,13 @@ def test_cuda_reruns_with_mask_and_dropout_are_bitwise_equal(kind):
 
 
 @requires_cuda
-@pytest.mark.parametrize("export", ["none", "full", "head_mean", "cls", "key_mean"])
+@pytest.mark.parametrize("export", op_exports(ATTENTION_EXPORTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind,p", [(None, 0.0), ("key_padding", 0.1), ("shared_bias", 0.0)])
 def test_cuda_opcheck(export, dtype, kind, p):
     q, k, v = [torch.randn(2, 3, 17, 48, device="cuda", dtype=dtype, requires_grad=True)
                for _ in range(3)]
-    mask = None if kind is None else make_mask(kind, 2, 3, 17, dtype, "cuda")
+    mask = None if kind is None else triton_attention_mask(kind, 2, 3, 17, dtype, "cuda")
     rng = torch.tensor([5, 7], device="cuda") if p > 0 else None
     torch.library.opcheck(torch.ops.fastattnreg.triton_attention_fwd.default,
                           (q, k, v, mask, rng, 0.25, export, p))
@@ -199,10 +200,11 @@ def test_cuda_opcheck(export, dtype, kind, p):
 
 @requires_cuda
 @pytest.mark.parametrize("n", [17, 197, 257])
-@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("kind", TRITON_MASK_KINDS)
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_cuda_masks_and_dropout_float32_against_float64(n, kind, p):
-    export = EXPORTS[(SEQ_LENS.index(n) + MASK_KINDS.index(kind)) % len(EXPORTS)]
+    export = ATTENTION_EXPORTS[(SEQ_LENS.index(n) + TRITON_MASK_KINDS.index(kind))
+                               % len(ATTENTION_EXPORTS)]
     errors = compare_with_reference((2, 3, n, 64), kind, export, p, "cuda")
     for name, err in errors.items():
         assert err <= 1e-4, f"{name}: {err:.3g}"
@@ -210,10 +212,10 @@ def test_cuda_masks_and_dropout_float32_against_float64(n, kind, p):
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("kind", TRITON_MASK_KINDS)
 @pytest.mark.parametrize("p", [0.0, 0.5])
 def test_cuda_masks_and_dropout_low_precision_rule(kind, p, dtype):
-    export = EXPORTS[MASK_KINDS.index(kind) % len(EXPORTS)]
+    export = ATTENTION_EXPORTS[TRITON_MASK_KINDS.index(kind) % len(ATTENTION_EXPORTS)]
     errors = low_precision_mask_errors((2, 3, 197, 64), kind, export, p, "cuda", dtype)
     assert_low_precision_rule(errors)
 
@@ -221,7 +223,6 @@ def test_cuda_masks_and_dropout_low_precision_rule(kind, p, dtype):
 @requires_cuda
 def test_cuda_dropout_keep_mask_read_back_from_one_hot_values():
     """v = one-hot columns (N <= D): out = P * keep / (1 - p), so out != 0 is the kernels' mask."""
-    from fastattnreg.ops.dropout import dropout_keep_mask
     B, H, N, D, p = 2, 3, 61, 64, 0.3
     q, k = [torch.randn(B, H, N, D, device="cuda") * 0.3 for _ in range(2)]
     v = torch.eye(N, D, device="cuda").expand(B, H, N, D).contiguous()
@@ -231,8 +232,9 @@ def test_cuda_dropout_keep_mask_read_back_from_one_hot_values():
     assert torch.equal((out[..., :N] != 0).cpu(), dropout_keep_mask((B, H, N, N), p, rng.cpu()))
 
 
+@pytest.mark.slow  # inductor compiles the kernels
 @requires_cuda
-@pytest.mark.parametrize("export", [None, "full", "head_mean", "cls", "key_mean"])
+@pytest.mark.parametrize("export", ATTENTION_EXPORTS)
 def test_cuda_compile_fullgraph_inductor(export):
     """Inductor sees the kernels through wrap_triton (triton_op), forward and backward."""
     q, k, v = qkv_on((2, 3, 65, 48), torch.float32, "cuda")
@@ -246,13 +248,14 @@ def test_cuda_auto_backend_picks_triton():
     assert torch.equal(fastattnreg.attention(q, k, v), triton_attention(q, k, v))
 
 
+@pytest.mark.slow  # inductor compiles the kernels
 @requires_cuda
 def test_cuda_compile_fullgraph_with_mask_and_dropout():
     """Inductor around the triton_ops with a float bias requiring grad and dropout: the rng is
     drawn in the graph and loaded by the kernels. Inductor draws random numbers its own way
     unless fallback_random is set; with it, the same seed repeats the eager numbers."""
     q, k, v = qkv_on((2, 3, 65, 48), torch.float32, "cuda")
-    bias = make_mask("shared_bias", 2, 3, 65, torch.float32, "cuda")
+    bias = triton_attention_mask("shared_bias", 2, 3, 65, torch.float32, "cuda")
     assert_compiled_mask_dropout_matches_eager(
         fastattnreg.attention, q, k, v, bias,
         compile_context=lambda: torch._inductor.config.patch(fallback_random=True))

@@ -9,21 +9,20 @@
     triton_op registration.
 """
 import itertools
-from pathlib import Path
 
 import pytest
 import torch
 
 from fastattnreg import attention_match, attention_match_ref
-from conftest import max_err
+from fastattnreg.ops.checks import MATCH_KINDS, MATCH_ROWS
+from conftest import TESTS, max_err
 from conftest import requires_cuda_triton as requires_cuda  # CUDA tests of the Triton kernels
+from inputs import MATCH_MASK_KINDS, match_inputs, match_mask
 from interpreter_runner import interpreted_cases
-from match_mask_checks import MASK_KINDS, errors_against_reference, make_match_mask
+from triton_match_mask_checks import errors_against_reference
 
-CASES = Path(__file__).resolve().parent / "triton_match_cases.py"
-MASK_CASES = Path(__file__).resolve().parent / "triton_match_mask_cases.py"
-KINDS = ("kl", "mse_probs", "mse_logits")
-ROWS = ("all", "cls")
+CASES = TESTS / "triton_match_cases.py"
+MASK_CASES = TESTS / "triton_match_mask_cases.py"
 
 
 test_interpreted_kernels = interpreted_cases(CASES)
@@ -37,11 +36,9 @@ test_interpreted_mask_kernels = interpreted_cases(MASK_CASES)
 # fp32: D and Dt <= 64, the backward kernels' largest fp32 head dim (fastattnreg/triton/tiles.py).
 @pytest.mark.parametrize("shape", [(2, 3, 17, 48, 16), (1, 2, 65, 64, 48), (2, 1, 197, 48, 64),
                                    (1, 2, 257, 16, 48)])
-@pytest.mark.parametrize("kind,rows", list(itertools.product(KINDS, ROWS)))
+@pytest.mark.parametrize("kind,rows", list(itertools.product(MATCH_KINDS, MATCH_ROWS)))
 def test_cuda_float32_against_float64(shape, kind, rows):
-    B, H, N, D, Dt = shape
-    q, k, v = (torch.randn(B, H, N, D, dtype=torch.float64) for _ in range(3))
-    tq, tk = (torch.randn(B, H, N, Dt, dtype=torch.float64) for _ in range(2))
+    q, k, v, tq, tk = match_inputs(shape)
     dout = torch.randn_like(q)
     q64, k64, v64 = (t.clone().requires_grad_() for t in (q, k, v))
     out_r, loss_r = attention_match_ref(q64, k64, v64, tq, tk, kind=kind, rows=rows)
@@ -59,7 +56,7 @@ def test_cuda_float32_against_float64(shape, kind, rows):
 
 
 @requires_cuda
-@pytest.mark.parametrize("kind,rows", list(itertools.product(KINDS, ROWS)))
+@pytest.mark.parametrize("kind,rows", list(itertools.product(MATCH_KINDS, MATCH_ROWS)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_cuda_teacher_copy_gives_exactly_zero(kind, rows, dtype):
     q, k, v = (torch.randn(2, 3, 197, 64, device="cuda", dtype=dtype, requires_grad=True)
@@ -73,8 +70,8 @@ def test_cuda_teacher_copy_gives_exactly_zero(kind, rows, dtype):
 
 @requires_cuda
 @pytest.mark.parametrize("shape", [(2, 2, 17, 16, 16), (1, 2, 65, 32, 32), (2, 3, 197, 64, 48)])
-@pytest.mark.parametrize("mask_kind", MASK_KINDS)
-@pytest.mark.parametrize("kind,rows", list(itertools.product(KINDS, ROWS)))
+@pytest.mark.parametrize("mask_kind", MATCH_MASK_KINDS)
+@pytest.mark.parametrize("kind,rows", list(itertools.product(MATCH_KINDS, MATCH_ROWS)))
 def test_cuda_masks_float32_against_float64(shape, mask_kind, kind, rows):
     errors = errors_against_reference(shape, mask_kind, kind, rows, "cuda")
     tol = 2e-4  # 3xTF32 dots
@@ -83,13 +80,13 @@ def test_cuda_masks_float32_against_float64(shape, mask_kind, kind, rows):
 
 
 @requires_cuda
-@pytest.mark.parametrize("mask_kind", MASK_KINDS)
-@pytest.mark.parametrize("kind,rows", list(itertools.product(KINDS, ROWS)))
+@pytest.mark.parametrize("mask_kind", MATCH_MASK_KINDS)
+@pytest.mark.parametrize("kind,rows", list(itertools.product(MATCH_KINDS, MATCH_ROWS)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_teacher_copy_gives_exactly_zero_under_a_mask(mask_kind, kind, rows, dtype):
     q, k, v = (torch.randn(2, 3, 197, 64, device="cuda", dtype=dtype, requires_grad=True)
                for _ in range(3))
-    mask = make_match_mask(mask_kind, 2, 3, 197, dtype, "cuda")
+    mask = match_mask(mask_kind, 2, 3, 197, dtype, "cuda")
     _, loss = attention_match(q, k, v, q.detach().clone(), k.detach().clone(), attn_mask=mask,
                               kind=kind, rows=rows, backend="triton")
     assert loss.item() == 0.0
@@ -97,11 +94,12 @@ def test_cuda_teacher_copy_gives_exactly_zero_under_a_mask(mask_kind, kind, rows
         assert g.abs().max().item() == 0.0
 
 
+@pytest.mark.slow  # inductor compiles the kernels
 @requires_cuda
 def test_cuda_opcheck_and_compile_fullgraph():
-    q, k, v = (torch.randn(2, 2, 65, 32, device="cuda", requires_grad=True) for _ in range(3))
-    tq, tk = (torch.randn(2, 2, 65, 48, device="cuda") for _ in range(2))
-    bias = make_match_mask("shared_bias", 2, 2, 65, torch.float32, "cuda")
+    q, k, v, tq, tk = match_inputs((2, 2, 65, 32, 48), torch.float32, requires_grad=True,
+                                   device="cuda")
+    bias = match_mask("shared_bias", 2, 2, 65, torch.float32, "cuda")
     for mask in (None, bias):
         torch.library.opcheck(torch.ops.fastattnreg.triton_attention_match_fwd.default,
                               (q, k, v, tq, tk, mask, 0.2, 0.15, "kl", "all"))

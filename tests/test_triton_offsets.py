@@ -21,10 +21,13 @@ pytestmark = [
     pytest.mark.slow,  # compiles every kernel specialisation to Triton IR
 ]
 
-if fastattnreg.backend.triton_installed():
+if fastattnreg.backend.triton_installed():  # these modules import Triton
     import triton
     import triton.language as tl
 
+    from fastattnreg.triton import attention as A
+    from fastattnreg.triton import match as M
+    from fastattnreg.triton import refiner as R
     from triton_offsets import jit_function, overflowing_offsets, triton_ir
 
     @triton.jit
@@ -41,7 +44,6 @@ if fastattnreg.backend.triton_installed():
 
 
 def _attention_cases():
-    from fastattnreg.triton import attention as A
     tile = dict(HEAD_DIM=48, D_PAD=64, EVEN_D=False, TEACHER_DIM=48, TD_PAD=64, EVEN_TD=False,
                 UPCAST=False, PRECISION="tf32", BLOCK_M=64, BLOCK_N=64)
     no_teacher = dict(TEACHER=False, KIND=0, CLS=False)
@@ -58,8 +60,6 @@ def _attention_cases():
 
 def _match_cases():
     """The match loss's own kernels, and attention's kernels with the teacher switched on."""
-    from fastattnreg.triton import attention as A
-    from fastattnreg.triton import match as M
     tile = dict(HEAD_DIM=48, D_PAD=64, EVEN_D=False, TEACHER_DIM=40, TD_PAD=64, EVEN_TD=False,
                 UPCAST=False, PRECISION="tf32", BLOCK_M=64, BLOCK_N=64)
     for mask in (0, 1, 2):
@@ -75,7 +75,6 @@ def _match_cases():
 
 
 def _refiner_cases():
-    from fastattnreg.triton import refiner as R
     tile = dict(KS=3, HAS_KEEP=True, HP=16, CP=16, BLOCK_M=16, BLOCK_N=16)
     for stage in (1, 2, 3, 4):
         yield R._stats_kernel, dict(STAGE=stage, **tile)

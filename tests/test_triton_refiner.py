@@ -8,18 +8,18 @@
     float64), opcheck and torch.compile(fullgraph=True) of the triton_op registration, the
     exported maps of A* and the gradients through them.
 """
-from pathlib import Path
-
 import pytest
 import torch
 
 from fastattnreg import refined_attention, refined_attention_ref
-from conftest import max_err
+from fastattnreg.ops.checks import REFINER_EXPORTS
+from conftest import TESTS, max_err
 from conftest import requires_cuda_triton as requires_cuda  # CUDA tests of the Triton kernels
 from interpreter_runner import interpreted_cases
-from test_refiner import PARAM_NAMES, clone_running, make_case, run_with_grads
+from inputs import REFINER_PARAM_NAMES, refiner_inputs
+from test_refiner import clone_running, run_with_grads
 
-CASES = Path(__file__).resolve().parent / "triton_refiner_cases.py"
+CASES = TESTS / "triton_refiner_cases.py"
 
 
 test_interpreted_kernels = interpreted_cases(CASES)
@@ -39,7 +39,7 @@ def _cuda(qkv, params, running, dtype):
 @pytest.mark.parametrize("n,b,h", [(17, 2, 3), (65, 2, 2), (197, 1, 2)])
 @pytest.mark.parametrize("ksize,expansion", [(3, 1), (3, 3), (5, 2), (5, 4)])
 def test_cuda_float32_against_float64(training, n, b, h, ksize, expansion):
-    qkv, params, running = make_case(b, h, n, 32, expansion, ksize, seed=n + ksize)
+    qkv, params, running = refiner_inputs(b, h, n, 32, expansion, ksize, seed=n + ksize)
     dout = torch.randn(b, h, n, 32, dtype=torch.float64)
     mask = torch.rand(b, h, n, n) >= 0.1
     kw = {"training": training, "momentum": 0.3, "eps": 1e-4, "attn_drop": 0.1, "drop_mask": mask}
@@ -53,7 +53,7 @@ def test_cuda_float32_against_float64(training, n, b, h, ksize, expansion):
     for a, r in zip(running_c[0] + running_c[1], ref_running[0] + ref_running[1]):
         assert max_err(a.cpu(), r) <= tol * max(1.0, r.abs().max().item())
     scale = max(g.abs().max().item() for g in ref[1])
-    for name, g, r in zip(("dq", "dk", "dv") + PARAM_NAMES, got[1], ref[1]):
+    for name, g, r in zip(("dq", "dk", "dv") + REFINER_PARAM_NAMES, got[1], ref[1]):
         assert max_err(g.cpu(), r) <= tol * max(1e-2 * scale, r.abs().max().item()), name
 
 
@@ -61,7 +61,7 @@ def test_cuda_float32_against_float64(training, n, b, h, ksize, expansion):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_cuda_low_precision_within_twice_pytorch_error(dtype):
     """Error against float64 at most twice that of the eager reference run in the same dtype."""
-    qkv, params, running = make_case(2, 3, 65, 64, 3, 3, seed=11)
+    qkv, params, running = refiner_inputs(2, 3, 65, 64, 3, 3, seed=11)
     dout = torch.randn(2, 3, 65, 64, dtype=torch.float64)
     ref = run_with_grads(refined_attention_ref, qkv, params, clone_running(running), dout,
                          training=True)
@@ -77,9 +77,10 @@ def test_cuda_low_precision_within_twice_pytorch_error(dtype):
         assert max_err(t.cpu(), r) <= 2 * max_err(e.cpu(), r) + 1e-6, n
 
 
+@pytest.mark.slow  # inductor compiles the kernels
 @requires_cuda
 def test_cuda_opcheck_and_compile_fullgraph():
-    qkv, params, running = _cuda(*make_case(2, 2, 33, 32, 2, 3, seed=12), torch.float32)
+    qkv, params, running = _cuda(*refiner_inputs(2, 2, 33, 32, 2, 3, seed=12), torch.float32)
     H, C = 2, 4
     args = (*qkv, params[0].reshape(C, H), params[1].reshape(C, 3, 3), params[2].reshape(H, C),
             torch.cat(params[3:7]), torch.cat(params[7:11]), torch.cat(running[0]),
@@ -99,10 +100,10 @@ def test_cuda_opcheck_and_compile_fullgraph():
 
 
 @requires_cuda
-@pytest.mark.parametrize("export", ["full", "head_mean", "cls"])
+@pytest.mark.parametrize("export", REFINER_EXPORTS[1:])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_cuda_maps_and_their_gradients_against_float64(training, export):
-    qkv, params, running = make_case(2, 2, 65, 32, 3, 3, seed=13)
+    qkv, params, running = refiner_inputs(2, 2, 65, 32, 3, 3, seed=13)
     kw = {"training": training, "export": export}
     ref_out, ref_maps = refined_attention_ref(*qkv, *params[:3], params[3:7], params[7:11],
                                               *clone_running(running), **kw)
@@ -115,6 +116,6 @@ def test_cuda_maps_and_their_gradients_against_float64(training, export):
     want = torch.autograd.grad((ref_maps * dmaps).sum(), (*qkv, *params), allow_unused=True)
     got = torch.autograd.grad((maps * dmaps.float().cuda()).sum(), (*qkv_c, *params_c))
     scale = max(g.abs().max().item() for g in want if g is not None)
-    for name, g, r in zip(("dq", "dk", "dv") + PARAM_NAMES, got, want):
+    for name, g, r in zip(("dq", "dk", "dv") + REFINER_PARAM_NAMES, got, want):
         r = torch.zeros_like(g.cpu(), dtype=torch.float64) if r is None else r
         assert max_err(g.cpu(), r) <= tol * max(1e-2 * scale, r.abs().max().item()), name

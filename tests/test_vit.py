@@ -1,5 +1,6 @@
 """fastattnreg.models: ViTConfig, VisionTransformer, presets, timm compatibility, maps, rollout."""
 import dataclasses
+import inspect
 
 import pytest
 import torch
@@ -9,9 +10,10 @@ from fastattnreg.models import (PRESETS, ViTConfig, VisionTransformer, attention
                                 cls_rollout_grid, create_model, load_timm_state_dict,
                                 sincos_pos_embed_2d)
 from fastattnreg.nn.attention import FusedAttention
+from fastattnreg.nn.refiner import RefinerAttention
 
 from conftest import max_err, requires_cpp
-from vit_test_data import digits_batch, small_timm_vit
+from vit_test_data import digits_batch
 
 SMALL = dict(img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=64, depth=2,
              num_heads=4)
@@ -21,7 +23,7 @@ TIMM_PRESETS = ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch
 def timm_twin(model: VisionTransformer):
     """timm's VisionTransformer with model's configuration (a learned pos_embed stands in for
     a fixed sin-cos one: timm has no fixed embedding; the state dict carries the values)."""
-    import timm
+    import timm  # an optional dependency (the test extra)
 
     c = model.config
     return timm.models.VisionTransformer(
@@ -34,7 +36,7 @@ def timm_twin(model: VisionTransformer):
 @pytest.mark.parametrize("name", TIMM_PRESETS)
 def test_timm_presets_have_timm_names_and_shapes(name):
     """Built on the meta device: every key and shape of timm's registered model, no memory."""
-    import timm
+    import timm  # an optional dependency (the test extra)
 
     with torch.device("meta"):
         ours = create_model(name)
@@ -90,10 +92,7 @@ def test_sincos_pos_embed_is_a_fixed_buffer():
 @pytest.mark.parametrize("attn", ["fused", "refiner"])
 def test_every_parameter_gets_a_finite_gradient_on_digits(attn):
     model = create_model("vit_tiny_patch2_8", attn=attn, backend="cpp", drop_path_rate=0.1)
-    if attn == "fused":
-        cls = FusedAttention
-    else:
-        from fastattnreg.nn.refiner import RefinerAttention as cls
+    cls = FusedAttention if attn == "fused" else RefinerAttention
     assert all(type(blk.attn) is cls and blk.attn.backend == "cpp" for blk in model.blocks)
     images, labels = digits_batch(24)
     loss = torch.nn.functional.cross_entropy(model(images), labels)
@@ -187,8 +186,6 @@ def test_presets_and_overrides():
     assert PRESETS["vit_tiny_patch2_8"].num_classes == 10  # the preset is not modified
     assert create_model("vit_tiny_patch2_8", num_classes=0)(torch.zeros(2, 1, 8, 8)).shape == (2, 64)
     # fields documented by a comment each
-    import inspect
-
     source = inspect.getsource(ViTConfig)
     for f in dataclasses.fields(ViTConfig):
         line = next(l for l in source.splitlines() if l.strip().startswith(f"{f.name}:"))

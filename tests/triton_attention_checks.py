@@ -1,5 +1,5 @@
 """Checks of attention(backend="triton") against attention_ref, shared by the interpreter cases
-(tests/triton_interpret_cases.py, CPU tensors) and the CUDA group of test_triton_attention.py.
+(tests/triton_attention_cases.py, CPU tensors) and the CUDA group of test_triton_attention.py.
 
 Every check runs out, maps (when exported) and the LSE, with a random upstream gradient on each,
 and compares values and dq, dk, dv with attention_ref run in float64.

@@ -15,27 +15,17 @@ import torch
 
 import fastattnreg
 from fastattnreg import attention_match, attention_match_ref
-from conftest import max_err
+from fastattnreg.ops.checks import MATCH_KINDS, MATCH_ROWS
+from conftest import FP32_TOL, max_err
+from inputs import match_inputs
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" or not fastattnreg.triton_available(),
     reason="needs TRITON_INTERPRET=1 set before the import and Triton installed",
 )
 
-KINDS = ("kl", "mse_probs", "mse_logits")
-ROWS = ("all", "cls")
 # (B, H, N, D, teacher D)
 SHAPES = ((1, 1, 2, 16, 16), (2, 3, 17, 48, 16), (1, 2, 65, 64, 80), (1, 1, 130, 80, 48))
-FP32_TOL = 1e-4
-
-
-def _case(shape, dtype=torch.float64, seed=0):
-    """Inputs drawn in float64 (so every dtype sees the same numbers): q, k, v, tq, tk."""
-    B, H, N, D, Dt = shape
-    gen = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, H, N, D, dtype=torch.float64, generator=gen) for _ in range(3))
-    tq, tk = (torch.randn(B, H, N, Dt, dtype=torch.float64, generator=gen) for _ in range(2))
-    return [t.to(dtype) for t in (q, k, v, tq, tk)]
 
 
 def _run(fn, q, k, v, tq, tk, dout, dloss, **kw):
@@ -54,9 +44,9 @@ def _triton(*args, **kw):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("kind,rows", list(itertools.product(KINDS, ROWS)))
+@pytest.mark.parametrize("kind,rows", list(itertools.product(MATCH_KINDS, MATCH_ROWS)))
 def test_interp_values_float32_against_float64(shape, kind, rows):
-    case64 = _case(shape)
+    case64 = match_inputs(shape, rng=0)
     dout, dloss = torch.randn(case64[0].shape, dtype=torch.float64), torch.tensor(1.3)
     ref = _run(attention_match_ref, *case64, dout, dloss, kind=kind, rows=rows)
     got = _run(_triton, *(t.float() for t in case64), dout, dloss, kind=kind, rows=rows)
@@ -68,11 +58,11 @@ def test_interp_values_float32_against_float64(shape, kind, rows):
         assert max_err(g, r) <= FP32_TOL * max(1.0, r.abs().max().item()), name
 
 
-@pytest.mark.parametrize("kind,rows", list(itertools.product(KINDS, ROWS)))
+@pytest.mark.parametrize("kind,rows", list(itertools.product(MATCH_KINDS, MATCH_ROWS)))
 @pytest.mark.parametrize("used", ["out", "loss"])
 def test_interp_values_gradient_through_one_output(kind, rows, used):
     """Only one output carries a gradient; the other arrives as None and is skipped."""
-    case64 = _case((2, 2, 65, 32, 16), seed=1)
+    case64 = match_inputs((2, 2, 65, 32, 16), rng=1)
     q, k, v = (t.float().requires_grad_() for t in case64[:3])
     out, loss = _triton(q, k, v, case64[3].float(), case64[4].float(), kind=kind, rows=rows)
     q64, k64, v64 = (t.requires_grad_() for t in case64[:3])
@@ -86,11 +76,11 @@ def test_interp_values_gradient_through_one_output(kind, rows, used):
         assert max_err(a, b) <= FP32_TOL * max(1.0, b.abs().max().item()), name
 
 
-@pytest.mark.parametrize("kind,rows", list(itertools.product(KINDS, ROWS)))
+@pytest.mark.parametrize("kind,rows", list(itertools.product(MATCH_KINDS, MATCH_ROWS)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_interp_values_teacher_copy_gives_exactly_zero(kind, rows, dtype):
     """The teacher's logits and LSE come from the same instructions as the student's."""
-    q, k, v = (t.to(dtype).requires_grad_() for t in _case((1, 2, 65, 48, 48), seed=2)[:3])
+    q, k, v, _, _ = (t.to(dtype).requires_grad_() for t in match_inputs((1, 2, 65, 48, 48), rng=2))
     out, loss = _triton(q, k, v, q.detach().clone(), k.detach().clone(), kind=kind, rows=rows)
     assert loss.item() == 0.0
     for g in torch.autograd.grad(loss, (q, k, v), allow_unused=True):
@@ -103,7 +93,7 @@ def test_interp_values_low_precision_rule(kind, rows, dtype):
     """FlashAttention's rule: error (vs float64) at most 2x the reference's own in that dtype,
     plus a small floor for outputs that are near zero. bf16 dots run in fp32 in the interpreter
     (its bf16 dot is wrong) on bf16 operands, as on the GPU."""
-    case64 = _case((2, 2, 65, 32, 48), seed=3)
+    case64 = match_inputs((2, 2, 65, 32, 48), rng=3)
     dout, dloss = torch.randn(case64[0].shape, dtype=torch.float64), torch.tensor(0.7)
     ref = _run(attention_match_ref, *case64, dout, dloss, kind=kind, rows=rows)
     low = [t.to(dtype) for t in case64]
@@ -136,7 +126,7 @@ def test_interp_values_noncontiguous_inputs_read_in_place():
 
 @pytest.mark.parametrize("kind,rows", [("kl", "all"), ("mse_probs", "cls"), ("mse_logits", "all")])
 def test_interp_reruns_are_bitwise_equal(kind, rows):
-    case = [t.float() for t in _case((1, 2, 130, 48, 16), seed=4)]
+    case = [t.float() for t in match_inputs((1, 2, 130, 48, 16), rng=4)]
     dout = torch.randn(case[0].shape)
     first, second = (_run(_triton, *case, dout, torch.tensor(1.0), kind=kind, rows=rows)
                      for _ in range(2))
@@ -149,7 +139,7 @@ def test_interp_reruns_are_bitwise_equal(kind, rows):
 
 
 def _f32(shape=(1, 2, 17, 16, 16)):
-    return [t.float() for t in _case(shape)]
+    return [t.float() for t in match_inputs(shape, rng=0)]
 
 
 @pytest.mark.parametrize(
@@ -209,7 +199,7 @@ def test_interp_registration_opcheck(kind, rows):
 @pytest.mark.parametrize("kind,rows", [("kl", "all"), ("mse_logits", "cls")])
 def test_interp_registration_compile_fullgraph(kind, rows):
     torch._dynamo.reset()
-    case64 = _case((2, 2, 17, 16, 32), seed=5)
+    case64 = match_inputs((2, 2, 17, 16, 32), rng=5)
 
     def objective(fn, q, k, v, tq, tk):
         out, loss = fn(q, k, v, tq, tk, kind=kind, rows=rows)

@@ -3,7 +3,7 @@
 Not collected by a plain `pytest` run: TRITON_INTERPRET=1 must be set before Triton defines the
 kernels, so tests/test_triton_match.py runs this file in a child process
 (tests/interpreter_runner.py); -k interp_<group> runs one group by hand:
-  maskvalues  every mask of match_mask_checks.MASK_KINDS x kind x rows, float32 against
+  maskvalues  every mask of inputs.MATCH_MASK_KINDS x kind x rows, float32 against
               attention_match_ref in float64: out, loss, dq, dk, dv.
   maskzero    fully masked rows (out 0, LSE -inf, row loss 0, no gradient, counted in the
               mean); a teacher that copies the student gives exactly 0; out and lse are
@@ -17,28 +17,23 @@ one row / key).
 """
 import itertools
 import os
-import re
-from pathlib import Path
 
 import pytest
 import torch
 
 import fastattnreg
 from fastattnreg import attention, attention_match, attention_match_ref
-from conftest import max_err
-from match_mask_checks import (
-    MASK_KINDS, case, dead_rows, errors_against_reference, make_match_mask,
-)
+from fastattnreg.ops.checks import MATCH_KINDS, MATCH_ROWS
+from conftest import FP32_TOL, cpp_schema, max_err
+from inputs import MATCH_MASK_KINDS, match_inputs, match_mask
+from triton_match_mask_checks import dead_rows, errors_against_reference
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" or not fastattnreg.triton_available(),
     reason="needs TRITON_INTERPRET=1 set before the import and Triton installed",
 )
 
-KINDS = ("kl", "mse_probs", "mse_logits")
-ROWS = ("all", "cls")
 SHAPES = ((2, 2, 17, 16, 16), (1, 2, 65, 32, 32))
-FP32_TOL = 1e-4
 
 
 def _fwd(q, k, v, tq, tk, mask, kind, rows, scale=0.25, teacher_scale=0.25):
@@ -48,15 +43,15 @@ def _fwd(q, k, v, tq, tk, mask, kind, rows, scale=0.25, teacher_scale=0.25):
 
 
 def _f32(shape, seed=0):
-    return [t.float() for t in case(shape, seed)]
+    return [t.float() for t in match_inputs(shape, rng=seed)]
 
 
 # -------------------------------------------------------------------------------- maskvalues
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("mask_kind", MASK_KINDS)
-@pytest.mark.parametrize("kind,rows", list(itertools.product(KINDS, ROWS)))
+@pytest.mark.parametrize("mask_kind", MATCH_MASK_KINDS)
+@pytest.mark.parametrize("kind,rows", list(itertools.product(MATCH_KINDS, MATCH_ROWS)))
 def test_interp_maskvalues_float32_against_float64(shape, mask_kind, kind, rows):
     errors = errors_against_reference(shape, mask_kind, kind, rows, "cpu")
     print(", ".join(f"{n}={e:.1e}" for n, (e, _) in errors.items()))
@@ -71,7 +66,7 @@ def test_interp_maskvalues_float32_against_float64(shape, mask_kind, kind, rows)
 WITH_DEAD_ROWS = [(m, kind, rows)
                   for m, rows in (("per_head_bool", "all"), ("per_head_bool", "cls"),
                                   ("shared_bias", "all"))
-                  for kind in KINDS]
+                  for kind in MATCH_KINDS]
 
 
 @pytest.mark.parametrize("mask_kind,kind,rows", WITH_DEAD_ROWS)
@@ -80,7 +75,7 @@ def test_interp_maskzero_dead_rows_add_zero_and_get_no_gradient(mask_kind, kind,
     that use them), no gradient from the loss; the loss is the mean over all B*H*R rows."""
     B, H, N, D, Dt = SHAPES[1]
     q, k, v, tq, tk = _f32(SHAPES[1], seed=1)
-    mask = make_match_mask(mask_kind, B, H, N)
+    mask = match_mask(mask_kind, B, H, N)
     dead = dead_rows(mask, B, H, N, rows)
     assert dead.any() and (~dead).any()
     out, lse, trow, row_loss, srow = _fwd(q, k, v, tq, tk, mask, kind, rows)
@@ -99,13 +94,13 @@ def test_interp_maskzero_dead_rows_add_zero_and_get_no_gradient(mask_kind, kind,
         assert (grad == 0).all(), name
 
 
-@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+@pytest.mark.parametrize("mask_kind", MATCH_MASK_KINDS)
 def test_interp_maskzero_out_and_lse_are_attentions_bit_for_bit(mask_kind):
     """The student's output is attention(q, k, v, attn_mask=mask): fully masked rows give out
     0 and LSE -inf."""
     B, H, N, D, Dt = SHAPES[1]
     q, k, v, tq, tk = _f32(SHAPES[1], seed=2)
-    mask = make_match_mask(mask_kind, B, H, N)
+    mask = match_mask(mask_kind, B, H, N)
     want_out, want_lse, _ = torch.ops.fastattnreg.triton_attention_fwd(q, k, v, mask, None, 0.25,
                                                                       "none", 0.0)
     for kind, rows in (("kl", "all"), ("mse_probs", "cls"), ("mse_logits", "all")):
@@ -118,12 +113,12 @@ def test_interp_maskzero_out_and_lse_are_attentions_bit_for_bit(mask_kind):
     assert torch.equal(public, attention(q, k, v, attn_mask=mask, backend="triton"))
 
 
-@pytest.mark.parametrize("mask_kind", MASK_KINDS)
-@pytest.mark.parametrize("kind,rows", list(itertools.product(KINDS, ROWS)))
+@pytest.mark.parametrize("mask_kind", MATCH_MASK_KINDS)
+@pytest.mark.parametrize("kind,rows", list(itertools.product(MATCH_KINDS, MATCH_ROWS)))
 def test_interp_maskzero_teacher_copy_gives_exactly_zero(mask_kind, kind, rows):
     B, H, N, D, _ = SHAPES[0]
     q, k, v, _, _ = (t.requires_grad_() for t in _f32(SHAPES[0], seed=3))
-    mask = make_match_mask(mask_kind, B, H, N)
+    mask = match_mask(mask_kind, B, H, N)
     _, loss = attention_match(q, k, v, q.detach().clone(), k.detach().clone(), attn_mask=mask,
                               kind=kind, rows=rows, backend="triton")
     assert loss.item() == 0.0
@@ -138,7 +133,7 @@ def test_interp_maskzero_teacher_copy_gives_exactly_zero(mask_kind, kind, rows):
 def test_interp_maskzero_reruns_are_bitwise_equal(mask_kind, kind, rows):
     B, H, N, D, Dt = SHAPES[1]
     q, k, v, tq, tk = _f32(SHAPES[1], seed=4)
-    mask = make_match_mask(mask_kind, B, H, N)
+    mask = match_mask(mask_kind, B, H, N)
     dout = torch.randn(q.shape)
 
     def run():
@@ -185,7 +180,7 @@ def test_interp_maskops_raw_ops_check_the_mask(mask, match):
 
 def test_interp_maskops_a_mask_that_requires_grad_is_refused():
     q, k, v, tq, tk = _f32((1, 2, 17, 16, 16))
-    bias = make_match_mask("shared_bias", 1, 2, 17).requires_grad_()
+    bias = match_mask("shared_bias", 1, 2, 17).requires_grad_()
     match = r"attn_mask of attention_match must not require grad"
     with pytest.raises(ValueError, match=match):
         attention_match(q, k, v, tq, tk, attn_mask=bias, backend="triton")
@@ -201,7 +196,7 @@ def test_interp_maskops_a_mask_that_requires_grad_is_refused():
                                                  ("per_head_bool", "mse_logits", "all")])
 def test_interp_maskops_opcheck(mask_kind, kind, rows):
     q, k, v, tq, tk = _f32((1, 2, 17, 16, 32))
-    mask = make_match_mask(mask_kind, 1, 2, 17)
+    mask = match_mask(mask_kind, 1, 2, 17)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     fwd = torch.ops.fastattnreg.triton_attention_match_fwd
     torch.library.opcheck(fwd.default, (*leaves, tq, tk, mask, 0.25, 0.2, kind, rows))
@@ -213,8 +208,8 @@ def test_interp_maskops_opcheck(mask_kind, kind, rows):
 
 def test_interp_maskops_compile_fullgraph_with_a_mask():
     torch._dynamo.reset()
-    q, k, v, tq, tk = case((2, 2, 17, 16, 32), seed=5)
-    mask = make_match_mask("per_head_bool", 2, 2, 17)
+    q, k, v, tq, tk = match_inputs((2, 2, 17, 16, 32), rng=5)
+    mask = match_mask("per_head_bool", 2, 2, 17)
 
     def objective(fn, q, k, v, tq, tk):
         out, loss = fn(q, k, v, tq, tk, attn_mask=mask, kind="kl", rows="cls")
@@ -234,23 +229,13 @@ def test_interp_maskops_compile_fullgraph_with_a_mask():
         assert max_err(g, r) <= 1e-3 * max(1.0, r.abs().max().item())
 
 
-def _cpp_arguments(name: str) -> str:
-    """The argument list csrc/registration.cpp gives op `name` (its adjacent string literals),
-    up to the closing parenthesis before "->"."""
-    source = (Path(__file__).resolve().parent.parent / "csrc" / "registration.cpp").read_text()
-    for call in re.findall(r"m\.def\((.*?)\);", source, flags=re.S):
-        text = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', call))
-        if text.startswith(name + "("):
-            return text[len(name):text.index(") ->") + 1]
-    raise AssertionError(f"no m.def of {name} in csrc/registration.cpp")
-
-
 @pytest.mark.parametrize("name", ["attention_match_fwd", "attention_match_bwd"])
 def test_interp_maskops_arguments_follow_the_cpp_ops(name):
     """The C++ ops' arguments, attn_mask in the same place; the Triton backward takes the two
     matched-row LSEs where the C++ one takes the teacher's LSE."""
     schema = str(getattr(torch.ops.fastattnreg, "triton_" + name).default._schema)
     arguments = schema[schema.index("("):schema.index(") ->") + 1]
-    want = _cpp_arguments(name).replace(
+    cpp = cpp_schema(name)
+    want = cpp[len(name):cpp.index(") ->") + 1].replace(
         "Tensor teacher_lse,", "Tensor teacher_row_lse, Tensor student_row_lse,")
     assert arguments == want

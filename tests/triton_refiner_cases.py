@@ -17,15 +17,16 @@ import torch
 
 import fastattnreg
 from fastattnreg import refined_attention, refined_attention_ref
-from conftest import max_err
-from test_refiner import PARAM_NAMES, call, clone_running, make_case, run_with_grads
+from fastattnreg.ops.checks import REFINER_EXPORTS
+from conftest import FP32_TOL, cpp_schema, max_err
+from inputs import REFINER_PARAM_NAMES, refiner_inputs
+from test_refiner import call, clone_running, run_with_grads
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" or not fastattnreg.triton_available(),
     reason="needs TRITON_INTERPRET=1 set before the import and Triton installed",
 )
 
-FP32_TOL = 1e-4
 OPS = torch.ops.fastattnreg
 
 
@@ -41,7 +42,7 @@ def _float32(qkv, params, running):
 def _compare(shape, training, *, attn_drop=0.0, grads=True, seed=0):
     """Triton float32 against the reference in float64: out, running stats, every gradient."""
     B, H, N, D, expansion, ksize = shape
-    qkv, params, running = make_case(B, H, N, D, expansion, ksize, seed=seed)
+    qkv, params, running = refiner_inputs(B, H, N, D, expansion, ksize, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     dout = torch.randn((B, H, N, D), generator=gen, dtype=torch.float64)
     mask = torch.rand((B, H, N, N), generator=gen) >= attn_drop if attn_drop else None
@@ -65,7 +66,7 @@ def _compare(shape, training, *, attn_drop=0.0, grads=True, seed=0):
     # Gradients that vanish in exact arithmetic (bn3's bias in training: sum dX4 = 0) are
     # compared on the scale of the largest one.
     scale = max(1.0, max(g.abs().max().item() for g in ref_grads))
-    for name, got, want in zip(("dq", "dk", "dv") + PARAM_NAMES, got_grads, ref_grads):
+    for name, got, want in zip(("dq", "dk", "dv") + REFINER_PARAM_NAMES, got_grads, ref_grads):
         assert got.shape == want.shape and got.dtype == torch.float32, name
         assert max_err(got, want) <= FP32_TOL * max(scale * 1e-2, want.abs().max().item()), name
 
@@ -99,7 +100,7 @@ def test_interp_values_kernel_5_four_tiles_forward(training):
 
 def test_interp_values_eval_backward_without_saved_probs():
     """Raw backward op after an eval forward that kept no P (probs of shape (0,)): recomputed."""
-    qkv, params, running = _float32(*make_case(1, 2, 17, 16, 1, 3, seed=5))
+    qkv, params, running = _float32(*refiner_inputs(1, 2, 17, 16, 1, 3, seed=5))
     args = _raw_args(qkv, params, running)
     with torch.no_grad():
         _, probs, y, mean, var, _ = OPS.triton_refined_attention_fwd(*args, False, False, "none")
@@ -122,7 +123,7 @@ def _compare_maps(shape, training, export, *, with_out=True, attn_drop=0.0, seed
     """Triton float32 maps of A* and the gradients through them (alone, or with out's) against
     the reference in float64."""
     B, H, N, D, expansion, ksize = shape
-    qkv, params, running = make_case(B, H, N, D, expansion, ksize, seed=seed)
+    qkv, params, running = refiner_inputs(B, H, N, D, expansion, ksize, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     mask = torch.rand((B, H, N, N), generator=gen) >= attn_drop if attn_drop else None
     kw = {"training": training, "attn_drop": attn_drop, "drop_mask": mask, "export": export}
@@ -142,7 +143,7 @@ def _compare_maps(shape, training, export, *, with_out=True, attn_drop=0.0, seed
     want = grads(ref_out, ref_maps, (*qkv, *params), torch.float64)
     got = grads(out, maps, (*qkv32, *params32), torch.float32)
     scale = max(1.0, max(g.abs().max().item() for g in want))
-    for name, g, w in zip(("dq", "dk", "dv") + PARAM_NAMES, got, want):
+    for name, g, w in zip(("dq", "dk", "dv") + REFINER_PARAM_NAMES, got, want):
         assert max_err(g, w) <= FP32_TOL * max(scale * 1e-2, w.abs().max().item()), name
 
 
@@ -162,7 +163,7 @@ def test_interp_maps_full_eval_head_dim_split_over_programs():
     """C = 48 (CP = 64) and D = 40: the out kernel's 16 head-dim columns per program give three
     programs per query block (the last one partial), each recomputing A*; only the first writes
     the maps."""
-    from fastattnreg.triton.refiner import out_d_block
+    from fastattnreg.triton.refiner import out_d_block  # imports Triton, which may be missing
 
     assert out_d_block(40, 64) == 16
     _compare_maps((1, 2, 17, 40, 24, 3), False, "full", seed=14)
@@ -170,9 +171,9 @@ def test_interp_maps_full_eval_head_dim_split_over_programs():
 
 def test_interp_maps_full_eval_four_tiles_forward_and_errors():
     """N = 33: four 32 x 32 pixel tiles, each writing its own part of every map; raw-op errors."""
-    qkv, params, running = _float32(*make_case(1, 2, 33, 16, 1, 3, seed=13))
+    qkv, params, running = _float32(*refiner_inputs(1, 2, 33, 16, 1, 3, seed=13))
     with torch.no_grad():
-        for export in ("full", "head_mean", "cls"):
+        for export in REFINER_EXPORTS[1:]:
             _, maps = call(_triton, qkv, params, clone_running(running), training=False,
                            export=export)
             _, want = call(refined_attention_ref, [t.double() for t in qkv],
@@ -198,7 +199,7 @@ def test_interp_maps_full_eval_four_tiles_forward_and_errors():
 
 
 def test_interp_reruns_bitwise_equal():
-    qkv, params, running = _float32(*make_case(1, 2, 17, 16, 2, 3, seed=6))
+    qkv, params, running = _float32(*refiner_inputs(1, 2, 17, 16, 2, 3, seed=6))
     dout = torch.randn_like(qkv[0])
     mask = torch.rand(1, 2, 17, 17) >= 0.2
     runs = [run_with_grads(_triton, qkv, params, clone_running(running), dout, training=True,
@@ -241,14 +242,14 @@ def _with(args, index, value):
     (13, 0.5, "drop_scale"),
 ])
 def test_interp_errors_raw_forward(index, value, match):
-    qkv, params, running = _float32(*make_case(1, 2, 9, 16, 2, 3))
+    qkv, params, running = _float32(*refiner_inputs(1, 2, 9, 16, 2, 3))
     args = _with(_raw_args(qkv, params, running), index, value)
     with pytest.raises(ValueError, match=match):
         OPS.triton_refined_attention_fwd(*args, True, False, "none")
 
 
 def test_interp_errors_qkv_and_backward():
-    qkv, params, running = _float32(*make_case(1, 2, 9, 16, 2, 3))
+    qkv, params, running = _float32(*refiner_inputs(1, 2, 9, 16, 2, 3))
     args = _raw_args(qkv, params, running)
     with pytest.raises(ValueError, match="head dim D must be in"):
         OPS.triton_refined_attention_fwd(*(t[..., :8] for t in args[:3]), *args[3:], True, False,
@@ -275,7 +276,7 @@ def test_interp_errors_qkv_and_backward():
 
 
 def test_interp_errors_public_function_names_triton():
-    qkv, params, running = _float32(*make_case(1, 2, 9, 8, 2, 3))
+    qkv, params, running = _float32(*refiner_inputs(1, 2, 9, 8, 2, 3))
     with pytest.raises(ValueError, match="head dim D must be in .* for backend 'triton'"):
         call(_triton, qkv, params, running, training=True)
 
@@ -283,9 +284,15 @@ def test_interp_errors_public_function_names_triton():
 # ------------------------------------------------------------------------------ registration
 
 
+@pytest.mark.parametrize("name", ["refined_attention_fwd", "refined_attention_bwd"])
+def test_interp_registration_schemas_equal_the_cpp_ops(name):
+    triton_op = getattr(OPS, "triton_" + name).default
+    assert str(triton_op._schema) == "fastattnreg::triton_" + cpp_schema(name)
+
+
 def test_interp_registration_opcheck():
     # Kernel size 1: opcheck runs each op many times, and registration does not depend on K.
-    qkv, params, running = _float32(*make_case(1, 2, 9, 16, 1, 1, seed=7))
+    qkv, params, running = _float32(*refiner_inputs(1, 2, 9, 16, 1, 1, seed=7))
     args = _raw_args(qkv, params, running)
     args = (*[t.requires_grad_() for t in args[:8]], *args[8:])
     keep = torch.rand(1, 2, 9, 9) >= 0.3
@@ -301,7 +308,7 @@ def test_interp_registration_opcheck():
 
 
 def test_interp_registration_compile_fullgraph():
-    qkv, params, running = _float32(*make_case(1, 2, 9, 16, 2, 3, seed=8))
+    qkv, params, running = _float32(*refiner_inputs(1, 2, 9, 16, 2, 3, seed=8))
     dout = torch.randn_like(qkv[0])
     eager_running, compiled_running = clone_running(running), clone_running(running)
     eager = run_with_grads(_triton, qkv, params, eager_running, dout, training=True)

@@ -10,14 +10,12 @@ TRITON_INTERPRET=1 (tests/interpreter_runner.py); -k interp_<group> runs one gro
             the public attention() draw, 64-bit indices of the stream.
   maskops   the raw ops' checks of mask, dropout_p and rng; opcheck; torch.compile(fullgraph).
 To run it by hand:
-    TRITON_INTERPRET=1 python -m pytest -q tests/triton_mask_dropout_cases.py
+    TRITON_INTERPRET=1 python -m pytest -q tests/triton_attention_mask_cases.py
 Shapes are small (the interpreter is slow) and awkward: N = 17 (one partial 64-wide tile) and 65
 (two tiles, the second with one row/key).
 """
 import itertools
 import os
-import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,14 +24,15 @@ import triton.language as tl
 
 import fastattnreg
 from fastattnreg import attention
+from fastattnreg.ops.checks import ATTENTION_EXPORTS
 from fastattnreg.ops.dropout import draw_rng, dropout_keep_mask, dropout_threshold, philox4x32
 from fastattnreg.triton.dropout import dropout_keep
-from inputs import EXPORTS, qkv
+from conftest import FP32_TOL, cpp_schema
+from inputs import TRITON_FLOAT_MASK_KINDS, TRITON_MASK_KINDS, qkv, triton_attention_mask
 from triton_attention_checks import triton_attention
-from triton_mask_dropout_checks import (
-    FLOAT_KINDS, MASK_KINDS, assert_compiled_mask_dropout_matches_eager, compare_with_reference,
-    full_keep_view, inf_aware_err,
-    low_precision_mask_errors, make_mask, triton_op_run,
+from triton_attention_mask_checks import (
+    assert_compiled_mask_dropout_matches_eager, compare_with_reference, full_keep_view,
+    inf_aware_err, low_precision_mask_errors, triton_op_run,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -42,7 +41,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 SMALL, TWO_TILES = (2, 2, 17, 16), (1, 2, 65, 32)
-FP32_TOL = 1e-4
 
 
 def _assert_errors(errors, tol=FP32_TOL):
@@ -54,14 +52,15 @@ def _assert_errors(errors, tol=FP32_TOL):
 # ------------------------------------------------------------------------------------- masks
 
 
-@pytest.mark.parametrize("kind", MASK_KINDS)
-@pytest.mark.parametrize("export", EXPORTS)
+@pytest.mark.parametrize("kind", TRITON_MASK_KINDS)
+@pytest.mark.parametrize("export", ATTENTION_EXPORTS)
 def test_interp_masks_against_reference(kind, export):
     _assert_errors(compare_with_reference(SMALL, kind, export, 0.0, "cpu"))
 
 
 # Two query and key tiles per head: each mask kind once, the exports cycled.
-@pytest.mark.parametrize("kind,export", list(zip(MASK_KINDS, itertools.cycle(EXPORTS[1:]))))
+@pytest.mark.parametrize("kind,export",
+                         list(zip(TRITON_MASK_KINDS, itertools.cycle(ATTENTION_EXPORTS[1:]))))
 def test_interp_masks_two_tiles(kind, export):
     _assert_errors(compare_with_reference(TWO_TILES, kind, export, 0.0, "cpu"))
 
@@ -82,7 +81,7 @@ def test_interp_masks_dead_rows_are_zero_with_lse_minus_inf():
     """A query that sees no key: out 0, every map 0 on its row, LSE -inf, zero gradients."""
     B, H, N, D = SMALL
     q, k, v = qkv(SMALL, torch.float32)
-    mask = make_mask("dead_rows", B, H, N, torch.float32, "cpu")
+    mask = triton_attention_mask("dead_rows", B, H, N, torch.float32, "cpu")
     dead = ~mask[:, 0, :, 0]  # (B, N)
     out, lse, full = triton_op_run(q, k, v, mask, None, 0.0, "full")
     _, _, cls = triton_op_run(q, k, v, mask, None, 0.0, "cls")
@@ -96,23 +95,23 @@ def test_interp_masks_dead_rows_are_zero_with_lse_minus_inf():
     assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
 
 
-@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("kind", TRITON_MASK_KINDS)
 def test_interp_masks_masked_entries_of_the_maps_are_exactly_zero(kind):
     B, H, N, D = SMALL
     q, k, v = qkv(SMALL, torch.float32, requires_grad=False)
-    mask = make_mask(kind, B, H, N, torch.float32, "cpu", requires_grad=False)
+    mask = triton_attention_mask(kind, B, H, N, torch.float32, "cpu", requires_grad=False)
     _, _, full = triton_op_run(q, k, v, mask, None, 0.0, "full")
     takes_part = full_keep_view(mask, (B, H, N, N))
     assert (full[~takes_part] == 0).all() and (full[takes_part] > 0).all()
 
 
-@pytest.mark.parametrize("kind", FLOAT_KINDS)
+@pytest.mark.parametrize("kind", TRITON_FLOAT_MASK_KINDS)
 def test_interp_masks_dmask_is_dlogits_of_the_full_shape(kind):
     """The backward op's dmask is (B, H, N, N) dL/d(logits) = dS; the autograd rule sums it to
     the mask's shape. dS of a row sums to the LSE's gradient (softmax rows sum to 1)."""
     B, H, N, D = SMALL
     q, k, v = qkv(SMALL, torch.float32, requires_grad=False)
-    mask = make_mask(kind, B, H, N, torch.float32, "cpu", requires_grad=False)
+    mask = triton_attention_mask(kind, B, H, N, torch.float32, "cpu", requires_grad=False)
     out, lse, _ = triton_op_run(q, k, v, mask, None, 0.0, None)
     dlse = torch.randn_like(lse)
     bwd = torch.ops.fastattnreg.triton_attention_bwd
@@ -162,7 +161,7 @@ def test_interp_dropout_keep_mask_read_back_from_one_hot_values(p):
 
 def test_interp_dropout_p0_is_bitwise_the_run_without_dropout():
     q, k, v = qkv(SMALL, torch.float32)
-    mask = make_mask("shared_bias", 2, 2, 17, torch.float32, "cpu")
+    mask = triton_attention_mask("shared_bias", 2, 2, 17, torch.float32, "cpu")
     rng = torch.tensor([5, 6])
 
     def run(rng_arg):
@@ -297,23 +296,13 @@ def test_interp_maskops_public_attention_checks_first():
         triton_attention(q, k, v, attn_mask=torch.ones(17, 17, dtype=torch.int64))
 
 
-def _cpp_schema(name: str) -> str:
-    """The schema text csrc/registration.cpp gives op `name` (its adjacent string literals)."""
-    source = (Path(__file__).resolve().parent.parent / "csrc" / "registration.cpp").read_text()
-    for call in re.findall(r"m\.def\((.*?)\);", source, flags=re.S):
-        text = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', call))
-        if text.startswith(name + "("):
-            return text
-    raise AssertionError(f"no m.def of {name} in csrc/registration.cpp")
-
-
 @pytest.mark.parametrize("name", ["attention_fwd", "attention_bwd"])
 def test_interp_maskops_schemas_equal_the_cpp_ops(name):
     triton_op = getattr(torch.ops.fastattnreg, "triton_" + name).default
-    assert str(triton_op._schema) == "fastattnreg::triton_" + _cpp_schema(name)
+    assert str(triton_op._schema) == "fastattnreg::triton_" + cpp_schema(name)
     if fastattnreg.cpp_available():
         cpp_op = getattr(torch.ops.fastattnreg, name).default
-        assert str(cpp_op._schema) == "fastattnreg::" + _cpp_schema(name)
+        assert str(cpp_op._schema) == "fastattnreg::" + cpp_schema(name)
 
 
 @pytest.mark.parametrize("kind,p,export", [("key_padding", 0.0, "full"),
@@ -323,7 +312,7 @@ def test_interp_maskops_schemas_equal_the_cpp_ops(name):
 def test_interp_maskops_opcheck(kind, p, export):
     B, H, N, D = 1, 2, 17, 16
     q, k, v = [torch.randn(B, H, N, D, requires_grad=True) for _ in range(3)]
-    mask = make_mask(kind, B, H, N, torch.float32, "cpu")
+    mask = triton_attention_mask(kind, B, H, N, torch.float32, "cpu")
     rng = torch.tensor([3, 4]) if p > 0 else None
     torch.library.opcheck(torch.ops.fastattnreg.triton_attention_fwd.default,
                           (q, k, v, mask, rng, 0.25, export, p))
@@ -341,6 +330,6 @@ def test_interp_maskops_compile_fullgraph_with_mask_and_dropout():
     ops are opaque under the interpreter); the rng is drawn inside the graph, so the same seed
     gives the eager run's numbers."""
     q, k, v = qkv(SMALL, torch.float32)
-    bias = make_mask("shared_bias", 2, 2, 17, torch.float32, "cpu")
+    bias = triton_attention_mask("shared_bias", 2, 2, 17, torch.float32, "cpu")
     assert_compiled_mask_dropout_matches_eager(triton_attention, q, k, v, bias,
                                                backend="aot_eager")

@@ -1,6 +1,6 @@
 """Masks and attention dropout in the Triton attention ops against attention_ref, shared by the
-interpreter cases (tests/triton_mask_dropout_cases.py, CPU tensors) and the CUDA group of
-test_triton_attention.py.
+interpreter cases (tests/triton_attention_mask_cases.py, CPU tensors) and the CUDA group of
+test_triton_attention.py, on the masks of inputs.triton_attention_mask.
 
 The ops are called directly (torch.ops.fastattnreg.triton_attention_fwd, with its autograd), so
 each check picks the dropout stream's rng (seed, offset) itself and hands the reference the
@@ -14,45 +14,7 @@ import torch
 
 from fastattnreg import attention_ref
 from fastattnreg.ops.dropout import dropout_keep_mask
-from inputs import qkv_on
-
-MASK_KINDS = ("key_padding", "dead_rows", "shared_bias", "shared_bias_transposed", "head_bool",
-              "full_bias")
-FLOAT_KINDS = ("shared_bias", "shared_bias_transposed", "full_bias")
-
-
-def make_mask(kind: str, B: int, H: int, N: int, dtype, device, requires_grad=True):
-    """A mask of one of MASK_KINDS, drawn on the CPU (every device sees the same values):
-
-    key_padding (B, 1, 1, N) bool, the last third of batch 1's keys padded; dead_rows
-    (B, 1, N, 1) bool, query 0 of batch 0 and query N-1 of the last batch see no key at all;
-    shared_bias (N, N) float; shared_bias_transposed the same as a transposed (non-contiguous)
-    view; head_bool (1, H, N, N) bool, about 30% False; full_bias (B, H, N, N) float with key 1
-    of head (0, 0) at -inf. Float masks require grad."""
-    g = torch.Generator().manual_seed(1234 + MASK_KINDS.index(kind))
-    if kind == "key_padding":
-        mask = torch.ones(B, 1, 1, N, dtype=torch.bool)
-        mask[-1, ..., N - max(1, N // 3):] = False
-    elif kind == "dead_rows":
-        mask = torch.ones(B, 1, N, 1, dtype=torch.bool)
-        mask[0, 0, 0] = False
-        mask[-1, 0, N - 1] = False
-    elif kind == "head_bool":
-        mask = torch.rand(1, H, N, N, generator=g) > 0.3
-    elif kind in ("shared_bias", "shared_bias_transposed"):
-        mask = torch.randn(N, N, generator=g, dtype=torch.float64)
-    elif kind == "full_bias":
-        mask = torch.randn(B, H, N, N, generator=g, dtype=torch.float64)
-        if N > 1:
-            mask[0, 0, :, 1] = float("-inf")
-    else:
-        raise ValueError(f"unknown mask kind {kind!r}")
-    if mask.dtype == torch.bool:
-        return mask.to(device)
-    mask = mask.to(device=device, dtype=dtype)
-    if kind == "shared_bias_transposed":
-        mask = mask.t().contiguous().t()  # the same values, strides (1, N)
-    return mask.requires_grad_(requires_grad)
+from inputs import qkv_on, triton_attention_mask
 
 
 def full_keep_view(mask, shape):
@@ -148,7 +110,7 @@ def mask_dropout_results(shape, kind, export, p, device, dtype=torch.float32, se
     torch.manual_seed(seed)
     B, H, N, D = shape
     q, k, v = qkv_on(shape, dtype, device)
-    mask = None if kind is None else make_mask(kind, B, H, N, dtype, device)
+    mask = None if kind is None else triton_attention_mask(kind, B, H, N, dtype, device)
     rng_t = torch.tensor(rng, dtype=torch.int64, device=device) if p > 0 else None
     keep = dropout_keep_mask((B, H, N, N), p, rng_t.cpu()) if p > 0 else None
     ref_outs, ref_leaves = _reference(q, k, v, mask, keep, p, export, None)

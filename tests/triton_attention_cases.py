@@ -3,7 +3,7 @@
 Not collected by a plain `pytest` run (the name does not start with test_): TRITON_INTERPRET=1 has
 to be set before Triton defines the kernels, so test_triton_attention.py runs this file in its
 own process (tests/interpreter_runner.py). To run it by hand (-k interp_<group>: one group):
-    TRITON_INTERPRET=1 python -m pytest -q tests/triton_interpret_cases.py
+    TRITON_INTERPRET=1 python -m pytest -q tests/triton_attention_cases.py
 Shapes are small and awkward (N in {1, 17, 65, 130}: one, partial and several 64-wide tiles;
 D in {16, 48, 64}: 48 is padded to 64 and masked).
 """
@@ -14,8 +14,9 @@ import torch
 
 import fastattnreg
 from fastattnreg import attention, attention_ref
-from conftest import max_err
-from inputs import EXPORTS, qkv, qkv_on
+from fastattnreg.ops.checks import ATTENTION_EXPORTS, op_exports
+from conftest import FP32_TOL, max_err
+from inputs import qkv, qkv_on
 from triton_attention_checks import (
     assert_compiled_matches_float64, assert_low_precision_rule, errors_vs_float64,
     low_precision_errors, run_all, triton_attention,
@@ -28,14 +29,13 @@ pytestmark = pytest.mark.skipif(
 
 # (B, H, N, D): B*H up to 6; N from 1 to 130 (more than one tile), head dims 16, 48 and 64.
 SHAPES = ((1, 1, 1, 16), (2, 3, 17, 48), (3, 2, 65, 64), (1, 4, 65, 16), (2, 1, 130, 48))
-FP32_TOL = 1e-4
 
 
 # ------------------------------------------------------------------------------------ values
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("export", EXPORTS)
+@pytest.mark.parametrize("export", ATTENTION_EXPORTS)
 def test_interp_values_float32_against_float64(shape, export):
     errors = errors_vs_float64(shape, export, "cpu")
     print(f"max errors {shape} {export}: " + ", ".join(f"{k}={v:.1e}" for k, v in errors.items()))
@@ -54,7 +54,7 @@ def test_interp_values_low_precision_rule(shape, export, dtype):
 
 
 @pytest.mark.parametrize("used", ["out", "maps", "lse"])
-@pytest.mark.parametrize("export", ["full", "head_mean", "cls", "key_mean"])
+@pytest.mark.parametrize("export", ATTENTION_EXPORTS[1:])
 def test_interp_values_gradient_through_one_output(used, export):
     """Only one output carries a gradient: the others arrive as None and are skipped."""
     q, k, v = qkv_on((2, 3, 65, 16), torch.float32, "cpu")
@@ -107,7 +107,7 @@ def test_interp_values_auto_backend_keeps_cpu_tensors_off_triton():
 # ------------------------------------------------------------------------------------ reruns
 
 
-@pytest.mark.parametrize("export", EXPORTS)
+@pytest.mark.parametrize("export", ATTENTION_EXPORTS)
 def test_interp_reruns_are_bitwise_equal(export):
     q, k, v = qkv_on((2, 2, 130, 48), torch.float32, "cpu")  # 3 x 3 tiles per head
     for a, b in zip(run_all(q, k, v, export), run_all(q, k, v, export)):
@@ -186,7 +186,7 @@ def test_interp_errors_raw_backward_op():
 # this checks their schemas, fake kernels and autograd, not Triton-on-CUDA tracing.
 
 
-@pytest.mark.parametrize("export", ["none", "full", "head_mean", "cls", "key_mean"])
+@pytest.mark.parametrize("export", op_exports(ATTENTION_EXPORTS))
 def test_interp_registration_opcheck(export):
     q, k, v = [torch.randn(1, 2, 17, 16, requires_grad=True) for _ in range(3)]
     fwd = torch.ops.fastattnreg.triton_attention_fwd.default
