@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from benchmarks import harness
 from benchmarks.harness import Provider, Result, Shape, autograd_case
+import fastattnreg
 
 OP = "attention"
 DEFAULT_SHAPES = "32x6x197x64,64x3x65x64"  # ViT-S/16 at 224 px; a small ViT at 65 tokens
@@ -78,8 +79,6 @@ def naive_attention(q, k, v):
 
 
 def _fused_case(backend, shape, dtype, device, **kwargs):
-    import fastattnreg  # imported late: a rebuild elsewhere should not break importing this file
-
     q, k, v = _qkv(shape, dtype, device)
     dout = torch.randn(shape, dtype=dtype, device=device)
     return autograd_case(lambda q, k, v: fastattnreg.attention(q, k, v, backend=backend, **kwargs),
@@ -88,8 +87,6 @@ def _fused_case(backend, shape, dtype, device, **kwargs):
 
 def _head_mean_case(backend, shape, dtype, device):
     """attention with export="head_mean", its gradient arriving through the maps too."""
-    import fastattnreg
-
     q, k, v = _qkv(shape, dtype, device)
     dout = torch.randn(shape, dtype=dtype, device=device)
     dmaps = _maps_grad(shape, dtype, device)
@@ -232,13 +229,6 @@ def default_providers(device: torch.device) -> list[str]:
     return [n for n in PROVIDERS if n not in CUDA_ONLY + ASKED_FOR_BY_NAME]
 
 
-def memory_warmup_shape(shape: Shape) -> Shape:
-    """Small shape for the memory subprocess's warm-up: same heads and head dim (same kernel
-    paths), one image, few tokens."""
-    B, H, N, D = shape
-    return (1, H, min(N, 17), D)
-
-
 def print_targets(shape: Shape, results: Sequence[Result]) -> None:
     """One line with the project's fwd+bwd targets: measured ratio and whether it holds."""
     parts = harness.target_parts(TARGETS, results)
@@ -299,8 +289,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parser.error(str(exc))
     providers = [PROVIDERS[name] for name in opts.pop("provider_names")]
     return harness.run_benchmark(OP, providers, shapes, registry="benchmarks.bench_attention",
-                                 warmup_shape=memory_warmup_shape, after_shape=after_shape,
-                                 **opts)
+                                 warmup_shape=harness.attention_warmup_shape,
+                                 after_shape=after_shape, **opts)
 
 
 if __name__ == "__main__":

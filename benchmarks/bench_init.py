@@ -20,6 +20,8 @@ from typing import Sequence
 import torch
 
 from benchmarks import harness
+from fastattnreg.init import structured_init_
+from fastattnreg.models import create_model
 
 DEFAULT_CSV = harness.REPO_ROOT / "benchmarks" / "results" / "structured_init.csv"
 # ViT-Ti at 256 px: 16x16 tokens; at 224 px: timm's 14x14.
@@ -29,9 +31,6 @@ COLUMNS = ("preset", "img_size", "grid", "dim", "heads", "method", "kernel_size"
 
 
 def run_case(preset: str, img_size: int, method: str, kernel_size: int, repeats: int) -> dict:
-    from fastattnreg.init import structured_init_
-    from fastattnreg.models import create_model
-
     seconds, report = [], None
     for _ in range(repeats):
         model = create_model(preset, img_size=img_size, depth=1)  # one layer: same fit cost

@@ -29,6 +29,7 @@ import torch
 
 from benchmarks import harness
 from benchmarks.harness import Provider, Result, Shape, autograd_case
+import fastattnreg
 
 ENV_VAR = "FASTATTNREG_BENCH_MATCH"
 KINDS = ("kl", "mse_logits", "mse_probs")
@@ -90,8 +91,6 @@ def naive_match(q, k, v, tq, tk, kind: str, rows: str):
 
 def _make_fused(backend: str):
     def make(shape, dtype, device):
-        import fastattnreg  # imported late: a rebuild elsewhere should not break importing this
-
         kind, rows = current_setting()
         (q, k, v), (tq, tk), grads = _inputs(shape, dtype, device)
         return autograd_case(
@@ -116,12 +115,6 @@ PROVIDERS = {p.name: p for p in (
 )}
 # The providers each device runs by default.
 DEVICE_PROVIDERS = {"cpu": "fastattnreg,naive", "cuda": "triton,naive"}
-
-
-def memory_warmup_shape(shape: Shape) -> Shape:
-    """Small shape for the memory subprocess's warm-up: same heads and head dim, one image."""
-    B, H, N, D = shape
-    return (1, H, min(N, 17), D)
 
 
 def print_targets(shape: Shape, results: Sequence[Result]) -> None:
@@ -165,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         with harness.env_setting(ENV_VAR, f"{kind},{args.rows}"):
             results[kind] = harness.run_benchmark(
                 op, providers, shapes, registry="benchmarks.bench_match",
-                warmup_shape=memory_warmup_shape, after_shape=print_targets, **opts)
+                warmup_shape=harness.attention_warmup_shape, after_shape=print_targets, **opts)
     return results
 
 

@@ -31,6 +31,7 @@ import torch
 
 from benchmarks import harness
 from benchmarks.harness import Provider, Result, Shape, autograd_case
+import fastattnreg
 
 ENV_VAR = "FASTATTNREG_BENCH_REFINER"
 SETTINGS = {"train": ("fwd+bwd", "fwd"), "eval": ("fwd",)}
@@ -70,8 +71,6 @@ def _inputs(shape: Shape, dtype: torch.dtype, device: torch.device):
 
 def _make(fn_name: str, **kw):
     def make(shape, dtype, device):
-        import fastattnreg  # imported late: a rebuild elsewhere should not break importing this
-
         fn = getattr(fastattnreg, fn_name)
         training = current_setting() == "train"
         qkv, convs, gammas, betas, (rm, rv), dout = _inputs(shape, dtype, device)
@@ -93,12 +92,6 @@ PROVIDERS = {p.name: p for p in (
 )}
 # The providers each device runs by default.
 DEVICE_PROVIDERS = {"cpu": "fastattnreg,naive", "cuda": "triton,naive"}
-
-
-def memory_warmup_shape(shape: Shape) -> Shape:
-    """Small shape for the memory subprocess's warm-up: same heads and head dim, one image."""
-    B, H, N, D = shape
-    return (1, H, min(N, 17), D)
 
 
 def print_targets(shape: Shape, results: Sequence[Result]) -> None:
@@ -139,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         with harness.env_setting(ENV_VAR, setting):
             results[setting] = harness.run_benchmark(
                 f"refined_attention_{setting}", providers, registry="benchmarks.bench_refiner",
-                warmup_shape=memory_warmup_shape, after_shape=print_targets, **opts)
+                warmup_shape=harness.attention_warmup_shape, after_shape=print_targets, **opts)
     return results
 
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from benchmarks import harness
 from benchmarks.harness import Case, Provider, Result, Shape
+from fastattnreg.models import PRESETS, VisionTransformer, preset_config
 
 ENV_VAR = "FASTATTNREG_BENCH_VIT"
 DEFAULT_PRESETS = "vit_tiny_patch2_8:32,vit_tiny_patch4_32:8,vit_tiny_patch16_224:4"
@@ -43,8 +44,6 @@ RATIOS = (("cpp", "timm"), ("cpp", "reference"))
 
 
 def current_preset() -> str:
-    from fastattnreg.models import PRESETS
-
     name = os.environ.get(ENV_VAR, "vit_tiny_patch2_8")
     if name not in PRESETS:
         raise ValueError(f"{ENV_VAR} must name a preset {sorted(PRESETS)}; got {name!r}")
@@ -81,8 +80,6 @@ def prepared_model(kind: str, config, dtype: torch.dtype, device: torch.device):
     if kind == "timm":
         model = timm_model(config)
     else:
-        from fastattnreg.models import VisionTransformer
-
         model = VisionTransformer(dataclasses.replace(config, backend=kind))
     model = model.to(device=device, dtype=dtype).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -119,8 +116,6 @@ def step_case(model: torch.nn.Module, opt: torch.optim.Optimizer, config, batch:
 
 def _make(kind: str):
     def make(shape: Shape, dtype: torch.dtype, device: torch.device) -> Case:
-        from fastattnreg.models import preset_config
-
         (batch,) = shape
         config = preset_config(current_preset())
         model, opt = prepared_model(kind, config, dtype, device)
@@ -152,8 +147,6 @@ def print_ratios(shape: Shape, results: Sequence[Result]) -> None:
 
 def parse_presets(text: str) -> list[tuple[str, int]]:
     """'vit_tiny_patch2_8:32,vit_tiny_patch16_224:4' -> [(name, batch), ...]."""
-    from fastattnreg.models import PRESETS
-
     pairs = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
         name, _, batch = part.partition(":")

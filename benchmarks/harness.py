@@ -443,6 +443,13 @@ def _batch_one(shape: Shape) -> Shape:
     return (1, *shape[1:])
 
 
+def attention_warmup_shape(shape: Shape) -> Shape:
+    """Warm-up shape of the (B, H, N, D) attention ops' memory subprocess: the same heads and
+    head dim (the same kernel paths), one image, at most 17 tokens."""
+    B, H, N, D = shape
+    return (1, H, min(N, 17), D)
+
+
 def run_shape(op: str, providers: Sequence[Provider], shape: Shape, *, dtype: torch.dtype,
               device: torch.device, modes: Sequence[str], repeats: int, warmup: int,
               registry: str, memory_providers: Iterable[str] = (),

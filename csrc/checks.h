@@ -1,5 +1,6 @@
-// Argument checks shared by every CPU op. Each message names the argument, the value it had and
-// the limit it broke, so a user can fix the call without reading this file.
+// Argument checks shared by every CPU op, and the facts about arguments they share (the export
+// kinds, the exported maps' shapes, the accumulation dtype). Each message names the argument,
+// the value it had and the limit it broke, so a user can fix the call without reading this file.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,6 +9,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <vector>
 
 namespace fastattnreg {
 
@@ -26,6 +28,25 @@ inline ExportKind parse_export(c10::string_view s) {
   if (s == "key_mean") return ExportKind::KeyMean;
   TORCH_CHECK_VALUE(false, "export must be one of 'none', 'full', 'head_mean', 'cls', 'key_mean'; got '",
                     std::string(s), "'");
+}
+
+// Shape of the exported maps for q (B, H, N, D): full (B, H, N, N), head_mean (B, N, N), cls and
+// key_mean (B, H, N); none (0,), an empty placeholder output.
+inline std::vector<int64_t> maps_shape(const at::Tensor& q, ExportKind kind) {
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2);
+  switch (kind) {
+    case ExportKind::Full: return {B, H, N, N};
+    case ExportKind::HeadMean: return {B, N, N};
+    case ExportKind::Cls:
+    case ExportKind::KeyMean: return {B, H, N};
+    default: return {0};
+  }
+}
+
+// The dtype the kernels accumulate in, and return the LSE in: float64 for float64 inputs, else
+// float32 (bf16 inputs included).
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 inline void check_4d(const at::Tensor& t, const char* name) {

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from conftest import requires_cpp
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from fastattnreg.train.compare import format_table, summarise
+from fastattnreg.train.config import TrainConfig
+from conftest import ROOT, requires_cpp
 
 PROBE = "import json, fastattnreg.backend as b; print(json.dumps(b.cpu_numerics()))"
 CAPS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
@@ -20,15 +20,16 @@ CAPS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 def _numerics(**env) -> dict:
     """cpu_numerics() in a fresh process (the caps are read once, when torch starts)."""
     clean = {k: v for k, v in os.environ.items() if k not in CAPS}
-    out = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, cwd=REPO,
+    out = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, cwd=ROOT,
                          capture_output=True, text=True, timeout=120, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # a child process
 @requires_cpp
 def test_kernels_entry_is_the_instruction_set_setup_py_compiles_for():
     # The same FASTATTNREG_SIMD as the build (none in CI), so setup.py prints the build's flags.
-    flags = subprocess.run([sys.executable, "setup.py"], cwd=REPO, capture_output=True,
+    flags = subprocess.run([sys.executable, "setup.py"], cwd=ROOT, capture_output=True,
                            text=True, timeout=120, check=True,
                            env={**os.environ, "FASTATTNREG_PRINT_FLAGS": "1"}).stdout.split()
     expected = ("avx512" if "-DCPU_CAPABILITY_AVX512" in flags else
@@ -36,6 +37,7 @@ def test_kernels_entry_is_the_instruction_set_setup_py_compiles_for():
     assert _numerics()["kernels"] == expected
 
 
+@pytest.mark.slow  # two child processes
 def test_unset_caps_read_auto_and_set_caps_are_reported():
     free = _numerics()
     assert free["MKL_ENABLE_INSTRUCTIONS"] == free["ONEDNN_MAX_CPU_ISA"] == "auto"
@@ -47,8 +49,6 @@ def test_unset_caps_read_auto_and_set_caps_are_reported():
 
 
 def test_compare_table_names_the_instruction_sets():
-    from fastattnreg.train.compare import format_table, summarise
-    from fastattnreg.train.config import TrainConfig
     results = {("baseline", s): {"final": {"test_acc": 0.5, "epoch_time_s": 0.1}, "data": {}}
                for s in (0, 1)}
     rows = summarise(results, ["baseline"], [0, 1], "digits")

@@ -1,8 +1,8 @@
 """FusedAttention.forward(x, attn_mask) with timm's meaning (SDPA's: bool True = takes part, a
 float mask is added to the logits) and attention dropout (attn_drop) inside the fused kernels.
 
-Every test runs on both backends. The C++ kernels take masks and dropout once the kernels
-implement them; until then the "cpp" cases fail with the kernels' own "not implemented" error.
+Every test runs on both backends: the C++ kernels and the plain-PyTorch reference take masks
+and dropout alike.
 """
 import copy
 
@@ -12,7 +12,7 @@ import torch
 timm = pytest.importorskip("timm")
 
 from fastattnreg import FusedAttention, RefinerAttention, attention_match_ref, attention_ref  # noqa: E402
-from fastattnreg.ops.attention import _maps_shape  # noqa: E402
+from fastattnreg.exports import maps_shape  # noqa: E402
 from fastattnreg.ops.dropout import draw_rng, dropout_keep_mask  # noqa: E402
 from conftest import max_err, requires_cpp  # noqa: E402
 
@@ -111,7 +111,7 @@ def by_hand(layer, x, p, seed):
     B = x.shape[0]
     q, k, v = layer.qkv(x).reshape(B, N, 3, HEADS, DIM // HEADS).permute(2, 0, 3, 1, 4)
     torch.manual_seed(seed)
-    keep = dropout_keep_mask(_maps_shape(q, "full"), p, draw_rng(q.device))
+    keep = dropout_keep_mask(maps_shape("full", *q.shape[:3]), p, draw_rng(q.device))
     out = attention_ref(q, k, v, dropout_p=p, dropout_mask=keep)
     return layer.proj(out.transpose(1, 2).reshape(B, N, DIM))
 

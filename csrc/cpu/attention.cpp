@@ -24,20 +24,6 @@ using kernels::Dims;
 using kernels::forward_impl;
 using kernels::ForwardTensors;
 
-// Shape of the exported maps for q of shape (B, H, N, D).
-std::vector<int64_t> maps_shape(const at::Tensor& q, ExportKind kind) {
-  const int64_t B = q.size(0), H = q.size(1), N = q.size(2);
-  switch (kind) {
-    case ExportKind::Full: return {B, H, N, N};
-    case ExportKind::HeadMean: return {B, N, N};
-    case ExportKind::Cls:
-    case ExportKind::KeyMean: return {B, H, N};
-    default: return {0};
-  }
-}
-
-at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 // The dropout stream of a call: p in [0, 1); rng = int64 (seed, offset) when p > 0.
 DropoutStream dropout_stream(double p, const std::optional<at::Tensor>& rng) {
   TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "dropout_p must be in [0, 1); got ", p);

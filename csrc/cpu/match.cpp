@@ -61,8 +61,6 @@ void check_teacher(const at::Tensor& q, const at::Tensor& tq, const at::Tensor& 
                     q.size(2));
 }
 
-at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 // The checked arguments shared by the forward and the backward.
 struct MatchArgs {
   MatchKind kind;

@@ -23,8 +23,6 @@ namespace {
 // Largest depthwise kernel: the halo rows grow with it; Refiner uses 3, 5 is its ablation.
 constexpr int64_t kMaxKernelSize = 15;
 
-at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 void check_param(const at::Tensor& t, const char* name, at::IntArrayRef shape,
                  const at::Tensor& q) {
   TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, " (from q's H = ",
@@ -120,18 +118,6 @@ ExportKind parse_refiner_export(c10::string_view s) {
                     "export must be one of 'none', 'full', 'head_mean', 'cls'; got '",
                     std::string(s), "'");
   return parse_export(s);
-}
-
-// Shape of the exported maps for q (B, H, N, D): full (B, H, N, N), head_mean (B, N, N),
-// cls (B, H, N); none (0,).
-std::vector<int64_t> maps_shape(const at::Tensor& q, ExportKind kind) {
-  const int64_t B = q.size(0), H = q.size(1), N = q.size(2);
-  switch (kind) {
-    case ExportKind::Full: return {B, H, N, N};
-    case ExportKind::HeadMean: return {B, N, N};
-    case ExportKind::Cls: return {B, H, N};
-    default: return {0};  // None (parse_refiner_export admits nothing else)
-  }
 }
 
 // The inputs every pass reads: q, k, v contiguous, the weights in the accumulation type, the

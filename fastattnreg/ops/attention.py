@@ -15,17 +15,12 @@ from __future__ import annotations
 import torch
 
 from .. import backend as _backend
+from ..exports import maps_shape
 from .attention_autograd import register_attention_autograd
 from .attention_ref import attention_ref
 from .checks import (ATTENTION_EXPORTS, accumulation_dtype, check_attn_mask, check_choice,
                      check_dropout_p, check_qkv, check_scale)
 from .dropout import draw_rng, dropout_keep_mask
-
-
-def _maps_shape(q: torch.Tensor, export: str) -> tuple[int, ...]:
-    B, H, N, _ = q.shape
-    return {"full": (B, H, N, N), "head_mean": (B, N, N), "cls": (B, H, N),
-            "key_mean": (B, H, N), "none": (0,)}[export]
 
 
 def mask_grad_shape(q: torch.Tensor, attn_mask, mask_grad: bool) -> tuple[int, ...]:
@@ -41,7 +36,7 @@ if _backend.cpp_available():
         B, H, N, _ = q.shape
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = q.new_empty((B, H, N), dtype=accumulation_dtype(q.dtype))
-        return out, lse, q.new_empty(_maps_shape(q, export))
+        return out, lse, q.new_empty(maps_shape(export, *q.shape[:3]))
 
     @torch.library.register_fake("fastattnreg::attention_bwd")
     def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, dmaps, attn_mask, rng, scale, export,
@@ -106,7 +101,8 @@ def attention(q, k, v, *, attn_mask=None, dropout_p=0.0, scale=None, export=None
     dropout_p = float(dropout_p)
     rng = draw_rng(q.device) if dropout_p > 0 else None
     if impl == "reference":
-        keep = dropout_keep_mask(_maps_shape(q, "full"), dropout_p, rng) if rng is not None else None
+        keep = (dropout_keep_mask(maps_shape("full", *q.shape[:3]), dropout_p, rng)
+                if rng is not None else None)
         return attention_ref(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                              dropout_mask=keep, scale=scale, export=export,
                              return_lse=return_lse)

@@ -36,6 +36,14 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {tuple(choices)}; got {value!r}")
 
 
+def check_kernel_size(K: int, name: str, source: str) -> None:
+    """The Refiner's depthwise kernel size K, read from the weight `source`: odd (zero 'same'
+    padding keeps an N-token grid only with an odd kernel) and at most REFINER_MAX_KERNEL_SIZE."""
+    if K % 2 == 0 or not 1 <= K <= REFINER_MAX_KERNEL_SIZE:
+        raise ValueError(f"{name} must be odd and in [1, {REFINER_MAX_KERNEL_SIZE}] (zero 'same' "
+                         f"padding needs an odd kernel); got {K} from {source}")
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The type every backend computes logits, softmax and BatchNorm statistics in."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -16,6 +16,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .checks import accumulation_dtype
+
 def require_cpp(backend: str, q: Tensor, what: str) -> None:
     """Raises unless the C++ kernels can run `what` for `backend` and q's device."""
     if backend != "auto" and backend != "cpp":
@@ -107,7 +109,7 @@ def refined_attention_script(q: Tensor, k: Tensor, v: Tensor, conv_exp_weight: T
         if not 0.0 <= m <= 1.0:
             raise ValueError("momentum must be a number in [0, 1]; got " + str(m))
     # Read by the kernels in the accumulation type (float32 for bfloat16 q), never rounded to q's.
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(dtype)
     with torch.no_grad():
         packed_mean = torch.cat([t.to(acc) for t in running_mean])
         packed_var = torch.cat([t.to(acc) for t in running_var])

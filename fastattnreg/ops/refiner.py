@@ -25,11 +25,11 @@ import torch
 
 from .. import backend as _backend
 from .autocast import CPP_DTYPES, autocast_dtype, cast_for_autocast, run_dtype
-from .checks import (REFINER_EXPORTS, REFINER_MAX_KERNEL_SIZE, accumulation_dtype,
-                     check_choice, check_qkv, check_scale)
+from .checks import (REFINER_EXPORTS, accumulation_dtype, check_choice, check_kernel_size,
+                     check_qkv, check_scale)
 from .jit import update_running_stats
 from .refiner_autograd import register_refiner_autograd
-from .refiner_export import check_dmaps, maps_shape
+from .refiner_export import check_dmaps, refiner_maps_shape
 from .refiner_ref import BN_NAMES, _per_bn, refined_attention_ref
 
 __all__ = ["refined_attention", "refined_attention_ref"]
@@ -47,7 +47,8 @@ if _backend.cpp_available():
         return (torch.empty_like(q, memory_format=torch.contiguous_format),
                 q.new_empty(probs_shape, dtype=acc), q.new_empty(y_shape, dtype=acc),
                 q.new_empty(bn_weight.shape, dtype=acc),
-                q.new_empty(bn_weight.shape, dtype=acc), q.new_empty(maps_shape(q, export)))
+                q.new_empty(bn_weight.shape, dtype=acc),
+                q.new_empty(refiner_maps_shape(q, export)))
 
     @torch.library.register_fake("fastattnreg::refined_attention_bwd")
     def _refined_bwd_fake(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, y,
@@ -67,8 +68,8 @@ def _forward_op(impl: str):
     if impl == "triton":
         if not hasattr(ops, "triton_refined_attention_fwd"):
             raise RuntimeError(
-                "refined_attention has no Triton kernel yet; use backend='cpp' (CPU tensors) or "
-                "backend='reference'")
+                "refined_attention's Triton kernels are not registered (Triton is not "
+                "installed); use backend='cpp' (CPU tensors) or backend='reference'")
         return ops.triton_refined_attention_fwd
     return ops.refined_attention_fwd
 
@@ -138,10 +139,7 @@ def check_refiner_args(q, conv_exp_weight, conv_dw_weight, conv_pro_weight, bn_w
         raise ValueError(f"conv_exp_weight must have shape (C, H, 1, 1) = (expansion * {H}, {H}, "
                          f"1, 1) with C >= 1 (expansion >= 1); got {tuple(conv_exp_weight.shape)}")
     K = conv_dw_weight.shape[-1]
-    if K % 2 == 0 or not 1 <= K <= REFINER_MAX_KERNEL_SIZE:
-        raise ValueError(f"kernel_size must be odd and in [1, {REFINER_MAX_KERNEL_SIZE}] (zero "
-                         f"'same' padding needs an odd kernel); got conv_dw_weight of kernel "
-                         f"size {K}")
+    check_kernel_size(K, "kernel_size", "conv_dw_weight")
     if tuple(conv_dw_weight.shape) != (C, 1, K, K):
         raise ValueError(f"conv_dw_weight must be depthwise with shape (C, 1, K, K) = ({C}, 1, {K},"
                          f" {K}); got {tuple(conv_dw_weight.shape)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import exports
 from .checks import REFINER_EXPORTS, check_choice, op_exports
 
 OP_EXPORTS = op_exports(REFINER_EXPORTS)
@@ -22,16 +23,15 @@ def export_maps(refined: torch.Tensor, export: str) -> torch.Tensor:
             "cls": lambda: refined[:, :, 0, :]}[export]()
 
 
-def maps_shape(q: torch.Tensor, export: str) -> tuple[int, ...]:
+def refiner_maps_shape(q: torch.Tensor, export: str) -> tuple[int, ...]:
     """Shape of the ops' maps output for q (B, H, N, D) and an op export string."""
     check_choice("export", export, OP_EXPORTS)
-    B, H, N, _ = q.shape
-    return {"full": (B, H, N, N), "head_mean": (B, N, N), "cls": (B, H, N), "none": (0,)}[export]
+    return exports.maps_shape(export, *q.shape[:3])
 
 
 def check_dmaps(dmaps, q: torch.Tensor, export: str) -> None:
     """A raw backward op's dmaps: None, or a tensor of the maps' shape, q's dtype and device."""
-    shape = maps_shape(q, export)
+    shape = refiner_maps_shape(q, export)
     if dmaps is None:
         return
     if export == "none":

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..triton import attention as _kernels
+from ..exports import maps_shape
 from ..triton.attention import attention_bwd as _launch_bwd
 from ..triton.attention import attention_fwd as _launch_fwd
 from ..triton.dropout import Dropout
@@ -32,7 +32,10 @@ from .triton_ops import (check_saved_attention, check_tensor, check_triton_input
 
 FWD_NAME = "fastattnreg::triton_attention_fwd"
 BWD_NAME = "fastattnreg::triton_attention_bwd"
-# The C++ ops' schemas (csrc/registration.cpp), argument and output names included.
+# The C++ ops' schemas (csrc/registration.cpp), argument and output names included. Stated here
+# too because the Triton ops register from Python whether or not the C++ extension is built (a
+# wheel ships no .cpp to read them from); tests/triton_attention_mask_cases.py checks that the
+# texts agree, for every op.
 FWD_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? rng, float scale, str export, "
     "float dropout_p) -> (Tensor out, Tensor lse, Tensor maps)"
@@ -83,7 +86,7 @@ def _check_bwd(dout, q, k, v, out, lse, dlse, dmaps, attn_mask, rng, scale, expo
     if dmaps is not None:
         if export == "none":
             raise ValueError("dmaps was given but export is 'none'")
-        check_tensor(dmaps, "dmaps", _kernels.maps_shape(export, B, H, N), q.dtype, q.device)
+        check_tensor(dmaps, "dmaps", maps_shape(export, B, H, N), q.dtype, q.device)
     if mask_grad and attn_mask is not None and attn_mask.dtype == torch.bool:
         raise ValueError("mask_grad=True needs a float attn_mask (an additive bias); got a "
                          "torch.bool mask, which has no gradient")
@@ -131,7 +134,7 @@ def _fwd_fake(q, k, v, attn_mask, rng, scale, export, dropout_p):
     B, H, N, D = q.shape
     out = q.new_empty((B, H, N, D))
     lse = q.new_empty((B, H, N), dtype=torch.float32)
-    return out, lse, q.new_empty(_kernels.maps_shape(export, B, H, N))
+    return out, lse, q.new_empty(maps_shape(export, B, H, N))
 
 
 def _bwd_fake(dout, q, k, v, out, lse, dlse, dmaps, attn_mask, rng, scale, export, dropout_p,

@@ -15,9 +15,9 @@ import math
 import torch
 
 from ..triton import refiner as _kernels
-from .checks import REFINER_MAX_KERNEL_SIZE
+from .checks import check_kernel_size
 from .refiner_autograd import register_refiner_autograd
-from .refiner_export import check_dmaps, maps_shape
+from .refiner_export import check_dmaps, refiner_maps_shape
 from .triton_ops import check_tensor, check_triton_inputs, define_triton_op, unit_stride
 
 FWD_NAME = "fastattnreg::triton_refined_attention_fwd"
@@ -56,10 +56,7 @@ def _check_args(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, eps, scal
     if w_dw.dim() != 3:
         raise ValueError(f"w_dw must be 3-D (C, K, K); got shape {tuple(w_dw.shape)}")
     K = w_dw.shape[-1]
-    if K % 2 == 0 or not 1 <= K <= REFINER_MAX_KERNEL_SIZE:
-        raise ValueError(f"the depthwise kernel size K must be odd and in [1, "
-                         f"{REFINER_MAX_KERNEL_SIZE}] "
-                         f"(zero 'same' padding needs an odd kernel); got {K}")
+    check_kernel_size(K, "the depthwise kernel size K", "w_dw")
     check_tensor(w_dw, "w_dw", (C, K, K), q.dtype, q.device)
     check_tensor(w_pro, "w_pro", (H, C), q.dtype, q.device)
     check_tensor(bn_weight, "bn_weight", (2 * C + 2 * H,), q.dtype, q.device)
@@ -82,7 +79,7 @@ def _check_args(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, eps, scal
 
 def _check_fwd(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, running_var, keep,
                eps, scale, drop_scale, training, export) -> None:
-    maps_shape(q, export)  # a known export string
+    refiner_maps_shape(q, export)  # a known export string
     C, _ = _check_args(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, keep, eps, scale,
                        drop_scale, training)
     H = q.shape[1]
@@ -149,7 +146,7 @@ def _fwd_fake(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, run
     probs_shape = (B, H, N, N) if training or save_probs else (0,)
     return (q.new_empty(q.shape), q.new_empty(probs_shape, **f32), q.new_empty((0,), **f32),
             q.new_empty(bn_weight.shape, **f32), q.new_empty(bn_weight.shape, **f32),
-            q.new_empty(maps_shape(q, export)))
+            q.new_empty(refiner_maps_shape(q, export)))
 
 
 def _bwd_fake(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, y, mean, var, keep,

@@ -19,7 +19,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..backend import BACKENDS
+from ..init.structured import METHODS as STRUCTURED_METHODS
 from ..models import preset_config
+from ..ops.checks import MATCH_KINDS, MATCH_ROWS
 from .build import check_guides
 from .checkpoint import CheckpointError, load_checkpoint
 from .compare import run_compare
@@ -76,19 +79,19 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=d.model, help="ViT preset (auto: by data)")
     p.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="override a ViTConfig field, e.g. --model-opt depth=6 (repeatable)")
-    p.add_argument("--backend", default=d.backend, choices=("auto", "cpp", "triton", "reference"))
+    p.add_argument("--backend", default=d.backend, choices=BACKENDS)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--precision", default=d.precision, choices=("fp32", "bf16"),
                    help="fp32, or bf16: forward passes under torch.autocast in bfloat16 (CPU "
                         "and GPU; the attention ops run in bfloat16)")
     p.add_argument("--structured-method", default=d.structured_method,
-                   choices=("closed_form", "fit"))
+                   choices=STRUCTURED_METHODS)
     p.add_argument("--structured-kernel", type=int, default=d.structured_kernel)
     p.add_argument("--gta-source", default=d.gta_source,
                    help="auto (train on the full training split and cache) | CHECKPOINT")
     p.add_argument("--gta-weight", type=float, default=d.gta_weight)
-    p.add_argument("--gta-kind", default=d.gta_kind, choices=("mse_logits", "kl", "mse_probs"))
-    p.add_argument("--gta-rows", default=d.gta_rows, choices=("cls", "all"))
+    p.add_argument("--gta-kind", default=d.gta_kind, choices=MATCH_KINDS)
+    p.add_argument("--gta-rows", default=d.gta_rows, choices=MATCH_ROWS)
     p.add_argument("--gta-source-epochs", type=int, default=d.gta_source_epochs)
     p.add_argument("--gta-source-seed", type=int, default=d.gta_source_seed)
     p.add_argument("--gta-source-classes", default=d.gta_source_classes,

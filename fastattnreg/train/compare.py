@@ -156,17 +156,18 @@ def _run_in_workers(configs, methods, seeds, out, to_train, workers, *, cache_di
     timed in `workers` processes (workers.py)."""
     folders = {key: run_dir(out, *key) for key in configs}
     tasks = plan_tasks(configs, folders, to_train, methods, seeds, time_epochs, cache_dir)
-    log(f"[compare] {len(tasks)} tasks ({sum(k[0] == 'guide' for k in tasks)} guides, "
-        f"{len(to_train)} runs, {sum(k[0] == 'time' for k in tasks)} timings) in {workers} "
+    log(f"[compare] {len(tasks)} tasks ({sum(k.kind == 'guide' for k in tasks)} guides, "
+        f"{len(to_train)} runs, {sum(k.kind == 'time' for k in tasks)} timings) in {workers} "
         "worker processes")
 
     def on_done(key, result):
-        if key[0] == "run":
-            _share(configs[key[1:]], folders[key[1:]], cache_dir, DistContext(), log)
+        if key.kind == "run":
+            run = (key.method, key.seed)
+            _share(configs[run], folders[run], cache_dir, DistContext(), log)
 
     done = run_tasks(tasks, workers, on_done)
-    results = {key[1:]: value for key, value in done.items() if key[0] == "run"}
-    timings = {key[1]: value for key, value in done.items() if key[0] == "time"}
+    results = {(k.method, k.seed): value for k, value in done.items() if k.kind == "run"}
+    timings = {k.method: value for k, value in done.items() if k.kind == "time"}
     return results, timings
 
 

@@ -227,7 +227,7 @@ def validation_split(labels: np.ndarray, fraction: float,
     if held < num_classes or n - held < num_classes:
         raise DataError(f"--val-fraction {fraction} holds out {held} of the {n} training images; "
                         f"both parts need at least the {num_classes} classes' worth")
-    from sklearn.model_selection import train_test_split
+    from sklearn.model_selection import train_test_split  # optional dependency (the training extra)
     fit, val = train_test_split(np.arange(n), test_size=held, stratify=labels,
                                 random_state=VAL_SEED)
     return torch.from_numpy(np.sort(fit)), torch.from_numpy(np.sort(val))
@@ -242,13 +242,14 @@ def training_subset(labels: np.ndarray, fraction: float, num_classes: int) -> to
     if keep < num_classes:
         raise DataError(f"--train-fraction {fraction} keeps {keep} of {n} training images, "
                         f"fewer than the {num_classes} classes; use a larger fraction")
-    from sklearn.model_selection import train_test_split
+    from sklearn.model_selection import train_test_split  # optional dependency (the training extra)
     idx, _ = train_test_split(np.arange(n), train_size=keep, stratify=labels,
                               random_state=SUBSET_SEED)
     return torch.from_numpy(np.sort(idx))
 
 
 def _load_digits():
+    # sklearn is an optional dependency (the training extra), imported where the data needs it.
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     d = load_digits()
@@ -334,6 +335,7 @@ def _load_cifar10(path: str):
 
 
 def _load_folder(path: str, img_size: int):
+    # torchvision is an optional dependency (the training extra), needed only for image folders.
     from torchvision import datasets, transforms
     tf = transforms.Compose([transforms.Resize((img_size, img_size)), transforms.PILToTensor()])
     splits = []

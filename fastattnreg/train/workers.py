@@ -22,7 +22,7 @@ from __future__ import annotations
 import multiprocessing
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple, Union
 
 import torch
 
@@ -32,8 +32,27 @@ from .dist import DistContext
 from .methods import parse_method
 from .trainer import log_to_stderr, train_run
 
-# What a task is: ("guide", cache folder name) | ("run", method, seed) | ("time", method)
-TaskKey = tuple
+class GuideKey(NamedTuple):
+    """A guide to train into the cache: ("guide", its cache folder's name)."""
+    kind: str
+    name: str
+
+
+class RunKey(NamedTuple):
+    """A run of the comparison: ("run", method, seed)."""
+    kind: str
+    method: str
+    seed: int
+
+
+class TimeKey(NamedTuple):
+    """A method's epoch timing on both backends: ("time", method)."""
+    kind: str
+    method: str
+
+
+# What a task is; each key equals (and hashes as) the plain tuple of its fields.
+TaskKey = Union[GuideKey, RunKey, TimeKey]
 
 
 @dataclass
@@ -72,7 +91,7 @@ def plan_tasks(configs: dict, folders: dict, to_train: dict, methods: list, seed
     for (method, seed), config in configs.items():
         link = shared_link_run(config)
         if link is not None and (method, seed) in to_train:
-            shared[link[0]] = ("run", method, seed)
+            shared[link[0]] = RunKey("run", method, seed)
 
     def guides_of(config) -> set:
         """The keys of the tasks that put the guides `config` reads into the cache (added to
@@ -84,7 +103,7 @@ def plan_tasks(configs: dict, folders: dict, to_train: dict, methods: list, seed
                 continue
             if guide_is_cached(cache_dir, name, cfg):
                 continue
-            key = ("guide", name)
+            key = GuideKey("guide", name)
             if key not in tasks:  # a guide reads the guides before it in the list (link: cnn)
                 tasks[key] = Task(key, (_train_guide, {"cfg": cfg, "name": name,
                                                        "cache_dir": cache_dir}),
@@ -94,16 +113,18 @@ def plan_tasks(configs: dict, folders: dict, to_train: dict, methods: list, seed
 
     for (method, seed), resume in to_train.items():
         config = configs[(method, seed)]
-        tasks[("run", method, seed)] = Task(
-            ("run", method, seed),
+        key = RunKey("run", method, seed)
+        tasks[key] = Task(
+            key,
             (_train_run, {"config": config, "folder": folders[(method, seed)],
                           "resume": resume, "name": f"{method}-s{seed}", "cache_dir": cache_dir}),
             needs=guides_of(config), order=(1, -run_cost(config)))
-    every_run = {("run", m, s) for (m, s) in to_train}
+    every_run = {RunKey("run", m, s) for (m, s) in to_train}
     for i, method in enumerate(methods if time_epochs > 0 else ()):
         config = configs[(method, seeds[0])]
-        tasks[("time", method)] = Task(
-            ("time", method),
+        key = TimeKey("time", method)
+        tasks[key] = Task(
+            key,
             (_time_method, {"config": config, "cache_dir": cache_dir, "rounds": time_epochs}),
             needs=every_run | guides_of(config), order=(2, i))
     return tasks

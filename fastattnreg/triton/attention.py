@@ -42,8 +42,9 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ..exports import maps_shape
 from .dropout import Dropout, dropout_keep
-from .teacher import Teacher, _loss_grad_tile, _teacher_rows
+from .teacher import KIND_KL, Teacher, _loss_grad_tile, _teacher_rows
 from .tiles import (
     _LOG2E, DELTA_TILES, DKDV_TILES, DQ_TILES, FWD_TILES, INTERPRET, KEY_MEAN_TILES, LOG2E,
     MAPS_TILES, MAX_GRID_Z, _apply_mask, _dot, _load_tile, _logits, _lse_end, _lse_step,
@@ -51,8 +52,7 @@ from .tiles import (
     dot_options, mask_args, strides, tuned,
 )
 
-__all__ = ["INTERPRET", "MAX_GRID_Z", "attention_bwd", "attention_fwd", "maps_shape",
-           "write_maps"]
+__all__ = ["INTERPRET", "MAX_GRID_Z", "attention_bwd", "attention_fwd", "write_maps"]
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -483,11 +483,6 @@ def _map_layout(export: str, B: int, H: int, N: int):
         f"export must be one of 'none', 'full', 'head_mean', 'cls', 'key_mean'; got {export!r}")
 
 
-def maps_shape(export: str, B: int, H: int, N: int) -> tuple[int, ...]:
-    return {"full": (B, H, N, N), "head_mean": (B, N, N), "cls": (B, H, N),
-            "key_mean": (B, H, N), "none": (0,)}[export]
-
-
 def write_maps(q, k, lse, maps, export: str, scale: float, attn_mask=None) -> None:
     """Writes the maps of `export` ("full", "head_mean", "cls", "key_mean") into `maps`
     (contiguous, that export's shape, any float dtype), P recomputed from q, k, the mask and the
@@ -519,7 +514,8 @@ def _teacher_args(teacher: Teacher | None, q, k, lse, backward: bool):
     backward's) with KIND, CLS and TEACHER_DIM."""
     if teacher is None or (backward and teacher.drow is None):
         tensors = (q, k, lse, lse, lse, lse) if backward else (q, k)
-        return tensors, (0,) * 6, 1, 1.0, dict(TEACHER=False, KIND=0, CLS=False,
+        # KIND and CLS are compiled out without a teacher; fixed values keep one variant.
+        return tensors, (0,) * 6, 1, 1.0, dict(TEACHER=False, KIND=KIND_KL.value, CLS=False,
                                                 TEACHER_DIM=q.shape[-1])
     tensors = (teacher.q, teacher.k)
     if backward:

@@ -32,7 +32,8 @@ from torch.library import wrap_triton
 
 from .attention import launch_bwd, launch_fwd
 from .teacher import (
-    KINDS, Teacher, _lse_or_zero, _loss_terms, _matched, _pair_logits, _teacher_rows,
+    KIND_MSE_LOGITS, KIND_MSE_PROBS, KINDS, Teacher, _lse_or_zero, _loss_terms, _matched,
+    _pair_logits, _teacher_rows,
 )
 from .tiles import (
     MATCH_TILES, _dot, _load_tile, _lse_end, _lse_step, _query_program, dot_options, mask_args,
@@ -69,7 +70,7 @@ def _match_loss_kernel(Q, K, TQ, TK, Mask, Lse, TLse, SRowLse, TRowLse, RowLoss,
 
     slse = tl.zeros((BLOCK_M,), tl.float32)
     tlse = tl.zeros((BLOCK_M,), tl.float32)
-    if KIND != 2:
+    if KIND != KIND_MSE_LOGITS:
         if CLS:
             # Both softmaxes renormalised over keys 1..N-1, masked keys left out.
             sm = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -172,7 +173,7 @@ def match_fwd(q, k, v, tq, tk, attn_mask, scale: float, teacher_scale: float, ki
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=dev)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=dev)
     # The teacher's LSE over every key, needed only for rows="all" with kl / mse_probs.
-    teacher_lse_all = not teacher.cls and teacher.kind != 2
+    teacher_lse_all = not teacher.cls and teacher.kind != KIND_MSE_LOGITS.value
     tlse = torch.empty((B, H, N) if teacher_lse_all else (1,), dtype=torch.float32, device=dev)
     srow_lse, trow_lse, row_loss = (torch.empty((B, H, R), dtype=torch.float32, device=dev)
                                     for _ in range(3))
@@ -195,8 +196,9 @@ def match_bwd(dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, teacher_row_lse,
     B, H, N, D = q.shape
     R = matched_rows(rows, N)
     kind_id, cls = KINDS[kind], rows == "cls"
-    c = torch.empty((B, H, R) if kind_id == 1 else (1,), dtype=torch.float32, device=q.device)
-    if kind_id == 1 and drow_loss is not None:
+    probs = kind_id == KIND_MSE_PROBS.value  # its gradient needs the row term c (a pre-pass)
+    c = torch.empty((B, H, R) if probs else (1,), dtype=torch.float32, device=q.device)
+    if probs and drow_loss is not None:
         mask, mask_strides, mask_kind = mask_args(attn_mask, q, B, H, N)
         wrap_triton(_match_c_kernel)[lambda meta: (triton.cdiv(R, meta["BLOCK_M"]), B * H)](
             q, k, tq, tk, mask, student_row_lse, teacher_row_lse, drow_loss, c, *strides(q),

@@ -85,12 +85,18 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ..exports import maps_shape
 from . import attention as _attention
 from .tiles import INTERPRET, MAX_GRID_Z, _round_to_bf16, dot_options
 
 _N_AFF_ROWS = 6  # rows of the affine table per BatchNorm: a, b, mean, rstd, c0, c1
 # Channel dots: 3xTF32 keeps fp32 accuracy on tensor cores (the interpreter computes exactly).
 _CHANNEL_PRECISION = tl.constexpr("tf32x3")
+# The output kernel's compile-time EXPORT argument: which maps of A* it writes.
+EXPORT_NONE = tl.constexpr(0)
+EXPORT_FULL = tl.constexpr(1)
+EXPORT_HEAD_MEAN = tl.constexpr(2)
+EXPORT_CLS = tl.constexpr(3)
 # Head-dim columns times padded channels of one _out_kernel program: its (HP, BLOCK_M, D_BLOCK)
 # fp32 accumulator sits beside the refinement's (BLOCK_P, CP) tiles; at CP = 64 32 columns spill
 # 1.1 KB per thread (fp32, full maps, sm_80), 16 columns 0.9 KB (ptxas).
@@ -274,15 +280,16 @@ def _stats_kernel(P, Keep, WeT, Wd, WrT, Aff, Part, H, N, drop_scale,
 def _store_maps(Maps, refined, b, H, N, i, j, offs_h, EXPORT: tl.constexpr,
                 UPCAST: tl.constexpr):
     """The exported maps of A* (BLOCK_P, HP) at pixels (i, j) of image b, in Maps' dtype.
-    EXPORT 1: full (B, H, N, N); 2: head_mean (B, N, N); 3: cls (B, H, N), row i = 0 only."""
+    EXPORT_FULL: (B, H, N, N); EXPORT_HEAD_MEAN: (B, N, N); EXPORT_CLS: (B, H, N), row i = 0
+    only."""
     inside = _inside(i, j, N)
-    if EXPORT == 2:
+    if EXPORT == EXPORT_HEAD_MEAN:
         vals = tl.sum(tl.where((offs_h < H)[None, :], refined, 0.0), 1) / H
         offs = b.to(tl.int64) * N * N + i.to(tl.int64) * N + j
         mask = inside
     else:
         vals = refined
-        if EXPORT == 1:
+        if EXPORT == EXPORT_FULL:
             offs, mask = _hmap(b, H, N, i, j, offs_h)
         else:
             offs = (b.to(tl.int64) * H + offs_h[None, :]) * N + j[:, None]
@@ -300,7 +307,7 @@ def _out_kernel(P, Keep, WeT, Wd, WrT, Aff, V, Out, Maps, stride_vb, stride_vh, 
                 EXPORT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Out[b, :, rows, cols_d] = A*[b, :, rows, :] V[b, :, :, cols_d] for the D_BLOCK head-dim
     columns cols_d of program_id(2), and (programs of column block 0 only, so each map pixel
-    has one writer) the maps of A* by EXPORT (0: none; see _store_maps); grid
+    has one writer) the maps of A* by EXPORT (EXPORT_NONE: none; see _store_maps); grid
     (cdiv(N, BLOCK_M), B, cdiv(HEAD_DIM, D_BLOCK))."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
@@ -323,7 +330,7 @@ def _out_kernel(P, Keep, WeT, Wd, WrT, Aff, V, Out, Maps, stride_vb, stride_vh, 
         x4 = _residual(x3, a, Aff, offs_h, CP)
         refined = x4 * _aff(Aff, 3, 0, offs_h, CP) + _aff(Aff, 3, 1, offs_h, CP)
         refined = tl.where(_inside(i, j, N)[:, None], refined, 0.0)  # (BLOCK_P, HP)
-        if EXPORT != 0:
+        if EXPORT != EXPORT_NONE:
             if pid_d == 0:
                 _store_maps(Maps, refined, b, H, N, i, j, offs_h, EXPORT, UPCAST)
         # Pixel p = r * BLOCK_N + c: (BLOCK_P, HP) -> (HP, BLOCK_M, BLOCK_N), one matrix per head.
@@ -521,11 +528,8 @@ def _batch_stats(pb: _Problem, probs):
 
 
 # The ops' export strings as _out_kernel's EXPORT.
-_EXPORT_CODES = {"none": 0, "full": 1, "head_mean": 2, "cls": 3}
-
-
-def _maps_shape(B: int, H: int, N: int, export: str) -> tuple[int, ...]:
-    return {"none": (0,), "full": (B, H, N, N), "head_mean": (B, N, N), "cls": (B, H, N)}[export]
+_EXPORT_CODES = {"none": EXPORT_NONE.value, "full": EXPORT_FULL.value,
+                 "head_mean": EXPORT_HEAD_MEAN.value, "cls": EXPORT_CLS.value}
 
 
 def refined_fwd(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, running_var,
@@ -547,7 +551,7 @@ def refined_fwd(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, r
         stats = list(zip(running_mean.double().split(pb.sizes),
                          running_var.double().split(pb.sizes)))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    maps = torch.empty(_maps_shape(pb.B, pb.H, pb.N, export), dtype=q.dtype, device=q.device)
+    maps = torch.empty(maps_shape(export, pb.B, pb.H, pb.N), dtype=q.dtype, device=q.device)
     d_block = out_d_block(pb.D, pb.CP)
     meta = pb.meta()
     wrap_triton(_out_kernel)[(pb.grid[0], pb.B, triton.cdiv(pb.D, d_block))](

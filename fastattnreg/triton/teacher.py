@@ -10,9 +10,9 @@ backward, its upstream gradient g and the mse_probs row term c, all (B, H, R) fl
 
 The loss reads scaled logits in natural units (ss = scale * q k^T, st = teacher_scale * tq tk^T)
 and probabilities exp(s - lse), never the log of a probability:
-  KIND 0  kl          sum_j pt_j ((st_j - tlse) - (ss_j - slse))     KL(teacher || student)
-  KIND 1  mse_probs   sum_j (ps_j - pt_j)^2
-  KIND 2  mse_logits  sum_j (ss_j - st_j)^2                          (needs no LSE)
+  KIND_KL          kl          sum_j pt_j ((st_j - tlse) - (ss_j - slse))   KL(teacher || student)
+  KIND_MSE_PROBS   mse_probs   sum_j (ps_j - pt_j)^2
+  KIND_MSE_LOGITS  mse_logits  sum_j (ss_j - st_j)^2                        (needs no LSE)
 Its gradient with respect to the student's scaled logits:
   kl          g (ps - pt)
   mse_probs   ps * (G - c),  G = 2 g (ps - pt),  c = sum_j ps_j G_j  (a row pre-pass)
@@ -31,7 +31,13 @@ import triton.language as tl
 
 from .tiles import _apply_mask, _dot
 
-KINDS = {"kl": 0, "mse_probs": 1, "mse_logits": 2}
+# The loss kinds as the kernels' compile-time KIND argument (module-level constexprs, the form in
+# which a @triton.jit function may read a global), and by attention_match's kind names.
+KIND_KL = tl.constexpr(0)
+KIND_MSE_PROBS = tl.constexpr(1)
+KIND_MSE_LOGITS = tl.constexpr(2)
+KINDS = {"kl": KIND_KL.value, "mse_probs": KIND_MSE_PROBS.value,
+         "mse_logits": KIND_MSE_LOGITS.value}
 
 
 class Teacher(NamedTuple):
@@ -87,10 +93,10 @@ def _loss_terms(ss, st, slse, tlse, KIND: tl.constexpr):
     logits with -inf on masked keys, whose terms are 0."""
     slse = _lse_or_zero(slse)
     tlse = _lse_or_zero(tlse)
-    if KIND == 0:
+    if KIND == KIND_KL:
         log_pt = st - tlse[:, None]
         return tl.where(st == float("-inf"), 0.0, tl.exp(log_pt) * (log_pt - (ss - slse[:, None])))
-    elif KIND == 1:
+    elif KIND == KIND_MSE_PROBS:
         diff = tl.exp(ss - slse[:, None]) - tl.exp(st - tlse[:, None])
         return diff * diff
     else:
@@ -104,9 +110,9 @@ def _loss_grad(ss, st, slse, tlse, g, c, KIND: tl.constexpr):
     masked keys (ps = pt = 0 there, and mse_logits' difference is set to 0)."""
     slse = _lse_or_zero(slse)
     tlse = _lse_or_zero(tlse)
-    if KIND == 0:
+    if KIND == KIND_KL:
         return g[:, None] * (tl.exp(ss - slse[:, None]) - tl.exp(st - tlse[:, None]))
-    elif KIND == 1:
+    elif KIND == KIND_MSE_PROBS:
         ps = tl.exp(ss - slse[:, None])
         G = 2.0 * g[:, None] * (ps - tl.exp(st - tlse[:, None]))
         return ps * (G - c[:, None])
@@ -122,7 +128,7 @@ def _teacher_rows(SRowLse, TRowLse, DRow, C, z64, R, rows, KIND: tl.constexpr):
     slse = tl.load(SRowLse + offs, mask=rows < R, other=0.0)
     tlse = tl.load(TRowLse + offs, mask=rows < R, other=0.0)
     g = tl.load(DRow + offs, mask=rows < R, other=0.0)
-    if KIND == 1:
+    if KIND == KIND_MSE_PROBS:
         c = tl.load(C + offs, mask=rows < R, other=0.0)
     else:
         c = tl.zeros(offs.shape, tl.float32)

@@ -52,6 +52,10 @@ LOG2E = 1.4426950408889634  # the launchers fold it into the scale: exp(x) = exp
 # The same constants for the kernels: a @triton.jit function reads globals only as constexprs.
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
+# The kernels' compile-time MASK argument: no mask, a bool mask (read as uint8), a float bias.
+MASK_NONE = tl.constexpr(0)
+MASK_BOOL = tl.constexpr(1)
+MASK_BIAS = tl.constexpr(2)
 MAX_GRID_Z = 65535  # CUDA limit of grid axes 1 and 2, where the heads (or query blocks) go
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel; see the module docstring.
@@ -286,17 +290,17 @@ def _store_tile(base, rows, n_rows, offs_d, value, HEAD_DIM: tl.constexpr, EVEN_
 def _apply_mask(s, rows, cols, N, mask_ptr, stride_ai, stride_aj, MASK: tl.constexpr,
                 LOG2_UNITS: tl.constexpr):
     """Logit tile s (BLOCK_M, BLOCK_N), fp32, with the mask applied: plus the float bias
-    (MASK = 2; times log2(e) when LOG2_UNITS, for logits in log2 units), -inf where the bool
-    mask is False (MASK = 1); -inf on keys >= N.
+    (MASK_BIAS; times log2(e) when LOG2_UNITS, for logits in log2 units), -inf where the bool
+    mask is False (MASK_BOOL); -inf on keys >= N.
 
     mask_ptr: the mask at (b, h, 0, 0) of a (B, H, N, N) broadcast view (bool read as uint8);
     stride_ai, stride_aj: its query and key strides (0 where broadcast)."""
     valid = (cols < N)[None, :]
-    if MASK != 0:
+    if MASK != MASK_NONE:
         inside = (rows < N)[:, None] & valid
         ptrs = mask_ptr + (rows.to(tl.int64)[:, None] * stride_ai
                            + cols.to(tl.int64)[None, :] * stride_aj)
-        if MASK == 1:
+        if MASK == MASK_BOOL:
             valid = valid & (tl.load(ptrs, mask=inside, other=0) != 0)
         elif LOG2_UNITS:
             s += tl.load(ptrs, mask=inside, other=0.0).to(tl.float32) * _LOG2E
@@ -395,10 +399,10 @@ def mask_args(attn_mask, placeholder: torch.Tensor, B: int, H: int, N: int):
 
     The mask is expanded to a (B, H, N, N) view (stride 0 on every broadcast axis; no copy) and
     a bool mask is viewed as uint8 (the same bytes). Without a mask `placeholder` holds the
-    pointer's place and is never read (MASK = 0)."""
+    pointer's place and is never read (MASK_NONE)."""
     if attn_mask is None:
-        return placeholder, (0, 0, 0, 0), 0
+        return placeholder, (0, 0, 0, 0), MASK_NONE.value
     view = attn_mask.expand(B, H, N, N)
     if view.dtype == torch.bool:
-        return view.view(torch.uint8), tuple(view.stride()), 1
-    return view, tuple(view.stride()), 2
+        return view.view(torch.uint8), tuple(view.stride()), MASK_BOOL.value
+    return view, tuple(view.stride()), MASK_BIAS.value
