@@ -12,7 +12,7 @@ from fastattnreg import (attention, attention_match, attention_match_ref, attent
                          refined_attention)
 from conftest import OpDtypes, max_err, requires_cpp
 from inputs import qkv, refiner_inputs
-from test_refiner import call, clone_running
+from refiner_checks import call, clone_running
 
 pytestmark = requires_cpp
 

@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("sklearn")
 from fastattnreg.train.cli import main  # noqa: E402
 from conftest import requires_cpp  # noqa: E402
-from test_train import TINY_ARGS, cli  # noqa: E402
+from train_helpers import TINY_ARGS, cli  # noqa: E402
 
 
 def fails_cleanly(capsys, tmp_path, argv, needle):

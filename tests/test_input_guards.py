@@ -22,7 +22,7 @@ from fastattnreg.models import create_model
 from fastattnreg.ops.checks import scale_limits
 from conftest import max_err, requires_cpp
 from inputs import refiner_inputs
-from test_refiner import call
+from refiner_checks import call
 
 F32_LO, F32_HI = scale_limits(torch.float32)
 F64_LO, F64_HI = scale_limits(torch.float64)

@@ -8,23 +8,12 @@ import torch
 from fastattnreg import refined_attention, refined_attention_ref
 from conftest import max_err, requires_cpp, rerun_without_triton_interpreter
 from inputs import REFINER_PARAM_NAMES, refiner_inputs
+from refiner_checks import call, clone_running, raw_args, run_with_grads
 
 pytestmark = requires_cpp
 
 # (N, B, H): CLS + 4x4, 8x8 and 14x14 patch grids; small B and H where N is large.
 SHAPES = ((17, 2, 3), (65, 2, 2), (197, 1, 2))
-def call(fn, qkv, params, running, **kw):
-    return fn(*qkv, *params[:3], params[3:7], params[7:11], running[0], running[1], **kw)
-
-
-def clone_running(running):
-    return [t.clone() for t in running[0]], [t.clone() for t in running[1]]
-
-
-def run_with_grads(fn, qkv, params, running, dout, **kw):
-    out = call(fn, qkv, params, running, **kw)
-    grads = torch.autograd.grad(out, (*qkv, *params), dout)
-    return out, grads
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -136,25 +125,12 @@ def test_gradcheck(training, ksize, n):
     assert torch.autograd.gradcheck(fn, (*qkv, *params), eps=1e-6, atol=1e-6)
 
 
-def _raw_args(training, save_probs, dropout):
-    qkv, params, running = refiner_inputs(2, 2, 9, 4, 2, 3)
-    C, H = 4, 2
-    keep = torch.rand(2, 2, 9, 9) > 0.3 if dropout else None
-    return (*qkv, params[0].detach().reshape(C, H).requires_grad_(),
-            params[1].detach().reshape(C, 3, 3).requires_grad_(),
-            params[2].detach().reshape(H, C).requires_grad_(),
-            torch.cat(params[3:7]).detach().requires_grad_(),
-            torch.cat(params[7:11]).detach().requires_grad_(), torch.cat(running[0]),
-            torch.cat(running[1]), keep, [1e-5, 1e-5, 1e-3, 1e-5], 0.4,
-            1 / 0.7 if dropout else 1.0, training, save_probs, "none")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("training,save_probs,dropout",
                          [(True, False, False), (True, False, True), (False, True, False),
                           (False, False, False)])
 def test_opcheck(training, save_probs, dropout):
-    args = _raw_args(training, save_probs, dropout)
+    args = raw_args(training, save_probs, dropout)
     torch.library.opcheck(torch.ops.fastattnreg.refined_attention_fwd.default, args)
 
 
@@ -299,7 +275,7 @@ def test_triton_backend_on_cpu_tensors_without_the_interpreter_raises_a_clear_er
 def test_backward_uses_the_kept_y_and_checks_it():
     """The training forward keeps Y (B, H, N, N) for the backward; the backward gives bitwise the
     same gradients from it as when it recomputes Y (empty y), and names a y of the wrong shape."""
-    args = _raw_args(True, False, False)
+    args = raw_args(True, False, False)
     out, probs, y, mean, var, maps = torch.ops.fastattnreg.refined_attention_fwd(*args)
     assert y.shape == probs.shape and maps.shape == (0,)  # export "none": no maps
     dout = torch.randn_like(out)
@@ -312,16 +288,16 @@ def test_backward_uses_the_kept_y_and_checks_it():
     assert not torch.equal(shifted[6], kept[6])
     with pytest.raises(ValueError, match="y must have shape"):
         bwd(dout, *args[:8], probs, y[:, :, :-1], mean, var, *tail)
-    eval_args = _raw_args(False, True, False)
+    eval_args = raw_args(False, True, False)
     assert torch.ops.fastattnreg.refined_attention_fwd(*eval_args)[2].shape == (0,)
 
 
 def test_raw_op_checks_its_arguments():
-    args = list(_raw_args(True, False, False))
+    args = list(raw_args(True, False, False))
     args[4] = torch.randn(4, 4, 4, dtype=torch.float64)  # even kernel
     with pytest.raises(ValueError, match="kernel size K must be odd"):
         torch.ops.fastattnreg.refined_attention_fwd(*args)
-    args = list(_raw_args(True, False, False))
+    args = list(raw_args(True, False, False))
     args[6] = torch.randn(11, dtype=torch.float64)  # bn_weight of the wrong length
     with pytest.raises(ValueError, match="bn_weight must have shape"):
         torch.ops.fastattnreg.refined_attention_fwd(*args)

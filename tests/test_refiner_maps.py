@@ -8,7 +8,7 @@ from fastattnreg import refined_attention, refined_attention_ref
 from fastattnreg.ops.checks import REFINER_EXPORTS
 from conftest import max_err, requires_cpp
 from inputs import REFINER_PARAM_NAMES, refiner_inputs
-from test_refiner import _raw_args, call, clone_running
+from refiner_checks import raw_args, call, clone_running
 
 pytestmark = requires_cpp
 
@@ -119,7 +119,7 @@ def test_gradcheck_through_out_and_maps(training, export):
 
 
 def _raw_export_args(training, save_probs, export):
-    return (*_raw_args(training, save_probs, False)[:-1], export)
+    return (*raw_args(training, save_probs, False)[:-1], export)
 
 
 @pytest.mark.slow
@@ -200,7 +200,7 @@ def test_backward_gets_none_for_an_unused_output(used, monkeypatch):
 
 
 def test_no_export_allocates_no_maps():
-    out, *_, maps = torch.ops.fastattnreg.refined_attention_fwd(*_raw_args(True, False, False))
+    out, *_, maps = torch.ops.fastattnreg.refined_attention_fwd(*raw_args(True, False, False))
     assert maps.shape == (0,)
 
 

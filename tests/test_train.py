@@ -2,7 +2,6 @@
 uninterrupted run exactly, DDP on 2 CPU processes matches 1 process, the data sources load."""
 import json
 import os
-import pickle
 import subprocess
 import sys
 
@@ -18,41 +17,8 @@ from fastattnreg.train.dist import DistContext  # noqa: E402
 from fastattnreg.train.methods import parse_method  # noqa: E402
 from fastattnreg.train.trainer import train_run  # noqa: E402
 from conftest import ROOT, requires_cpp  # noqa: E402
-
-# A small ViT on 5% of digits (67 images: batches of 32, 32, 3): seconds per run.
-TINY = dict(train_fraction=0.05, epochs=1, batch_size=32, warmup_epochs=0,
-            model_overrides={"depth": 2, "embed_dim": 32, "num_heads": 2},
-            gta_source_epochs=1, cnn_epochs=1)
-TINY_ARGS = ["--train-fraction", "0.05", "--batch-size", "32", "--warmup-epochs", "0",
-             "--model-opt", "depth=2", "--model-opt", "embed_dim=32", "--model-opt",
-             "num_heads=2", "--no-progress"]
-
-
-def quiet(_line):
-    pass
-
-
-def run(tmp_path, name="run", **kw):
-    cfg = TrainConfig(**{**TINY, **kw})
-    return train_run(cfg, str(tmp_path / name), cache_dir=str(tmp_path / "cache"),
-                     progress=False, log=quiet)
-
-
-def cli(*args, env=None, cwd=None):
-    """`python -m fastattnreg ...` in a fresh process: (returncode, stdout, stderr)."""
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))
-    p = subprocess.run([sys.executable, "-m", "fastattnreg", *args], capture_output=True,
-                       text=True, env=full_env, cwd=cwd, timeout=300)
-    return p.returncode, p.stdout, p.stderr
-
-
-def history(metrics):
-    """Per-epoch numbers that must be reproducible (everything but wall time)."""
-    return [{k: v for k, v in h.items() if k != "epoch_time_s"} for h in metrics["epochs"]]
-
-
-def model_state(folder):
-    return torch.load(os.path.join(folder, "checkpoint.pt"), weights_only=True)["model"]
+from train_helpers import (TINY, TINY_ARGS, cli, fake_cifar, history, model_state,  # noqa: E402
+                           quiet, run)
 
 
 # ------------------------------------------------------------------------------ methods
@@ -233,19 +199,8 @@ def test_augment_is_reproducible_and_keeps_shapes():
                for i, f in enumerate(flipped))
 
 
-def _fake_cifar(root, per_batch=20):
-    rng = np.random.default_rng(0)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                 b"labels": [i % 10 for i in range(per_batch)]}
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f)
-
-
 def test_cifar10_folder_format_reads_locally(tmp_path):
-    _fake_cifar(tmp_path)
+    fake_cifar(tmp_path)
     d = load_data(f"cifar10:{tmp_path}", 0.5)
     assert d.x_train.shape == (50, 3, 32, 32) and d.x_test.shape == (20, 3, 32, 32)
     assert d.num_classes == 10 and d.full_train_size == 100

@@ -9,7 +9,7 @@ from fastattnreg.train.compare import SUMMARY_COLUMNS, format_table, summarise, 
 from fastattnreg.train.config import TrainConfig  # noqa: E402
 from fastattnreg.train.dist import DistContext  # noqa: E402
 from conftest import requires_cpp  # noqa: E402
-from test_train import TINY, quiet  # noqa: E402
+from train_helpers import TINY, quiet  # noqa: E402
 
 
 @pytest.mark.slow

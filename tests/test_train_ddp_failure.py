@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("sklearn")
 from conftest import ROOT, requires_cpp  # noqa: E402
-from test_train import TINY_ARGS  # noqa: E402
+from train_helpers import TINY_ARGS  # noqa: E402
 
 pytestmark = pytest.mark.slow  # every test here starts DDP process groups
 

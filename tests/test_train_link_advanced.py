@@ -15,7 +15,7 @@ from fastattnreg.train.dist import DistContext  # noqa: E402
 from fastattnreg.train.methods import MethodError, parse_method  # noqa: E402
 from fastattnreg.train.trainer import train_run  # noqa: E402
 from conftest import requires_cpp  # noqa: E402
-from test_train import TINY, TINY_ARGS, model_state, quiet, run  # noqa: E402
+from train_helpers import TINY, TINY_ARGS, model_state, quiet, run  # noqa: E402
 
 
 def _build(cfg, cache):

@@ -17,7 +17,7 @@ from fastattnreg.train.data import load_data, read_cifar_batch  # noqa: E402
 from fastattnreg.train.trainer import train_run  # noqa: E402
 from conftest import requires_cpp  # noqa: E402
 from test_cli import fails_cleanly  # noqa: E402
-from test_train import TINY, TINY_ARGS, _fake_cifar, history  # noqa: E402
+from train_helpers import TINY, TINY_ARGS, fake_cifar, history  # noqa: E402
 
 
 class MakesADirectory:
@@ -69,7 +69,7 @@ def test_gta_source_refuses_a_crafted_checkpoint(capsys, tmp_path):
 
 @pytest.mark.parametrize("protocol", [2, 5])
 def test_cifar_batch_with_code_is_refused(capsys, tmp_path, protocol):
-    _fake_cifar(tmp_path / "data")
+    fake_cifar(tmp_path / "data")
     marker = tmp_path / "ran"
     batch = tmp_path / "data" / "cifar-10-batches-py" / "data_batch_3"
     with open(batch, "wb") as f:
@@ -94,7 +94,7 @@ def test_cifar_unpickler_reads_numpy_arrays_of_every_pickle_flavour(tmp_path):
         assert np.array_equal(got[b"data"], data) and got[b"data"].dtype == np.uint8
         assert got[b"labels"] == [3, 7] and got[b"filenames"] == [b"a.png", b"b.png"]
         assert got[b"scale"] == 0.5
-    _fake_cifar(tmp_path, per_batch=10)
+    fake_cifar(tmp_path, per_batch=10)
     assert load_data(f"cifar10:{tmp_path}").x_train.shape == (50, 3, 32, 32)
 
 

@@ -18,7 +18,7 @@ from fastattnreg.train.dist import DistContext  # noqa: E402
 from fastattnreg.train.methods import parse_method  # noqa: E402
 from fastattnreg.train.workers import Task, check_workers, plan_tasks, run_tasks  # noqa: E402
 from conftest import requires_cpp  # noqa: E402
-from test_train import TINY, quiet  # noqa: E402
+from train_helpers import TINY, quiet  # noqa: E402
 
 
 def _configs(methods, seeds, **kw):

@@ -17,7 +17,7 @@ from conftest import TESTS, max_err
 from conftest import requires_cuda_triton as requires_cuda  # CUDA tests of the Triton kernels
 from interpreter_runner import interpreted_cases
 from inputs import REFINER_PARAM_NAMES, refiner_inputs
-from test_refiner import clone_running, run_with_grads
+from refiner_checks import clone_running, run_with_grads
 
 CASES = TESTS / "triton_refiner_cases.py"
 

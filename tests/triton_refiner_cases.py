@@ -20,7 +20,7 @@ from fastattnreg import refined_attention, refined_attention_ref
 from fastattnreg.ops.checks import REFINER_EXPORTS
 from conftest import FP32_TOL, cpp_schema, max_err
 from inputs import REFINER_PARAM_NAMES, refiner_inputs
-from test_refiner import call, clone_running, run_with_grads
+from refiner_checks import call, clone_running, run_with_grads
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" or not fastattnreg.triton_available(),
@@ -101,7 +101,7 @@ def test_interp_values_kernel_5_four_tiles_forward(training):
 def test_interp_values_eval_backward_without_saved_probs():
     """Raw backward op after an eval forward that kept no P (probs of shape (0,)): recomputed."""
     qkv, params, running = _float32(*refiner_inputs(1, 2, 17, 16, 1, 3, seed=5))
-    args = _raw_args(qkv, params, running)
+    args = raw_args(qkv, params, running)
     with torch.no_grad():
         _, probs, y, mean, var, _ = OPS.triton_refined_attention_fwd(*args, False, False, "none")
         _, probs_kept, _, _, _, _ = OPS.triton_refined_attention_fwd(*args, False, True, "none")
@@ -181,7 +181,7 @@ def test_interp_maps_full_eval_four_tiles_forward_and_errors():
                            ([t.double() for t in running[0]], [t.double() for t in running[1]]),
                            training=False, export=export)
             assert max_err(maps, want) <= FP32_TOL * max(1.0, want.abs().max().item()), export
-    args = _raw_args(qkv, params, running)
+    args = raw_args(qkv, params, running)
     with pytest.raises(ValueError, match="export must be one of .*got 'rows'"):
         OPS.triton_refined_attention_fwd(*args, False, True, "rows")
     with torch.no_grad():
@@ -212,7 +212,7 @@ def test_interp_reruns_bitwise_equal():
 # ------------------------------------------------------------------------------------ errors
 
 
-def _raw_args(qkv, params, running):
+def raw_args(qkv, params, running):
     """The raw forward op's arguments up to (excluding) training and save_probs."""
     H, C = qkv[0].shape[1], params[0].shape[0]
     K = params[1].shape[-1]
@@ -243,14 +243,14 @@ def _with(args, index, value):
 ])
 def test_interp_errors_raw_forward(index, value, match):
     qkv, params, running = _float32(*refiner_inputs(1, 2, 9, 16, 2, 3))
-    args = _with(_raw_args(qkv, params, running), index, value)
+    args = _with(raw_args(qkv, params, running), index, value)
     with pytest.raises(ValueError, match=match):
         OPS.triton_refined_attention_fwd(*args, True, False, "none")
 
 
 def test_interp_errors_qkv_and_backward():
     qkv, params, running = _float32(*refiner_inputs(1, 2, 9, 16, 2, 3))
-    args = _raw_args(qkv, params, running)
+    args = raw_args(qkv, params, running)
     with pytest.raises(ValueError, match="head dim D must be in"):
         OPS.triton_refined_attention_fwd(*(t[..., :8] for t in args[:3]), *args[3:], True, False,
                                          "none")
@@ -293,7 +293,7 @@ def test_interp_registration_schemas_equal_the_cpp_ops(name):
 def test_interp_registration_opcheck():
     # Kernel size 1: opcheck runs each op many times, and registration does not depend on K.
     qkv, params, running = _float32(*refiner_inputs(1, 2, 9, 16, 1, 1, seed=7))
-    args = _raw_args(qkv, params, running)
+    args = raw_args(qkv, params, running)
     args = (*[t.requires_grad_() for t in args[:8]], *args[8:])
     keep = torch.rand(1, 2, 9, 9) >= 0.3
     torch.library.opcheck(OPS.triton_refined_attention_fwd.default,
