@@ -8,23 +8,7 @@ import pytest
 pytest.importorskip("sklearn")
 from fastattnreg.train.cli import main  # noqa: E402
 from conftest import requires_cpp  # noqa: E402
-from train_helpers import TINY_ARGS, cli  # noqa: E402
-
-
-def fails_cleanly(capsys, tmp_path, argv, needle):
-    """main(argv) exits 2 with one stderr line containing needle, creating nothing."""
-    before = sorted(os.listdir(tmp_path))
-    rc = main(argv)
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert rc == 2, err
-    assert len(lines) == 1 and lines[0].startswith("fastattnreg: error: "), err
-    assert needle in lines[0], lines[0]
-    assert sorted(os.listdir(tmp_path)) == before  # no output folder, no cache, no temp file
-
-
-def out_args(tmp_path):
-    return ["--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+from train_helpers import TINY_ARGS, cli, fails_cleanly, out_args  # noqa: E402
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -21,8 +21,7 @@ from fastattnreg.train.compare import resume_plan  # noqa: E402
 from fastattnreg.train.config import TrainConfig  # noqa: E402
 from fastattnreg.train.trainer import train_run  # noqa: E402
 from conftest import ROOT, requires_cpp  # noqa: E402
-from test_cli import out_args  # noqa: E402
-from train_helpers import TINY, TINY_ARGS, cli, history, quiet  # noqa: E402
+from train_helpers import TINY, TINY_ARGS, cli, history, out_args, quiet  # noqa: E402
 
 # 30 short epochs (about 0.05 s each): a kill right after the first checkpoint lands mid-run
 KILL_ARGS = ["train", "--method", "baseline", "--epochs", "30", "--augment", "crop",

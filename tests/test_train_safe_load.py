@@ -16,8 +16,7 @@ from fastattnreg.train.config import TrainConfig  # noqa: E402
 from fastattnreg.train.data import load_data, read_cifar_batch  # noqa: E402
 from fastattnreg.train.trainer import train_run  # noqa: E402
 from conftest import requires_cpp  # noqa: E402
-from test_cli import fails_cleanly  # noqa: E402
-from train_helpers import TINY, TINY_ARGS, fake_cifar, history  # noqa: E402
+from train_helpers import TINY, TINY_ARGS, fails_cleanly, fake_cifar, history  # noqa: E402
 
 
 class MakesADirectory:

@@ -12,8 +12,7 @@ from fastattnreg.train import cli as cli_module  # noqa: E402
 from fastattnreg.train.cli import main  # noqa: E402
 from fastattnreg.train.config import TrainConfig  # noqa: E402
 from fastattnreg.train.validate import check_models  # noqa: E402
-from test_cli import fails_cleanly, out_args  # noqa: E402
-from train_helpers import TINY_ARGS  # noqa: E402
+from train_helpers import TINY_ARGS, fails_cleanly, out_args  # noqa: E402
 
 
 @pytest.mark.parametrize("flag, value, needle", [

@@ -1,6 +1,7 @@
 """Small trainer runs for the trainer's test files: a tiny configuration (TINY for TrainConfig,
-TINY_ARGS for the command line), one run in-process, the command line in a child process, and
-readers of what a run leaves behind."""
+TINY_ARGS for the command line), one run in-process, the command line in a child process or
+in-process (fails_cleanly: a bad command line's one-line error, nothing written), readers of what
+a run leaves behind, and a fake CIFAR-10 folder."""
 import os
 import pickle
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 pytest.importorskip("sklearn")  # the trainer's data (the training extra)
+from fastattnreg.train.cli import main  # noqa: E402
 from fastattnreg.train.config import TrainConfig  # noqa: E402
 from fastattnreg.train.trainer import train_run  # noqa: E402
 from conftest import ROOT  # noqa: E402
@@ -62,3 +64,20 @@ def fake_cifar(root, per_batch=20):
                  b"labels": [i % 10 for i in range(per_batch)]}
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
+
+
+def fails_cleanly(capsys, tmp_path, argv, needle):
+    """main(argv) exits 2 with one stderr line containing needle, creating nothing."""
+    before = sorted(os.listdir(tmp_path))
+    rc = main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 2, err
+    assert len(lines) == 1 and lines[0].startswith("fastattnreg: error: "), err
+    assert needle in lines[0], lines[0]
+    assert sorted(os.listdir(tmp_path)) == before  # no output folder, no cache, no temp file
+
+
+def out_args(tmp_path):
+    """--out and --cache-dir inside tmp_path."""
+    return ["--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
