@@ -13,6 +13,8 @@ Providers, all at (B, H, N, D) with q, k, v requiring grad and random upstream g
   *_drop                 the same with attention dropout p = 0.1 (fastattnreg, triton, sdpa)
   fastattnreg_float32    fastattnreg in float32 whatever --dtype: the baseline of a bf16 run
                          (asked for by name, with --providers)                                CPU
+  fastattnreg_amx        fastattnreg with FASTATTNREG_SIMD=amx: the AMX kernels where the CPU
+                         has AMX tiles (asked for by name; "fastattnreg" runs them too there)  CPU
   fastattnreg_avx512_bf16  fastattnreg with FASTATTNREG_SIMD=avx512_bf16: the bf16-operand
                          kernels where the CPU has them (asked for by name)                   CPU
 By default only the providers for --device run; one asked for on the wrong device is skipped
@@ -47,6 +49,11 @@ TARGETS = (
     ("fastattnreg_keypad", "sdpa_keypad", "median_ms", 0.8),
     ("fastattnreg_drop", "fastattnreg", "median_ms", 1.3),
     ("fastattnreg_drop", "sdpa_drop", "median_ms", 0.8),
+)
+# Added on bfloat16 runs: the CPU's bf16 kernels against our float32 ones and SDPA's bf16.
+BF16_TARGETS = (
+    ("fastattnreg", "fastattnreg_float32", "median_ms", 0.4),
+    ("fastattnreg", "sdpa", "median_ms", 0.25),
 )
 DROPOUT_P = 0.1
 
@@ -103,18 +110,25 @@ def make_fastattnreg_float32(shape, dtype, device):
     return make_fastattnreg(shape, torch.float32, device)
 
 
-def make_fastattnreg_avx512_bf16(shape, dtype, device):
-    case = make_fastattnreg(shape, dtype, device)
+def _fastattnreg_with_simd(simd: str):
+    """A provider factory: fastattnreg with FASTATTNREG_SIMD=simd around every call."""
+    def make(shape, dtype, device):
+        case = make_fastattnreg(shape, dtype, device)
 
-    def forward():
-        with harness.env_setting("FASTATTNREG_SIMD", "avx512_bf16"):
-            return case.forward()
+        def forward():
+            with harness.env_setting("FASTATTNREG_SIMD", simd):
+                return case.forward()
 
-    def backward(outputs):
-        with harness.env_setting("FASTATTNREG_SIMD", "avx512_bf16"):
-            return case.backward(outputs)
+        def backward(outputs):
+            with harness.env_setting("FASTATTNREG_SIMD", simd):
+                return case.backward(outputs)
 
-    return harness.Case(forward, backward)
+        return harness.Case(forward, backward)
+    return make
+
+
+make_fastattnreg_amx = _fastattnreg_with_simd("amx")
+make_fastattnreg_avx512_bf16 = _fastattnreg_with_simd("avx512_bf16")
 
 
 def make_fastattnreg_head_mean(shape, dtype, device):
@@ -209,11 +223,12 @@ PROVIDERS = {p.name: p for p in (
     Provider("triton_drop", make_triton_drop),
     Provider("sdpa_drop", make_sdpa_drop),
     Provider("fastattnreg_float32", make_fastattnreg_float32),
+    Provider("fastattnreg_amx", make_fastattnreg_amx),
     Provider("fastattnreg_avx512_bf16", make_fastattnreg_avx512_bf16),
 )}
 CPU_ONLY = ("fastattnreg", "fastattnreg_head_mean", "fastattnreg_keypad", "fastattnreg_drop")
 CUDA_ONLY = ("triton", "triton_head_mean", "flash_attn", "triton_keypad", "triton_drop")
-ASKED_FOR_BY_NAME = ("fastattnreg_float32", "fastattnreg_avx512_bf16")
+ASKED_FOR_BY_NAME = ("fastattnreg_float32", "fastattnreg_amx", "fastattnreg_avx512_bf16")
 # The forward's FLOPs are 4*B*H*N^2*D (two GEMMs); the backward's 2.5x (five GEMMs, one of them
 # recomputing S): the convention of FlashAttention's and Triton's benchmarks.
 FLOPS_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
@@ -229,9 +244,10 @@ def default_providers(device: torch.device) -> list[str]:
     return [n for n in PROVIDERS if n not in CUDA_ONLY + ASKED_FOR_BY_NAME]
 
 
-def print_targets(shape: Shape, results: Sequence[Result]) -> None:
+def print_targets(shape: Shape, results: Sequence[Result], dtype: torch.dtype) -> None:
     """One line with the project's fwd+bwd targets: measured ratio and whether it holds."""
-    parts = harness.target_parts(TARGETS, results)
+    targets = TARGETS + (BF16_TARGETS if dtype == torch.bfloat16 else ())
+    parts = harness.target_parts(targets, results)
     print(f"targets {harness.format_shape(shape)} fwd+bwd: " + "; ".join(parts), flush=True)
 
 
@@ -255,9 +271,12 @@ def print_tflops(shape: Shape, results: Sequence[Result]) -> None:
         print("  " + name.ljust(width) + cells, flush=True)
 
 
-def after_shape(shape: Shape, results: Sequence[Result]) -> None:
-    print_tflops(shape, results)
-    print_targets(shape, results)
+def after_shape(dtype: torch.dtype):
+    """The lines printed under each shape's table: TFLOP/s, then the targets for `dtype`."""
+    def after(shape: Shape, results: Sequence[Result]) -> None:
+        print_tflops(shape, results)
+        print_targets(shape, results, dtype)
+    return after
 
 
 def _check_shape(shape: Shape) -> Shape:
@@ -290,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     providers = [PROVIDERS[name] for name in opts.pop("provider_names")]
     return harness.run_benchmark(OP, providers, shapes, registry="benchmarks.bench_attention",
                                  warmup_shape=harness.attention_warmup_shape,
-                                 after_shape=after_shape, **opts)
+                                 after_shape=after_shape(opts["dtype"]), **opts)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,11 @@ PyObject* kept_scratch_entries(PyObject*, PyObject*) {
 
 PyObject* bf16_kernels(PyObject*, PyObject*) {
   try {
-    const auto k = fastattnreg::cpu::bf16_kernels();
-    return PyUnicode_FromString(k == fastattnreg::cpu::Bf16Kernels::Avx512Bf16 ? "avx512_bf16"
-                                                                              : "float32");
+    using fastattnreg::cpu::Bf16Kernels;
+    const Bf16Kernels k = fastattnreg::cpu::bf16_kernels();
+    return PyUnicode_FromString(k == Bf16Kernels::Amx          ? "amx"
+                                : k == Bf16Kernels::Avx512Bf16 ? "avx512_bf16"
+                                                               : "float32");
   } catch (const c10::Error& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
     return nullptr;
@@ -43,7 +45,7 @@ PyMethodDef methods[] = {
     {"_kept_scratch_entries", kept_scratch_entries, METH_NOARGS,
      "Scratch values the CPU kernels keep between calls, over every cache."},
     {"_bf16_kernels", bf16_kernels, METH_NOARGS,
-     "'avx512_bf16' or 'float32': the kernels a bf16 attention call runs now."},
+     "'amx', 'avx512_bf16' or 'float32': the kernels a bf16 attention call runs now."},
     {"_vector_isa", vector_isa, METH_NOARGS,
      "'avx512', 'avx2' or 'default': the instruction set the kernels' vector code targets."},
     {nullptr, nullptr, 0, nullptr}};

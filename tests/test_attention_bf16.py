@@ -1,5 +1,5 @@
-"""attention() in bfloat16 on the C++ backend, for each kernel FASTATTNREG_SIMD selects: the
-AVX512-BF16 kernels (bf16 operands, float accumulation) and the float kernels. Every export, the
+"""attention() in bfloat16 on the C++ backend, for each kernel FASTATTNREG_SIMD selects: the AMX
+kernels and the AVX512-BF16 kernels (bf16 operands, float accumulation) and the float kernels. Every export, the
 LSE, bool and float masks (with the mask's gradient) and dropout keep the low-precision rule:
 error against float64 at most twice that of PyTorch's own attention run in bf16."""
 import pytest
@@ -16,37 +16,61 @@ pytestmark = requires_cpp
 # Odd N and odd D take the zero-padded bf16 pairs; N = 300 gives a head two query blocks (a
 # block holds up to 80K / N rows), over which dK and dV accumulate.
 SHAPES = ((1, 1, 1, 16), (2, 3, 17, 33), (3, 2, 65, 64), (1, 2, 197, 80), (1, 1, 300, 64))
-KERNELS = ("avx512_bf16", "avx512")  # FASTATTNREG_SIMD values: bf16 operands, float kernels
+# FASTATTNREG_SIMD values: AMX tiles, bf16 operand pairs, float kernels.
+KERNELS = ("amx", "avx512_bf16", "avx512")
 
 
-def _cpu_has_avx512_bf16() -> bool:
+def _cpu_flags() -> set:
     with open("/proc/cpuinfo") as f:
-        return "avx512_bf16" in f.read().split()
+        return set(f.read().split())
+
+
+def _built_for_avx512_bf16() -> bool:
+    # setup.py compiles the bf16 kernels where the building CPU has AVX512-BF16 and
+    # FASTATTNREG_SIMD did not cap the build; the extension's vector ISA says whether it did.
+    return native._vector_isa() == "avx512" and "avx512_bf16" in _cpu_flags()
+
+
+def _runs(kernel: str) -> str:
+    """What a bf16 call runs with FASTATTNREG_SIMD=kernel on this machine and build."""
+    if not _built_for_avx512_bf16():
+        return "float32"
+    if kernel in ("amx", "auto") and torch.backends.mkldnn.enabled and \
+            {"amx_tile", "amx_bf16"} <= _cpu_flags():
+        return "amx"
+    return "avx512_bf16" if kernel == "avx512_bf16" else "float32"
 
 
 @pytest.fixture(params=KERNELS)
 def kernels(request, monkeypatch):
     """Selects the kernels for the test and checks that the selection took."""
     monkeypatch.setenv("FASTATTNREG_SIMD", request.param)
-    runs_bf16 = request.param == "avx512_bf16" and _cpu_has_avx512_bf16()
-    assert native._bf16_kernels() == ("avx512_bf16" if runs_bf16 else "float32")
+    assert native._bf16_kernels() == _runs(request.param)
     return request.param
 
 
 def test_fastattnreg_simd_selects_the_kernels(monkeypatch):
     monkeypatch.delenv("FASTATTNREG_SIMD", raising=False)
-    assert native._bf16_kernels() == "float32"  # "auto": the faster on every CPU measured
-    for value in ("auto", "avx512", "avx2", "default"):
+    assert native._bf16_kernels() == _runs("auto")  # AMX where the CPU has it, else float32
+    for value in ("auto", "amx", "avx512_bf16", "avx512", "avx2", "default"):
         monkeypatch.setenv("FASTATTNREG_SIMD", value)
-        assert native._bf16_kernels() == "float32"
-    monkeypatch.setenv("FASTATTNREG_SIMD", "avx512_bf16")
-    assert native._bf16_kernels() == ("avx512_bf16" if _cpu_has_avx512_bf16() else "float32")
+        assert native._bf16_kernels() == _runs(value), value
+
+
+def test_mkldnn_disabled_rules_out_amx(monkeypatch):
+    """oneDNN runs the AMX products; with torch's oneDNN switched off the float kernels run."""
+    monkeypatch.setenv("FASTATTNREG_SIMD", "amx")
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    assert native._bf16_kernels() == "float32"
+    q = torch.randn(1, 2, 9, 8, dtype=torch.bfloat16)
+    want = attention_ref(q.double(), q.double(), q.double())
+    assert max_err(attention(q, q, q, backend="cpp"), want) < 0.05
 
 
 def test_unknown_fastattnreg_simd_is_refused(monkeypatch):
-    monkeypatch.setenv("FASTATTNREG_SIMD", "amx")
+    monkeypatch.setenv("FASTATTNREG_SIMD", "amx2")
     q = torch.randn(1, 1, 4, 8, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="FASTATTNREG_SIMD must be one of .* got 'amx'"):
+    with pytest.raises(RuntimeError, match="FASTATTNREG_SIMD must be one of .* got 'amx2'"):
         attention(q, q, q, backend="cpp")
 
 

@@ -13,6 +13,7 @@
 // dQ, dK and dV are float until stored. Teachers (attention_match) take the float kernels.
 #pragma once
 
+#include "attention_amx.h"
 #include "attention_kernels.h"
 #include "bf16_pack.h"
 #include "simd_level.h"
@@ -60,13 +61,7 @@ struct Bf16ForwardWorker {
     bf16::transposed_column_pairs(k, N, D, Kt, ldk, pad);
     const uint32_t* Q = bf16::row_pairs(t.q + blk.bh * hd + blk.i0 * D, m, D, pad);
     gemm_panels<Bf16PairDot, false>(m, N, dp, c.scale, Q, dp, Kt, ldk, ws.S, N, false);
-    const MaskView<BFloat16>& mask = c.extras.mask;
-    if (mask.on())
-      for (int64_t i = 0; i < m; ++i) mask.apply_row(ws.S + i * N, N, blk.b, blk.h, blk.i0 + i);
-    const TeacherRowPlan no_teacher{0, false, false};
-    forward_softmax(c, blk, no_teacher, t.lse, ws);
-    forward_export(c, blk, t.maps, ws);
-    forward_dropout(c, blk, ws);
+    forward_rows(c, blk, t.lse, t.maps, ws);
     // O = diag(1/sum) E V with E rounded to bf16.
     bf16::column_pairs(t.v + blk.bh * hd, N, D, D, Vp, D);
     bf16::row_pairs(ws.S, m, N, N, Pp);
@@ -131,24 +126,10 @@ struct Bf16BackwardWorker {
     // P holds the scaled, masked logits, dP = dO V^T; each row pass then makes P and dS.
     gemm_panels<Bf16PairDot, false>(m, N, dp, c.scale, bf16::row_pairs(q, m, D, pad), dp, Kt,
                                     ldk, ws.P, N, false);
-    const MaskView<BFloat16>& mask = c.extras.mask;
-    if (mask.on())
-      for (int64_t i = 0; i < m; ++i) mask.apply_row(ws.P + i * N, N, blk.b, blk.h, i0 + i);
-    BackwardBlock<float> ops{nullptr, nullptr, nullptr, nullptr};
-    if (dout) {
+    if (dout)
       gemm_panels<Bf16PairDot, false>(m, N, dp, 1.0f, bf16::row_pairs(dout, m, D, pad2), dp, Vt,
                                       ldk, ws.dP, N, false);
-      // dO and O in float for the row sums delta_i = dO_i . O_i.
-      convert_row(ws.dO, dout, m * D);
-      convert_row(ws.O, t.out + blk.bh * hd + i0 * D, m * D);
-      ops.dO = ws.dO;
-      ops.O = ws.O;
-    } else {
-      std::fill(ws.dP, ws.dP + m * N, 0.0f);
-    }
-    const DropoutStream& drop = c.extras.dropout;
-    if (drop.on) drop.keep_bits(uint64_t(blk.row0(N) * N), m * N, ws.keep);
-    for (int64_t i = 0; i < m; ++i) backward_row(c, t, blk, ops, i, 0, false, ws);
+    backward_rows(c, t, blk, ws);
     if (dout) {  // dV += P^T dO
       bf16::column_pairs(ws.P, m, N, N, Xc, N);
       bf16::column_pairs(dout, m, D, D, Yc, D);
@@ -170,8 +151,8 @@ struct Bf16BackwardWorker {
 
 namespace fastattnreg::cpu::kernels {
 
-// Runs the bf16 kernels when the inputs are bf16 and simd_level.h allows them; returns whether
-// they ran (else the caller runs the float kernels).
+// Runs the bf16 kernels simd_level.h selects (AMX or AVX512-BF16) when the inputs are bf16 and
+// no teacher is attached; returns whether they ran (else the caller runs the float kernels).
 template <typename scalar_t, typename acc_t>
 bool forward_bf16(const ForwardTensors<scalar_t, acc_t>& t,
                   const AttentionCall<scalar_t, acc_t>& c) {
@@ -179,6 +160,10 @@ bool forward_bf16(const ForwardTensors<scalar_t, acc_t>& t,
     // Read on every build, so an unknown FASTATTNREG_SIMD is refused everywhere.
     [[maybe_unused]] const Bf16Kernels kernels = bf16_kernels();
 #ifdef FASTATTNREG_AVX512_BF16
+    if (c.teacher == nullptr && kernels == Bf16Kernels::Amx) {
+      run_forward_tasks<AmxForwardWorker>(t, c);
+      return true;
+    }
     if (c.teacher == nullptr && kernels == Bf16Kernels::Avx512Bf16) {
       run_forward_tasks<Bf16ForwardWorker>(t, c);
       return true;
@@ -195,6 +180,10 @@ bool backward_bf16(const BackwardTensors<scalar_t, acc_t>& t,
     // Read on every build, so an unknown FASTATTNREG_SIMD is refused everywhere.
     [[maybe_unused]] const Bf16Kernels kernels = bf16_kernels();
 #ifdef FASTATTNREG_AVX512_BF16
+    if (c.teacher == nullptr && kernels == Bf16Kernels::Amx) {
+      run_backward_tasks<AmxBackwardWorker>(t, c);
+      return true;
+    }
     if (c.teacher == nullptr && kernels == Bf16Kernels::Avx512Bf16) {
       run_backward_tasks<Bf16BackwardWorker>(t, c);
       return true;

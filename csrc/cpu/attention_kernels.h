@@ -362,7 +362,8 @@ struct ForwardTaskSplit {
 template <typename acc_t>
 struct ForwardScratch {
   at::Tensor s_buf, mean_buf, cvt_buf, bits_buf, t_buf;
-  acc_t* S;        // (bq x N) the block's scores, then its unnormalised exp rows
+  int64_t ld;      // row stride of S: N, or more where a kernel pads its products' outputs
+  acc_t* S;        // (bq x ld) the block's scores, then its unnormalised exp rows
   acc_t* inv_sum;  // (bq) 1 / row sum of exp
   acc_t* M;        // head_mean: (bq x N) the sum of P over heads; key_mean: (N) column sums
   acc_t* K;        // the head's key operand (key_operand_elems)
@@ -376,15 +377,17 @@ struct ForwardScratch {
   acc_t* SL;       // teacher: a copy of the student's logits (bq x N)
 
   template <typename scalar_t>
-  ForwardScratch(const AttentionCall<scalar_t, acc_t>& c, const ForwardTaskSplit& split) {
+  ForwardScratch(const AttentionCall<scalar_t, acc_t>& c, const ForwardTaskSplit& split,
+                 int64_t ld_scores = 0) {
     const int64_t N = c.d.N, D = c.d.D, bq = c.block_rows();
-    s_buf = scratch<acc_t>(bq * N + bq);
+    ld = ld_scores > 0 ? ld_scores : N;
+    s_buf = scratch<acc_t>(bq * ld + bq);
     mean_buf = scratch<acc_t>(split.all_heads ? bq * N : split.whole_heads ? N : 0);
     const int64_t kel = key_operand_elems(N, D);
     cvt_buf = scratch<acc_t>(kel + N * D + 2 * bq * D);
     bits_buf = at::empty({c.extras.dropout.on ? keep_bits_words(bq * N) : 1}, at::kLong);
     S = s_buf.data_ptr<acc_t>();
-    inv_sum = S + bq * N;
+    inv_sum = S + bq * ld;
     M = mean_buf.data_ptr<acc_t>();
     K = cvt_buf.data_ptr<acc_t>();
     V = K + kel;
@@ -430,6 +433,7 @@ void forward_scores(const AttentionCall<scalar_t, acc_t>& c, const QueryBlock& b
   const int64_t N = c.d.N;
   const MaskView<scalar_t>& mask = c.extras.mask;
   acc_t* S = ws.S;
+  TORCH_INTERNAL_ASSERT(ws.ld == N, "the float kernels' score tiles have row stride N");
   score_gemm(blk.m, c.scale, Q, K, S);
   if (mask.on())
     for (int64_t i = 0; i < blk.m; ++i) mask.apply_row(S + i * N, N, blk.b, blk.h, blk.i0 + i);
@@ -460,7 +464,7 @@ void forward_softmax(const AttentionCall<scalar_t, acc_t>& c, const QueryBlock& 
     const Teacher<scalar_t, acc_t>& t = *c.teacher;
     const int64_t ri = t.row_index(blk.bh, N, blk.i0) + r;
     acc_t mx, sum;
-    const acc_t cross = kl_softmax_row(S + r * N, ws.St + r * N, N, &mx, &sum, &t.lse[ri]);
+    const acc_t cross = kl_softmax_row(S + r * ws.ld, ws.St + r * N, N, &mx, &sum, &t.lse[ri]);
     const acc_t row_lse = mx + std::log(sum);
     lse[row0 + r] = row_lse;
     // A fully masked row (sum 0): P's row is 0 and the row's loss 0.
@@ -469,7 +473,7 @@ void forward_softmax(const AttentionCall<scalar_t, acc_t>& c, const QueryBlock& 
   }
   for (int64_t i = kl_rows; i < blk.m; ++i) {
     acc_t mx;
-    const acc_t sum = exp_row(S + i * N, N, &mx);
+    const acc_t sum = exp_row(S + i * ws.ld, N, &mx);
     // A fully masked row (max -inf) has sum 0: lse -inf, and P, out and maps rows 0.
     lse[row0 + i] = mx + std::log(sum);
     ws.inv_sum[i] = sum > acc_t(0) ? acc_t(1) / sum : acc_t(0);
@@ -511,7 +515,7 @@ void forward_export(const AttentionCall<scalar_t, acc_t>& c, const QueryBlock& b
   switch (c.kind) {
     case ExportKind::Full:
       for (int64_t i = 0; i < m; ++i)
-        scale_row(maps + (blk.row0(N) + i) * N, S + i * N, N, inv_sum[i]);
+        scale_row(maps + (blk.row0(N) + i) * N, S + i * ws.ld, N, inv_sum[i]);
       break;
     case ExportKind::Cls:
       if (blk.i0 == 0) scale_row(maps + blk.bh * N, S, N, inv_sum[0]);
@@ -520,15 +524,15 @@ void forward_export(const AttentionCall<scalar_t, acc_t>& c, const QueryBlock& b
       // Sum of P over heads in head order; divided by H once the task's heads are done.
       for (int64_t i = 0; i < m; ++i) {
         if (blk.h == 0) {
-          scale_row(ws.M + i * N, S + i * N, N, inv_sum[i]);
+          scale_row(ws.M + i * N, S + i * ws.ld, N, inv_sum[i]);
         } else {
-          axpy_row(ws.M + i * N, S + i * N, N, inv_sum[i]);
+          axpy_row(ws.M + i * N, S + i * ws.ld, N, inv_sum[i]);
         }
       }
       break;
     case ExportKind::KeyMean:
       // Column sums of P over the head's query rows, in row order; divided by N at the end.
-      for (int64_t i = 0; i < m; ++i) axpy_row(ws.M, S + i * N, N, inv_sum[i]);
+      for (int64_t i = 0; i < m; ++i) axpy_row(ws.M, S + i * ws.ld, N, inv_sum[i]);
       break;
     default: break;
   }
@@ -544,7 +548,7 @@ void forward_dropout(const AttentionCall<scalar_t, acc_t>& c, const QueryBlock& 
   const uint64_t e0 = uint64_t(blk.row0(N) * N);
   drop.keep_bits(e0, blk.m * N, ws.keep);
   for (int64_t i = 0; i < blk.m; ++i)
-    drop.apply(ws.S + i * N, N, ws.keep, int64_t(e0 & 3) + i * N);
+    drop.apply(ws.S + i * ws.ld, N, ws.keep, int64_t(e0 & 3) + i * N);
 }
 
 // O = diag(1/sum) E V (m x D): normalising the D-wide output, not the N-wide row.
@@ -552,8 +556,24 @@ template <typename scalar_t, typename acc_t>
 void forward_attend(const AttentionCall<scalar_t, acc_t>& c, const QueryBlock& blk,
                     const acc_t* V, acc_t* O, ForwardScratch<acc_t>& ws) {
   const int64_t N = c.d.N, D = c.d.D, m = blk.m;
-  score_gemm_nn<acc_t>(m, D, N, acc_t(1), ws.S, N, V, D, O, D);
+  score_gemm_nn<acc_t>(m, D, N, acc_t(1), ws.S, ws.ld, V, D, O, D);
   for (int64_t i = 0; i < m; ++i) scale_row(O + i * D, O + i * D, D, ws.inv_sum[i]);
+}
+
+// The row passes of a block without a teacher, on the scaled scores in ws.S: the mask, the
+// softmax (lse, 1 / row sum), the maps, dropout. The bf16 kernels' forward runs these between
+// their two products.
+template <typename scalar_t, typename acc_t>
+void forward_rows(const AttentionCall<scalar_t, acc_t>& c, const QueryBlock& blk, acc_t* lse,
+                  scalar_t* maps, ForwardScratch<acc_t>& ws) {
+  const MaskView<scalar_t>& mask = c.extras.mask;
+  if (mask.on())
+    for (int64_t i = 0; i < blk.m; ++i)
+      mask.apply_row(ws.S + i * ws.ld, c.d.N, blk.b, blk.h, blk.i0 + i);
+  const TeacherRowPlan no_teacher{0, false, false};
+  forward_softmax(c, blk, no_teacher, lse, ws);
+  forward_export(c, blk, maps, ws);
+  forward_dropout(c, blk, ws);
 }
 
 // Forward of one query block of one head: scores, softmax, the teacher's losses, maps, output.
@@ -626,8 +646,9 @@ void forward_impl(const ForwardTensors<scalar_t, acc_t>& t,
 template <typename acc_t>
 struct BackwardScratch {
   at::Tensor s_buf, cvt_buf, t_buf, bits_buf;
-  acc_t* P;      // (bq x N) the block's logits, then P, then P after dropout
-  acc_t* dP;     // (bq x N) dO V^T, then dS
+  int64_t ld;    // row stride of P and dP: N, or more where a kernel pads its products' outputs
+  acc_t* P;      // (bq x ld) the block's logits, then P, then P after dropout
+  acc_t* dP;     // (bq x ld) dO V^T, then dS
   acc_t* g_row;  // (N) one row of the map gradient in acc_t
   acc_t* K;      // the head's key operand of K, then of V (key_operand_elems each)
   acc_t* V;
@@ -646,15 +667,16 @@ struct BackwardScratch {
   uint64_t* keep;  // dropout: the keep bits of one query block, regenerated
 
   template <typename scalar_t>
-  explicit BackwardScratch(const AttentionCall<scalar_t, acc_t>& c) {
+  explicit BackwardScratch(const AttentionCall<scalar_t, acc_t>& c, int64_t ld_scores = 0) {
     constexpr bool kConvert = !std::is_same_v<acc_t, scalar_t>;
     const int64_t N = c.d.N, D = c.d.D, hd = N * D, bq = c.block_rows();
-    s_buf = scratch<acc_t>(2 * bq * N + N);
+    ld = ld_scores > 0 ? ld_scores : N;
+    s_buf = scratch<acc_t>(2 * bq * ld + N);
     const int64_t kel = key_operand_elems(N, D);
     cvt_buf = scratch<acc_t>(2 * kel + (kConvert ? 3 * hd + 4 * bq * D : 0));
     P = s_buf.data_ptr<acc_t>();
-    dP = P + bq * N;
-    g_row = dP + bq * N;
+    dP = P + bq * ld;
+    g_row = dP + bq * ld;
     K = cvt_buf.data_ptr<acc_t>();
     V = K + kel;
     K_rows = V + kel;
@@ -770,8 +792,8 @@ void backward_row(const AttentionCall<scalar_t, acc_t>& c,
   const DropoutStream& drop = c.extras.dropout;
   const Teacher<scalar_t, acc_t>* teacher = c.teacher;
   const acc_t scale = c.scale;
-  acc_t* Pi = ws.P + i * N;
-  acc_t* dPi = ws.dP + i * N;
+  acc_t* Pi = ws.P + i * ws.ld;
+  acc_t* dPi = ws.dP + i * ws.ld;
   scalar_t* dmask_row = c.extras.dmask ? c.extras.dmask + row * N : nullptr;
   if (t.lse[row] == -std::numeric_limits<acc_t>::infinity()) {
     // Every key masked: P's row is 0, so the row adds nothing to any gradient.
@@ -833,6 +855,7 @@ void backward_block(const AttentionCall<scalar_t, acc_t>& c,
       t.dout ? tile_as_acc(t.out + bh * hd + i0 * D, m * D, ws.O) : nullptr,
       out_tile(t.dq + bh * hd + i0 * D, ws.dQ)};
   // P holds the scaled, masked logits, dP = dO V^T; each row pass then makes P and dS.
+  TORCH_INTERNAL_ASSERT(ws.ld == N, "the float kernels' score tiles have row stride N");
   score_gemm(m, c.scale, ops.Q, head.K_op, ws.P);
   const MaskView<scalar_t>& mask = c.extras.mask;
   if (mask.on())
@@ -855,6 +878,33 @@ void backward_block(const AttentionCall<scalar_t, acc_t>& c,
   score_gemm_nn<acc_t>(m, D, N, acc_t(1), ws.dP, N, head.K, D, ops.dQ, D);
   score_gemm_tn<acc_t>(N, D, m, acc_t(1), ws.dP, N, ops.Q, D, accumulate, head.dK, D);
   store_tile(t.dq + bh * hd + i0 * D, ops.dQ, m * D);
+}
+
+// The row passes of a block without a teacher, once ws.P holds the scaled logits and ws.dP holds
+// dO V^T (where dout is given): the mask on P, dO and O widened for delta_i = dO_i . O_i,
+// dropout's keep bits, then each row's softmax backward (P and dS in place). The bf16 kernels'
+// backward runs these between their score products and their gradient products.
+template <typename scalar_t, typename acc_t>
+void backward_rows(const AttentionCall<scalar_t, acc_t>& c,
+                   const BackwardTensors<scalar_t, acc_t>& t, const QueryBlock& blk,
+                   BackwardScratch<acc_t>& ws) {
+  const int64_t N = c.d.N, D = c.d.D, m = blk.m, off = blk.bh * N * D + blk.i0 * D;
+  const MaskView<scalar_t>& mask = c.extras.mask;
+  if (mask.on())
+    for (int64_t i = 0; i < m; ++i)
+      mask.apply_row(ws.P + i * ws.ld, N, blk.b, blk.h, blk.i0 + i);
+  BackwardBlock<acc_t> ops{nullptr, nullptr, nullptr, nullptr};
+  if (t.dout) {
+    convert_row(ws.dO, t.dout + off, m * D);
+    convert_row(ws.O, t.out + off, m * D);
+    ops.dO = ws.dO;
+    ops.O = ws.O;
+  } else {
+    std::fill(ws.dP, ws.dP + m * ws.ld, acc_t(0));
+  }
+  const DropoutStream& drop = c.extras.dropout;
+  if (drop.on) drop.keep_bits(uint64_t(blk.row0(N) * N), m * N, ws.keep);
+  for (int64_t i = 0; i < m; ++i) backward_row(c, t, blk, ops, i, 0, false, ws);
 }
 
 // The float kernels' backward worker: one head at a time, its key operands made once, then its

@@ -59,12 +59,15 @@ void column_pairs(const Src* src, int64_t k, int64_t n, int64_t ld_src, uint32_t
 }
 
 // The rows (length k) of a float tile as row pairs: each row rounded to bf16 and zero-padded to
-// ceil(k / 2) words.
-inline void row_pairs(const float* src, int64_t m, int64_t k, int64_t ld_src, uint32_t* dst) {
+// ld words (ld >= ceil(k / 2); by default ceil(k / 2)).
+inline void row_pairs(const float* src, int64_t m, int64_t k, int64_t ld_src, uint32_t* dst,
+                      int64_t ld = 0) {
   const int64_t kp = pairs(k);
+  if (ld == 0) ld = kp;
   for (int64_t r = 0; r < m; ++r) {
     const float* row = src + r * ld_src;
-    BFloat16* out = reinterpret_cast<BFloat16*>(dst + r * kp);
+    if (ld > kp) std::fill(dst + r * ld + kp, dst + (r + 1) * ld, 0u);
+    BFloat16* out = reinterpret_cast<BFloat16*>(dst + r * ld);
     for (int64_t j = 0; j < k; j += 16) {
       const int64_t c = std::min<int64_t>(16, k - j);
       const __mmask16 m16 = c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << c) - 1u);
@@ -83,6 +86,38 @@ inline const uint32_t* row_pairs(const BFloat16* src, int64_t m, int64_t k, uint
   for (int64_t r = 0; r < m; ++r) {
     buf[r * kp + kp - 1] = 0;
     std::memcpy(buf + r * kp, src + r * k, sizeof(BFloat16) * k);
+  }
+  return buf;
+}
+
+// bf16 rows (m x k, contiguous) as row pairs of ld >= ceil(k / 2) words: the rows themselves
+// when 2 ld == k, else a copy with each row zero-padded into buf (m x ld words).
+inline const uint32_t* row_pairs(const BFloat16* src, int64_t m, int64_t k, int64_t ld,
+                                 uint32_t* buf) {
+  if (2 * ld == k) return reinterpret_cast<const uint32_t*>(src);
+  for (int64_t r = 0; r < m; ++r) {
+    std::fill(buf + r * ld, buf + (r + 1) * ld, 0u);
+    std::memcpy(buf + r * ld, src + r * k, sizeof(BFloat16) * k);
+  }
+  return buf;
+}
+
+// bf16 rows (m x k, contiguous) times `scale`, rounded back to bf16, as row pairs of ld words
+// in buf (each row zero-padded). For a power-of-two scale only the exponent changes, so the
+// copy is exact for every element above bf16's normal range's low end times 1 / scale.
+inline const uint32_t* scaled_row_pairs(const BFloat16* src, int64_t m, int64_t k, int64_t ld,
+                                        float scale, uint32_t* buf) {
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int64_t r = 0; r < m; ++r) {
+    BFloat16* out = reinterpret_cast<BFloat16*>(buf + r * ld);
+    std::fill(buf + r * ld + k / 2, buf + (r + 1) * ld, 0u);
+    for (int64_t j = 0; j < k; j += 16) {
+      const int64_t c = std::min<int64_t>(16, k - j);
+      const __mmask16 m16 = c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << c) - 1u);
+      const __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m16, src + r * k + j)), 16));
+      _mm256_mask_storeu_epi16(out + j, m16, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(x, vs)));
+    }
   }
   return buf;
 }

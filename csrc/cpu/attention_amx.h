@@ -1,0 +1,263 @@
+// The attention kernels for bf16 inputs on AMX tiles: every product goes to oneDNN's batch-reduce
+// GEMM micro-kernel through ATen (at::native::cpublas::brgemm), which multiplies bf16 operands on
+// the tile unit and accumulates in float. The softmax, the LSE, the maps, dropout and the softmax
+// backward run in float on the same row passes as the float kernels (attention_kernels.h), so
+// masks, dropout and every export behave the same. brgemm takes A (M x K) as bf16 rows and B
+// (K x N) as column pairs (bf16_pack.h, oneDNN's VNNI layout) and writes the score tiles in
+// place, with a row stride of N padded to 16 (the scratch's ld). It has no alpha: a power-of-two
+// scale (D = 16, 64, 256) is folded exactly into Q's bf16 rows, any other scales S in place:
+//   forward   S = scale Q K^T      A: Q's rows            B: K^T as column pairs (per head)
+//             O = P V              A: P rounded to bf16   B: V as column pairs (per head)
+//   backward  S, dP = dO V^T       like S
+//             dV^T += dO^T P       A: dO^T rows (D x m)   B: P as column pairs over query rows
+//             dQ = dS K            A: dS rounded to bf16  B: K as column pairs (per head)
+//             dK^T += Q^T dS       A: Q^T rows (D x m)    B: dS as column pairs over query rows
+// dK and dV accumulate transposed (D x N, float) over the head's query blocks, so only the small
+// m x D operands are transposed; each head's sums are transposed once when stored. Every
+// product's N side is padded to a multiple of 16 columns and its inner side to a multiple of 32
+// with zeros, which oneDNN's kernels run at their full rate; with a tail in both M and N they
+// run at a tenth of it (23 against 444 GFLOP/s on a 197 x 197 x 64 product, one thread, on the
+// Xeon this was written on), and an inner side of 198 runs at half the rate of 224 (64 x 208
+// outputs). P and dS are rounded to bf16 once
+// per block, as PyTorch's own bf16 attention rounds them. Teachers (attention_match) take the
+// float kernels.
+#pragma once
+
+#include <ATen/native/CPUBlas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "attention_kernels.h"
+#include "bf16_pack.h"
+#include "simd_level.h"
+
+#ifdef FASTATTNREG_AVX512_BF16
+namespace fastattnreg::cpu::kernels {
+
+namespace amx {
+
+using c10::BFloat16;
+
+inline int64_t pad16(int64_t n) { return (n + 15) / 16 * 16; }
+// Words per row of an operand with inner length k: its bf16 pairs, padded to 16 (32 bf16, the
+// depth of one AMX tile).
+inline int64_t kwords(int64_t k) { return pad16(bf16::pairs(k)); }
+
+// Room for bf16 operands in 32-bit words (two bf16 each), zeroed: the padded columns and pairs
+// of every operand are never written, so they stay 0.
+inline at::Tensor zeroed_words(int64_t words) {
+  return at::zeros({std::max<int64_t>(words, 1)}, at::kInt);
+}
+inline uint32_t* words_of(at::Tensor& t) {
+  return reinterpret_cast<uint32_t*>(t.data_ptr<int32_t>());
+}
+inline const BFloat16* as_bf16(const uint32_t* w) { return reinterpret_cast<const BFloat16*>(w); }
+
+// C (m x n, ldc) = A B, or += where accumulate: A is m x 2 kp bf16 (kp words per row), B is kp x
+// ldb words of column pairs, n and ldb multiples of 16, kp of 16.
+inline void product(int64_t m, int64_t n, int64_t kp, const uint32_t* A, const uint32_t* B,
+                    int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  at::native::cpublas::brgemm(m, n, 2 * kp, 2 * kp, ldb, ldc, accumulate, as_bf16(A), as_bf16(B),
+                              C, /*is_vnni=*/true);
+}
+
+// Whether the softmax scale folds exactly into Q's bf16 rows: a power of two changes only their
+// exponents.
+inline bool scale_folds(float scale) {
+  int e = 0;
+  return std::isfinite(scale) && scale > 0.0f && std::frexp(scale, &e) == 0.5f;
+}
+
+// The A operand of S = scale Q K^T: Q's rows (m x D) padded to kwords(D) words, scaled where the
+// scale folds.
+inline const uint32_t* query_rows(const BFloat16* q, int64_t m, int64_t D, float scale,
+                                  uint32_t* buf) {
+  return scale_folds(scale) ? bf16::scaled_row_pairs(q, m, D, kwords(D), scale, buf)
+                            : bf16::row_pairs(q, m, D, kwords(D), buf);
+}
+
+// The scale, where it did not fold into Q: S (m x n, ld) *= scale in place.
+inline void scale_scores(float* S, int64_t m, int64_t n, int64_t ld, float scale) {
+  if (scale_folds(scale)) return;
+  for (int64_t i = 0; i < m; ++i) scale_row(S + i * ld, S + i * ld, n, scale);
+}
+
+// The first n of every ld_src columns of src (m rows), stored as bf16 rows of length n.
+inline void store_rows(BFloat16* dst, const float* src, int64_t m, int64_t n, int64_t ld_src) {
+  if (n == ld_src) return convert_row(dst, src, m * n);
+  for (int64_t i = 0; i < m; ++i) convert_row(dst + i * n, src + i * ld_src, n);
+}
+
+// dst (n x m, ld ld_dst) = src^T for src (m x n, ld ld_src), in 16 x 16 tiles.
+inline void transpose(const float* src, int64_t m, int64_t n, int64_t ld_src, float* dst,
+                      int64_t ld_dst) {
+  for (int64_t r0 = 0; r0 < m; r0 += 16)
+    for (int64_t c0 = 0; c0 < n; c0 += 16)
+      at::vec::transpose_mxn<float>(src + r0 * ld_src + c0, ld_src, dst + c0 * ld_dst + r0, ld_dst,
+                                    static_cast<int>(std::min<int64_t>(16, m - r0)),
+                                    static_cast<int>(std::min<int64_t>(16, n - c0)));
+}
+
+// The A operand X^T (n x kwords(m) words) of a product over X's rows, for X (m x n) bf16 rows:
+// ATen's 32 x 32 transpose of 16-bit lanes, each row zero-padded past m.
+inline void transposed_rows(const BFloat16* x, int64_t m, int64_t n, uint32_t* dst) {
+  const int64_t ld = 2 * kwords(m);  // bf16 per row of dst
+  BFloat16* out = reinterpret_cast<BFloat16*>(dst);
+  for (int64_t r = 0; r < n; ++r)
+    std::memset(static_cast<void*>(out + r * ld + m), 0, sizeof(BFloat16) * (ld - m));
+  for (int64_t r0 = 0; r0 < m; r0 += 32)
+    for (int64_t c0 = 0; c0 < n; c0 += 32)
+      at::vec::transpose_mxn<BFloat16>(x + r0 * n + c0, n, out + c0 * ld + r0, ld,
+                                       static_cast<int>(std::min<int64_t>(32, m - r0)),
+                                       static_cast<int>(std::min<int64_t>(32, n - c0)));
+}
+
+// X (m x n, ld ld_src) as column pairs over its rows (kwords(m) x ld words): the pair rows past
+// ceil(m / 2) zeroed, since a longer block may have written them.
+inline void pairs_over_rows(const float* x, int64_t m, int64_t n, int64_t ld_src, uint32_t* dst,
+                            int64_t ld) {
+  bf16::column_pairs(x, m, n, ld_src, dst, ld);
+  std::fill(dst + bf16::pairs(m) * ld, dst + kwords(m) * ld, 0u);
+}
+
+}  // namespace amx
+
+// Forward: the float row buffers of the float kernels, plus the head's K^T and V and the block's
+// P as bf16 word operands, and the padded float results of the two products.
+struct AmxForwardWorker {
+  using Call = AttentionCall<c10::BFloat16, float>;
+  ForwardScratch<float> ws;
+  at::Tensor buf, out_buf;
+  int64_t n16, d16;  // N and D padded to multiples of 16
+  uint32_t* Kt;      // (kwords(D) x n16) K^T as column pairs
+  uint32_t* Vp;      // (kwords(N) x d16) V as column pairs
+  uint32_t* Pp;      // (bq x kwords(N)) P rounded to bf16 rows
+  uint32_t* pad;     // (max(N, bq) x kwords(D)) rows of Q (or of K, for odd D), padded
+  float* C;          // (bq x d16) E V
+
+  AmxForwardWorker(const Call& c, const ForwardTaskSplit& split)
+      : ws(c, split, amx::pad16(c.d.N)) {
+    const int64_t N = c.d.N, D = c.d.D, bq = c.block_rows();
+    const int64_t dk = amx::kwords(D), nk = amx::kwords(N);
+    n16 = amx::pad16(N);
+    d16 = amx::pad16(D);
+    buf = amx::zeroed_words(dk * n16 + nk * d16 + bq * nk + std::max(N, bq) * dk);
+    Kt = amx::words_of(buf);
+    Vp = Kt + dk * n16;
+    Pp = Vp + nk * d16;
+    pad = Pp + bq * nk;
+    out_buf = scratch<float>(bq * d16);
+    C = out_buf.data_ptr<float>();
+  }
+  // The thread's tile configuration is released when its tasks are done.
+  ~AmxForwardWorker() { at::native::cpublas::brgemm_release(); }
+
+  void block(const Call& c, const ForwardTensors<c10::BFloat16, float>& t, const QueryBlock& blk) {
+    const int64_t N = c.d.N, D = c.d.D, hd = N * D, m = blk.m;
+    const int64_t dk = amx::kwords(D), nk = amx::kwords(N);
+    bf16::transposed_column_pairs(t.k + blk.bh * hd, N, D, Kt, n16, pad);
+    const uint32_t* Q = amx::query_rows(t.q + blk.bh * hd + blk.i0 * D, m, D, c.scale, pad);
+    amx::product(m, n16, dk, Q, Kt, n16, ws.S, n16, false);
+    amx::scale_scores(ws.S, m, N, n16, c.scale);
+    forward_rows(c, blk, t.lse, t.maps, ws);
+    // O = diag(1/sum) E V with E rounded to bf16.
+    bf16::column_pairs(t.v + blk.bh * hd, N, D, D, Vp, d16);
+    bf16::row_pairs(ws.S, m, N, n16, Pp, nk);
+    amx::product(m, d16, nk, Pp, Vp, d16, C, d16, false);
+    for (int64_t i = 0; i < m; ++i) scale_row(C + i * d16, C + i * d16, D, ws.inv_sum[i]);
+    amx::store_rows(t.out + blk.bh * hd + blk.i0 * D, C, m, D, d16);
+  }
+};
+
+// Backward: the float row buffers of the float kernels, plus the head's K^T, V^T and K and the
+// block's operands as bf16 words; dK^T and dV^T accumulate in float over the head's blocks.
+struct AmxBackwardWorker {
+  using Call = AttentionCall<c10::BFloat16, float>;
+  const Call& c;
+  BackwardScratch<float> ws;
+  at::Tensor buf, out_buf;
+  int64_t n16, d16;
+  uint32_t* Kt;   // (kwords(D) x n16) K^T as column pairs
+  uint32_t* Vt;   // (kwords(D) x n16) V^T as column pairs
+  uint32_t* Kp;   // (kwords(N) x d16) K as column pairs
+  uint32_t* Xr;   // (bq x kwords(N)) dS rounded to bf16 rows
+  uint32_t* Xc;   // (kwords(bq) x n16) P, then dS, as column pairs over the query rows
+  uint32_t* Yt;   // (D x kwords(bq)) dO^T, then Q^T, as bf16 rows
+  uint32_t* pad;  // (max(N, bq) x kwords(D)) rows of Q (or of K, V for odd D), padded
+  uint32_t* pad2;
+  float* C;       // (bq x d16) the block's dQ
+  float* dKt;     // (D x n16) the head's dK^T, summed over its blocks
+  float* dVt;     // (D x n16) the head's dV^T
+
+  explicit AmxBackwardWorker(const Call& call) : c(call), ws(call, amx::pad16(call.d.N)) {
+    const int64_t N = c.d.N, D = c.d.D, bq = c.block_rows();
+    const int64_t dk = amx::kwords(D), nk = amx::kwords(N), bk = amx::kwords(bq);
+    const int64_t rows = std::max(N, bq);
+    n16 = amx::pad16(N);
+    d16 = amx::pad16(D);
+    buf = amx::zeroed_words(2 * dk * n16 + nk * d16 + bq * nk + bk * n16 + D * bk +
+                            2 * rows * dk);
+    Kt = amx::words_of(buf);
+    Vt = Kt + dk * n16;
+    Kp = Vt + dk * n16;
+    Xr = Kp + nk * d16;
+    Xc = Xr + bq * nk;
+    Yt = Xc + bk * n16;
+    pad = Yt + D * bk;
+    pad2 = pad + rows * dk;
+    out_buf = scratch<float>(bq * d16 + 2 * D * n16);
+    C = out_buf.data_ptr<float>();
+    dKt = C + bq * d16;
+    dVt = dKt + D * n16;
+  }
+  ~AmxBackwardWorker() { at::native::cpublas::brgemm_release(); }
+
+  void head(const BackwardTensors<c10::BFloat16, float>& t, int64_t bh) {
+    const int64_t H = c.d.H, N = c.d.N, D = c.d.D, hd = N * D, bq = c.block_rows();
+    bf16::transposed_column_pairs(t.k + bh * hd, N, D, Kt, n16, pad);
+    bf16::transposed_column_pairs(t.v + bh * hd, N, D, Vt, n16, pad);
+    bf16::column_pairs(t.k + bh * hd, N, D, D, Kp, d16);
+    for (int64_t i0 = 0; i0 < N; i0 += bq)
+      block(t, QueryBlock{bh / H, bh % H, bh, i0, std::min(bq, N - i0)});
+    amx::transpose(dKt, D, N, n16, ws.dK, D);
+    convert_row(t.dk + bh * hd, ws.dK, hd);
+    if (t.dout) {
+      amx::transpose(dVt, D, N, n16, ws.dV, D);
+      convert_row(t.dv + bh * hd, ws.dV, hd);
+    } else {
+      std::fill(t.dv + bh * hd, t.dv + (bh + 1) * hd, c10::BFloat16(0.0f));
+    }
+  }
+
+  void block(const BackwardTensors<c10::BFloat16, float>& t, const QueryBlock& blk) {
+    const int64_t N = c.d.N, D = c.d.D, hd = N * D, m = blk.m, i0 = blk.i0;
+    const int64_t dk = amx::kwords(D), nk = amx::kwords(N), mk = amx::kwords(m);
+    const bool accumulate = i0 > 0;  // the first block of a head overwrites dK^T, dV^T
+    const c10::BFloat16* q = t.q + blk.bh * hd + i0 * D;
+    const c10::BFloat16* dout = t.dout ? t.dout + blk.bh * hd + i0 * D : nullptr;
+    // P holds the scaled, masked logits, dP = dO V^T; each row pass then makes P and dS.
+    amx::product(m, n16, dk, amx::query_rows(q, m, D, c.scale, pad), Kt, n16, ws.P, n16, false);
+    amx::scale_scores(ws.P, m, N, n16, c.scale);
+    if (dout)
+      amx::product(m, n16, dk, bf16::row_pairs(dout, m, D, dk, pad2), Vt, n16, ws.dP, n16, false);
+    backward_rows(c, t, blk, ws);
+    if (dout) {  // dV^T += dO^T P
+      amx::transposed_rows(dout, m, D, Yt);
+      amx::pairs_over_rows(ws.P, m, N, n16, Xc, n16);
+      amx::product(D, n16, mk, Yt, Xc, n16, dVt, n16, accumulate);
+    }
+    // dQ = dS K
+    bf16::row_pairs(ws.dP, m, N, n16, Xr, nk);
+    amx::product(m, d16, nk, Xr, Kp, d16, C, d16, false);
+    amx::store_rows(t.dq + blk.bh * hd + i0 * D, C, m, D, d16);
+    // dK^T += Q^T dS
+    amx::pairs_over_rows(ws.dP, m, N, n16, Xc, n16);
+    amx::transposed_rows(q, m, D, Yt);
+    amx::product(D, n16, mk, Yt, Xc, n16, dKt, n16, accumulate);
+  }
+};
+
+}  // namespace fastattnreg::cpu::kernels
+#endif  // FASTATTNREG_AVX512_BF16
