@@ -20,6 +20,12 @@ subprocess as FASTATTNREG_BENCH_VIT=<preset> (set around each run, restored afte
 `op` column is "vit_step_<preset>" and `shape` is the batch size. Under each table: the
 cpp/timm and cpp/reference ratios of time and memory.
 
+--precision bf16 runs every provider's forward and loss under torch.autocast in bfloat16, as
+`train --precision bf16` does (weights, gradients and AdamW stay float32; --dtype stays
+float32): the matmuls run in bf16, and so does the cpp provider's attention (on AMX tiles
+where the CPU has them), timm's SDPA and the reference's eager attention. It reaches the memory
+subprocess as FASTATTNREG_BENCH_PRECISION; the CSV `op` gets the suffix "_autocast_bf16".
+
 Run from the repo root: `python -m benchmarks.bench_vit_step`.
 """
 from __future__ import annotations
@@ -35,8 +41,11 @@ import torch.nn.functional as F
 from benchmarks import harness
 from benchmarks.harness import Case, Provider, Result, Shape
 from fastattnreg.models import PRESETS, VisionTransformer, preset_config
+from fastattnreg.train.trainer import autocast_for
 
 ENV_VAR = "FASTATTNREG_BENCH_VIT"
+PRECISION_VAR = "FASTATTNREG_BENCH_PRECISION"
+PRECISIONS = ("fp32", "bf16")
 DEFAULT_PRESETS = "vit_tiny_patch2_8:32,vit_tiny_patch4_32:8,vit_tiny_patch16_224:4"
 DEFAULT_CSV = harness.REPO_ROOT / "benchmarks" / "results" / "vit_step.csv"
 DEFAULT_MODES = "fwd,fwd+bwd"
@@ -48,6 +57,13 @@ def current_preset() -> str:
     if name not in PRESETS:
         raise ValueError(f"{ENV_VAR} must name a preset {sorted(PRESETS)}; got {name!r}")
     return name
+
+
+def current_precision() -> str:
+    value = os.environ.get(PRECISION_VAR, "fp32")
+    if value not in PRECISIONS:
+        raise ValueError(f"{PRECISION_VAR} must be one of {PRECISIONS}; got {value!r}")
+    return value
 
 
 def timm_model(config):
@@ -95,16 +111,18 @@ _PREPARED: dict = {}  # provider -> ((config, dtype, device), model, optimizer)
 
 
 def step_case(model: torch.nn.Module, opt: torch.optim.Optimizer, config, batch: int,
-              dtype: torch.dtype, device: torch.device) -> Case:
-    """forward -> loss; backward(loss) -> backward + AdamW step + in-place zero_grad."""
+              dtype: torch.dtype, device: torch.device, precision: str = "fp32") -> Case:
+    """forward -> loss (under autocast for precision "bf16"); backward(loss) -> backward +
+    AdamW step + in-place zero_grad."""
     images = torch.randn(batch, config.in_chans, config.img_size, config.img_size,
                          dtype=dtype, device=device)
     labels = torch.randint(max(config.num_classes, 1), (batch,), device=device)
 
     def forward():
-        if not torch.is_grad_enabled():  # mode "fwd": inference only
-            return model(images)
-        return F.cross_entropy(model(images), labels)
+        with autocast_for(precision, device):
+            if not torch.is_grad_enabled():  # mode "fwd": inference only
+                return model(images)
+            return F.cross_entropy(model(images), labels)
 
     def backward(loss):
         loss.backward()
@@ -119,7 +137,7 @@ def _make(kind: str):
         (batch,) = shape
         config = preset_config(current_preset())
         model, opt = prepared_model(kind, config, dtype, device)
-        return step_case(model, opt, config, batch, dtype, device)
+        return step_case(model, opt, config, batch, dtype, device, current_precision())
 
     return make
 
@@ -168,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                             default_csv=DEFAULT_CSV)
     parser.add_argument("--presets", default=DEFAULT_PRESETS,
                         help=f"comma-separated preset:batch pairs (default {DEFAULT_PRESETS})")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="bf16: forward and loss under torch.autocast in bfloat16")
     parser.set_defaults(modes=DEFAULT_MODES, repeats=7, warmup=2)
     args = parser.parse_args(argv)
     if args.shapes:
@@ -179,12 +199,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parser.error(str(exc))
     opts.pop("shapes")
     providers = [PROVIDERS[name] for name in opts.pop("provider_names")]
+    if args.precision == "bf16" and opts["dtype"] != torch.float32:
+        parser.error("--precision bf16 autocasts float32 models; leave --dtype at float32")
+    suffix = "_autocast_bf16" if args.precision == "bf16" else ""
     results = {}
     for name, batch in presets:
-        with harness.env_setting(ENV_VAR, name):
+        with harness.env_setting(ENV_VAR, name), \
+                harness.env_setting(PRECISION_VAR, args.precision):
             results[name] = harness.run_benchmark(
-                f"vit_step_{name}", providers, [(batch,)], registry="benchmarks.bench_vit_step",
-                warmup_shape=lambda shape: (1,), after_shape=print_ratios, **opts)
+                f"vit_step_{name}{suffix}", providers, [(batch,)],
+                registry="benchmarks.bench_vit_step", warmup_shape=lambda shape: (1,),
+                after_shape=print_ratios, **opts)
     return results
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, requires_cpp
+from conftest import ROOT, OpDtypes, requires_cpp
 
 # `benchmarks` is a repo-root folder, not an installed package: make it importable under a bare
 # `pytest` too (python -m pytest already puts the current directory first).
@@ -156,6 +156,30 @@ def test_bench_vit_step_writes_csv_and_ratios(tmp_path, capsys, monkeypatch):
         assert_timed(r, "2", r["provider"] == "cpp" and r["mode"] == "fwd+bwd")
     with pytest.raises(SystemExit):
         bench_vit_step.main(["--presets", "vit_huge:2", "--csv", str(csv_path)])
+
+
+def test_bench_vit_step_autocast_bf16_runs_the_attention_in_bf16(tmp_path, capsys):
+    """--precision bf16: the CSV's op names the precision and the variable is restored after
+    the run; the step's forward runs under autocast, so the fused op sees bf16 q, k, v."""
+    csv_path = tmp_path / "v.csv"
+    bench_vit_step.main(["--presets", "vit_tiny_patch2_8:2", "--repeats", "1", "--warmup", "1",
+                         "--providers", "cpp,timm", "--modes", "fwd+bwd", "--no-memory",
+                         "--precision", "bf16", "--csv", str(csv_path)])
+    assert "ratios vit_tiny_patch2_8 batch 2 fwd+bwd: cpp/timm" in capsys.readouterr().out
+    assert bench_vit_step.PRECISION_VAR not in os.environ
+    assert {r["op"] for r in read_rows(csv_path)} == {"vit_step_vit_tiny_patch2_8_autocast_bf16"}
+    with pytest.raises(SystemExit):
+        bench_vit_step.main(["--presets", "vit_tiny_patch2_8:2", "--precision", "bf16",
+                             "--dtype", "bfloat16", "--csv", str(csv_path)])
+
+    config = bench_vit_step.preset_config("vit_tiny_patch2_8")
+    cpu = torch.device("cpu")
+    model, opt = bench_vit_step.prepared_model("cpp", config, torch.float32, cpu)
+    case = bench_vit_step.step_case(model, opt, config, 2, torch.float32, cpu, "bf16")
+    with OpDtypes() as spy:
+        case.backward(case.forward())
+    assert spy.dtypes("attention_fwd", 0) == {torch.bfloat16}
+    assert spy.dtypes("attention_bwd", 1) == {torch.bfloat16}
 
 
 def test_bench_init_writes_csv(tmp_path, capsys):
