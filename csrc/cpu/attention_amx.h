@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "attention_kernels.h"
 #include "bf16_pack.h"
@@ -122,6 +123,32 @@ inline void pairs_over_rows(const float* x, int64_t m, int64_t n, int64_t ld_src
   std::fill(dst + bf16::pairs(m) * ld, dst + kwords(m) * ld, 0u);
 }
 
+// The softmax of one score row (length n) straight into P's bf16 row (ld words, zero-padded):
+// exp(s - max s), unnormalised, as exp_row computes it, rounded to bf16 without storing the
+// float row. Returns the row sum (0 for a fully masked row, whose P row is 0) and sets *row_max.
+FASTATTNREG_ROW_PASS
+inline float exp_row_to_pairs(const float* s, int64_t n, uint32_t* p, int64_t ld,
+                              float* row_max) {
+  using V = at::vec::Vectorized<float>;
+  const float mx = max_row(s, n);
+  *row_max = mx;
+  std::fill(p + n / 2, p + ld, 0u);
+  BFloat16* out = reinterpret_cast<BFloat16*>(p);
+  if (mx == -std::numeric_limits<float>::infinity()) {
+    std::fill(p, p + bf16::pairs(n), 0u);
+    return 0.0f;
+  }
+  const V vm(mx);
+  V vsum(0.0f);
+  for_each_vec<float>(n, [&](int64_t j, int64_t c) {
+    const V e = V::set(V(0.0f), vexp(V::loadu(s + j, c) - vm), c);
+    vsum = vsum + e;
+    const __mmask16 k = c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << c) - 1u);
+    _mm256_mask_storeu_epi16(out + j, k, (__m256i)_mm512_cvtneps_pbh(__m512(e)));
+  });
+  return hsum(vsum);
+}
+
 }  // namespace amx
 
 // Forward: the float row buffers of the float kernels, plus the head's K^T and V and the block's
@@ -161,13 +188,33 @@ struct AmxForwardWorker {
     const uint32_t* Q = amx::query_rows(t.q + blk.bh * hd + blk.i0 * D, m, D, c.scale, pad);
     amx::product(m, n16, dk, Q, Kt, n16, ws.S, n16, false);
     amx::scale_scores(ws.S, m, N, n16, c.scale);
-    forward_rows(c, blk, t.lse, t.maps, ws);
+    if (c.kind == ExportKind::None && !c.extras.dropout.on) {
+      // Nothing reads the float exp rows: the softmax writes E as bf16 rows directly.
+      softmax_to_pairs(c, blk, t.lse);
+    } else {
+      forward_rows(c, blk, t.lse, t.maps, ws);
+      bf16::row_pairs(ws.S, m, N, n16, Pp, nk);
+    }
     // O = diag(1/sum) E V with E rounded to bf16.
     bf16::column_pairs(t.v + blk.bh * hd, N, D, D, Vp, d16);
-    bf16::row_pairs(ws.S, m, N, n16, Pp, nk);
     amx::product(m, d16, nk, Pp, Vp, d16, C, d16, false);
     for (int64_t i = 0; i < m; ++i) scale_row(C + i * d16, C + i * d16, D, ws.inv_sum[i]);
     amx::store_rows(t.out + blk.bh * hd + blk.i0 * D, C, m, D, d16);
+  }
+
+  // The mask and the softmax of the block's rows, without exports or dropout: the LSE and
+  // 1 / row sum as forward_softmax gives them, E rounded into Pp.
+  void softmax_to_pairs(const Call& c, const QueryBlock& blk, float* lse) {
+    const int64_t N = c.d.N, nk = amx::kwords(N), row0 = blk.row0(N);
+    const MaskView<c10::BFloat16>& mask = c.extras.mask;
+    for (int64_t i = 0; i < blk.m; ++i) {
+      float* row = ws.S + i * n16;
+      if (mask.on()) mask.apply_row(row, N, blk.b, blk.h, blk.i0 + i);
+      float mx;
+      const float sum = amx::exp_row_to_pairs(row, N, Pp + i * nk, nk, &mx);
+      lse[row0 + i] = mx + std::log(sum);
+      ws.inv_sum[i] = sum > 0.0f ? 1.0f / sum : 0.0f;
+    }
   }
 };
 
