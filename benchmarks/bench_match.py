@@ -4,6 +4,8 @@ Providers, at (B, H, N, D) with q, k, v requiring grad, a teacher's q, k of the 
 grad) and random upstream gradients for out plus 1 for the loss:
   fastattnreg  attention_match(..., backend="cpp"): the fused op, O(B*H*N) extra memory   CPU
   triton       attention_match(..., backend="triton"): the fused Triton kernels           CUDA
+  fastattnreg_float32  the fused op in float32 whatever --dtype: the baseline of a bf16 run
+               (asked for by name, with --providers)                                     CPU
   naive        eager: the student's logits and softmax maps (B, H, N, N) materialised, the
                teacher's under torch.no_grad, the loss in torch (KL via log_softmax, or the
                squared error of the scaled logits), mean over batch, heads and rows
@@ -42,6 +44,8 @@ TARGETS = (
     ("fastattnreg", "naive", "median_ms", 0.5),
     ("fastattnreg", "naive", "peak_extra_mb", 0.25),
 )
+# Added on bfloat16 runs: the CPU's bf16 kernels against our float32 ones.
+BF16_TARGETS = (("fastattnreg", "fastattnreg_float32", "median_ms", 0.4),)
 
 
 def current_setting() -> tuple[str, str]:
@@ -101,6 +105,10 @@ def _make_fused(backend: str):
     return make
 
 
+def make_fastattnreg_float32(shape, dtype, device):
+    return _make_fused("cpp")(shape, torch.float32, device)
+
+
 def make_naive(shape, dtype, device):
     kind, rows = current_setting()
     (q, k, v), (tq, tk), grads = _inputs(shape, dtype, device)
@@ -112,17 +120,23 @@ PROVIDERS = {p.name: p for p in (
     Provider("fastattnreg", _make_fused("cpp")),
     Provider("triton", _make_fused("triton")),
     Provider("naive", make_naive),
+    Provider("fastattnreg_float32", make_fastattnreg_float32),
 )}
 # The providers each device runs by default.
 DEVICE_PROVIDERS = {"cpu": "fastattnreg,naive", "cuda": "triton,naive"}
 
 
-def print_targets(shape: Shape, results: Sequence[Result]) -> None:
-    """The fwd+bwd targets with the measured ratios; reported, never asserted."""
-    kind, rows = current_setting()
-    parts = harness.target_parts(TARGETS, results)
-    print(f"targets {kind} rows={rows} {harness.format_shape(shape)} fwd+bwd: " + "; ".join(parts),
-          flush=True)
+def print_targets(dtype: torch.dtype):
+    """The lines under each shape's table: the fwd+bwd targets for `dtype` with the measured
+    ratios; reported, never asserted."""
+    targets = TARGETS + (BF16_TARGETS if dtype == torch.bfloat16 else ())
+
+    def after(shape: Shape, results: Sequence[Result]) -> None:
+        kind, rows = current_setting()
+        parts = harness.target_parts(targets, results)
+        print(f"targets {kind} rows={rows} {harness.format_shape(shape)} fwd+bwd: "
+              + "; ".join(parts), flush=True)
+    return after
 
 
 def _check_shape(shape: Shape) -> Shape:
@@ -158,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         with harness.env_setting(ENV_VAR, f"{kind},{args.rows}"):
             results[kind] = harness.run_benchmark(
                 op, providers, shapes, registry="benchmarks.bench_match",
-                warmup_shape=harness.attention_warmup_shape, after_shape=print_targets, **opts)
+                warmup_shape=harness.attention_warmup_shape,
+                after_shape=print_targets(opts["dtype"]), **opts)
     return results
 
 

@@ -125,6 +125,42 @@ class OpDtypes(TorchDispatchMode):
         return {args[index] for name, args in self.calls if name == op}
 
 
+# FASTATTNREG_SIMD values the bf16 tests run under: AMX tiles, bf16 operand pairs, float kernels.
+BF16_KERNELS = ("amx", "avx512_bf16", "avx512")
+
+
+def _cpu_flags() -> set:
+    with open("/proc/cpuinfo") as f:
+        return set(f.read().split())
+
+
+def bf16_kernels_run(simd: str) -> str:
+    """What a bf16 call runs with FASTATTNREG_SIMD=simd on this machine and build: "amx",
+    "avx512_bf16" or "float32". setup.py compiles the bf16 kernels where the building CPU has
+    AVX512-BF16 and FASTATTNREG_SIMD did not cap the build; AMX also needs the CPU's tiles and
+    torch's oneDNN switched on."""
+    import fastattnreg._C as native
+
+    flags = _cpu_flags()
+    if native._vector_isa() != "avx512" or "avx512_bf16" not in flags:
+        return "float32"
+    if simd in ("amx", "auto") and torch.backends.mkldnn.enabled and \
+            {"amx_tile", "amx_bf16"} <= flags:
+        return "amx"
+    return "avx512_bf16" if simd == "avx512_bf16" else "float32"
+
+
+@pytest.fixture(params=BF16_KERNELS)
+def bf16_kernels(request, monkeypatch):
+    """Selects the bf16 kernels for the test (FASTATTNREG_SIMD) and checks that the selection
+    took; the value is the FASTATTNREG_SIMD setting."""
+    import fastattnreg._C as native
+
+    monkeypatch.setenv("FASTATTNREG_SIMD", request.param)
+    assert native._bf16_kernels() == bf16_kernels_run(request.param)
+    return request.param
+
+
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest absolute difference, computed in float64."""
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0

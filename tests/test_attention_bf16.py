@@ -1,7 +1,8 @@
-"""attention() in bfloat16 on the C++ backend, for each kernel FASTATTNREG_SIMD selects: the AMX
-kernels and the AVX512-BF16 kernels (bf16 operands, float accumulation) and the float kernels. Every export, the
-LSE, bool and float masks (with the mask's gradient) and dropout keep the low-precision rule:
-error against float64 at most twice that of PyTorch's own attention run in bf16."""
+"""attention() in bfloat16 on the C++ backend, for each kernel FASTATTNREG_SIMD selects
+(conftest.BF16_KERNELS): AMX tiles, AVX512-BF16 operand pairs and the float kernels. Every
+export, the LSE, bool and float masks (with the mask's gradient) and dropout keep the
+low-precision rule: error against float64 at most twice that of PyTorch's own attention run in
+bf16."""
 import pytest
 import torch
 
@@ -9,52 +10,22 @@ import fastattnreg._C as native
 from fastattnreg import attention, attention_ref
 from fastattnreg.ops.checks import ATTENTION_EXPORTS
 from fastattnreg.ops.dropout import dropout_keep_mask
-from conftest import max_err, requires_cpp
+from conftest import bf16_kernels_run, max_err, requires_cpp
 
 pytestmark = requires_cpp
 
 # Odd N and odd D take the zero-padded bf16 pairs; N = 300 gives a head two query blocks (a
 # block holds up to 80K / N rows), over which dK and dV accumulate.
 SHAPES = ((1, 1, 1, 16), (2, 3, 17, 33), (3, 2, 65, 64), (1, 2, 197, 80), (1, 1, 300, 64))
-# FASTATTNREG_SIMD values: AMX tiles, bf16 operand pairs, float kernels.
-KERNELS = ("amx", "avx512_bf16", "avx512")
-
-
-def _cpu_flags() -> set:
-    with open("/proc/cpuinfo") as f:
-        return set(f.read().split())
-
-
-def _built_for_avx512_bf16() -> bool:
-    # setup.py compiles the bf16 kernels where the building CPU has AVX512-BF16 and
-    # FASTATTNREG_SIMD did not cap the build; the extension's vector ISA says whether it did.
-    return native._vector_isa() == "avx512" and "avx512_bf16" in _cpu_flags()
-
-
-def _runs(kernel: str) -> str:
-    """What a bf16 call runs with FASTATTNREG_SIMD=kernel on this machine and build."""
-    if not _built_for_avx512_bf16():
-        return "float32"
-    if kernel in ("amx", "auto") and torch.backends.mkldnn.enabled and \
-            {"amx_tile", "amx_bf16"} <= _cpu_flags():
-        return "amx"
-    return "avx512_bf16" if kernel == "avx512_bf16" else "float32"
-
-
-@pytest.fixture(params=KERNELS)
-def kernels(request, monkeypatch):
-    """Selects the kernels for the test and checks that the selection took."""
-    monkeypatch.setenv("FASTATTNREG_SIMD", request.param)
-    assert native._bf16_kernels() == _runs(request.param)
-    return request.param
 
 
 def test_fastattnreg_simd_selects_the_kernels(monkeypatch):
     monkeypatch.delenv("FASTATTNREG_SIMD", raising=False)
-    assert native._bf16_kernels() == _runs("auto")  # AMX where the CPU has it, else float32
+    # AMX where the CPU has it, else float32
+    assert native._bf16_kernels() == bf16_kernels_run("auto")
     for value in ("auto", "amx", "avx512_bf16", "avx512", "avx2", "default"):
         monkeypatch.setenv("FASTATTNREG_SIMD", value)
-        assert native._bf16_kernels() == _runs(value), value
+        assert native._bf16_kernels() == bf16_kernels_run(value), value
 
 
 def test_mkldnn_disabled_rules_out_amx(monkeypatch):
@@ -87,7 +58,7 @@ def _run(fn, inputs, upstream):
     return outs + list(grads)
 
 
-def _case(shape, export, mask_kind, dropout_p, kernels):
+def _case(shape, export, mask_kind, dropout_p):
     B, H, N, D = shape
     q64, k64, v64 = [torch.randn(shape, dtype=torch.float64) * 1.5 for _ in range(3)]
     mask64 = None
@@ -131,24 +102,24 @@ def _case(shape, export, mask_kind, dropout_p, kernels):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("export", ATTENTION_EXPORTS)
-def test_every_export_within_twice_torch_bf16(kernels, shape, export):
-    _case(shape, export, None, 0.0, kernels)
+def test_every_export_within_twice_torch_bf16(bf16_kernels, shape, export):
+    _case(shape, export, None, 0.0)
 
 
 @pytest.mark.parametrize("shape", SHAPES[1:])
 @pytest.mark.parametrize("mask_kind", ("bool", "float"))
-def test_masks_within_twice_torch_bf16(kernels, shape, mask_kind):
-    _case(shape, "full", mask_kind, 0.0, kernels)
+def test_masks_within_twice_torch_bf16(bf16_kernels, shape, mask_kind):
+    _case(shape, "full", mask_kind, 0.0)
 
 
 @pytest.mark.parametrize("shape", SHAPES[1:])
 @pytest.mark.parametrize("export", (None, "head_mean"))
-def test_dropout_within_twice_torch_bf16(kernels, shape, export):
-    _case(shape, export, "float", 0.2, kernels)
+def test_dropout_within_twice_torch_bf16(bf16_kernels, shape, export):
+    _case(shape, export, "float", 0.2)
 
 
 @pytest.mark.parametrize("export", ATTENTION_EXPORTS)
-def test_reruns_are_bitwise_equal(kernels, export):
+def test_reruns_are_bitwise_equal(bf16_kernels, export):
     """Several threads share the heads; two runs must agree to the bit."""
     q, k, v = [torch.randn(4, 6, 197, 64, dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3)]

@@ -19,8 +19,9 @@
 // run at a tenth of it (23 against 444 GFLOP/s on a 197 x 197 x 64 product, one thread, on the
 // Xeon this was written on), and an inner side of 198 runs at half the rate of 224 (64 x 208
 // outputs). P and dS are rounded to bf16 once
-// per block, as PyTorch's own bf16 attention rounds them. Teachers (attention_match) take the
-// float kernels.
+// per block, as PyTorch's own bf16 attention rounds them. attention_match's teacher logits (every
+// row matched) come from the same products (TeacherOperands); a CLS-row teacher takes the float
+// kernels, whose one-row products it needs.
 #pragma once
 
 #include <ATen/native/CPUBlas.h>
@@ -149,6 +150,41 @@ inline float exp_row_to_pairs(const float* s, int64_t n, uint32_t* p, int64_t ld
   return hsum(vsum);
 }
 
+// The teacher's operands (attention_match): its head's keys as column pairs and a block's query
+// rows, and the padded product its logits come out of.
+struct TeacherOperands {
+  at::Tensor buf, out_buf;
+  uint32_t* Kt = nullptr;   // (kwords(Dt) x n16) the teacher's K^T as column pairs
+  uint32_t* pad = nullptr;  // (max(N, bq) x kwords(Dt)) its query rows (or keys, odd Dt), padded
+  float* C = nullptr;       // (bq x n16) its product
+
+  TeacherOperands() = default;
+  TeacherOperands(int64_t N, int64_t Dt, int64_t bq) {
+    const int64_t dk = kwords(Dt), n16 = pad16(N);
+    buf = zeroed_words(dk * n16 + std::max(N, bq) * dk);
+    Kt = words_of(buf);
+    pad = Kt + dk * n16;
+    out_buf = at::empty({std::max<int64_t>(bq * n16, 1)}, at::kFloat);
+    C = out_buf.data_ptr<float>();
+  }
+
+  // St (mr x N) = scale_t TQ TK^T for the block's mr matched rows, masked: the same products,
+  // scale and rounding as the student's scores, so a teacher that copies the student gives the
+  // student's logits bit for bit.
+  void logits(const Teacher<BFloat16, float>& t, const MaskView<BFloat16>& mask,
+              const QueryBlock& blk, int64_t N, int64_t mr, float* St) {
+    const int64_t Dt = t.Dt, hdt = N * Dt, n16 = pad16(N);
+    bf16::transposed_column_pairs(t.k + blk.bh * hdt, N, Dt, Kt, n16, pad);
+    const uint32_t* TQ = query_rows(t.q + blk.bh * hdt + blk.i0 * Dt, mr, Dt, t.scale, pad);
+    product(mr, n16, kwords(Dt), TQ, Kt, n16, C, n16, false);
+    const float scale = scale_folds(t.scale) ? 1.0f : t.scale;
+    for (int64_t r = 0; r < mr; ++r) {
+      scale_row(St + r * N, C + r * n16, N, scale);
+      if (mask.on()) mask.apply_row(St + r * N, N, blk.b, blk.h, blk.i0 + r);
+    }
+  }
+};
+
 }  // namespace amx
 
 // Forward: the float row buffers of the float kernels, plus the head's K^T and V and the block's
@@ -163,6 +199,7 @@ struct AmxForwardWorker {
   uint32_t* Pp;      // (bq x kwords(N)) P rounded to bf16 rows
   uint32_t* pad;     // (max(N, bq) x kwords(D)) rows of Q (or of K, for odd D), padded
   float* C;          // (bq x d16) E V
+  amx::TeacherOperands teacher;  // attention_match only
 
   AmxForwardWorker(const Call& c, const ForwardTaskSplit& split)
       : ws(c, split, amx::pad16(c.d.N)) {
@@ -177,6 +214,7 @@ struct AmxForwardWorker {
     pad = Pp + bq * nk;
     out_buf = scratch<float>(bq * d16);
     C = out_buf.data_ptr<float>();
+    if (c.teacher) teacher = amx::TeacherOperands(N, c.teacher->Dt, bq);
   }
   // The thread's tile configuration is released when its tasks are done.
   ~AmxForwardWorker() { at::native::cpublas::brgemm_release(); }
@@ -188,11 +226,18 @@ struct AmxForwardWorker {
     const uint32_t* Q = amx::query_rows(t.q + blk.bh * hd + blk.i0 * D, m, D, c.scale, pad);
     amx::product(m, n16, dk, Q, Kt, n16, ws.S, n16, false);
     amx::scale_scores(ws.S, m, N, n16, c.scale);
-    if (c.kind == ExportKind::None && !c.extras.dropout.on) {
+    mask_scores(c, blk, ws.S, n16);
+    const TeacherRowPlan plan = teacher_row_plan(c.teacher, blk);
+    if (plan.rows > 0) {
+      teacher.logits(*c.teacher, c.extras.mask, blk, N, plan.rows, ws.St);
+      forward_teacher_scores(c, blk, plan, static_cast<const float*>(nullptr),
+                             KeyOperand<float>{}, ws);
+    }
+    if (!c.teacher && c.kind == ExportKind::None && !c.extras.dropout.on) {
       // Nothing reads the float exp rows: the softmax writes E as bf16 rows directly.
       softmax_to_pairs(c, blk, t.lse);
     } else {
-      forward_rows(c, blk, t.lse, t.maps, ws);
+      forward_rows(c, blk, plan, t.lse, t.maps, ws);
       bf16::row_pairs(ws.S, m, N, n16, Pp, nk);
     }
     // O = diag(1/sum) E V with E rounded to bf16.
@@ -202,16 +247,13 @@ struct AmxForwardWorker {
     amx::store_rows(t.out + blk.bh * hd + blk.i0 * D, C, m, D, d16);
   }
 
-  // The mask and the softmax of the block's rows, without exports or dropout: the LSE and
+  // The softmax of the block's masked rows, without a teacher, exports or dropout: the LSE and
   // 1 / row sum as forward_softmax gives them, E rounded into Pp.
   void softmax_to_pairs(const Call& c, const QueryBlock& blk, float* lse) {
     const int64_t N = c.d.N, nk = amx::kwords(N), row0 = blk.row0(N);
-    const MaskView<c10::BFloat16>& mask = c.extras.mask;
     for (int64_t i = 0; i < blk.m; ++i) {
-      float* row = ws.S + i * n16;
-      if (mask.on()) mask.apply_row(row, N, blk.b, blk.h, blk.i0 + i);
       float mx;
-      const float sum = amx::exp_row_to_pairs(row, N, Pp + i * nk, nk, &mx);
+      const float sum = amx::exp_row_to_pairs(ws.S + i * n16, N, Pp + i * nk, nk, &mx);
       lse[row0 + i] = mx + std::log(sum);
       ws.inv_sum[i] = sum > 0.0f ? 1.0f / sum : 0.0f;
     }
@@ -237,6 +279,7 @@ struct AmxBackwardWorker {
   float* C;       // (bq x d16) the block's dQ
   float* dKt;     // (D x n16) the head's dK^T, summed over its blocks
   float* dVt;     // (D x n16) the head's dV^T
+  amx::TeacherOperands teacher;  // attention_match with a loss gradient only
 
   explicit AmxBackwardWorker(const Call& call) : c(call), ws(call, amx::pad16(call.d.N)) {
     const int64_t N = c.d.N, D = c.d.D, bq = c.block_rows();
@@ -258,6 +301,7 @@ struct AmxBackwardWorker {
     C = out_buf.data_ptr<float>();
     dKt = C + bq * d16;
     dVt = dKt + D * n16;
+    if (c.teacher && c.teacher->drow_loss) teacher = amx::TeacherOperands(N, c.teacher->Dt, bq);
   }
   ~AmxBackwardWorker() { at::native::cpublas::brgemm_release(); }
 
@@ -287,9 +331,18 @@ struct AmxBackwardWorker {
     // P holds the scaled, masked logits, dP = dO V^T; each row pass then makes P and dS.
     amx::product(m, n16, dk, amx::query_rows(q, m, D, c.scale, pad), Kt, n16, ws.P, n16, false);
     amx::scale_scores(ws.P, m, N, n16, c.scale);
+    mask_scores(c, blk, ws.P, n16);
+    // The teacher's logits of the matched rows: folded into the row pass, or turned into the
+    // loss gradient first (teacher_logit_grads; its Q and K are read for the CLS row only).
+    const int64_t mr = c.teacher && c.teacher->drow_loss ? c.teacher->rows_in_block(i0, m) : 0;
+    const bool teacher_in_row = teacher_grad_in_row_pass(c, t.dmaps != nullptr);
+    if (mr > 0) teacher.logits(*c.teacher, c.extras.mask, blk, N, mr, ws.St);
+    if (mr > 0 && !teacher_in_row)
+      teacher_logit_grads(c, blk, mr, t.lse, static_cast<const float*>(nullptr),
+                          BackwardHead<float>{}, ws);
     if (dout)
       amx::product(m, n16, dk, bf16::row_pairs(dout, m, D, dk, pad2), Vt, n16, ws.dP, n16, false);
-    backward_rows(c, t, blk, ws);
+    backward_rows(c, t, blk, ws, mr, teacher_in_row);
     if (dout) {  // dV^T += dO^T P
       amx::transposed_rows(dout, m, D, Yt);
       amx::pairs_over_rows(ws.P, m, N, n16, Xc, n16);

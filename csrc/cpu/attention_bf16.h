@@ -61,7 +61,8 @@ struct Bf16ForwardWorker {
     bf16::transposed_column_pairs(k, N, D, Kt, ldk, pad);
     const uint32_t* Q = bf16::row_pairs(t.q + blk.bh * hd + blk.i0 * D, m, D, pad);
     gemm_panels<Bf16PairDot, false>(m, N, dp, c.scale, Q, dp, Kt, ldk, ws.S, N, false);
-    forward_rows(c, blk, t.lse, t.maps, ws);
+    mask_scores(c, blk, ws.S, N);
+    forward_rows(c, blk, TeacherRowPlan{0, false, false}, t.lse, t.maps, ws);
     // O = diag(1/sum) E V with E rounded to bf16.
     bf16::column_pairs(t.v + blk.bh * hd, N, D, D, Vp, D);
     bf16::row_pairs(ws.S, m, N, N, Pp);
@@ -129,6 +130,7 @@ struct Bf16BackwardWorker {
     if (dout)
       gemm_panels<Bf16PairDot, false>(m, N, dp, 1.0f, bf16::row_pairs(dout, m, D, pad2), dp, Vt,
                                       ldk, ws.dP, N, false);
+    mask_scores(c, blk, ws.P, N);
     backward_rows(c, t, blk, ws);
     if (dout) {  // dV += P^T dO
       bf16::column_pairs(ws.P, m, N, N, Xc, N);
@@ -151,8 +153,9 @@ struct Bf16BackwardWorker {
 
 namespace fastattnreg::cpu::kernels {
 
-// Runs the bf16 kernels simd_level.h selects (AMX or AVX512-BF16) when the inputs are bf16 and
-// no teacher is attached; returns whether they ran (else the caller runs the float kernels).
+// Runs the bf16 kernels simd_level.h selects when the inputs are bf16: AMX without a teacher or
+// with an every-row teacher (attention_match), AVX512-BF16 without a teacher; returns whether
+// they ran (else the caller runs the float kernels).
 template <typename scalar_t, typename acc_t>
 bool forward_bf16(const ForwardTensors<scalar_t, acc_t>& t,
                   const AttentionCall<scalar_t, acc_t>& c) {
@@ -160,7 +163,7 @@ bool forward_bf16(const ForwardTensors<scalar_t, acc_t>& t,
     // Read on every build, so an unknown FASTATTNREG_SIMD is refused everywhere.
     [[maybe_unused]] const Bf16Kernels kernels = bf16_kernels();
 #ifdef FASTATTNREG_AVX512_BF16
-    if (c.teacher == nullptr && kernels == Bf16Kernels::Amx) {
+    if ((c.teacher == nullptr || !c.teacher->cls_rows) && kernels == Bf16Kernels::Amx) {
       run_forward_tasks<AmxForwardWorker>(t, c);
       return true;
     }
@@ -180,7 +183,7 @@ bool backward_bf16(const BackwardTensors<scalar_t, acc_t>& t,
     // Read on every build, so an unknown FASTATTNREG_SIMD is refused everywhere.
     [[maybe_unused]] const Bf16Kernels kernels = bf16_kernels();
 #ifdef FASTATTNREG_AVX512_BF16
-    if (c.teacher == nullptr && kernels == Bf16Kernels::Amx) {
+    if ((c.teacher == nullptr || !c.teacher->cls_rows) && kernels == Bf16Kernels::Amx) {
       run_backward_tasks<AmxBackwardWorker>(t, c);
       return true;
     }

@@ -253,19 +253,19 @@ void teacher_logits(const Teacher<scalar_t, acc_t>& t, const MaskView<scalar_t>&
 }
 
 // The student's logits of the matched rows, into sl (mr x N). For every row they are the score
-// tile S itself (copied: the softmax overwrites S). For the CLS row they are recomputed by
+// tile S (row stride ld) itself (copied: the softmax overwrites S). For the CLS row they are recomputed by
 // row_scores, as the teacher's are, so a teacher that is a copy of the student gives
 // bitwise-equal logits and a loss of exactly 0. The mask is applied as to S.
 template <typename scalar_t, typename acc_t>
 void student_match_logits(const Teacher<scalar_t, acc_t>& t, const MaskView<scalar_t>& mask,
-                          int64_t b, int64_t h, const acc_t* S, const acc_t* Q,
+                          int64_t b, int64_t h, const acc_t* S, int64_t ld, const acc_t* Q,
                           const KeyOperand<acc_t>& K, int64_t mr, int64_t N, acc_t scale,
                           acc_t* sl) {
   if (t.cls_rows) {
     row_scores(scale, Q, K, sl);
     if (mask.on()) mask.apply_row(sl, N, b, h, 0);
   } else {
-    std::copy(S, S + mr * N, sl);
+    for (int64_t r = 0; r < mr; ++r) std::copy(S + r * ld, S + r * ld + N, sl + r * N);
   }
 }
 
@@ -423,6 +423,39 @@ TeacherRowPlan teacher_row_plan(const Teacher<scalar_t, acc_t>* t, const QueryBl
           !t->cls_rows && t->kind != MatchKind::MseProbs};
 }
 
+// The teacher's share of a block's scores, once S holds the student's masked logits and St the
+// teacher's (matched rows): the logit-MSE loss straight from S, or a copy of the student's
+// logits for the forms reduced after the softmax. Q and K are read for the CLS row only.
+template <typename scalar_t, typename acc_t>
+void forward_teacher_scores(const AttentionCall<scalar_t, acc_t>& c, const QueryBlock& blk,
+                            const TeacherRowPlan& plan, const acc_t* Q,
+                            const KeyOperand<acc_t>& K, ForwardScratch<acc_t>& ws) {
+  const int64_t N = c.d.N;
+  const Teacher<scalar_t, acc_t>& t = *c.teacher;
+  const acc_t* S = ws.S;
+  if (plan.from_scores && plan.logits_only) {  // needs no LSE
+    for (int64_t r = 0; r < plan.rows; ++r) {
+      const int64_t ri = t.row_index(blk.bh, N, blk.i0) + r;
+      t.lse[ri] = acc_t(0);
+      t.row_loss[ri] =
+          match_loss_row(t.kind, S + r * ws.ld, acc_t(0), ws.St + r * N, acc_t(0), N);
+    }
+  } else if (!plan.from_scores) {
+    student_match_logits(t, c.extras.mask, blk.b, blk.h, S, ws.ld, Q, K, plan.rows, N, c.scale,
+                         ws.SL);
+  }
+}
+
+// The mask on the block's score rows (row stride ld).
+template <typename scalar_t, typename acc_t>
+void mask_scores(const AttentionCall<scalar_t, acc_t>& c, const QueryBlock& blk, acc_t* S,
+                 int64_t ld) {
+  const MaskView<scalar_t>& mask = c.extras.mask;
+  if (mask.on())
+    for (int64_t i = 0; i < blk.m; ++i)
+      mask.apply_row(S + i * ld, c.d.N, blk.b, blk.h, blk.i0 + i);
+}
+
 // S = scale * Q K^T (m x N), masked. With a teacher: its logits St of the matched rows, and the
 // logit-MSE loss from S, or a copy of the student's logits for the forms reduced after the
 // softmax.
@@ -431,25 +464,14 @@ void forward_scores(const AttentionCall<scalar_t, acc_t>& c, const QueryBlock& b
                     const TeacherRowPlan& plan, const acc_t* Q, const KeyOperand<acc_t>& K,
                     ForwardScratch<acc_t>& ws) {
   const int64_t N = c.d.N;
-  const MaskView<scalar_t>& mask = c.extras.mask;
-  acc_t* S = ws.S;
   TORCH_INTERNAL_ASSERT(ws.ld == N, "the float kernels' score tiles have row stride N");
-  score_gemm(blk.m, c.scale, Q, K, S);
-  if (mask.on())
-    for (int64_t i = 0; i < blk.m; ++i) mask.apply_row(S + i * N, N, blk.b, blk.h, blk.i0 + i);
+  score_gemm(blk.m, c.scale, Q, K, ws.S);
+  mask_scores(c, blk, ws.S, N);
   if (plan.rows == 0) return;
   const Teacher<scalar_t, acc_t>& t = *c.teacher;
   const KeyOperand<acc_t> TK = key_operand(t.k + blk.bh * N * t.Dt, N, t.Dt, ws.TK);
-  teacher_logits(t, mask, blk.b, blk.h, blk.bh, N, blk.i0, plan.rows, TK, ws.TQ, ws.St);
-  if (plan.from_scores && plan.logits_only) {  // needs no LSE
-    for (int64_t r = 0; r < plan.rows; ++r) {
-      const int64_t ri = t.row_index(blk.bh, N, blk.i0) + r;
-      t.lse[ri] = acc_t(0);
-      t.row_loss[ri] = match_loss_row(t.kind, S + r * N, acc_t(0), ws.St + r * N, acc_t(0), N);
-    }
-  } else if (!plan.from_scores) {
-    student_match_logits(t, mask, blk.b, blk.h, S, Q, K, plan.rows, N, c.scale, ws.SL);
-  }
+  teacher_logits(t, c.extras.mask, blk.b, blk.h, blk.bh, N, blk.i0, plan.rows, TK, ws.TQ, ws.St);
+  forward_teacher_scores(c, blk, plan, Q, K, ws);
 }
 
 // Rows of S become exp(S - rowmax), unnormalised; the block's lse and 1 / row sum. Every-row KL
@@ -560,18 +582,15 @@ void forward_attend(const AttentionCall<scalar_t, acc_t>& c, const QueryBlock& b
   for (int64_t i = 0; i < m; ++i) scale_row(O + i * D, O + i * D, D, ws.inv_sum[i]);
 }
 
-// The row passes of a block without a teacher, on the scaled scores in ws.S: the mask, the
-// softmax (lse, 1 / row sum), the maps, dropout. The bf16 kernels' forward runs these between
-// their two products.
+// The row passes of a block once ws.S holds its masked logits (and, with a teacher, St and SL
+// those forward_teacher_scores leaves): the softmax (lse, 1 / row sum), the teacher's losses,
+// the maps, dropout. The bf16 kernels' forward runs these between their two products.
 template <typename scalar_t, typename acc_t>
-void forward_rows(const AttentionCall<scalar_t, acc_t>& c, const QueryBlock& blk, acc_t* lse,
-                  scalar_t* maps, ForwardScratch<acc_t>& ws) {
-  const MaskView<scalar_t>& mask = c.extras.mask;
-  if (mask.on())
-    for (int64_t i = 0; i < blk.m; ++i)
-      mask.apply_row(ws.S + i * ws.ld, c.d.N, blk.b, blk.h, blk.i0 + i);
-  const TeacherRowPlan no_teacher{0, false, false};
-  forward_softmax(c, blk, no_teacher, lse, ws);
+void forward_rows(const AttentionCall<scalar_t, acc_t>& c, const QueryBlock& blk,
+                  const TeacherRowPlan& plan, acc_t* lse, scalar_t* maps,
+                  ForwardScratch<acc_t>& ws) {
+  forward_softmax(c, blk, plan, lse, ws);
+  forward_teacher_losses(c, blk, plan, lse, ws);
   forward_export(c, blk, maps, ws);
   forward_dropout(c, blk, ws);
 }
@@ -588,10 +607,7 @@ void forward_block(const AttentionCall<scalar_t, acc_t>& c,
   acc_t* O = out_tile(t.out + bh * hd + i0 * D, ws.O);
   const TeacherRowPlan plan = teacher_row_plan(c.teacher, blk);
   forward_scores(c, blk, plan, Q, K, ws);
-  forward_softmax(c, blk, plan, t.lse, ws);
-  forward_teacher_losses(c, blk, plan, t.lse, ws);
-  forward_export(c, blk, t.maps, ws);
-  forward_dropout(c, blk, ws);
+  forward_rows(c, blk, plan, t.lse, t.maps, ws);
   forward_attend(c, blk, V, O, ws);
   store_tile(t.out + bh * hd + i0 * D, O, m * D);
 }
@@ -738,14 +754,16 @@ void teacher_logit_grads(const AttentionCall<scalar_t, acc_t>& c, const QueryBlo
   const int64_t N = c.d.N;
   acc_t* St = ws.St;
   const acc_t* student = ws.P;
+  int64_t ld = ws.ld;
   if (t.cls_rows) {
-    student_match_logits(t, c.extras.mask, blk.b, blk.h, ws.P, Q, head.K_op, mr, N, c.scale,
-                         ws.SL);
+    student_match_logits(t, c.extras.mask, blk.b, blk.h, ws.P, ws.ld, Q, head.K_op, mr, N,
+                         c.scale, ws.SL);
     student = ws.SL;
+    ld = N;
   }
   for (int64_t r = 0; r < mr; ++r) {
     const int64_t j0 = t.key0(), n = N - j0, ri = t.row_index(blk.bh, N, blk.i0) + r;
-    const acc_t* ss = student + r * N + j0;
+    const acc_t* ss = student + r * ld + j0;
     const acc_t slse = t.kind == MatchKind::MseLogits ? acc_t(0)
                        : j0 == 0                      ? lse[blk.row0(N) + r]
                                                       : logsumexp_row(ss, n);
@@ -857,9 +875,8 @@ void backward_block(const AttentionCall<scalar_t, acc_t>& c,
   // P holds the scaled, masked logits, dP = dO V^T; each row pass then makes P and dS.
   TORCH_INTERNAL_ASSERT(ws.ld == N, "the float kernels' score tiles have row stride N");
   score_gemm(m, c.scale, ops.Q, head.K_op, ws.P);
+  mask_scores(c, blk, ws.P, N);
   const MaskView<scalar_t>& mask = c.extras.mask;
-  if (mask.on())
-    for (int64_t i = 0; i < m; ++i) mask.apply_row(ws.P + i * N, N, blk.b, blk.h, i0 + i);
   const bool match = c.teacher && c.teacher->drow_loss;
   const int64_t mr = match ? c.teacher->rows_in_block(i0, m) : 0;
   const bool teacher_in_row = teacher_grad_in_row_pass(c, t.dmaps != nullptr);
@@ -880,19 +897,16 @@ void backward_block(const AttentionCall<scalar_t, acc_t>& c,
   store_tile(t.dq + bh * hd + i0 * D, ops.dQ, m * D);
 }
 
-// The row passes of a block without a teacher, once ws.P holds the scaled logits and ws.dP holds
-// dO V^T (where dout is given): the mask on P, dO and O widened for delta_i = dO_i . O_i,
-// dropout's keep bits, then each row's softmax backward (P and dS in place). The bf16 kernels'
-// backward runs these between their score products and their gradient products.
+// The row passes of a block once ws.P holds its scaled, masked logits, ws.dP holds dO V^T
+// (where dout is given) and, for the mr matched rows of a teacher, St holds its logits (folded
+// into the row pass) or the loss gradient (teacher_logit_grads): dO and O widened for delta_i =
+// dO_i . O_i, dropout's keep bits, then each row's softmax backward (P and dS in place). The
+// bf16 kernels' backward runs these between their score products and their gradient products.
 template <typename scalar_t, typename acc_t>
 void backward_rows(const AttentionCall<scalar_t, acc_t>& c,
                    const BackwardTensors<scalar_t, acc_t>& t, const QueryBlock& blk,
-                   BackwardScratch<acc_t>& ws) {
+                   BackwardScratch<acc_t>& ws, int64_t mr = 0, bool teacher_in_row = false) {
   const int64_t N = c.d.N, D = c.d.D, m = blk.m, off = blk.bh * N * D + blk.i0 * D;
-  const MaskView<scalar_t>& mask = c.extras.mask;
-  if (mask.on())
-    for (int64_t i = 0; i < m; ++i)
-      mask.apply_row(ws.P + i * ws.ld, N, blk.b, blk.h, blk.i0 + i);
   BackwardBlock<acc_t> ops{nullptr, nullptr, nullptr, nullptr};
   if (t.dout) {
     convert_row(ws.dO, t.dout + off, m * D);
@@ -904,7 +918,7 @@ void backward_rows(const AttentionCall<scalar_t, acc_t>& c,
   }
   const DropoutStream& drop = c.extras.dropout;
   if (drop.on) drop.keep_bits(uint64_t(blk.row0(N) * N), m * N, ws.keep);
-  for (int64_t i = 0; i < m; ++i) backward_row(c, t, blk, ops, i, 0, false, ws);
+  for (int64_t i = 0; i < m; ++i) backward_row(c, t, blk, ops, i, mr, teacher_in_row, ws);
 }
 
 // The float kernels' backward worker: one head at a time, its key operands made once, then its

@@ -1,6 +1,7 @@
 // The attention_match ops' CPU entry points: the student's attention and the divergence of its
-// attention from a teacher's, in one fused pass (attention_kernels.h with a Teacher), never
-// materialising either model's (B, H, N, N) maps. Checks, allocation, dispatch, registration.
+// attention from a teacher's, in one fused pass (attention_kernels.h with a Teacher; bf16 with an
+// every-row teacher on AMX tiles, attention_amx.h), never materialising either model's (B, H, N,
+// N) maps. Checks, allocation, dispatch, registration.
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
@@ -11,6 +12,7 @@
 
 #include "../checks.h"
 #include "aligned.h"
+#include "attention_bf16.h"
 #include "attention_kernels.h"
 #include "attention_mask.h"
 #include "match.h"
@@ -111,8 +113,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_match_fwd(
         qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(),
         out.data_ptr<scalar_t>(),      lse.data_ptr<acc_t>(),         nullptr};
     const AttentionExtras<scalar_t> extras{make_mask_view<scalar_t>(args.mask)};
-    kernels::forward_impl(tensors, AttentionCall<scalar_t, acc_t>{d, static_cast<acc_t>(scale),
-                                                                  ExportKind::None, extras, &t});
+    const AttentionCall<scalar_t, acc_t> call{d, static_cast<acc_t>(scale), ExportKind::None,
+                                              extras, &t};
+    if (!kernels::forward_bf16(tensors, call)) kernels::forward_impl(tensors, call);
   });
   return {out, lse, teacher_lse, row_loss};
 }
@@ -163,8 +166,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_match_bwd(
     const auto tensors = kernels::backward_tensors<scalar_t, acc_t>(
         dout_c, qc, kc, vc, out_c, lse_c, dlse_c, at::Tensor(), dq, dk, dv);
     const AttentionExtras<scalar_t> extras{make_mask_view<scalar_t>(args.mask)};
-    kernels::backward_impl(tensors, AttentionCall<scalar_t, acc_t>{d, static_cast<acc_t>(scale),
-                                                                   ExportKind::None, extras, &t});
+    const AttentionCall<scalar_t, acc_t> call{d, static_cast<acc_t>(scale), ExportKind::None,
+                                              extras, &t};
+    if (!kernels::backward_bf16(tensors, call)) kernels::backward_impl(tensors, call);
   });
   return {dq, dk, dv};
 }
