@@ -253,9 +253,9 @@ void teacher_logits(const Teacher<scalar_t, acc_t>& t, const MaskView<scalar_t>&
 }
 
 // The student's logits of the matched rows, into sl (mr x N). For every row they are the score
-// tile S (row stride ld) itself (copied: the softmax overwrites S). For the CLS row they are recomputed by
-// row_scores, as the teacher's are, so a teacher that is a copy of the student gives
-// bitwise-equal logits and a loss of exactly 0. The mask is applied as to S.
+// tile S (row stride ld) itself (copied: the softmax overwrites S). For the CLS row they are
+// recomputed by row_scores, as the teacher's are, so a teacher that is a copy of the student
+// gives bitwise-equal logits and a loss of exactly 0. The mask is applied as to S.
 template <typename scalar_t, typename acc_t>
 void student_match_logits(const Teacher<scalar_t, acc_t>& t, const MaskView<scalar_t>& mask,
                           int64_t b, int64_t h, const acc_t* S, int64_t ld, const acc_t* Q,
