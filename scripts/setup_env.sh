@@ -84,8 +84,11 @@ if [ "$(cat .venv/.fastattnreg-build 2>/dev/null)" != "$stamp" ] || \
    ! "$VPY" -c "import fastattnreg._C" 2>/dev/null; then
   echo "[setup] building the C++ extension"
   # .venv/bin first on PATH: torch's build runs the ninja found there, and compiles through the
-  # ccache found there.
-  PATH="$PWD/.venv/bin:$PATH" quiet_pip "$VPY" -m pip install -q --no-build-isolation -e .
+  # ccache found there. The compat editable mode builds in ./build (two levels below the
+  # checkout, as a wheel build and tests/test_cpp_unit.py do) and CCACHE_BASEDIR names the
+  # sources relative to it, so those later compiles of the same files are cache hits.
+  PATH="$PWD/.venv/bin:$PATH" CCACHE_BASEDIR="$PWD" quiet_pip "$VPY" -m pip install -q \
+    --no-build-isolation -e . --config-settings editable_mode=compat
   echo "$stamp" > .venv/.fastattnreg-build
 fi
 "$VPY" -c "import fastattnreg, torch; print('[setup] ready: torch', torch.__version__, '| C++ kernels:', fastattnreg.cpp_available())"

@@ -91,8 +91,11 @@ def _torch_prefix_and_kernel_flags():
 
 def _build_kernel_objects():
     """Compiles the extension's objects into OBJECTS_DIR with setup.py (incremental: ninja
-    recompiles only what changed), with this interpreter's bin folder first on PATH."""
-    env = {**os.environ,
+    recompiles only what changed), with this interpreter's bin folder first on PATH. ccache's
+    base dir is the checkout: it names the sources relative to the build folder, two levels
+    down as in a wheel build's, so the sdist test's wheel build (test_packaging.py) reuses these
+    compiles from any folder."""
+    env = {**os.environ, "CCACHE_BASEDIR": str(ROOT),
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     _run([sys.executable, "setup.py", "build_ext", "--build-temp", OBJECTS_DIR,
           "--build-lib", OBJECTS_DIR / "lib"], OBJECTS_TIMEOUT_S, "kernel objects (setup.py)",
