@@ -36,11 +36,12 @@ def kernel_flags():
         cflags.append("-DFASTATTNREG_MKL_BLAS")
     # at::vec's SIMD paths (exp, reductions) for the row passes, for the CPU this build runs on
     # (an editable install is built where it runs): AVX-512 where present, else AVX2; and the
-    # AVX512-BF16 products of the bf16 kernels where the CPU has them (csrc/cpu/simd_level.h
-    # checks the CPU again at run time and chooses the kernels). FASTATTNREG_SIMD=avx512|avx2|
-    # default caps the flags, e.g. to build for an older machine.
+    # AVX512-BF16 instructions of the bf16 kernels (the AMX ones included: their operand packing
+    # uses them) where the CPU has them (csrc/cpu/simd_level.h checks the CPU again at run time
+    # and chooses the kernels). "amx" and "avx512_bf16" build as "auto" does;
+    # FASTATTNREG_SIMD=avx512|avx2|default caps the flags, e.g. to build for an older machine.
     simd = os.environ.get("FASTATTNREG_SIMD", "auto")
-    wide = simd in ("auto", "avx512_bf16")
+    wide = simd in ("auto", "amx", "avx512_bf16")
     x86 = platform.machine() in ("x86_64", "AMD64")
     if x86 and (wide or simd == "avx512") and _cpu_has("avx512f", "avx512bw", "avx512vl", "avx512dq"):
         cflags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",

@@ -25,16 +25,27 @@ def _numerics(**env) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _setup_flags(simd: str) -> list:
+    env = {**os.environ, "FASTATTNREG_PRINT_FLAGS": "1", "FASTATTNREG_SIMD": simd}
+    return subprocess.run([sys.executable, "setup.py"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, check=True, env=env).stdout.split()
+
+
 @pytest.mark.slow  # a child process
 @requires_cpp
 def test_kernels_entry_is_the_instruction_set_setup_py_compiles_for():
     # The same FASTATTNREG_SIMD as the build (none in CI), so setup.py prints the build's flags.
-    flags = subprocess.run([sys.executable, "setup.py"], cwd=ROOT, capture_output=True,
-                           text=True, timeout=120, check=True,
-                           env={**os.environ, "FASTATTNREG_PRINT_FLAGS": "1"}).stdout.split()
+    flags = _setup_flags(os.environ.get("FASTATTNREG_SIMD", "auto"))
     expected = ("avx512" if "-DCPU_CAPABILITY_AVX512" in flags else
                 "avx2" if "-DCPU_CAPABILITY_AVX2" in flags else "default")
     assert _numerics()["kernels"] == expected
+
+
+@pytest.mark.slow  # child processes
+def test_asking_for_amx_or_avx512_bf16_builds_what_auto_builds():
+    """The bf16 kernels' requests must not cap the build that compiles those kernels."""
+    auto = _setup_flags("auto")
+    assert _setup_flags("amx") == auto and _setup_flags("avx512_bf16") == auto
 
 
 @pytest.mark.slow  # two child processes

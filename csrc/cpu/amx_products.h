@@ -4,8 +4,8 @@
 // (bf16_pack.h, oneDNN's VNNI layout) and has no alpha. Every product's N side is padded to a
 // multiple of 16 columns and its inner side to a multiple of 32 with zeros, which oneDNN's
 // kernels run at their full rate; with a tail in both M and N they run at a tenth of it (23
-// against 444 GFLOP/s on a 197 x 197 x 64 product, one thread, on the Xeon this was written
-// on), and an inner side of 198 runs at half the rate of 224 (64 x 208 outputs).
+// against 444 GFLOP/s on a 197 x 197 x 64 product, one thread, measured on a 2-core Xeon with
+// AMX), and an inner side of 198 runs at half the rate of 224 (64 x 208 outputs).
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
