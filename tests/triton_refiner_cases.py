@@ -318,6 +318,13 @@ def test_interp_registration_compile_fullgraph():
     assert torch.equal(eager[0], compiled[0])
     for a, b in zip(eager[1], compiled[1]):
         assert torch.equal(a, b)
+    # The running statistics' update (ops/jit.py: mul_, then add_ with alpha) is bitwise the
+    # eager one from torch 2.14; torch before that decomposes add_'s alpha under aot_eager into
+    # a separate multiply, which rounds once more (at most 1 ulp apart).
+    bitwise = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
     for a, b in zip(eager_running[0] + eager_running[1],
                     compiled_running[0] + compiled_running[1]):
-        assert torch.equal(a, b)
+        if bitwise:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(b, a, rtol=2.0**-23, atol=0.0)

@@ -41,7 +41,12 @@ def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     """The dtype autocast runs lower-precision ops in on `device`'s type, or None where it is
     off (or unavailable) for that device type."""
     kind = device.type
-    if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
+    # Autocast always exists for "cpu" and "cuda", the kernels' devices; the availability check
+    # is left to other device types, because torch.compile before torch 2.14 cannot trace it
+    # (a graph break that fails fullgraph=True).
+    if kind not in ("cpu", "cuda") and not torch.amp.is_autocast_available(kind):
+        return None
+    if not torch.is_autocast_enabled(kind):
         return None
     return torch.get_autocast_dtype(kind)
 

@@ -9,8 +9,9 @@ to the same namespace as a fragment, whether fastattnreg._C is loaded or not.
     sees (and may fuse around) the kernels themselves. The dropout stream's (seed, offset) stays
     a device tensor that the kernels load: no host read, no graph break.
   * Under TRITON_INTERPRET=1 (CPU tensors, the test suite) they are opaque
-    `torch.library.custom_op`s with the fake kernels below: wrap_triton hands interpreted kernels
-    back unwrapped, and those cannot run on fake tensors, so torch.compile must not trace in.
+    `torch.library.custom_op`s with the fake kernels below: the launchers then call the
+    interpreted kernels directly (triton/tiles.py's `traceable`), and those cannot run on fake
+    tensors, so torch.compile must not trace in.
 
 The autograd rule is the shared one of ops/attention_autograd.py: only q, k, v, out, the float32
 LSE, the mask and the dropout rng are saved; P and the keep-mask are recomputed in the backward.

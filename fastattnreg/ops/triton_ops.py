@@ -6,8 +6,9 @@ Imported only when Triton is installed (see fastattnreg.backend).
 """
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -15,15 +16,50 @@ from ..triton import attention as _kernels
 from .checks import check_qkv, check_scale
 
 
+# The argument types of the Triton ops' schemas, and the Python annotation of each that
+# torch.library's schema inference reads back as that type.
+_ANNOTATIONS = {"Tensor": torch.Tensor, "Optional[Tensor]": Optional[torch.Tensor],
+                "float": float, "str": str, "bool": bool, "List[float]": List[float]}
+
+
+def schema_signature(qualname: str, schema: str) -> inspect.Signature:
+    """The Python signature from which torch.library infers `schema` for the op `qualname`:
+    the schema's argument names and types, and a tuple of as many Tensors as it returns (the
+    inferred schema leaves the returns unnamed)."""
+    parsed = torch._C.parse_schema(qualname + schema)
+    params = []
+    for arg in parsed.arguments:
+        if arg.kwarg_only or arg.default_value is not None:
+            raise ValueError(f"{qualname}: argument {arg.name} is keyword-only or has a default;"
+                             f" schema_signature takes plain positional arguments only")
+        kind = str(arg.type)
+        if kind not in _ANNOTATIONS:
+            raise ValueError(f"{qualname}: argument {arg.name} has type {kind}, which "
+                             f"schema_signature does not map (it maps {sorted(_ANNOTATIONS)})")
+        params.append(inspect.Parameter(arg.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                        annotation=_ANNOTATIONS[kind]))
+    if any(str(r.type) != "Tensor" for r in parsed.returns):
+        raise ValueError(f"{qualname}: schema_signature takes ops that return Tensors only")
+    returns = tuple[(torch.Tensor,) * len(parsed.returns)]
+    return inspect.Signature(params, return_annotation=returns)
+
+
 def define_triton_op(name: str, impl, schema: str, fake):
     """A `torch.library.triton_op` on CUDA: impl only allocates and launches through
     `wrap_triton`, so it doubles as its own fake kernel and torch.compile sees the kernels.
-    Under TRITON_INTERPRET=1 an opaque custom op with `fake`: wrap_triton hands interpreted
-    kernels back unwrapped, and those cannot run on fake tensors."""
+    Under TRITON_INTERPRET=1 an opaque custom op with `fake`: the launchers call interpreted
+    kernels directly (triton/tiles.py's `traceable`), and those cannot run on fake tensors.
+
+    torch.library.triton_op before torch 2.14 ignores its `schema` argument and infers the
+    schema from impl's annotations, so impl carries the schema's signature (`__signature__`,
+    which schema inference reads): torch 2.11 (checked) registers the same arguments as 2.14,
+    which also keeps the return names. The dispatcher calls impl positionally, so the names it
+    binds are impl's own."""
     if _kernels.INTERPRET:
         op = torch.library.custom_op(name, impl, mutates_args=(), schema=schema)
         op.register_fake(fake)
         return op
+    impl.__signature__ = schema_signature(name, schema)
     return torch.library.triton_op(name, impl, mutates_args=(), schema=schema)
 
 

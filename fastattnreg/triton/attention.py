@@ -40,7 +40,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ..exports import maps_shape
 from .dropout import Dropout, dropout_keep
@@ -49,7 +48,7 @@ from .tiles import (
     _LOG2E, DELTA_TILES, DKDV_TILES, DQ_TILES, FWD_TILES, INTERPRET, KEY_MEAN_TILES, LOG2E,
     MAPS_TILES, MAX_GRID_Z, _apply_mask, _dot, _load_tile, _logits, _lse_end, _lse_step,
     _operand, _probs, _program_head, _query_program, _round_to_bf16, _row_stats, _store_tile,
-    dot_options, mask_args, strides, tuned,
+    dot_options, mask_args, strides, traceable, tuned,
 )
 
 __all__ = ["INTERPRET", "MAX_GRID_Z", "attention_bwd", "attention_fwd", "write_maps"]
@@ -492,14 +491,14 @@ def write_maps(q, k, lse, maps, export: str, scale: float, attn_mask=None) -> No
     qk_scale = scale * LOG2E
     opts = dot_options(q.dtype)
     if export == "key_mean":
-        wrap_triton(_key_mean_kernel)[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
+        traceable(_key_mean_kernel)[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
             q, k, lse, mask, maps, *strides(q), *strides(k), *mask_strides, H, N, qk_scale,
             1.0 / N, MASK=mask_kind, HEAD_DIM=D, **opts)
         return
     smb, smh, smi, rows, _ = _map_layout(export, B, H, N)
     head_mean = export == "head_mean"
     z = B if head_mean else B * H
-    wrap_triton(_maps_kernel)[
+    traceable(_maps_kernel)[
         lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), z)
     ](q, k, lse, mask, maps, *strides(q), *strides(k), *mask_strides, smb, smh, smi, H, N,
       rows, qk_scale, 1.0 / H if head_mean else 1.0, HEAD_MEAN=head_mean, MASK=mask_kind,
@@ -533,7 +532,7 @@ def launch_fwd(q, k, v, scale: float, attn_mask, dropout: Dropout | None, out, l
     mask, mask_strides, mask_kind = mask_args(attn_mask, q, B, H, N)
     rng, threshold, drop_scale, has_dropout = _dropout_args(dropout, q)
     (tq, tk), t_strides, _, t_scale, t_flags = _teacher_args(teacher, q, k, lse, False)
-    wrap_triton(_fwd_kernel)[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
+    traceable(_fwd_kernel)[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
         q, k, v, tq, tk, mask, rng, out, lse, lse if teacher_lse is None else teacher_lse,
         *strides(q), *strides(k), *strides(v), *t_strides, *mask_strides,
         H, N, scale * LOG2E, t_scale * LOG2E, threshold, drop_scale, MASK=mask_kind,
@@ -548,7 +547,7 @@ def attention_fwd(q, k, v, scale: float, export: str, attn_mask=None,
     q, k, v: (B, H, N, D) CUDA tensors (CPU under TRITON_INTERPRET=1) with stride 1 on D.
     attn_mask: None, bool or a float bias of q's dtype, broadcastable to (B, H, N, N), any
     strides. dropout: the stream of triton/dropout.py, or None.
-    Runs under torch.compile too: every launch goes through wrap_triton.
+    Runs under torch.compile too: every launch goes through wrap_triton (tiles.traceable).
     """
     B, H, N, D = q.shape
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
@@ -585,7 +584,7 @@ def launch_bwd(dout, q, k, v, out, lse, dlse, scale: float, attn_mask=None,
     t_tensors, t_strides, R, t_scale, t_flags = _teacher_args(teacher, q, k, lse, True)
     qk_scale = scale * LOG2E
     opts = dot_options(q.dtype)
-    wrap_triton(_delta_kernel)[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
+    traceable(_delta_kernel)[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
         q, k, out, dout, lse, dlse, dmaps, mask, delta, *strides(q), *strides(k), sgb, sgh, sgi,
         *mask_strides, H, N, g_rows, qk_scale, g_scale, HAS_DO=has_do, HAS_DLSE=has_dlse,
         HAS_G=has_g, MASK=mask_kind, HEAD_DIM=D, **opts)
@@ -596,9 +595,9 @@ def launch_bwd(dout, q, k, v, out, lse, dlse, scale: float, attn_mask=None,
             H, N, R, g_rows, qk_scale, scale, t_scale, g_scale, threshold, drop_scale)
     flags = dict(HAS_DO=has_do, HAS_G=has_g, MASK=mask_kind, DROPOUT=has_dropout,
                  MASK_GRAD=dmask is not None, HEAD_DIM=D, **t_flags, **opts)
-    wrap_triton(_dkdv_kernel)[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
+    traceable(_dkdv_kernel)[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
         *args, DQ_PASS=False, **flags)
-    wrap_triton(_dq_kernel)[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
+    traceable(_dq_kernel)[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
         *args, DQ_PASS=True, **flags)
     return dq, dk, dv
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from .attention import launch_bwd, launch_fwd
 from .teacher import (
@@ -37,7 +36,7 @@ from .teacher import (
 )
 from .tiles import (
     MATCH_TILES, _dot, _load_tile, _lse_end, _lse_step, _query_program, dot_options, mask_args,
-    strides, tuned,
+    strides, traceable, tuned,
 )
 
 __all__ = ["KINDS", "match_bwd", "match_fwd", "matched_rows"]
@@ -180,7 +179,7 @@ def match_fwd(q, k, v, tq, tk, attn_mask, scale: float, teacher_scale: float, ki
     launch_fwd(q, k, v, scale, attn_mask, None, out, lse, teacher,
                tlse if teacher_lse_all else None)
     mask, mask_strides, mask_kind = mask_args(attn_mask, q, B, H, N)
-    wrap_triton(_match_loss_kernel)[lambda meta: (triton.cdiv(R, meta["BLOCK_M"]), B * H)](
+    traceable(_match_loss_kernel)[lambda meta: (triton.cdiv(R, meta["BLOCK_M"]), B * H)](
         q, k, tq, tk, mask, lse, tlse, srow_lse, trow_lse, row_loss, *strides(q), *strides(k),
         *strides(tq), *strides(tk), *mask_strides, H, N, R, scale, teacher_scale,
         KIND=teacher.kind, CLS=teacher.cls, MASK=mask_kind, HEAD_DIM=D, TEACHER_DIM=tq.shape[-1],
@@ -200,7 +199,7 @@ def match_bwd(dout, dlse, drow_loss, q, k, v, out, lse, tq, tk, teacher_row_lse,
     c = torch.empty((B, H, R) if probs else (1,), dtype=torch.float32, device=q.device)
     if probs and drow_loss is not None:
         mask, mask_strides, mask_kind = mask_args(attn_mask, q, B, H, N)
-        wrap_triton(_match_c_kernel)[lambda meta: (triton.cdiv(R, meta["BLOCK_M"]), B * H)](
+        traceable(_match_c_kernel)[lambda meta: (triton.cdiv(R, meta["BLOCK_M"]), B * H)](
             q, k, tq, tk, mask, student_row_lse, teacher_row_lse, drow_loss, c, *strides(q),
             *strides(k), *strides(tq), *strides(tk), *mask_strides, H, N, R, scale,
             teacher_scale, CLS=cls, MASK=mask_kind, HEAD_DIM=D, TEACHER_DIM=tq.shape[-1],

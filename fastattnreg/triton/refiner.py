@@ -83,11 +83,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ..exports import maps_shape
 from . import attention as _attention
-from .tiles import INTERPRET, MAX_GRID_Z, _round_to_bf16, dot_options
+from .tiles import INTERPRET, MAX_GRID_Z, _round_to_bf16, dot_options, traceable
 
 _N_AFF_ROWS = 6  # rows of the affine table per BatchNorm: a, b, mean, rstd, c0, c1
 # Channel dots: 3xTF32 keeps fp32 accuracy on tensor cores (the interpreter computes exactly).
@@ -520,7 +519,7 @@ def _batch_stats(pb: _Problem, probs):
     stats = []
     for stage, width in zip((1, 2, 3, 4), pb.sizes):
         part = torch.empty((pb.tiles, 3, pb.CP), dtype=torch.float32, device=probs.device)
-        wrap_triton(_stats_kernel)[pb.grid](
+        traceable(_stats_kernel)[pb.grid](
             *pb.common(probs, pb.affine_table(stats)), part, pb.H, pb.N, pb.drop_scale,
             STAGE=stage, **pb.meta())
         stats.append(_merge_moments(part, width))
@@ -554,7 +553,7 @@ def refined_fwd(q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, running_mean, r
     maps = torch.empty(maps_shape(export, pb.B, pb.H, pb.N), dtype=q.dtype, device=q.device)
     d_block = out_d_block(pb.D, pb.CP)
     meta = pb.meta()
-    wrap_triton(_out_kernel)[(pb.grid[0], pb.B, triton.cdiv(pb.D, d_block))](
+    traceable(_out_kernel)[(pb.grid[0], pb.B, triton.cdiv(pb.D, d_block))](
         *pb.common(probs, pb.affine_table(stats)), v, out, maps if export != "none" else out,
         v.stride(0), v.stride(1), v.stride(2), pb.H, pb.N, pb.drop_scale, HEAD_DIM=pb.D,
         D_BLOCK=d_block, UPCAST=dot_options(q.dtype)["UPCAST"], EXPORT=_EXPORT_CODES[export],
@@ -597,7 +596,7 @@ def refined_bwd(dout, q, k, v, w_exp, w_dw, w_pro, bn_weight, bn_bias, probs, me
         part = torch.empty((pb.tiles, 2, CP), **f32)
         part_w = torch.empty((pb.tiles, w_rows, CP), **f32)
         table = pb.affine_table(stats, grads)
-        wrap_triton(_grad_kernel)[pb.grid](
+        traceable(_grad_kernel)[pb.grid](
             *pb.common(probs, table), grad_in, grad_out, part, part_w, H, N, pb.drop_scale,
             STAGE=n, W_ROWS=w_rows, **pb.meta())
         width = pb.sizes[n - 1]

@@ -45,6 +45,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 # Set before this module is imported: @triton.jit reads it at decoration.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -194,6 +195,13 @@ def pruner(tiles: Tiles):
         return [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
     return prune
+
+
+def traceable(kernel):
+    """kernel through torch.library.wrap_triton, so that a triton_op's tracing (torch.compile,
+    fake tensors) sees the launch; under the interpreter the kernel itself: interpreted kernels
+    run eagerly, and torch before 2.14 refuses them in wrap_triton."""
+    return kernel if INTERPRET else wrap_triton(kernel)
 
 
 def padded_dim(dim: int) -> int:
