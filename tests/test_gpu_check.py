@@ -5,6 +5,7 @@ The GPU path itself (setup, the CUDA test group, the benchmarks) needs a GPU and
 import csv
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -19,6 +20,21 @@ def test_without_a_gpu_it_says_so_in_one_line_and_exits_0(tmp_path):
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("\n") == 1 and "no NVIDIA GPU" in res.stdout, res.stdout
     assert res.stderr == ""
+
+
+def test_a_named_python_whose_torch_sees_no_gpu_is_refused_before_any_setup(tmp_path):
+    # GPU_CHECK_PYTHON is honoured as is: no setup_env.sh run (no "[setup]" line), no build, and
+    # the error names the interpreter.
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: a stand-in'\n")
+    smi.chmod(0o755)
+    env = {**os.environ, "NVIDIA_SMI": str(smi), "GPU_CHECK_PYTHON": sys.executable,
+           "CUDA_VISIBLE_DEVICES": ""}
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert "[setup]" not in res.stdout, res.stdout
+    assert f"torch.cuda.is_available() is False in {sys.executable}" in res.stderr, res.stderr
 
 
 def _bench_row(**kw):

