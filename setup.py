@@ -9,6 +9,7 @@ import glob
 import os
 import platform
 import sys
+import sysconfig
 
 NO_TORCH_MESSAGE = (
     "fastattnreg: the build needs the installed torch, which this Python cannot import (pip's "
@@ -68,6 +69,19 @@ if os.environ.get("FASTATTNREG_PRINT_FLAGS"):
 
 sources = ["csrc/registration.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 
+
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """torch's build_ext with ninja. An editable install compiles in the folder a wheel build
+    uses, build/temp.<platform>-<python> (setuptools would use a throw-away one): two levels
+    below the tree, so ccache (CCACHE_BASEDIR = the tree) names the sources and the venv's
+    headers as a wheel build of the sdist does, and later builds reuse these compiles."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if getattr(self, "editable_mode", False):
+            self.build_temp = os.path.join(
+                "build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
+
 setup(
     ext_modules=[
         CppExtension(
@@ -81,5 +95,5 @@ setup(
             py_limited_api=False,
         )
     ],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
 )

@@ -84,9 +84,10 @@ if [ "$(cat .venv/.fastattnreg-build 2>/dev/null)" != "$stamp" ] || \
    ! "$VPY" -c "import fastattnreg._C" 2>/dev/null; then
   echo "[setup] building the C++ extension"
   # .venv/bin first on PATH: torch's build runs the ninja found there, and compiles through the
-  # ccache found there. The compat editable mode builds in ./build (two levels below the
-  # checkout, as a wheel build and tests/test_cpp_unit.py do) and CCACHE_BASEDIR names the
-  # sources relative to it, so those later compiles of the same files are cache hits.
+  # ccache found there. The editable build compiles in ./build/temp.* (setup.py's BuildExt; two
+  # levels below the checkout, as a wheel build and tests/test_cpp_unit.py do) and
+  # CCACHE_BASEDIR names the sources and .venv's headers relative to it, so those later compiles
+  # of the same files are cache hits.
   PATH="$PWD/.venv/bin:$PATH" CCACHE_BASEDIR="$PWD" quiet_pip "$VPY" -m pip install -q \
     --no-build-isolation -e . --config-settings editable_mode=compat
   echo "$stamp" > .venv/.fastattnreg-build

@@ -17,6 +17,7 @@ import sys
 import tarfile
 import textwrap
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -121,12 +122,18 @@ def test_sdist_builds_a_wheel_that_imports_with_the_cpp_kernels(tmp_path):
     assert not any(n.endswith(".so") for n in names)
 
     # The wheel, against this venv's torch, offline. The venv's bin folder first on PATH: the
-    # compiles go through its ccache, whose base dir (the unpacked sdist) makes the sources'
-    # names relative, so test_cpp_unit.py's compiles of the same files serve them (a file missing
-    # from the sdist still fails: ccache then runs the compiler).
+    # compiles go through its ccache, whose base dir (the unpacked sdist) makes the paths under
+    # it relative, so the editable build's compiles of the same files (scripts/setup_env.sh, with
+    # the venv at .venv in the checkout) serve them. The venv is reached through a link at the
+    # same place, src/.venv, so that torch's headers get the same relative names as there (a
+    # file missing from the sdist still fails: ccache then runs the compiler).
     wheels, src = tmp_path / "wheels", tmp_path / "src" / top
-    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-    res = _run([sys.executable, "-m", "pip", "wheel", "--no-index", "--no-deps",
+    python = Path(sys.executable)
+    if python.is_relative_to(sys.prefix):
+        (src / ".venv").symlink_to(sys.prefix, target_is_directory=True)
+        python = src / ".venv" / python.relative_to(sys.prefix)
+    path = os.pathsep.join([str(python.parent), os.environ.get("PATH", "")])
+    res = _run([python, "-m", "pip", "wheel", "--no-index", "--no-deps",
                 "--no-build-isolation", "--no-cache-dir", "-w", wheels, src],
                1800, cwd=tmp_path, env=_env(PATH=path, CCACHE_BASEDIR=str(src)))
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-6000:]
