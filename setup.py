@@ -82,6 +82,7 @@ class BuildExt(BuildExtension.with_options(use_ninja=True)):
             self.build_temp = os.path.join(
                 "build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
 
+
 setup(
     ext_modules=[
         CppExtension(
